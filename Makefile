@@ -1,0 +1,52 @@
+# deploylock — the two commands are `make demo` and `make test` (see README.md).
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+export DEPLOYLOCK_CACHE ?= $(HOME)/.cache/deploylock
+CLUSTER_DIR ?= $(DEPLOYLOCK_CACHE)/cluster
+TOOLS_BIN = $$(hack/build-tools.sh | tail -n 1)
+
+.PHONY: help
+help: ## Show the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: tools
+tools: ## Build (or reuse) the pinned kube-apiserver, kubectl, etcd and helm
+	@hack/build-tools.sh >/dev/null
+
+.PHONY: build
+build: ## Build the deploylock binaries
+	$(CARGO) build --release --bins
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types
+	@mkdir -p crds
+	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
+	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
+
+.PHONY: test
+test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
+	@hack/build-tools.sh >/dev/null
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --all-targets
+
+.PHONY: cluster-up
+cluster-up: ## Start the local control plane (etcd + kube-apiserver) and print the KUBECONFIG line
+	@hack/cluster.sh up --dir $(CLUSTER_DIR)
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane
+	@hack/cluster.sh down --dir $(CLUSTER_DIR)
+
+.PHONY: install
+install: ## Install the CRDs into the current kubeconfig's cluster
+	@kubectl=$$(command -v kubectl || echo "$(TOOLS_BIN)/kubectl"); \
+	"$$kubectl" apply --server-side -f crds/ && \
+	"$$kubectl" wait --for condition=established --timeout=60s -f crds/
+
+.PHONY: demo
+demo: ## The main job: build what is missing, start the control plane, install the CRD, take a lock and show it
+	@hack/demo.sh $(CLUSTER_DIR)

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# A real local Kubernetes control plane (etcd + kube-apiserver) on loopback,
+# the way controller-runtime's envtest runs one: no nodes, no container runtime.
+#
+#   hack/cluster.sh up   [--dir DIR] [--watch-pid PID]   start, wait until ready, print `export KUBECONFIG=…`
+#   hack/cluster.sh down [--dir DIR]                      stop and remove DIR
+#   hack/cluster.sh env  [--dir DIR]                      print the export line of a running cluster
+#
+# `up` leaves a supervisor process in the background that owns etcd and the
+# apiserver. It stops them (and deletes DIR) on `down`, on SIGTERM/SIGINT, and
+# when the process given by --watch-pid exits (tests pass their own PID, so a
+# killed test run leaves nothing behind). The servers also get SIGKILL from the
+# kernel if the supervisor itself dies (PR_SET_PDEATHSIG via setpriv).
+#
+# Identities (client certificates signed by the cluster CA), one kubeconfig each
+# in DIR/kubeconfigs/:
+#   admin       CN=deploylock-admin, O=system:masters   (everything)
+#   alice, bob  CN=alice / CN=bob, O=deploylock:users   (ordinary users)
+#   viewer      CN=viewer, O=deploylock:viewers
+#   controller  CN=deploylock-controller                (the controller's identity)
+# Each identity starts with no permissions beyond Kubernetes' defaults;
+# RBAC for them comes from the manifests deploylock ships.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache_root="${DEPLOYLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deploylock}"
+
+log() { echo "[cluster] $*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+
+command=${1:-}
+shift || true
+dir="$cache_root/cluster"
+watch_pid=""
+while (($#)); do
+  case "$1" in
+    --dir) dir="$2"; shift 2 ;;
+    --watch-pid) watch_pid="$2"; shift 2 ;;
+    *) die "unknown argument $1" ;;
+  esac
+done
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+print_env() {
+  [[ -f "$dir/kubeconfigs/admin.kubeconfig" ]] || die "no cluster in $dir (run: make cluster-up)"
+  echo "export KUBECONFIG=$dir/kubeconfigs/admin.kubeconfig"
+}
+
+stop_cluster() {
+  if [[ -f "$dir/supervisor.pid" ]]; then
+    local pid
+    pid="$(cat "$dir/supervisor.pid")"
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      # The supervisor removes the directory once its servers have exited.
+      tail --pid="$pid" -f /dev/null 2>/dev/null || true
+    fi
+  fi
+  rm -rf "$dir"
+}
+
+make_identity() { # <name> <CN> <O or empty>
+  local name="$1" cn="$2" org="$3" subj
+  subj="/CN=$cn"
+  [[ -n "$org" ]] && subj="/O=$org$subj"
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/pki/$name.key" \
+    -subj "$subj" -out "$dir/pki/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/pki/$name.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
+    -CAcreateserial -days 30 -out "$dir/pki/$name.crt" 2>/dev/null
+  cat >"$dir/kubeconfigs/$name.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: deploylock-local
+  cluster:
+    server: https://127.0.0.1:$apiserver_port
+    certificate-authority: $dir/pki/ca.crt
+users:
+- name: $name
+  user:
+    client-certificate: $dir/pki/$name.crt
+    client-key: $dir/pki/$name.key
+contexts:
+- name: $name
+  context:
+    cluster: deploylock-local
+    user: $name
+    namespace: default
+current-context: $name
+EOF
+}
+
+# Runs in the background for the cluster's lifetime.
+supervise() {
+  local etcd_pid apiserver_pid
+  cleanup() {
+    trap - TERM INT EXIT
+    kill -TERM "$apiserver_pid" "$etcd_pid" 2>/dev/null || true
+    wait "$apiserver_pid" "$etcd_pid" 2>/dev/null || true
+    rm -rf "$dir"
+    exit 0
+  }
+  trap cleanup TERM INT EXIT
+
+  setpriv --pdeathsig KILL -- "$bin_dir/etcd" \
+    --name default --data-dir "$dir/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$etcd_peer_port" \
+    --unsafe-no-fsync --log-level warn >"$dir/logs/etcd.log" 2>&1 &
+  etcd_pid=$!
+
+  setpriv --pdeathsig KILL -- "$bin_dir/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$apiserver_port" \
+    --cert-dir "$dir/pki/serving" \
+    --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
+    --client-ca-file "$dir/pki/ca.crt" \
+    --authorization-mode RBAC \
+    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
+    --disable-admission-plugins ServiceAccount \
+    --service-account-issuer https://deploylock.local \
+    --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
+    --event-ttl 1h >"$dir/logs/kube-apiserver.log" 2>&1 &
+  apiserver_pid=$!
+
+  if [[ -n "$watch_pid" ]]; then
+    # Returns when the watched process exits, however it exits.
+    tail --pid="$watch_pid" -f /dev/null &
+    wait -n "$!" "$etcd_pid" "$apiserver_pid" || true
+  else
+    wait -n "$etcd_pid" "$apiserver_pid" || true
+  fi
+  cleanup
+}
+
+start_cluster() {
+  if [[ -f "$dir/supervisor.pid" ]] && kill -0 "$(cat "$dir/supervisor.pid")" 2>/dev/null; then
+    log "a cluster is already running in $dir"
+    print_env
+    return 0
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir"/{pki/serving,kubeconfigs,logs,etcd}
+
+  bin_dir="$("$repo_root/hack/build-tools.sh" | tail -n 1)"
+  echo "$bin_dir" >"$dir/bin-dir"
+
+  etcd_port="$(free_port)"
+  etcd_peer_port="$(free_port)"
+  apiserver_port="$(free_port)"
+
+  log "generating certificates and identities"
+  openssl req -x509 -new -newkey rsa:2048 -nodes -days 30 -keyout "$dir/pki/ca.key" \
+    -subj "/CN=deploylock-local-ca" -out "$dir/pki/ca.crt" 2>/dev/null
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/pki/apiserver.key" \
+    -subj "/CN=kube-apiserver" -out "$dir/pki/apiserver.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/pki/apiserver.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
+    -CAcreateserial -days 30 -out "$dir/pki/apiserver.crt" \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n') 2>/dev/null
+  openssl genrsa -out "$dir/pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
+  make_identity admin deploylock-admin system:masters
+  make_identity alice alice deploylock:users
+  make_identity bob bob deploylock:users
+  make_identity viewer viewer deploylock:viewers
+  make_identity controller deploylock-controller ""
+
+  log "starting etcd on 127.0.0.1:$etcd_port and kube-apiserver on 127.0.0.1:$apiserver_port (logs in $dir/logs)"
+  supervise </dev/null >/dev/null 2>&1 &
+  echo $! >"$dir/supervisor.pid"
+  disown
+
+  local kubectl=("$bin_dir/kubectl" --kubeconfig "$dir/kubeconfigs/admin.kubeconfig")
+  local start=$SECONDS
+  # Readiness: the apiserver's own /readyz, polled because nothing can be
+  # watched before the apiserver answers.
+  until "${kubectl[@]}" get --raw /readyz >/dev/null 2>&1; do
+    if ! kill -0 "$(cat "$dir/supervisor.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
+      die "the control plane exited during start-up; last apiserver log lines:
+$(tail -n 20 "$dir/logs/kube-apiserver.log" 2>/dev/null)"
+    fi
+    if ((SECONDS - start > 120)); then
+      die "kube-apiserver not ready after 120s; see $dir/logs/kube-apiserver.log"
+    fi
+    sleep 0.2
+  done
+  log "control plane ready in $((SECONDS - start))s"
+  print_env
+}
+
+case "$command" in
+  up) start_cluster ;;
+  down) stop_cluster ;;
+  env) print_env ;;
+  *) die "usage: hack/cluster.sh up|down|env [--dir DIR] [--watch-pid PID]" ;;
+esac

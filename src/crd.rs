@@ -1,0 +1,318 @@
+//! The `DeploymentLock` custom resource: one object per environment.
+//!
+//! `spec` is the lock as its holders write it (who holds it, until when, why,
+//! the history of past holders and the wait queue); `status` is what the
+//! controller observes (the state shown to people, conditions). Every bound a
+//! client could break is also stated in the schema, so the API server refuses
+//! a bad object whoever writes it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the DeploymentLock resource.
+pub const GROUP: &str = "deploylock.dev";
+/// Longest environment name: a DNS-1123 label, since it is the object's name.
+pub const MAX_ENVIRONMENT_LEN: usize = 63;
+/// Longest reason accepted.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Longest owner label, deployment ID or identity accepted.
+pub const MAX_NAME_LEN: usize = 253;
+/// Shortest lock duration: one minute.
+pub const MIN_DURATION_SECONDS: i64 = 60;
+/// Longest lock duration: seven days (a long maintenance window).
+pub const MAX_DURATION_SECONDS: i64 = 7 * 24 * 60 * 60;
+/// Most metadata keys a lock may carry.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 63;
+/// Longest metadata value.
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+/// History entries kept on the object; the oldest is dropped first.
+pub const MAX_HISTORY_ENTRIES: usize = 20;
+/// Waiters the queue may hold.
+pub const MAX_QUEUE_ENTRIES: usize = 64;
+
+/// Desired lock for one environment.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "deploylock.dev",
+    version = "v1",
+    kind = "DeploymentLock",
+    plural = "deploymentlocks",
+    singular = "deploymentlock",
+    shortname = "dlock",
+    category = "deploylock",
+    namespaced,
+    status = "DeploymentLockStatus",
+    derive = "PartialEq",
+    doc = "A DeploymentLock guards one environment: at most one holder deploys to it at a time, until the lock is released or expires.",
+    printcolumn(name = "Environment", type_ = "string", json_path = ".spec.environment", description = "Environment this lock guards"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state", description = "Available, Locked, Expired or ForceLocked"),
+    printcolumn(name = "Owner", type_ = "string", json_path = ".spec.holder.owner", description = "Who holds the lock"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".spec.holder.reason", description = "Why the lock is held"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.holder.expiresAt", description = "When the lock expires unless extended"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Lock ID", type_ = "string", json_path = ".spec.holder.lockId", priority = 1, description = "ID of the current holding"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.holder.type", priority = 1, description = "manual, automatic or emergency"),
+    selectable = ".spec.environment",
+    validation = Rule::new("self.metadata.name == self.spec.environment").message("spec.environment must equal metadata.name: a DeploymentLock is named after the environment it guards"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentLockSpec {
+    /// Environment this lock guards (for example `production`). Equal to the
+    /// object's name: a DNS-1123 label of at most 63 characters.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.environment is immutable"))]
+    pub environment: String,
+
+    /// The current holding. Absent when the environment is available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<LockHolder>,
+
+    /// Incremented every time a new holding starts (acquire, takeover after
+    /// expiry, forced takeover). Deploy tools may pass it on as a fencing token
+    /// so that writes from a stale holder can be rejected.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("spec.fencingToken never decreases"))]
+    pub fencing_token: i64,
+
+    /// Clients waiting for the lock, in arrival order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub queue: Vec<Waiter>,
+
+    /// Past transitions of this lock, oldest first, at most 20 (the oldest is
+    /// dropped first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Kind of holding: who asked for it and how it may be overridden.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LockType {
+    /// Taken by a person or a pipeline step with `deploylock acquire`.
+    #[default]
+    Manual,
+    /// Taken and renewed by `deploylock exec` while a command runs.
+    Automatic,
+    /// Taken with `--force`: overrides a normal holding.
+    Emergency,
+}
+
+/// One holding of the lock: the Lock Information.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.expiresAt > self.acquiredAt").message("spec.holder.expiresAt must be after spec.holder.acquiredAt"))]
+pub struct LockHolder {
+    /// Unique ID of this holding; a new one is issued at every acquisition.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub lock_id: String,
+
+    /// Identity the API server authenticated for the client that took the
+    /// lock (its username). Only this identity may release or extend it.
+    #[schemars(length(min = 1, max = 253))]
+    pub user: String,
+
+    /// Display label of the holder (a person, a bot, a team); defaults to
+    /// `user`.
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+
+    /// manual, automatic or emergency.
+    #[serde(rename = "type")]
+    pub lock_type: LockType,
+
+    /// Why the lock is held, for example "Deploying version 2.1.0".
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.trim().size() > 0").message("spec.holder.reason must not be blank"))]
+    pub reason: String,
+
+    /// When this holding started (RFC 3339, API server clock).
+    #[schemars(with = "DateTime<Utc>")]
+    pub acquired_at: DateTime<Utc>,
+
+    /// When this holding ends unless extended (RFC 3339, API server clock).
+    #[schemars(with = "DateTime<Utc>")]
+    pub expires_at: DateTime<Utc>,
+
+    /// Duration requested at acquisition, in seconds (60 to 604800).
+    #[schemars(range(min = 60, max = 604800))]
+    pub duration_seconds: i64,
+
+    /// ID of the deployment this lock protects (a pipeline run, a release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub deployment_id: Option<String>,
+
+    /// Free-form context, like annotations: at most 32 keys of at most 63
+    /// characters, values of at most 1024 characters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "metadata_schema")]
+    #[x_kube(validation = Rule::new("self.all(k, k.size() <= 63 && k.matches('^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$'))").message("spec.holder.metadata keys must be 1-63 characters of letters, digits, '-', '_', '.', '/'"))]
+    pub metadata: BTreeMap<String, String>,
+
+    /// The holding this one overrode, when it was taken with --force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrode: Option<OverriddenHolding>,
+}
+
+/// The holding an emergency lock replaced.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OverriddenHolding {
+    /// ID of the overridden holding.
+    #[schemars(length(min = 1, max = 64))]
+    pub lock_id: String,
+    /// Authenticated identity of the overridden holder.
+    #[schemars(length(min = 1, max = 253))]
+    pub user: String,
+    /// Display label of the overridden holder.
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+    /// Reason the overridden holder gave.
+    #[schemars(length(max = 1024))]
+    pub reason: String,
+}
+
+/// A client waiting for the lock.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiter {
+    /// Unique ID of this wait.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub id: String,
+    /// Authenticated identity of the waiting client.
+    #[schemars(length(min = 1, max = 253))]
+    pub user: String,
+    /// Display label of the waiting client.
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+    /// Why the client wants the lock.
+    #[schemars(length(min = 1, max = 1024))]
+    pub reason: String,
+    /// When the client started waiting.
+    #[schemars(with = "DateTime<Utc>")]
+    pub since: DateTime<Utc>,
+    /// Last sign of life of the waiting client; stale waiters drop out.
+    #[schemars(with = "DateTime<Utc>")]
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// What happened to the lock.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HistoryAction {
+    /// A holder took an available lock.
+    Acquired,
+    /// A holder took a lock whose previous holding had expired.
+    TookOverExpired,
+    /// The holder moved the expiry later.
+    Extended,
+    /// The holder released the lock.
+    Released,
+    /// An emergency holder took the lock, overriding any normal holding.
+    ForceAcquired,
+    /// Someone released the lock without being its holder.
+    ForceReleased,
+    /// The holding expired.
+    Expired,
+}
+
+/// One past transition of the lock.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// What happened.
+    pub action: HistoryAction,
+    /// When it happened (API server clock).
+    #[schemars(with = "DateTime<Utc>")]
+    pub at: DateTime<Utc>,
+    /// ID of the holding concerned.
+    #[schemars(length(min = 1, max = 64))]
+    pub lock_id: String,
+    /// Authenticated identity that made the change.
+    #[schemars(length(min = 1, max = 253))]
+    pub by: String,
+    /// Display label of the holder concerned.
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+    /// Reason given for the change (or the holding's reason).
+    #[schemars(length(max = 1024))]
+    pub reason: String,
+    /// Expiry of the holding after the change, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DateTime<Utc>>")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// State of a lock as shown to people.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum LockState {
+    /// Nobody holds the lock.
+    #[default]
+    Available,
+    /// A manual or automatic holding is in force.
+    Locked,
+    /// The holding passed its expiry; anyone may take the lock over.
+    Expired,
+    /// An emergency holding is in force.
+    ForceLocked,
+}
+
+impl std::fmt::Display for LockState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockState::Available => "Available",
+            LockState::Locked => "Locked",
+            LockState::Expired => "Expired",
+            LockState::ForceLocked => "ForceLocked",
+        })
+    }
+}
+
+impl std::fmt::Display for LockType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockType::Manual => "manual",
+            LockType::Automatic => "automatic",
+            LockType::Emergency => "emergency",
+        })
+    }
+}
+
+/// What the controller observed.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentLockStatus {
+    /// Available, Locked, Expired or ForceLocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<LockState>,
+    /// ID of the holding the state refers to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_id: Option<String>,
+    /// Standard conditions; `Locked` is True while a holding is in force.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// metadata.generation the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn metadata_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": MAX_METADATA_ENTRIES,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": MAX_METADATA_VALUE_LEN,
+        },
+    })
+}

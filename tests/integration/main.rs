@@ -1,0 +1,6 @@
+//! Integration tests against a real kube-apiserver and etcd started by the
+//! project itself (see support.rs). One test binary, so the control plane
+//! starts once for all of them.
+
+mod crd_api;
+mod support;

@@ -1,0 +1,191 @@
+//! A real local control plane shared by every test in this binary.
+//!
+//! The first test that asks for it starts etcd and kube-apiserver through
+//! `hack/cluster.sh up --watch-pid <this process>`, so the servers stop when the
+//! test process exits, however it exits (a panic, Ctrl-C, SIGKILL). The CRD is
+//! installed once; every test gets a namespace of its own. If the control plane
+//! cannot start, every test fails with the reason: nothing is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config, CustomResourceExt};
+
+use deploylock::crd::DeploymentLock;
+
+/// The identities the local control plane authenticates (see hack/cluster.sh).
+#[derive(Clone, Copy, Debug)]
+pub enum Identity {
+    Admin,
+    Alice,
+    Bob,
+    Viewer,
+    Controller,
+}
+
+impl Identity {
+    fn file_stem(self) -> &'static str {
+        match self {
+            Identity::Admin => "admin",
+            Identity::Alice => "alice",
+            Identity::Bob => "bob",
+            Identity::Viewer => "viewer",
+            Identity::Controller => "controller",
+        }
+    }
+
+    /// The username the API server sees for this identity.
+    pub fn username(self) -> &'static str {
+        match self {
+            Identity::Admin => "deploylock-admin",
+            Identity::Alice => "alice",
+            Identity::Bob => "bob",
+            Identity::Viewer => "viewer",
+            Identity::Controller => "deploylock-controller",
+        }
+    }
+}
+
+pub struct TestCluster {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+}
+
+static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+static NAMESPACE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared control plane, started on first use.
+pub fn cluster() -> &'static TestCluster {
+    match CLUSTER.get_or_init(start_cluster) {
+        Ok(cluster) => cluster,
+        Err(reason) => panic!("the local control plane could not start: {reason}"),
+    }
+}
+
+fn start_cluster() -> Result<TestCluster, String> {
+    let dir = std::env::temp_dir().join(format!("deploylock-test-{}", std::process::id()));
+    let output = Command::new(repo_root().join("hack/cluster.sh"))
+        .arg("up")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--watch-pid")
+        .arg(std::process::id().to_string())
+        .output()
+        .map_err(|err| format!("cannot run hack/cluster.sh: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "hack/cluster.sh up failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let bin_dir = std::fs::read_to_string(dir.join("bin-dir"))
+        .map_err(|err| format!("cluster started without a bin-dir file: {err}"))?;
+    let cluster = TestCluster {
+        dir,
+        bin_dir: PathBuf::from(bin_dir.trim()),
+    };
+    // The CRD is installed from a runtime of its own: each #[tokio::test] has
+    // its own runtime, and a kube Client must not outlive the runtime it was
+    // built on.
+    let kubeconfig = cluster.kubeconfig(Identity::Admin);
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| err.to_string())?;
+        runtime.block_on(async {
+            let client = client_from(&kubeconfig).await?;
+            install_crd(&client).await.map_err(|err| err.to_string())
+        })
+    })
+    .join()
+    .map_err(|_| "the CRD installer panicked".to_string())??;
+    Ok(cluster)
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<Client, String> {
+    let file = Kubeconfig::read_from(kubeconfig)
+        .map_err(|err| format!("cannot read {}: {err}", kubeconfig.display()))?;
+    let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .map_err(|err| format!("bad kubeconfig {}: {err}", kubeconfig.display()))?;
+    Client::try_from(config).map_err(|err| format!("cannot build a client: {err}"))
+}
+
+/// Applies the CRD generated from the Rust types and waits, on a watch, until
+/// the API server reports it Established.
+pub async fn install_crd(client: &Client) -> Result<CustomResourceDefinition, kube::Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = DeploymentLock::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("deploylock-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    let established = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        await_condition(crds.clone(), &name, conditions::is_crd_established()),
+    )
+    .await;
+    match established {
+        Ok(Ok(Some(crd))) => Ok(crd),
+        _ => crds.get(&name).await,
+    }
+}
+
+impl TestCluster {
+    pub fn kubeconfig(&self, identity: Identity) -> PathBuf {
+        self.dir
+            .join("kubeconfigs")
+            .join(format!("{}.kubeconfig", identity.file_stem()))
+    }
+
+    pub async fn client(&self, identity: Identity) -> Client {
+        match client_from(&self.kubeconfig(identity)).await {
+            Ok(client) => client,
+            Err(reason) => panic!("client for {identity:?}: {reason}"),
+        }
+    }
+
+    /// Creates a namespace for one test. Namespaces are not deleted: this
+    /// control plane runs no namespace controller, and the whole cluster is
+    /// discarded when the test process exits.
+    pub async fn namespace(&self, test_name: &str) -> String {
+        let n = NAMESPACE_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{}-{}", test_name.replace('_', "-"), n);
+        let namespaces: Api<Namespace> = Api::all(self.client(Identity::Admin).await);
+        let mut namespace = Namespace::default();
+        namespace.metadata.name = Some(name.clone());
+        if let Err(err) = namespaces.create(&PostParams::default(), &namespace).await {
+            panic!("cannot create namespace {name}: {err}");
+        }
+        name
+    }
+
+    /// Runs the kubectl built from the pinned Kubernetes version as `identity`.
+    pub fn kubectl(&self, identity: Identity, args: &[&str]) -> Output {
+        let result = Command::new(self.bin_dir.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(identity))
+            .args(args)
+            .output();
+        match result {
+            Ok(output) => output,
+            Err(err) => panic!("cannot run kubectl: {err}"),
+        }
+    }
+}
