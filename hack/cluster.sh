@@ -72,7 +72,8 @@ make_identity() { # <name> <CN> <O or empty>
   openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/pki/$name.key" \
     -subj "$subj" -out "$dir/pki/$name.csr" 2>/dev/null
   openssl x509 -req -in "$dir/pki/$name.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
-    -CAcreateserial -days 30 -out "$dir/pki/$name.crt" 2>/dev/null
+    -CAcreateserial -days 30 -out "$dir/pki/$name.crt" \
+    -extfile <(printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>/dev/null
   cat >"$dir/kubeconfigs/$name.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -96,13 +97,21 @@ current-context: $name
 EOF
 }
 
+stop_process() { # <pid>
+  kill -TERM "$1" 2>/dev/null || return 0
+  timeout 5 tail --pid="$1" -f /dev/null 2>/dev/null || kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
 # Runs in the background for the cluster's lifetime.
 supervise() {
   local etcd_pid apiserver_pid
   cleanup() {
     trap - TERM INT EXIT
-    kill -TERM "$apiserver_pid" "$etcd_pid" 2>/dev/null || true
-    wait "$apiserver_pid" "$etcd_pid" 2>/dev/null || true
+    # The apiserver first (its graceful shutdown needs etcd), then etcd; a
+    # server that has not exited within 5s is killed.
+    stop_process "$apiserver_pid"
+    stop_process "$etcd_pid"
     rm -rf "$dir"
     exit 0
   }
@@ -163,7 +172,7 @@ start_cluster() {
     -subj "/CN=kube-apiserver" -out "$dir/pki/apiserver.csr" 2>/dev/null
   openssl x509 -req -in "$dir/pki/apiserver.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
     -CAcreateserial -days 30 -out "$dir/pki/apiserver.crt" \
-    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n') 2>/dev/null
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>/dev/null
   openssl genrsa -out "$dir/pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
   make_identity admin deploylock-admin system:masters

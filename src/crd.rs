@@ -66,7 +66,10 @@ pub const MAX_QUEUE_ENTRIES: usize = 64;
 pub struct DeploymentLockSpec {
     /// Environment this lock guards (for example `production`). Equal to the
     /// object's name: a DNS-1123 label of at most 63 characters.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.environment is immutable"))]
     pub environment: String,
 

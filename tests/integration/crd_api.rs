@@ -104,10 +104,15 @@ async fn lock_round_trips_through_the_api_server() {
     };
     assert_eq!(lock.spec.environment, "production");
     let holder = lock.spec.holder.as_ref();
-    assert_eq!(holder.map(|h| h.reason.as_str()), Some("Deploying version 2.1.0"));
+    assert_eq!(
+        holder.map(|h| h.reason.as_str()),
+        Some("Deploying version 2.1.0")
+    );
     assert_eq!(holder.map(|h| h.duration_seconds), Some(1800));
     assert_eq!(
-        holder.and_then(|h| h.metadata.get("version")).map(String::as_str),
+        holder
+            .and_then(|h| h.metadata.get("version"))
+            .map(String::as_str),
         Some("2.1.0")
     );
 }
@@ -116,7 +121,8 @@ async fn lock_round_trips_through_the_api_server() {
 async fn available_lock_needs_no_holder() {
     let cluster = cluster();
     let namespace = cluster.namespace("available").await;
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let lock = DeploymentLock {
         metadata: ObjectMeta {
             name: Some("staging".into()),
@@ -166,18 +172,27 @@ async fn api_server_refuses_invalid_locks() {
     if let Some(holder) = missing_reason["spec"]["holder"].as_object_mut() {
         holder.remove("reason");
     }
-    assert_refused(create_raw(&api, missing_reason).await, "spec.holder.reason: Required value");
+    assert_refused(
+        create_raw(&api, missing_reason).await,
+        "spec.holder.reason: Required value",
+    );
 
     let mut blank_reason = locked_object("production");
     blank_reason["spec"]["holder"]["reason"] = json!("   ");
-    assert_refused(create_raw(&api, blank_reason).await, "reason must not be blank");
+    assert_refused(
+        create_raw(&api, blank_reason).await,
+        "reason must not be blank",
+    );
 
     let mut too_many_keys = locked_object("production");
     let many: serde_json::Map<String, Value> = (0..33)
         .map(|i| (format!("key{i}"), json!("value")))
         .collect();
     too_many_keys["spec"]["holder"]["metadata"] = Value::Object(many);
-    assert_refused(create_raw(&api, too_many_keys).await, "spec.holder.metadata");
+    assert_refused(
+        create_raw(&api, too_many_keys).await,
+        "spec.holder.metadata",
+    );
 
     let mut long_value = locked_object("production");
     long_value["spec"]["holder"]["metadata"] = json!({ "notes": "x".repeat(1025) });
@@ -200,7 +215,11 @@ async fn api_server_refuses_invalid_locks() {
         Ok(list) => list,
         Err(err) => panic!("cannot list: {err}"),
     };
-    assert!(list.items.is_empty(), "refused objects were stored: {:?}", list.items);
+    assert!(
+        list.items.is_empty(),
+        "refused objects were stored: {:?}",
+        list.items
+    );
 }
 
 #[tokio::test]
@@ -215,11 +234,19 @@ async fn api_server_refuses_invalid_updates() {
 
     let mut lowered = serde_json::to_value(&created).unwrap_or_default();
     lowered["spec"]["fencingToken"] = json!(0);
-    let lowered: DynamicObject = serde_json::from_value(lowered).unwrap_or_else(|err| panic!("{err}"));
-    match api.replace("production", &PostParams::default(), &lowered).await {
+    let lowered: DynamicObject =
+        serde_json::from_value(lowered).unwrap_or_else(|err| panic!("{err}"));
+    match api
+        .replace("production", &PostParams::default(), &lowered)
+        .await
+    {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 422);
-            assert!(status.message.contains("fencingToken never decreases"), "{}", status.message);
+            assert!(
+                status.message.contains("fencingToken never decreases"),
+                "{}",
+                status.message
+            );
         }
         other => panic!("lowering the fencing token was not refused: {other:?}"),
     }
@@ -229,10 +256,19 @@ async fn api_server_refuses_invalid_updates() {
 async fn identities_are_authenticated_and_rbac_is_enforced() {
     let cluster = cluster();
     let namespace = cluster.namespace("identities").await;
-    for identity in [Identity::Admin, Identity::Alice, Identity::Bob, Identity::Viewer, Identity::Controller] {
+    for identity in [
+        Identity::Admin,
+        Identity::Alice,
+        Identity::Bob,
+        Identity::Viewer,
+        Identity::Controller,
+    ] {
         let client = cluster.client(identity).await;
         let reviews: Api<SelfSubjectReview> = Api::all(client.clone());
-        let review = match reviews.create(&PostParams::default(), &SelfSubjectReview::default()).await {
+        let review = match reviews
+            .create(&PostParams::default(), &SelfSubjectReview::default())
+            .await
+        {
             Ok(review) => review,
             Err(err) => panic!("SelfSubjectReview as {identity:?}: {err}"),
         };
@@ -262,17 +298,44 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
 
     let get = cluster.kubectl(Identity::Admin, &["get", "dlock", "-n", &namespace]);
     let stdout = String::from_utf8_lossy(&get.stdout);
-    assert!(get.status.success(), "kubectl get failed: {}", String::from_utf8_lossy(&get.stderr));
-    let header: Vec<&str> = stdout.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "ENVIRONMENT", "STATE", "OWNER", "REASON", "EXPIRES", "AGE"]);
+    assert!(
+        get.status.success(),
+        "kubectl get failed: {}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let header: Vec<&str> = stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "ENVIRONMENT",
+            "STATE",
+            "OWNER",
+            "REASON",
+            "EXPIRES",
+            "AGE"
+        ]
+    );
     assert!(stdout.contains("Deploying version 2.1.0"), "{stdout}");
     assert!(stdout.contains("2026-11-27T10:30:00Z"), "{stdout}");
 
     let explain = cluster.kubectl(Identity::Admin, &["explain", "deploymentlock.spec.holder"]);
     let stdout = String::from_utf8_lossy(&explain.stdout);
-    assert!(explain.status.success(), "kubectl explain failed: {}", String::from_utf8_lossy(&explain.stderr));
+    assert!(
+        explain.status.success(),
+        "kubectl explain failed: {}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
     assert!(stdout.contains("Why the lock is held"), "{stdout}");
-    assert!(stdout.contains("Only this identity may release or extend it"), "{stdout}");
+    assert!(
+        stdout.contains("Only this identity may release or extend it"),
+        "{stdout}"
+    );
 
     let version = cluster.kubectl(Identity::Admin, &["version", "-o", "json"]);
     let stdout = String::from_utf8_lossy(&version.stdout);
