@@ -2,8 +2,13 @@
 //!
 //! - [`crd`]: the `DeploymentLock` custom resource (the API).
 //! - [`crdgen`]: the CRD manifest generated from those types.
+//! - [`rules`]: the lock rules, pure functions deciding every transition.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod cli;
 pub mod crd;
 pub mod crdgen;
+pub mod error;
+pub mod rules;
+pub mod store;

@@ -1,0 +1,447 @@
+//! The `deploylock` command line: parse, call the store, report.
+
+pub mod input;
+pub mod render;
+pub mod report;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration as StdDuration;
+
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use tokio::time::Instant;
+
+use crate::crd::{HistoryAction, LockType};
+use crate::error::Error;
+use crate::rules::{AcquireRequest, Actor, NoChange, Request};
+use crate::store::{Applied, ConnectOptions, LockStore, Observed, connect};
+
+use render::{LockView, OutputFormat};
+use report::{EXIT_CODES_HELP, Exit};
+
+/// A Kubernetes-native deployment lock: one DeploymentLock per environment.
+#[derive(Parser, Debug)]
+#[command(name = "deploylock", version, about, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub action: Action,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every action accepts.
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// Environment whose lock to act on (the DeploymentLock's name).
+    #[arg(short = 'e', long, global = true, default_value = "production", value_parser = input::environment)]
+    pub environment: String,
+    /// Namespace of the DeploymentLocks (default: the kubeconfig context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// Kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Path to the kubeconfig file (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Show every field (status) and debug logs on stderr.
+    #[arg(short = 'v', long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Action {
+    /// Take the lock; exits 3 if someone else holds it (see --wait-timeout).
+    Acquire(AcquireArgs),
+    /// Give back a lock you hold.
+    Release(HoldingArgs),
+    /// Show the lock: state, holder, reason, expiry.
+    Status,
+    /// Release a lock you do not hold (emergency; the reason is recorded).
+    ForceRelease(ForceReleaseArgs),
+    /// List the locks of a namespace (or of all namespaces).
+    List(ListArgs),
+    /// Wait until the lock is Available or Expired.
+    Wait(WaitArgs),
+    /// Move the expiry of a lock you hold.
+    Extend(ExtendArgs),
+    /// Show the lock's recent transitions.
+    History,
+}
+
+#[derive(Args, Debug)]
+pub struct AcquireArgs {
+    /// Why you take the lock (shown to everyone who finds it held).
+    #[arg(long, value_parser = input::reason)]
+    pub reason: Option<String>,
+    /// How long the lock lasts: minutes (30) or with a unit (90m, 2h); 1 minute to 7 days.
+    #[arg(long, default_value = "30", value_parser = input::duration, allow_hyphen_values = true)]
+    pub duration: chrono::Duration,
+    /// Wait up to this many seconds for the lock to become free, then take it.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait_timeout: Option<u64>,
+    /// Emergency lock: override a normal lock (recorded with whom it overrode).
+    #[arg(long)]
+    pub force: bool,
+    /// Display label of the holder (default: your identity as the API server sees it).
+    #[arg(long, value_parser = |s: &str| input::label("--owner", s))]
+    pub owner: Option<String>,
+    /// Context as a JSON object, e.g. '{"version":"2.1.0"}'.
+    #[arg(long, value_parser = input::metadata)]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// ID of the deployment this lock protects.
+    #[arg(long, value_parser = |s: &str| input::label("--deployment-id", s))]
+    pub deployment_id: Option<String>,
+    /// Extend the lock you already hold instead (same as `extend`).
+    #[arg(long)]
+    pub extend: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HoldingArgs {
+    /// Act only on this holding (as printed by acquire); refused if it is over.
+    #[arg(long)]
+    pub lock_id: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtendArgs {
+    /// New remaining time from now: minutes (30) or with a unit (90m, 2h).
+    #[arg(long, default_value = "30", value_parser = input::duration, allow_hyphen_values = true)]
+    pub duration: chrono::Duration,
+    #[command(flatten)]
+    pub holding: HoldingArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ForceReleaseArgs {
+    /// Why the lock is taken away (recorded in the history).
+    #[arg(long, required = true, value_parser = input::reason)]
+    pub reason: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// List the locks of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// Give up after this many seconds (exit 4).
+    #[arg(long, value_name = "SECONDS")]
+    pub wait_timeout: Option<u64>,
+}
+
+/// Parses the command line; a usage error is one line and exit code 2.
+pub fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) || err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = err.print();
+                let code = if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    Exit::InvalidInput
+                } else {
+                    Exit::Success
+                };
+                return Err(code.into());
+            }
+            let rendered = err.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("deploylock: {first} (see `deploylock --help`)");
+            Err(Exit::InvalidInput.into())
+        }
+    }
+}
+
+/// Runs one action and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let environment = cli.global.environment.clone();
+    match execute(&cli).await {
+        Ok(exit) => exit.into(),
+        Err(err) => {
+            // Refusals name times relative to now; the local clock is close
+            // enough for "in 25m".
+            let (message, exit) = report::describe(&err, &environment, Utc::now());
+            eprintln!("deploylock: {message}");
+            exit.into()
+        }
+    }
+}
+
+async fn execute(cli: &Cli) -> Result<Exit, Error> {
+    let global = &cli.global;
+    // Refuse incomplete requests before touching the cluster.
+    if let Action::Acquire(args) = &cli.action
+        && !args.extend
+        && args.reason.is_none()
+    {
+        return Err(Error::InvalidInput(
+            "acquire needs a reason: add --reason \"...\" (e.g. --reason \"Deploying version 2.1.0\")".into(),
+        ));
+    }
+    let (client, namespace) = connect(&ConnectOptions {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        namespace: global.namespace.clone(),
+    })
+    .await?;
+    let store = LockStore::new(client, &namespace);
+    let env = global.environment.as_str();
+    match &cli.action {
+        Action::Acquire(args) if args.extend => extend(&store, global, args.duration, None).await,
+        Action::Acquire(args) => acquire(&store, global, args).await,
+        Action::Release(args) => {
+            let actor = Actor::new(store.whoami().await?, None);
+            let request = Request::Release {
+                actor,
+                lock_id: args.lock_id.clone(),
+            };
+            let applied = store.apply(env, &request).await?;
+            report_applied(global, &applied, "released")
+        }
+        Action::ForceRelease(args) => {
+            let actor = Actor::new(store.whoami().await?, None);
+            let request = Request::ForceRelease {
+                actor,
+                reason: args.reason.clone(),
+            };
+            let applied = store.apply(env, &request).await?;
+            report_applied(global, &applied, "force-released")
+        }
+        Action::Extend(args) => {
+            extend(&store, global, args.duration, args.holding.lock_id.clone()).await
+        }
+        Action::Status => {
+            let observed = store.read(env).await?;
+            print_view(global, &observed, true);
+            Ok(Exit::Success)
+        }
+        Action::History => {
+            let observed = store.read(env).await?;
+            let view = LockView::new(
+                store.namespace(),
+                env,
+                observed.lock.as_ref(),
+                observed.server_time,
+            );
+            match global.output {
+                OutputFormat::Table => {
+                    print!(
+                        "{}",
+                        render::history_table(&view.history, observed.server_time)
+                    )
+                }
+                format => print!("{}", render::structured(&view.history, format)),
+            }
+            Ok(Exit::Success)
+        }
+        Action::List(args) => {
+            let (locks, now) = store.list(args.all_namespaces).await?;
+            match global.output {
+                OutputFormat::Table => {
+                    print!("{}", render::list_table(&locks, now, args.all_namespaces))
+                }
+                format => {
+                    let views: Vec<LockView> = locks
+                        .iter()
+                        .map(|lock| {
+                            LockView::new(
+                                store.namespace(),
+                                &lock.spec.environment,
+                                Some(lock),
+                                now,
+                            )
+                        })
+                        .collect();
+                    print!("{}", render::structured(&views, format));
+                }
+            }
+            Ok(Exit::Success)
+        }
+        Action::Wait(args) => {
+            let deadline = args
+                .wait_timeout
+                .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
+            let observed = wait_for_free(&store, env, deadline).await?;
+            if global.output != OutputFormat::Table {
+                print_view(global, &observed, false);
+            }
+            Ok(Exit::Success)
+        }
+    }
+}
+
+async fn acquire(
+    store: &LockStore,
+    global: &GlobalArgs,
+    args: &AcquireArgs,
+) -> Result<Exit, Error> {
+    let env = global.environment.as_str();
+    let user = store.whoami().await?;
+    let request = Request::Acquire(AcquireRequest {
+        actor: Actor::new(user, args.owner.clone()),
+        lock_id: uuid::Uuid::new_v4().to_string(),
+        lock_type: LockType::Manual,
+        force: args.force,
+        reason: args.reason.clone().unwrap_or_default(),
+        duration: args.duration,
+        deployment_id: args.deployment_id.clone(),
+        metadata: args.metadata.clone().unwrap_or_default(),
+    });
+    let deadline = args
+        .wait_timeout
+        .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
+    loop {
+        match store.apply(env, &request).await {
+            Ok(applied) => return report_applied(global, &applied, "acquired"),
+            Err(Error::Refused(crate::rules::Refusal::HeldByOther(_)))
+            | Err(Error::Refused(crate::rules::Refusal::EmergencyLockInForce(_)))
+                if deadline.is_some() =>
+            {
+                wait_for_free(store, env, deadline).await?;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn extend(
+    store: &LockStore,
+    global: &GlobalArgs,
+    duration: chrono::Duration,
+    lock_id: Option<String>,
+) -> Result<Exit, Error> {
+    let actor = Actor::new(store.whoami().await?, None);
+    let request = Request::Extend {
+        actor,
+        duration,
+        lock_id,
+    };
+    let applied = store.apply(&global.environment, &request).await?;
+    report_applied(global, &applied, "extended")
+}
+
+/// Waits for the lock, telling a person at a terminal who holds it; in CI
+/// (no terminal) one line when waiting starts and one when it ends.
+async fn wait_for_free(
+    store: &LockStore,
+    env: &str,
+    deadline: Option<Instant>,
+) -> Result<Observed, Error> {
+    let interactive = std::io::stderr().is_terminal();
+    let spinner = interactive.then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(StdDuration::from_millis(120));
+        bar
+    });
+    let started = Instant::now();
+    let mut announced = false;
+    let result = store
+        .wait_until_free(env, deadline, |observed| {
+            let Some(holder) = observed.holder() else {
+                return;
+            };
+            let line = format!(
+                "waiting for {env}: held by {} since {} until {}, reason: {:?}",
+                holder.owner,
+                holder.acquired_at.format("%H:%M:%SZ"),
+                report::when(holder.expires_at, observed.server_time),
+                holder.reason
+            );
+            match &spinner {
+                Some(bar) => bar.set_message(line),
+                None if !announced => eprintln!("deploylock: {line}"),
+                None => {}
+            }
+            announced = true;
+        })
+        .await;
+    if let Some(bar) = spinner {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(observed) => {
+            if announced {
+                eprintln!(
+                    "deploylock: {env} is {} (waited {}s)",
+                    observed.state(),
+                    started.elapsed().as_secs()
+                );
+            }
+            Ok(observed)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn print_view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
+    let view = LockView::new(
+        observed
+            .lock
+            .as_ref()
+            .and_then(|lock| lock.metadata.namespace.as_deref())
+            .unwrap_or_default(),
+        &observed.environment,
+        observed.lock.as_ref(),
+        observed.server_time,
+    );
+    match global.output {
+        OutputFormat::Table if as_status => {
+            print!("{}", render::status_table(&view, global.verbose))
+        }
+        OutputFormat::Table => {}
+        format => print!("{}", render::structured(&view, format)),
+    }
+}
+
+fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<Exit, Error> {
+    let observed = &applied.observed;
+    let env = &observed.environment;
+    if global.output != OutputFormat::Table {
+        print_view(global, observed, false);
+        return Ok(Exit::Success);
+    }
+    match (&applied.outcome, observed.holder()) {
+        (Err(NoChange::AlreadyAvailable), _) => println!("{env} was not locked: nothing to do"),
+        (Ok(HistoryAction::Released | HistoryAction::ForceReleased), _) => println!("{env} {verb}"),
+        (Ok(action), Some(holder)) => {
+            let takeover = match action {
+                HistoryAction::TookOverExpired => " (took over an expired lock)",
+                HistoryAction::ForceAcquired if holder.overrode.is_some() => {
+                    " (emergency: overrode the previous holder)"
+                }
+                HistoryAction::ForceAcquired => " (emergency)",
+                _ => "",
+            };
+            println!(
+                "{env} {verb} by {} until {}{takeover}",
+                holder.owner,
+                report::when(holder.expires_at, observed.server_time)
+            );
+            println!(
+                "lock ID {}, fencing token {}",
+                holder.lock_id,
+                observed.spec().map(|s| s.fencing_token).unwrap_or_default()
+            );
+        }
+        (Ok(_), None) => println!("{env} {verb}"),
+    }
+    Ok(Exit::Success)
+}

@@ -1,0 +1,190 @@
+//! The one place where errors become a message and an exit code.
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+
+use crate::crd::LockHolder;
+use crate::error::Error;
+use crate::rules::Refusal;
+
+/// Exit codes, stable: CI scripts branch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// The action succeeded.
+    Success = 0,
+    /// An unexpected failure (an API error not listed below, too much contention).
+    Failure = 1,
+    /// Invalid input: a bad flag, name, duration, metadata, or an object the
+    /// API server's validation refused. Nothing was changed.
+    InvalidInput = 2,
+    /// The lock is held by someone else (or already by you).
+    Held = 3,
+    /// `--wait-timeout` passed before the lock became free.
+    WaitTimeout = 4,
+    /// Not the holder, or the API server forbade the request.
+    Forbidden = 5,
+    /// The cluster is unreachable or not configured, or the CRD is not installed.
+    Unreachable = 6,
+    /// The caller's holding is over (released by someone else, taken over,
+    /// expired).
+    LockLost = 7,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// The exit code table shown in `--help` and the README.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  unexpected failure
+  2  invalid input (nothing was changed)
+  3  the lock is held by someone else
+  4  --wait-timeout passed before the lock became free
+  5  not the holder, or forbidden by the API server
+  6  cluster unreachable or not configured, or the CRD is not installed
+  7  your holding is over (taken over, force-released or expired)";
+
+/// Formats a time with how far it is from the server's now.
+pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let stamp = time.format("%Y-%m-%dT%H:%M:%SZ");
+    let delta = time - now;
+    let span = humantime::format_duration(std::time::Duration::from_secs(
+        delta.num_seconds().unsigned_abs(),
+    ));
+    if delta.num_seconds() >= 0 {
+        format!("{stamp} (in {span})")
+    } else {
+        format!("{stamp} ({span} ago)")
+    }
+}
+
+fn describe_holder(holder: &LockHolder, now: DateTime<Utc>) -> String {
+    let who = if holder.owner == holder.user {
+        holder.owner.clone()
+    } else {
+        format!("{} (user {})", holder.owner, holder.user)
+    };
+    format!(
+        "{who} since {} until {}, reason: {:?}",
+        holder.acquired_at.format("%Y-%m-%dT%H:%M:%SZ"),
+        when(holder.expires_at, now),
+        holder.reason
+    )
+}
+
+/// The message (one or two lines) and exit code for an error.
+pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, Exit) {
+    let env = environment;
+    match err {
+        Error::Refused(refusal) => match refusal {
+            Refusal::HeldByOther(holder) => (
+                format!(
+                    "{env} is locked by {}\nwait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`",
+                    describe_holder(holder, now)
+                ),
+                Exit::Held,
+            ),
+            Refusal::AlreadyHeldByYou(holder) => (
+                format!(
+                    "you already hold {env} (lock ID {}) until {}\nextend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`",
+                    holder.lock_id,
+                    when(holder.expires_at, now)
+                ),
+                Exit::Held,
+            ),
+            Refusal::EmergencyLockInForce(holder) => (
+                format!(
+                    "{env} is force-locked (emergency) by {}\nit must be released first: `deploylock force-release -e {env} --reason ...`",
+                    describe_holder(holder, now)
+                ),
+                Exit::Held,
+            ),
+            Refusal::NotHolder(holder) => (
+                format!(
+                    "{env} is held by {}, not by you: only the holder can release or extend it\nto take it away use `deploylock force-release -e {env} --reason ...`",
+                    describe_holder(holder, now)
+                ),
+                Exit::Forbidden,
+            ),
+            Refusal::LockLost {
+                expected_lock_id,
+                current,
+            } => {
+                let now_held = match current {
+                    Some(holder) => format!("it is now held by {}", describe_holder(holder, now)),
+                    None => "it is now available".to_string(),
+                };
+                (
+                    format!("your holding {expected_lock_id} of {env} is over: {now_held}"),
+                    Exit::LockLost,
+                )
+            }
+            Refusal::NotHeld => (
+                format!("{env} is not locked: nothing to extend\nacquire it with `deploylock acquire -e {env} --reason ...`"),
+                Exit::Forbidden,
+            ),
+            Refusal::ExpiredCannotExtend(holder) => (
+                format!(
+                    "your lock on {env} expired at {}: it can no longer be extended\nacquire it again with `deploylock acquire -e {env} --reason ...`",
+                    when(holder.expires_at, now)
+                ),
+                Exit::LockLost,
+            ),
+            Refusal::ReasonRequired => (
+                "a reason is required: add --reason \"...\"".to_string(),
+                Exit::InvalidInput,
+            ),
+            Refusal::DurationOutOfRange => (
+                "duration is out of range: a lock lasts from 1 minute to 7 days".to_string(),
+                Exit::InvalidInput,
+            ),
+        },
+        Error::InvalidInput(message) => (message.clone(), Exit::InvalidInput),
+        Error::Rejected(message) => (
+            format!("the API server rejected the lock: {message}"),
+            Exit::InvalidInput,
+        ),
+        Error::NamespaceNotFound(namespace) => (
+            format!("namespace {namespace:?} does not exist: pick another with -n/--namespace"),
+            Exit::InvalidInput,
+        ),
+        Error::Config(message) => (
+            format!("no usable Kubernetes configuration ({message}): set KUBECONFIG or pass --kubeconfig/--context"),
+            Exit::Unreachable,
+        ),
+        Error::Unreachable(message) => (
+            format!("cannot reach the Kubernetes API server ({message}): check --kubeconfig/--context and that the cluster is up"),
+            Exit::Unreachable,
+        ),
+        Error::CrdNotInstalled => (
+            "the DeploymentLock CRD is not installed in this cluster: install it with `make install` or `kubectl apply -f crds/`".to_string(),
+            Exit::Unreachable,
+        ),
+        Error::Unauthorized(message) => (
+            format!("the API server did not accept your credentials ({message}): check your kubeconfig"),
+            Exit::Forbidden,
+        ),
+        Error::Forbidden(message) => (
+            format!("the API server refused: {message}"),
+            Exit::Forbidden,
+        ),
+        Error::Contention(attempts) => (
+            format!("gave up after {attempts} conflicting writes from other clients: try again"),
+            Exit::Failure,
+        ),
+        Error::WaitTimedOut(holder) => {
+            let held = match holder {
+                Some(holder) => format!(": still held by {}", describe_holder(holder, now)),
+                None => String::new(),
+            };
+            (format!("timed out waiting for {env}{held}"), Exit::WaitTimeout)
+        }
+        Error::Api(message) => (format!("Kubernetes API error: {message}"), Exit::Failure),
+    }
+}

@@ -1,0 +1,89 @@
+//! The library's errors. The CLI turns each into one message and one exit code
+//! in a single place (`cli::report`).
+
+use crate::crd::LockHolder;
+use crate::rules::Refusal;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The lock rules refused the request.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+
+    /// Input the API would refuse, caught before anything is sent.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// No usable kubeconfig or context.
+    #[error("cannot load the Kubernetes configuration: {0}")]
+    Config(String),
+
+    /// The API server could not be reached.
+    #[error("cannot reach the Kubernetes API server: {0}")]
+    Unreachable(String),
+
+    /// The DeploymentLock CRD is not installed in the cluster.
+    #[error(
+        "the DeploymentLock CRD (deploymentlocks.deploylock.dev) is not installed in this cluster"
+    )]
+    CrdNotInstalled,
+
+    /// The namespace does not exist.
+    #[error("namespace {0:?} not found")]
+    NamespaceNotFound(String),
+
+    /// The API server did not accept the caller's credentials.
+    #[error("the API server did not accept your credentials: {0}")]
+    Unauthorized(String),
+
+    /// RBAC or admission refused the request.
+    #[error("the API server refused: {0}")]
+    Forbidden(String),
+
+    /// The API server's validation refused the object.
+    #[error("the API server rejected the lock: {0}")]
+    Rejected(String),
+
+    /// Too many concurrent writers; every attempt met a conflict.
+    #[error("gave up after {0} conflicting writes from other clients")]
+    Contention(u32),
+
+    /// The lock did not become free before the wait timeout.
+    #[error("timed out waiting for the lock")]
+    WaitTimedOut(Option<Box<LockHolder>>),
+
+    /// Any other API failure.
+    #[error("Kubernetes API error: {0}")]
+    Api(String),
+}
+
+impl Error {
+    /// Classifies a kube error from a request on DeploymentLocks in `namespace`.
+    pub fn from_kube(err: kube::Error, namespace: &str) -> Self {
+        match err {
+            kube::Error::Api(status) => match status.code {
+                401 => Error::Unauthorized(status.message),
+                403 => Error::Forbidden(status.message),
+                404 if status.message.contains("namespaces") => {
+                    Error::NamespaceNotFound(namespace.to_string())
+                }
+                404 => Error::CrdNotInstalled,
+                422 => Error::Rejected(status.message),
+                _ => Error::Api(status.message),
+            },
+            kube::Error::HyperError(err) => Error::Unreachable(root_cause(&err)),
+            kube::Error::Service(err) => Error::Unreachable(root_cause(err.as_ref())),
+            other => Error::Api(other.to_string()),
+        }
+    }
+}
+
+/// The innermost message of an error chain ("connection refused" rather than
+/// "client error (Connect)").
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}

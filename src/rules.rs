@@ -1,0 +1,397 @@
+//! The lock rules, free of I/O: given the lock as stored, the time on the API
+//! server's clock and a request, what is the next lock, or why not.
+//!
+//! Every transition of a DeploymentLock is decided here; the CLI and the
+//! controller only read, call [`decide`] or [`state_at`], and write the result
+//! under the `resourceVersion` they read.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::crd::{
+    DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
+    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MIN_DURATION_SECONDS, OverriddenHolding,
+};
+
+/// Who is asking: the identity the API server authenticated, and the label
+/// shown to people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// Username the API server sees for the caller.
+    pub user: String,
+    /// Display label (`--owner`); the username when not given.
+    pub owner: String,
+}
+
+impl Actor {
+    pub fn new(user: impl Into<String>, owner: Option<String>) -> Self {
+        let user = user.into();
+        let owner = owner.unwrap_or_else(|| user.clone());
+        Actor { user, owner }
+    }
+}
+
+/// A request to take the lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AcquireRequest {
+    pub actor: Actor,
+    /// ID for the new holding, chosen by the caller so that this module stays
+    /// deterministic.
+    pub lock_id: String,
+    /// Manual (a person or a pipeline step) or automatic (`deploylock exec`).
+    /// A forced request always makes an emergency holding.
+    pub lock_type: LockType,
+    /// Emergency takeover: overrides a normal holding.
+    pub force: bool,
+    pub reason: String,
+    pub duration: Duration,
+    pub deployment_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Everything a client may ask of a lock.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Acquire(AcquireRequest),
+    /// Give the lock back. With `lock_id`, only that holding is released.
+    Release {
+        actor: Actor,
+        lock_id: Option<String>,
+    },
+    /// Release a lock one does not hold (an admin's emergency action).
+    ForceRelease {
+        actor: Actor,
+        reason: String,
+    },
+    /// Move the expiry to at least `now + duration`.
+    Extend {
+        actor: Actor,
+        duration: Duration,
+        lock_id: Option<String>,
+    },
+}
+
+/// Why a request was refused. Each carries what a person needs to decide what
+/// to do next.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the lock is held by {}", .0.owner)]
+    HeldByOther(Box<LockHolder>),
+    #[error("you already hold this lock")]
+    AlreadyHeldByYou(Box<LockHolder>),
+    #[error("an emergency lock held by {} is in force", .0.owner)]
+    EmergencyLockInForce(Box<LockHolder>),
+    #[error("the lock is held by {}, not by you", .0.owner)]
+    NotHolder(Box<LockHolder>),
+    #[error("the holding {expected_lock_id} is over")]
+    LockLost {
+        expected_lock_id: String,
+        current: Option<Box<LockHolder>>,
+    },
+    #[error("the lock is not held")]
+    NotHeld,
+    #[error("the lock expired at {}", .0.expires_at)]
+    ExpiredCannotExtend(Box<LockHolder>),
+    #[error("a reason is required")]
+    ReasonRequired,
+    #[error("duration must be between {MIN_DURATION_SECONDS}s and {MAX_DURATION_SECONDS}s")]
+    DurationOutOfRange,
+}
+
+/// Why a request that was allowed changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoChange {
+    /// Release or force-release of a lock nobody holds: the goal is met.
+    AlreadyAvailable,
+}
+
+/// The result of an allowed request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Write `next`; `action` is the history entry it appended.
+    Change {
+        next: DeploymentLockSpec,
+        action: HistoryAction,
+    },
+    /// Write nothing.
+    Unchanged(NoChange),
+}
+
+/// The state shown to people for this lock at `now`.
+pub fn state_at(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> LockState {
+    match &spec.holder {
+        None => LockState::Available,
+        Some(holder) if is_expired(holder, now) => LockState::Expired,
+        Some(holder) if holder.lock_type == LockType::Emergency => LockState::ForceLocked,
+        Some(_) => LockState::Locked,
+    }
+}
+
+/// The live holding at `now`, if any: expired holdings do not count.
+pub fn live_holder(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Option<&LockHolder> {
+    spec.holder
+        .as_ref()
+        .filter(|holder| !is_expired(holder, now))
+}
+
+/// A holding is over at its expiry instant, not a moment later.
+pub fn is_expired(holder: &LockHolder, now: DateTime<Utc>) -> bool {
+    now >= holder.expires_at
+}
+
+/// Whether `duration` is within the bounds the API server enforces.
+pub fn duration_in_range(duration: Duration) -> bool {
+    (MIN_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&duration.num_seconds())
+        && duration.subsec_nanos() == 0
+}
+
+/// Decides a request against the lock as stored. `current` is `None` when no
+/// object exists yet for `environment`.
+pub fn decide(
+    environment: &str,
+    current: Option<&DeploymentLockSpec>,
+    now: DateTime<Utc>,
+    request: &Request,
+) -> Result<Decision, Refusal> {
+    let empty;
+    let spec = match current {
+        Some(spec) => spec,
+        None => {
+            empty = DeploymentLockSpec {
+                environment: environment.to_string(),
+                ..DeploymentLockSpec::default()
+            };
+            &empty
+        }
+    };
+    match request {
+        Request::Acquire(acquire) => decide_acquire(spec, now, acquire),
+        Request::Release { actor, lock_id } => decide_release(spec, now, actor, lock_id.as_deref()),
+        Request::ForceRelease { actor, reason } => decide_force_release(spec, now, actor, reason),
+        Request::Extend {
+            actor,
+            duration,
+            lock_id,
+        } => decide_extend(spec, now, actor, *duration, lock_id.as_deref()),
+    }
+}
+
+fn decide_acquire(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    request: &AcquireRequest,
+) -> Result<Decision, Refusal> {
+    if request.reason.trim().is_empty() {
+        return Err(Refusal::ReasonRequired);
+    }
+    if !duration_in_range(request.duration) {
+        return Err(Refusal::DurationOutOfRange);
+    }
+    let live = live_holder(spec, now);
+    let (action, overrode) = match live {
+        Some(holder)
+            if holder.user == request.actor.user
+                && !(request.force && holder.lock_type != LockType::Emergency) =>
+        {
+            // A second run by the same identity must not share the first
+            // run's holding: the first run's cleanup would free it.
+            return Err(Refusal::AlreadyHeldByYou(Box::new(holder.clone())));
+        }
+        Some(holder) if holder.lock_type == LockType::Emergency => {
+            return Err(if request.force {
+                Refusal::EmergencyLockInForce(Box::new(holder.clone()))
+            } else {
+                Refusal::HeldByOther(Box::new(holder.clone()))
+            });
+        }
+        Some(holder) if !request.force => {
+            return Err(Refusal::HeldByOther(Box::new(holder.clone())));
+        }
+        Some(holder) => (
+            HistoryAction::ForceAcquired,
+            Some(OverriddenHolding {
+                lock_id: holder.lock_id.clone(),
+                user: holder.user.clone(),
+                owner: holder.owner.clone(),
+                reason: holder.reason.clone(),
+            }),
+        ),
+        None if request.force => (HistoryAction::ForceAcquired, None),
+        None if spec.holder.is_some() => (HistoryAction::TookOverExpired, None),
+        None => (HistoryAction::Acquired, None),
+    };
+    let holder = LockHolder {
+        lock_id: request.lock_id.clone(),
+        user: request.actor.user.clone(),
+        owner: request.actor.owner.clone(),
+        lock_type: if request.force {
+            LockType::Emergency
+        } else {
+            request.lock_type
+        },
+        reason: request.reason.clone(),
+        acquired_at: now,
+        expires_at: now + request.duration,
+        duration_seconds: request.duration.num_seconds(),
+        deployment_id: request.deployment_id.clone(),
+        metadata: request.metadata.clone(),
+        overrode,
+    };
+    let mut next = spec.clone();
+    next.fencing_token = spec.fencing_token.saturating_add(1);
+    push_history(
+        &mut next,
+        HistoryEntry {
+            action,
+            at: now,
+            lock_id: holder.lock_id.clone(),
+            by: request.actor.user.clone(),
+            owner: holder.owner.clone(),
+            reason: holder.reason.clone(),
+            expires_at: Some(holder.expires_at),
+        },
+    );
+    next.holder = Some(holder);
+    Ok(Decision::Change { next, action })
+}
+
+fn decide_release(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    lock_id: Option<&str>,
+) -> Result<Decision, Refusal> {
+    let Some(holder) = &spec.holder else {
+        return match lock_id {
+            Some(expected) => Err(Refusal::LockLost {
+                expected_lock_id: expected.to_string(),
+                current: None,
+            }),
+            None => Ok(Decision::Unchanged(NoChange::AlreadyAvailable)),
+        };
+    };
+    check_holding(holder, actor, lock_id)?;
+    let mut next = spec.clone();
+    push_history(
+        &mut next,
+        HistoryEntry {
+            action: HistoryAction::Released,
+            at: now,
+            lock_id: holder.lock_id.clone(),
+            by: actor.user.clone(),
+            owner: holder.owner.clone(),
+            reason: holder.reason.clone(),
+            expires_at: None,
+        },
+    );
+    next.holder = None;
+    Ok(Decision::Change {
+        next,
+        action: HistoryAction::Released,
+    })
+}
+
+fn decide_force_release(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    reason: &str,
+) -> Result<Decision, Refusal> {
+    if reason.trim().is_empty() {
+        return Err(Refusal::ReasonRequired);
+    }
+    let Some(holder) = &spec.holder else {
+        return Ok(Decision::Unchanged(NoChange::AlreadyAvailable));
+    };
+    let mut next = spec.clone();
+    push_history(
+        &mut next,
+        HistoryEntry {
+            action: HistoryAction::ForceReleased,
+            at: now,
+            lock_id: holder.lock_id.clone(),
+            by: actor.user.clone(),
+            owner: holder.owner.clone(),
+            reason: reason.to_string(),
+            expires_at: None,
+        },
+    );
+    next.holder = None;
+    Ok(Decision::Change {
+        next,
+        action: HistoryAction::ForceReleased,
+    })
+}
+
+fn decide_extend(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    duration: Duration,
+    lock_id: Option<&str>,
+) -> Result<Decision, Refusal> {
+    if !duration_in_range(duration) {
+        return Err(Refusal::DurationOutOfRange);
+    }
+    let Some(holder) = &spec.holder else {
+        return Err(match lock_id {
+            Some(expected) => Refusal::LockLost {
+                expected_lock_id: expected.to_string(),
+                current: None,
+            },
+            None => Refusal::NotHeld,
+        });
+    };
+    check_holding(holder, actor, lock_id)?;
+    if is_expired(holder, now) {
+        return Err(Refusal::ExpiredCannotExtend(Box::new(holder.clone())));
+    }
+    // Never shortens a holding; never reaches further than the longest
+    // duration from now.
+    let expires_at = holder.expires_at.max(now + duration);
+    let mut next = spec.clone();
+    push_history(
+        &mut next,
+        HistoryEntry {
+            action: HistoryAction::Extended,
+            at: now,
+            lock_id: holder.lock_id.clone(),
+            by: actor.user.clone(),
+            owner: holder.owner.clone(),
+            reason: holder.reason.clone(),
+            expires_at: Some(expires_at),
+        },
+    );
+    if let Some(next_holder) = next.holder.as_mut() {
+        next_holder.expires_at = expires_at;
+    }
+    Ok(Decision::Change {
+        next,
+        action: HistoryAction::Extended,
+    })
+}
+
+/// The caller must be the holder, and, when it names a holding, that holding
+/// must still be the current one.
+fn check_holding(holder: &LockHolder, actor: &Actor, lock_id: Option<&str>) -> Result<(), Refusal> {
+    if let Some(expected) = lock_id
+        && expected != holder.lock_id
+    {
+        return Err(Refusal::LockLost {
+            expected_lock_id: expected.to_string(),
+            current: Some(Box::new(holder.clone())),
+        });
+    }
+    if holder.user != actor.user {
+        return Err(Refusal::NotHolder(Box::new(holder.clone())));
+    }
+    Ok(())
+}
+
+/// Appends an entry, dropping the oldest beyond the bound.
+fn push_history(spec: &mut DeploymentLockSpec, entry: HistoryEntry) {
+    spec.history.push(entry);
+    let excess = spec.history.len().saturating_sub(MAX_HISTORY_ENTRIES);
+    spec.history.drain(..excess);
+}

@@ -1,0 +1,342 @@
+//! The Kubernetes I/O that applies the lock rules.
+//!
+//! Every write is conditional: a create (refused with 409 AlreadyExists if
+//! another client created the object first) or a replace under the
+//! `resourceVersion` that was read (refused with 409 Conflict if anything
+//! changed since). On 409 the lock is read again and the rules decide again.
+//! Time is the API server's: each read takes the `Date` header of its response.
+
+use std::path::PathBuf;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use kube::api::{Api, ObjectList, PostParams, WatchParams};
+use kube::client::Body;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{Request as KubeRequest, Resource};
+use kube::{Client, Config};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, LockHolder, LockState};
+use crate::error::Error;
+use crate::rules::{self, Decision, NoChange, Request};
+
+/// Writes attempted before giving up under contention. Each conflict means
+/// another client's write succeeded, so the system as a whole makes progress.
+pub const MAX_WRITE_ATTEMPTS: u32 = 32;
+
+/// How to reach the cluster, as kubectl's flags say it.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// Builds a client the way kubectl would (KUBECONFIG, ~/.kube/config or
+/// in-cluster), and returns it with the namespace to use.
+pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error> {
+    let kube_options = KubeConfigOptions {
+        context: options.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let mut config = match &options.kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path).map_err(|err| Error::Config(err.to_string()))?;
+            Config::from_custom_kubeconfig(file, &kube_options)
+                .await
+                .map_err(|err| Error::Config(err.to_string()))?
+        }
+        None if options.context.is_some() => Config::from_kubeconfig(&kube_options)
+            .await
+            .map_err(|err| Error::Config(err.to_string()))?,
+        None => Config::infer()
+            .await
+            .map_err(|err| Error::Config(err.to_string()))?,
+    };
+    // An unreachable cluster should fail in seconds, not minutes.
+    config.connect_timeout = Some(StdDuration::from_secs(5));
+    let namespace = options
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(|err| Error::Config(err.to_string()))?;
+    Ok((client, namespace))
+}
+
+/// A lock as read, with the API server's time at the read.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub environment: String,
+    /// `None` when no object exists for the environment yet.
+    pub lock: Option<DeploymentLock>,
+    /// The API server's clock when it answered.
+    pub server_time: DateTime<Utc>,
+    /// The local monotonic instant of the answer, to turn server times into
+    /// local deadlines without trusting the local wall clock.
+    pub local_instant: Instant,
+}
+
+impl Observed {
+    pub fn spec(&self) -> Option<&DeploymentLockSpec> {
+        self.lock.as_ref().map(|lock| &lock.spec)
+    }
+
+    pub fn state(&self) -> LockState {
+        self.spec()
+            .map(|spec| rules::state_at(spec, self.server_time))
+            .unwrap_or(LockState::Available)
+    }
+
+    pub fn holder(&self) -> Option<&LockHolder> {
+        self.spec().and_then(|spec| spec.holder.as_ref())
+    }
+
+    /// The local instant at which a server time will be reached.
+    pub fn local_deadline(&self, server_time: DateTime<Utc>) -> Instant {
+        let ahead = (server_time - self.server_time)
+            .to_std()
+            .unwrap_or_default();
+        self.local_instant + ahead
+    }
+}
+
+/// What an applied request did.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The lock after the request (as written, or as read when unchanged).
+    pub observed: Observed,
+    /// The history action written, or why nothing was written.
+    pub outcome: Result<HistoryAction, NoChange>,
+}
+
+/// DeploymentLocks in one namespace, read and written under the rules.
+#[derive(Clone)]
+pub struct LockStore {
+    client: Client,
+    namespace: String,
+    api: Api<DeploymentLock>,
+}
+
+impl LockStore {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        LockStore {
+            api: Api::namespaced(client.clone(), namespace),
+            client,
+            namespace: namespace.to_string(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn kube_error(&self, err: kube::Error) -> Error {
+        Error::from_kube(err, &self.namespace)
+    }
+
+    /// The username the API server authenticates for this client.
+    pub async fn whoami(&self) -> Result<String, Error> {
+        let reviews: Api<SelfSubjectReview> = Api::all(self.client.clone());
+        let review = reviews
+            .create(&PostParams::default(), &SelfSubjectReview::default())
+            .await
+            .map_err(|err| self.kube_error(err))?;
+        review
+            .status
+            .and_then(|status| status.user_info)
+            .and_then(|user| user.username)
+            .ok_or_else(|| Error::Api("SelfSubjectReview returned no username".into()))
+    }
+
+    /// Reads the lock of `environment` with the server's time.
+    pub async fn read(&self, environment: &str) -> Result<Observed, Error> {
+        let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
+            .get(environment, &Default::default())
+            .map_err(|err| Error::Api(err.to_string()))?;
+        let (lock, server_time, local_instant) = match self.send_with_time(request).await {
+            Ok((lock, time, instant)) => (Some(lock), time, instant),
+            Err((kube::Error::Api(status), Some((time, instant))))
+                if status.code == 404
+                    && status
+                        .details
+                        .as_ref()
+                        .is_some_and(|d| d.name == environment) =>
+            {
+                (None, time, instant)
+            }
+            Err((err, _)) => return Err(self.kube_error(err)),
+        };
+        Ok(Observed {
+            environment: environment.to_string(),
+            lock,
+            server_time,
+            local_instant,
+        })
+    }
+
+    /// Lists locks in this namespace, or in all namespaces, with the server's time.
+    pub async fn list(
+        &self,
+        all_namespaces: bool,
+    ) -> Result<(Vec<DeploymentLock>, DateTime<Utc>), Error> {
+        let namespace = (!all_namespaces).then_some(self.namespace.as_str());
+        let request = KubeRequest::new(DeploymentLock::url_path(&(), namespace))
+            .list(&Default::default())
+            .map_err(|err| Error::Api(err.to_string()))?;
+        let (list, server_time, _): (ObjectList<DeploymentLock>, _, _) = self
+            .send_with_time(request)
+            .await
+            .map_err(|(err, _)| self.kube_error(err))?;
+        Ok((list.items, server_time))
+    }
+
+    /// Sends a GET and returns the decoded body with the `Date` of the answer.
+    /// Errors carry the time too when the server answered at all.
+    #[allow(clippy::type_complexity)]
+    async fn send_with_time<T: DeserializeOwned>(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(T, DateTime<Utc>, Instant), (kube::Error, Option<(DateTime<Utc>, Instant)>)> {
+        let response = self
+            .client
+            .send(request.map(Body::from))
+            .await
+            .map_err(|err| (err, None))?;
+        let local_instant = Instant::now();
+        let server_time = response
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
+            .map(|time| time.with_timezone(&Utc))
+            // Every Kubernetes API server sends Date; a proxy that strips it
+            // leaves us only the local clock.
+            .unwrap_or_else(Utc::now);
+        let timing = Some((server_time, local_instant));
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .map_err(|err| (err, timing))?;
+        if !status.is_success() {
+            let status: kube::core::Status = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                kube::core::Status::failure(&String::from_utf8_lossy(&bytes), "")
+                    .with_code(status.as_u16())
+            });
+            return Err((kube::Error::Api(Box::new(status)), timing));
+        }
+        let value =
+            serde_json::from_slice(&bytes).map_err(|err| (kube::Error::SerdeError(err), timing))?;
+        Ok((value, server_time, local_instant))
+    }
+
+    /// Decides `request` on the current lock and writes the result under the
+    /// read `resourceVersion`, again and again while other clients win the
+    /// race. A refusal from the rules is returned as is.
+    pub async fn apply(&self, environment: &str, request: &Request) -> Result<Applied, Error> {
+        for attempt in 1..=MAX_WRITE_ATTEMPTS {
+            let observed = self.read(environment).await?;
+            let decision =
+                rules::decide(environment, observed.spec(), observed.server_time, request)?;
+            let (next, action) = match decision {
+                Decision::Unchanged(why) => {
+                    return Ok(Applied {
+                        observed,
+                        outcome: Err(why),
+                    });
+                }
+                Decision::Change { next, action } => (next, action),
+            };
+            let written = match &observed.lock {
+                None => {
+                    let lock = DeploymentLock::new(environment, next);
+                    self.api.create(&PostParams::default(), &lock).await
+                }
+                Some(current) => {
+                    let mut lock = current.clone();
+                    lock.spec = next;
+                    // `lock` carries the resourceVersion that was read: the
+                    // API server refuses the replace if anything changed since.
+                    self.api
+                        .replace(environment, &PostParams::default(), &lock)
+                        .await
+                }
+            };
+            match written {
+                Ok(lock) => {
+                    tracing::debug!(environment, ?action, attempt, "lock written");
+                    return Ok(Applied {
+                        observed: Observed {
+                            lock: Some(lock),
+                            ..observed
+                        },
+                        outcome: Ok(action),
+                    });
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
+                }
+                Err(err) => return Err(self.kube_error(err)),
+            }
+        }
+        Err(Error::Contention(MAX_WRITE_ATTEMPTS))
+    }
+
+    /// Waits until the lock is Available or Expired, or `deadline` passes.
+    /// Woken by a watch on the object and by a timer at the holder's expiry;
+    /// nothing polls. `on_held` is called each time a different holder is seen.
+    pub async fn wait_until_free(
+        &self,
+        environment: &str,
+        deadline: Option<Instant>,
+        mut on_held: impl FnMut(&Observed),
+    ) -> Result<Observed, Error> {
+        let mut last_lock_id: Option<String> = None;
+        loop {
+            let observed = self.read(environment).await?;
+            let holder = match observed.state() {
+                LockState::Available | LockState::Expired => return Ok(observed),
+                LockState::Locked | LockState::ForceLocked => match observed.holder() {
+                    Some(holder) => holder.clone(),
+                    None => return Ok(observed),
+                },
+            };
+            if last_lock_id.as_deref() != Some(holder.lock_id.as_str()) {
+                on_held(&observed);
+                last_lock_id = Some(holder.lock_id.clone());
+            }
+            let expiry = observed.local_deadline(holder.expires_at);
+            let resource_version = observed
+                .lock
+                .as_ref()
+                .and_then(|lock| lock.metadata.resource_version.clone())
+                .unwrap_or_default();
+            let params = WatchParams::default()
+                .fields(&format!("metadata.name={environment}"))
+                .timeout(290);
+            let mut changes = self
+                .api
+                .watch(&params, &resource_version)
+                .await
+                .map_err(|err| self.kube_error(err))?
+                .boxed();
+            let timed_out = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Any event (or the end of the watch) means: read again.
+                _ = changes.try_next() => {}
+                _ = tokio::time::sleep_until(expiry) => {}
+                _ = timed_out => return Err(Error::WaitTimedOut(Some(Box::new(holder)))),
+            }
+        }
+    }
+}
