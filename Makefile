@@ -28,6 +28,7 @@ crds: ## Regenerate crds/ from the Rust types
 
 .PHONY: test
 test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
+	@hack/ensure-deps.sh
 	@hack/build-tools.sh >/dev/null
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -224,14 +224,20 @@ pub enum HistoryAction {
     ForceAcquired,
     /// Someone released the lock without being its holder.
     ForceReleased,
-    /// The holding expired.
-    Expired,
+    /// The controller cleared a holding that had stayed expired for the
+    /// retention period.
+    Cleared,
 }
 
 /// One past transition of the lock.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
+    /// Position of this entry in the lock's whole history (1, 2, 3, ...),
+    /// kept when older entries are dropped.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub sequence: i64,
     /// What happened.
     pub action: HistoryAction,
     /// When it happened (API server clock).
@@ -307,6 +313,9 @@ pub struct DeploymentLockStatus {
     /// metadata.generation the status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Sequence of the last history entry announced as a Kubernetes Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_sequence: Option<i64>,
 }
 
 fn metadata_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

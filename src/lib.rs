@@ -7,6 +7,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod error;

@@ -70,6 +70,13 @@ pub enum Request {
         duration: Duration,
         lock_id: Option<String>,
     },
+    /// The controller's housekeeping: clear a holding that has been expired
+    /// for at least `retention`.
+    Clear {
+        actor: Actor,
+        lock_id: String,
+        retention: Duration,
+    },
 }
 
 /// Why a request was refused. Each carries what a person needs to decide what
@@ -174,7 +181,52 @@ pub fn decide(
             duration,
             lock_id,
         } => decide_extend(spec, now, actor, *duration, lock_id.as_deref()),
+        Request::Clear {
+            actor,
+            lock_id,
+            retention,
+        } => decide_clear(spec, now, actor, lock_id, *retention),
     }
+}
+
+fn decide_clear(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    lock_id: &str,
+    retention: Duration,
+) -> Result<Decision, Refusal> {
+    let Some(holder) = &spec.holder else {
+        return Ok(Decision::Unchanged(NoChange::AlreadyAvailable));
+    };
+    if holder.lock_id != lock_id {
+        return Err(Refusal::LockLost {
+            expected_lock_id: lock_id.to_string(),
+            current: Some(Box::new(holder.clone())),
+        });
+    }
+    if now < holder.expires_at + retention {
+        return Err(Refusal::HeldByOther(Box::new(holder.clone())));
+    }
+    let mut next = spec.clone();
+    push_history(
+        &mut next,
+        HistoryEntry {
+            sequence: 0,
+            action: HistoryAction::Cleared,
+            at: now,
+            lock_id: holder.lock_id.clone(),
+            by: actor.user.clone(),
+            owner: holder.owner.clone(),
+            reason: holder.reason.clone(),
+            expires_at: Some(holder.expires_at),
+        },
+    );
+    next.holder = None;
+    Ok(Decision::Change {
+        next,
+        action: HistoryAction::Cleared,
+    })
 }
 
 fn decide_acquire(
@@ -243,6 +295,7 @@ fn decide_acquire(
     push_history(
         &mut next,
         HistoryEntry {
+            sequence: 0,
             action,
             at: now,
             lock_id: holder.lock_id.clone(),
@@ -276,6 +329,7 @@ fn decide_release(
     push_history(
         &mut next,
         HistoryEntry {
+            sequence: 0,
             action: HistoryAction::Released,
             at: now,
             lock_id: holder.lock_id.clone(),
@@ -308,6 +362,7 @@ fn decide_force_release(
     push_history(
         &mut next,
         HistoryEntry {
+            sequence: 0,
             action: HistoryAction::ForceReleased,
             at: now,
             lock_id: holder.lock_id.clone(),
@@ -354,6 +409,7 @@ fn decide_extend(
     push_history(
         &mut next,
         HistoryEntry {
+            sequence: 0,
             action: HistoryAction::Extended,
             at: now,
             lock_id: holder.lock_id.clone(),
@@ -389,8 +445,10 @@ fn check_holding(holder: &LockHolder, actor: &Actor, lock_id: Option<&str>) -> R
     Ok(())
 }
 
-/// Appends an entry, dropping the oldest beyond the bound.
-fn push_history(spec: &mut DeploymentLockSpec, entry: HistoryEntry) {
+/// Appends an entry numbered after the last one, dropping the oldest beyond
+/// the bound.
+fn push_history(spec: &mut DeploymentLockSpec, mut entry: HistoryEntry) {
+    entry.sequence = spec.history.last().map_or(0, |last| last.sequence) + 1;
     spec.history.push(entry);
     let excess = spec.history.len().saturating_sub(MAX_HISTORY_ENTRIES);
     spec.history.drain(..excess);

@@ -67,6 +67,42 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
     Ok((client, namespace))
 }
 
+/// The API server's clock minus the local clock, from the `Date` header of a
+/// `/version` request. The header has one-second resolution, so offsets
+/// under two seconds are treated as zero rather than adding up to a second
+/// of error to every expiry.
+pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Error> {
+    let request = http::Request::get("/version")
+        .body(Body::empty())
+        .map_err(|err| Error::Api(err.to_string()))?;
+    let before = Utc::now();
+    let response = client
+        .send(request)
+        .await
+        .map_err(|err| Error::from_kube(err, ""))?;
+    let after = Utc::now();
+    let server = response
+        .headers()
+        .get(http::header::DATE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
+        .map(|time| time.with_timezone(&Utc));
+    let Some(server) = server else {
+        return Ok(chrono::Duration::zero());
+    };
+    let local = before + (after - before) / 2;
+    let offset = server - local;
+    if offset.num_milliseconds().abs() < 2000 {
+        Ok(chrono::Duration::zero())
+    } else {
+        tracing::warn!(
+            offset_ms = offset.num_milliseconds(),
+            "local clock differs from the API server's; using the server's"
+        );
+        Ok(offset)
+    }
+}
+
 /// A lock as read, with the API server's time at the read.
 #[derive(Clone, Debug)]
 pub struct Observed {

@@ -112,6 +112,28 @@ fn start_cluster() -> Result<TestCluster, String> {
     })
     .join()
     .map_err(|_| "the CRD installer panicked".to_string())??;
+    let rbac = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "apply",
+            "-f",
+            &repo_root()
+                .join("config/rbac/clusterroles.yaml")
+                .display()
+                .to_string(),
+            "-f",
+            &repo_root()
+                .join("tests/integration/test-bindings.yaml")
+                .display()
+                .to_string(),
+        ],
+    );
+    if !rbac.status.success() {
+        return Err(format!(
+            "cannot apply RBAC: {}",
+            String::from_utf8_lossy(&rbac.stderr)
+        ));
+    }
     Ok(cluster)
 }
 
@@ -174,6 +196,35 @@ impl TestCluster {
             panic!("cannot create namespace {name}: {err}");
         }
         name
+    }
+
+    /// The directory of the pinned kubectl, etcd, kube-apiserver and helm.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// A `deploylock` command as `identity`, in `namespace`, not yet run.
+    pub fn deploylock_command(&self, identity: Identity, namespace: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_deploylock"));
+        command
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(identity))
+            .arg("-n")
+            .arg(namespace)
+            .env_remove("KUBECONFIG");
+        command
+    }
+
+    /// Runs `deploylock` as `identity` in `namespace` and waits for it.
+    pub fn deploylock(&self, identity: Identity, namespace: &str, args: &[&str]) -> Output {
+        match self
+            .deploylock_command(identity, namespace)
+            .args(args)
+            .output()
+        {
+            Ok(output) => output,
+            Err(err) => panic!("cannot run deploylock: {err}"),
+        }
     }
 
     /// Runs the kubectl built from the pinned Kubernetes version as `identity`.
