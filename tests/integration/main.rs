@@ -2,5 +2,7 @@
 //! project itself (see support.rs). One test binary, so the control plane
 //! starts once for all of them.
 
+mod cli;
+mod controller;
 mod crd_api;
 mod support;

@@ -227,6 +227,34 @@ impl TestCluster {
         }
     }
 
+    /// Starts `deploylock-controller` as the controller identity (minimal
+    /// RBAC), watching only `namespace`, with its Lease in that namespace.
+    /// The process is killed when the returned handle is dropped, and by the
+    /// kernel if the test thread dies first.
+    pub fn spawn_controller(&self, namespace: &str, lease_name: &str, extra: &[&str]) -> ControllerProcess {
+        let port = free_port();
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(env!("CARGO_BIN_EXE_deploylock-controller"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(Identity::Controller))
+            .args(["--namespace", namespace])
+            .args(["--lease-namespace", namespace])
+            .args(["--lease-name", lease_name])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--log-format", "json"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => panic!("cannot start deploylock-controller: {err}"),
+        };
+        ControllerProcess { child, port }
+    }
+
     /// Runs the kubectl built from the pinned Kubernetes version as `identity`.
     pub fn kubectl(&self, identity: Identity, args: &[&str]) -> Output {
         let result = Command::new(self.bin_dir.join("kubectl"))
@@ -238,5 +266,53 @@ impl TestCluster {
             Ok(output) => output,
             Err(err) => panic!("cannot run kubectl: {err}"),
         }
+    }
+}
+
+/// A running deploylock-controller.
+pub struct ControllerProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl ControllerProcess {
+    /// The controller's identity in its Lease (host name and PID).
+    pub fn identity(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), self.child.id())
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
+        assert!(matches!(status, Ok(s) if s.success()), "kill -{signal} failed");
+    }
+
+    /// Scrapes /metrics.
+    pub fn metrics(&self) -> String {
+        let output = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.port)])
+            .output();
+        match output {
+            Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).into_owned(),
+            other => panic!("cannot scrape metrics: {other:?}"),
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()) {
+        Ok(address) => address.port(),
+        Err(err) => panic!("no free port: {err}"),
     }
 }
