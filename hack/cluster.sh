@@ -63,6 +63,10 @@ print_env() {
 }
 
 stop_cluster() {
+  # Processes started beside the cluster (the demo's controller).
+  if [[ -f "$dir/controller.pid" ]]; then
+    kill -TERM "$(cat "$dir/controller.pid")" 2>/dev/null || true
+  fi
   if [[ -f "$dir/supervisor.pid" ]]; then
     local pid
     pid="$(cat "$dir/supervisor.pid")"

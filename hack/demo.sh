@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: build what is missing, start the local control plane, install the
-# CRD and show a DeploymentLock. Leaves the control plane running; stop it with
-# `make cluster-down`.
+# CRD, run the controller, take a lock with the CLI and show it. Leaves the
+# control plane and the controller running; stop them with `make cluster-down`.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,34 +21,43 @@ step "Installing the DeploymentLock CRD"
 kubectl apply --server-side -f crds/
 kubectl wait --for condition=established --timeout=60s -f crds/
 
-step "Creating a DeploymentLock for the production environment"
-expires="$(date -u -d '+30 minutes' +%Y-%m-%dT%H:%M:%SZ)"
-now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-kubectl apply --server-side -f - <<YAML
-apiVersion: deploylock.dev/v1
-kind: DeploymentLock
-metadata:
-  name: production
-  namespace: default
-spec:
-  environment: production
-  fencingToken: 1
-  holder:
-    lockId: demo-$(date +%s)
-    user: deploylock-admin
-    owner: demo
-    type: manual
-    reason: Deploying version 2.1.0
-    acquiredAt: "$now"
-    expiresAt: "$expires"
-    durationSeconds: 1800
-YAML
+step "Building deploylock and deploylock-controller"
+cargo build --release --bins
+deploylock() { target/release/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1.kubeconfig" "${@:2}"; }
 
-step "kubectl get deploymentlocks"
-kubectl get deploymentlocks -o wide
+step "Granting the demo identities their roles (alice and bob: deploylock-user; the controller: deploylock-controller)"
+kubectl apply -f config/rbac/clusterroles.yaml -f tests/integration/test-bindings.yaml
+
+step "Starting deploylock-controller (logs in $cluster_dir/logs/controller.log)"
+if [[ -f "$cluster_dir/controller.pid" ]] && kill -0 "$(cat "$cluster_dir/controller.pid")" 2>/dev/null; then
+  kill "$(cat "$cluster_dir/controller.pid")" 2>/dev/null || true
+fi
+nohup target/release/deploylock-controller \
+  --kubeconfig "$cluster_dir/kubeconfigs/controller.kubeconfig" \
+  --metrics-addr 127.0.0.1:0 >"$cluster_dir/logs/controller.log" 2>&1 &
+echo $! >"$cluster_dir/controller.pid"
+
+step "alice: deploylock acquire -e production --reason \"Deploying version 2.1.0\""
+deploylock alice release -e production >/dev/null 2>&1 || true
+deploylock alice acquire -e production --reason "Deploying version 2.1.0" --deployment-id demo-1 \
+  --metadata '{"version":"2.1.0"}'
+
+step "bob tries too, and is told who holds it (exit code 3)"
+set +e
+deploylock bob acquire -e production --reason "Deploying version 2.2.0"
+echo "exit code: $?"
+set -e
+
+step "deploylock status -e production"
+deploylock alice status -e production -v
+
+step "kubectl get deploymentlocks (State is written by the controller)"
+kubectl wait --for=condition=Locked --timeout=30s deploymentlock/production
+kubectl get deploymentlocks
 
 echo
-echo "The control plane keeps running. To use it:"
-echo "  export KUBECONFIG=$cluster_dir/kubeconfigs/admin.kubeconfig"
-echo "  export PATH=$bin_dir:\$PATH"
-echo "Stop it with: make cluster-down"
+echo "The control plane and the controller keep running. To use them:"
+echo "  export KUBECONFIG=$cluster_dir/kubeconfigs/admin.kubeconfig   # alice.kubeconfig, bob.kubeconfig for the users"
+echo "  export PATH=$bin_dir:$repo_root/target/release:\$PATH"
+echo "  deploylock --kubeconfig $cluster_dir/kubeconfigs/alice.kubeconfig release"
+echo "Stop everything with: make cluster-down"

@@ -11,5 +11,6 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod error;
+pub mod exec;
 pub mod rules;
 pub mod store;

@@ -114,6 +114,8 @@ pub enum NoChange {
 }
 
 /// The result of an allowed request.
+// Short-lived: boxing the spec would only add an allocation per decision.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     /// Write `next`; `action` is the history entry it appended.
@@ -205,7 +207,10 @@ fn decide_clear(
             current: Some(Box::new(holder.clone())),
         });
     }
-    if now < holder.expires_at + retention {
+    let cleared_from = holder
+        .expires_at
+        .checked_add_signed(retention.max(Duration::zero()));
+    if !is_expired(holder, now) || cleared_from.is_none_or(|from| now < from) {
         return Err(Refusal::HeldByOther(Box::new(holder.clone())));
     }
     let mut next = spec.clone();
@@ -277,10 +282,11 @@ fn decide_acquire(
         lock_id: request.lock_id.clone(),
         user: request.actor.user.clone(),
         owner: request.actor.owner.clone(),
-        lock_type: if request.force {
-            LockType::Emergency
-        } else {
-            request.lock_type
+        // Only --force makes an emergency holding.
+        lock_type: match (request.force, request.lock_type) {
+            (true, _) => LockType::Emergency,
+            (false, LockType::Emergency) => LockType::Manual,
+            (false, other) => other,
         },
         reason: request.reason.clone(),
         acquired_at: now,

@@ -170,6 +170,10 @@ impl LockStore {
         &self.namespace
     }
 
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     fn kube_error(&self, err: kube::Error) -> Error {
         Error::from_kube(err, &self.namespace)
     }

@@ -14,7 +14,7 @@ use deploylock::rules::{
     is_expired, live_holder, state_at,
 };
 use proptest::prelude::*;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{FileFailurePersistence, TestCaseError};
 
 const ENV: &str = "production";
 const DEPLOY_REASON: &str = "Deploying version 2.1.0";
@@ -85,6 +85,21 @@ fn extend(actor: &Actor, duration: Duration, lock_id: Option<&str>) -> Request {
         duration,
         lock_id: lock_id.map(str::to_string),
     }
+}
+
+fn clear(lock_id: &str, retention: Duration) -> Request {
+    Request::Clear {
+        actor: controller(),
+        lock_id: lock_id.to_string(),
+        retention,
+    }
+}
+
+fn controller() -> Actor {
+    Actor::new(
+        "system:serviceaccount:deploylock:controller",
+        Some("deploylock-controller".to_string()),
+    )
 }
 
 /// Decides a request that must change the lock.
@@ -696,6 +711,7 @@ fn force_release_records_who_and_why() {
     assert_eq!(
         last_entry(&released),
         &HistoryEntry {
+            sequence: last_entry(&locked).sequence + 1,
             action: HistoryAction::ForceReleased,
             at,
             lock_id: "lock-a".to_string(),
@@ -889,6 +905,15 @@ fn history_is_bounded_and_drops_the_oldest_first() {
         .collect();
     assert_eq!(kept, expected[expected.len() - MAX_HISTORY_ENTRIES..]);
     assert_eq!(kept[0], (HistoryAction::Acquired, "run-15".to_string()));
+    // Entries keep their position in the whole history.
+    let dropped = (expected.len() - MAX_HISTORY_ENTRIES) as i64;
+    assert_eq!(
+        history
+            .iter()
+            .map(|entry| entry.sequence)
+            .collect::<Vec<_>>(),
+        (dropped + 1..=expected.len() as i64).collect::<Vec<_>>()
+    );
     assert!(history.windows(2).all(|pair| pair[0].at <= pair[1].at));
 }
 
@@ -908,6 +933,7 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
         extend(&alice, five, None),
         extend(&alice, five, Some("lock-a")),
         extend(&alice, Duration::zero(), None),
+        clear("lock-a", Duration::zero()),
     ];
     let empty = empty_spec();
     for request in &requests {
@@ -920,12 +946,93 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
         if let Ok(Decision::Change { next, .. }) = &without {
             assert_eq!(next.environment, ENV);
             assert_eq!(next.history.len(), 1);
+            assert_eq!(next.history[0].sequence, 1);
             assert_eq!(next.fencing_token, 1);
         }
     }
     let (created, _) = change(None, t0(), &requests[0]);
     assert_eq!(created.environment, ENV);
     assert!(created.queue.is_empty());
+}
+
+#[test]
+fn controller_clears_a_stuck_lock_once_it_stayed_expired_for_the_retention() {
+    let runner = person("ci-runner");
+    let (stuck, _) = change(
+        None,
+        t0(),
+        &acquire(&runner, "run-7", Duration::minutes(10)),
+    );
+    let expiry = holder(&stuck).expires_at;
+    let retention = Duration::minutes(15);
+
+    for at in [t0(), expiry, expiry + retention - nanos(1)] {
+        assert_eq!(
+            refusal(Some(&stuck), at, &clear("run-7", retention)),
+            Refusal::HeldByOther(Box::new(holder(&stuck).clone())),
+            "cleared at {at}"
+        );
+    }
+
+    let at = expiry + retention;
+    let (cleared, action) = change(Some(&stuck), at, &clear("run-7", retention));
+    assert_eq!(action, HistoryAction::Cleared);
+    assert_eq!(cleared.holder, None);
+    assert_eq!(state_at(&cleared, at), LockState::Available);
+    assert_eq!(cleared.fencing_token, stuck.fencing_token);
+    let entry = last_entry(&cleared);
+    assert_eq!(entry.action, HistoryAction::Cleared);
+    assert_eq!(entry.at, at);
+    assert_eq!(entry.lock_id, "run-7");
+    assert_eq!(entry.by, controller().user);
+    assert_eq!(entry.owner, "ci-runner");
+    assert_eq!(entry.expires_at, Some(expiry));
+    assert_eq!(entry.sequence, last_entry(&stuck).sequence + 1);
+
+    // With no retention, the expiry instant itself is enough.
+    let (now_cleared, action) = change(Some(&stuck), expiry, &clear("run-7", Duration::zero()));
+    assert_eq!(action, HistoryAction::Cleared);
+    assert_eq!(now_cleared.holder, None);
+}
+
+#[test]
+fn controller_clearing_a_holding_that_was_replaced_is_lock_lost() {
+    let runner = person("ci-runner");
+    let bob = person("bob");
+    let (stuck, _) = change(
+        None,
+        t0(),
+        &acquire(&runner, "run-7", Duration::minutes(10)),
+    );
+    let expiry = holder(&stuck).expires_at;
+    // Bob takes the expired lock over between the controller's read and write.
+    let (taken, _) = change(
+        Some(&stuck),
+        expiry,
+        &acquire(&bob, "lock-b", Duration::hours(1)),
+    );
+    assert_eq!(
+        refusal(
+            Some(&taken),
+            expiry + Duration::hours(2),
+            &clear("run-7", Duration::zero())
+        ),
+        Refusal::LockLost {
+            expected_lock_id: "run-7".to_string(),
+            current: Some(Box::new(holder(&taken).clone())),
+        }
+    );
+
+    let (released, _) = change(Some(&taken), expiry, &release(&bob, Some("lock-b")));
+    assert_eq!(
+        decide(
+            ENV,
+            Some(&released),
+            expiry,
+            &clear("lock-b", Duration::zero())
+        ),
+        Ok(Decision::Unchanged(NoChange::AlreadyAvailable))
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -971,6 +1078,12 @@ enum Op {
         who: usize,
         duration: Duration,
         with_lock_id: bool,
+    },
+    /// The controller's housekeeping, naming the current holding or (as
+    /// after a stale read) the one before it.
+    Clear {
+        stale: bool,
+        retention: Duration,
     },
 }
 
@@ -1047,6 +1160,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(who, with_lock_id)| Op::Release { who, with_lock_id }),
         1 => (who.clone(), prop::bool::weighted(0.1))
             .prop_map(|(who, blank_reason)| Op::ForceRelease { who, blank_reason }),
+        1 => (
+            prop::bool::weighted(0.2),
+            prop_oneof![
+                Just(Duration::zero()),
+                (0i64..=7200).prop_map(Duration::seconds),
+            ],
+        )
+            .prop_map(|(stale, retention)| Op::Clear { stale, retention }),
         3 => (who, duration_strategy(), prop::bool::weighted(0.7)).prop_map(
             |(who, duration, with_lock_id)| Op::Extend {
                 who,
@@ -1122,6 +1243,25 @@ enum Outcome {
 }
 
 type Expected = Result<Outcome, Refusal>;
+
+fn requester(request: &Request) -> &Actor {
+    match request {
+        Request::Acquire(acquire) => &acquire.actor,
+        Request::Release { actor, .. }
+        | Request::ForceRelease { actor, .. }
+        | Request::Extend { actor, .. }
+        | Request::Clear { actor, .. } => actor,
+    }
+}
+
+/// A decision without the next spec.
+fn outcome(decision: Result<Decision, Refusal>) -> Expected {
+    match decision {
+        Ok(Decision::Change { action, .. }) => Ok(Outcome::Change(action)),
+        Ok(Decision::Unchanged(reason)) => Ok(Outcome::Unchanged(reason)),
+        Err(refusal) => Err(refusal),
+    }
+}
 
 /// What the model allows as the answer to `request` at `now`. The refusals
 /// carry the holder as stored, which must agree with the model (checked
@@ -1210,6 +1350,16 @@ fn expected_outcomes(
                 (Some(_), _) => Ok(Outcome::Change(HistoryAction::Extended)),
             }
         }],
+        Request::Clear {
+            lock_id, retention, ..
+        } => vec![match model.current() {
+            None => Ok(Outcome::Unchanged(NoChange::AlreadyAvailable)),
+            Some(current) if *lock_id != current.lock_id => lock_lost(lock_id, Some(held())),
+            Some(current) if now < current.expires_at + *retention => {
+                Err(Refusal::HeldByOther(held()))
+            }
+            Some(_) => Ok(Outcome::Change(HistoryAction::Cleared)),
+        }],
     }
 }
 
@@ -1231,6 +1381,11 @@ fn check_history(
     let last = next.last().expect("an entry was appended");
     prop_assert_eq!(last.action, action);
     prop_assert_eq!(last.at, now);
+    // Numbered after the last entry, whatever was dropped.
+    prop_assert_eq!(
+        last.sequence,
+        previous.last().map_or(0, |entry| entry.sequence) + 1
+    );
     Ok(())
 }
 
@@ -1303,15 +1458,15 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
                     acquire_request(&actors[*who], &format!("lock-{next_id}"), reason, *duration);
                 request.force = *force;
                 request.lock_type = *lock_type;
-                (*who, Request::Acquire(request))
+                (Some(*who), Request::Acquire(request))
             }
             Op::Release { who, with_lock_id } => {
                 let lock_id = last_lock_id[*who].as_deref().filter(|_| *with_lock_id);
-                (*who, release(&actors[*who], lock_id))
+                (Some(*who), release(&actors[*who], lock_id))
             }
             Op::ForceRelease { who, blank_reason } => {
                 let reason = if *blank_reason { "" } else { "stuck pipeline" };
-                (*who, force_release(&actors[*who], reason))
+                (Some(*who), force_release(&actors[*who], reason))
             }
             Op::Extend {
                 who,
@@ -1319,7 +1474,21 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
                 with_lock_id,
             } => {
                 let lock_id = last_lock_id[*who].as_deref().filter(|_| *with_lock_id);
-                (*who, extend(&actors[*who], *duration, lock_id))
+                (Some(*who), extend(&actors[*who], *duration, lock_id))
+            }
+            Op::Clear { stale, retention } => {
+                let named = if *stale {
+                    let current = model.current();
+                    model
+                        .holdings
+                        .iter()
+                        .rev()
+                        .find(|h| current.is_none_or(|c| c.lock_id != h.lock_id))
+                } else {
+                    model.current()
+                };
+                let lock_id = named.map_or("lock-0", |h| h.lock_id.as_str());
+                (None, clear(lock_id, *retention))
             }
         };
 
@@ -1348,6 +1517,7 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
             prop_assert!(next.fencing_token >= previous_token);
             prop_assert_eq!(next.environment.as_str(), ENV);
             let entry = next.history.last().expect("checked above");
+            prop_assert_eq!(&entry.by, &requester(&request).user);
 
             match (&request, action) {
                 (
@@ -1425,13 +1595,19 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
                         ended_at: None,
                     });
                     model.current = Some(model.holdings.len() - 1);
-                    last_lock_id[who] = Some(acquire.lock_id.clone());
+                    if let Some(who) = who {
+                        last_lock_id[who] = Some(acquire.lock_id.clone());
+                    }
                 }
                 (Request::Release { .. }, HistoryAction::Released)
                 | (Request::ForceRelease { .. }, HistoryAction::ForceReleased) => {
                     let current = model.current.take().expect("the oracle saw a holder");
                     let ended = &mut model.holdings[current];
                     prop_assert_eq!(&entry.lock_id, &ended.lock_id);
+                    prop_assert_eq!(entry.expires_at, None);
+                    if let Request::ForceRelease { reason, .. } = &request {
+                        prop_assert_eq!(&entry.reason, reason);
+                    }
                     ended.ended_at = Some(now);
                     prop_assert_eq!(next.holder.as_ref(), None);
                     prop_assert_eq!(next.fencing_token, previous_token);
@@ -1450,6 +1626,17 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(entry.expires_at, Some(stored.expires_at));
                     prop_assert_eq!(next.fencing_token, previous_token);
                     extended.expires_at = stored.expires_at;
+                }
+                (Request::Clear { retention, .. }, HistoryAction::Cleared) => {
+                    let current = model.current.take().expect("the oracle saw a holder");
+                    let cleared = &mut model.holdings[current];
+                    // Only a holding that stayed expired for the retention.
+                    prop_assert!(now >= cleared.expires_at + *retention);
+                    prop_assert_eq!(&entry.lock_id, &cleared.lock_id);
+                    prop_assert_eq!(entry.expires_at, Some(cleared.expires_at));
+                    cleared.ended_at = Some(now);
+                    prop_assert_eq!(next.holder.as_ref(), None);
+                    prop_assert_eq!(next.fencing_token, previous_token);
                 }
                 (request, action) => {
                     prop_assert!(false, "{:?} answered with {:?}", request, action)
@@ -1477,6 +1664,9 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 256,
+        // Integration tests have no lib.rs beside them: keep failures next to
+        // this file (tests/lock_rules.proptest-regressions).
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
 
@@ -1522,21 +1712,23 @@ proptest! {
 
         let bob = person("bob");
         let takeover = acquire(&bob, "lock-b", duration);
-        prop_assert!(matches!(
-            decide(ENV, Some(&spec), expiry - nanos(1), &takeover),
-            Err(Refusal::HeldByOther(_))
-        ));
-        prop_assert!(matches!(
-            decide(ENV, Some(&spec), expiry, &takeover),
-            Ok(Decision::Change { action: HistoryAction::TookOverExpired, .. })
-        ));
-        prop_assert!(matches!(
-            decide(ENV, Some(&spec), expiry - nanos(1), &extend(&alice, duration, Some("lock-a"))),
-            Ok(Decision::Change { action: HistoryAction::Extended, .. })
-        ));
-        prop_assert!(matches!(
-            decide(ENV, Some(&spec), expiry, &extend(&alice, duration, Some("lock-a"))),
-            Err(Refusal::ExpiredCannotExtend(_))
-        ));
+        let renew = extend(&alice, duration, Some("lock-a"));
+        let held = Box::new(holder(&spec).clone());
+        prop_assert_eq!(
+            outcome(decide(ENV, Some(&spec), expiry - nanos(1), &takeover)),
+            Err(Refusal::HeldByOther(held.clone()))
+        );
+        prop_assert_eq!(
+            outcome(decide(ENV, Some(&spec), expiry, &takeover)),
+            Ok(Outcome::Change(HistoryAction::TookOverExpired))
+        );
+        prop_assert_eq!(
+            outcome(decide(ENV, Some(&spec), expiry - nanos(1), &renew)),
+            Ok(Outcome::Change(HistoryAction::Extended))
+        );
+        prop_assert_eq!(
+            outcome(decide(ENV, Some(&spec), expiry, &renew)),
+            Err(Refusal::ExpiredCannotExtend(held))
+        );
     }
 }

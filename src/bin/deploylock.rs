@@ -10,13 +10,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    // Only deploylock's own logs: every failure reaches the user as one
+    // message from cli::report, not as a library's log line.
     let level = if cli.global.verbose {
         "deploylock=debug"
     } else {
-        "warn"
+        "deploylock=warn"
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEPLOYLOCK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),

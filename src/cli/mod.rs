@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use crate::crd::{HistoryAction, LockType};
 use crate::error::Error;
-use crate::rules::{AcquireRequest, Actor, NoChange, Request};
+use crate::exec::{ExecOutcome, ExecPlan, run_while_holding};
+use crate::rules::{AcquireRequest, Actor, NoChange, Refusal, Request};
 use crate::store::{Applied, ConnectOptions, LockStore, Observed, connect};
 
 use render::{LockView, OutputFormat};
@@ -72,6 +73,36 @@ pub enum Action {
     Extend(ExtendArgs),
     /// Show the lock's recent transitions.
     History,
+    /// Hold the lock while a command runs: deploylock exec --reason "..." -- COMMAND [ARGS...]
+    #[command(after_help = EXEC_HELP)]
+    Exec(ExecArgs),
+}
+
+const EXEC_HELP: &str = "\
+The command runs with DEPLOYLOCK_ENVIRONMENT, DEPLOYLOCK_NAMESPACE, DEPLOYLOCK_LOCK_ID,
+DEPLOYLOCK_HOLDER and DEPLOYLOCK_FENCING_TOKEN set. The lock (type automatic) is renewed
+at a third of --duration while the command runs and released when it exits.
+SIGINT, SIGTERM and SIGHUP are passed on to the command. If the lock is lost
+(force-released, taken over), the command gets SIGTERM at once and SIGKILL after --grace.
+
+Exit code: the command's own (128+N if signal N ended it, 127 if it could not start);
+3 or 4 if the lock could not be acquired; 7 if the lock was lost while it ran.";
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub lock: AcquireArgs,
+    /// Seconds between SIGTERM and SIGKILL when the lock is lost.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub grace: u64,
+    /// The command and its arguments, after `--`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -188,7 +219,12 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn execute(cli: &Cli) -> Result<Exit, Error> {
     let global = &cli.global;
     // Refuse incomplete requests before touching the cluster.
-    if let Action::Acquire(args) = &cli.action
+    let lock_args = match &cli.action {
+        Action::Acquire(args) => Some(args),
+        Action::Exec(args) => Some(&args.lock),
+        _ => None,
+    };
+    if let Some(args) = lock_args
         && !args.extend
         && args.reason.is_none()
     {
@@ -206,7 +242,11 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
     let env = global.environment.as_str();
     match &cli.action {
         Action::Acquire(args) if args.extend => extend(&store, global, args.duration, None).await,
-        Action::Acquire(args) => acquire(&store, global, args).await,
+        Action::Acquire(args) => {
+            let applied = take_lock(&store, global, args, LockType::Manual).await?;
+            report_applied(global, &applied, "acquired")
+        }
+        Action::Exec(args) => exec(&store, global, args).await,
         Action::Release(args) => {
             let actor = Actor::new(store.whoami().await?, None);
             let request = Request::Release {
@@ -288,17 +328,19 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
     }
 }
 
-async fn acquire(
+/// Acquires for `acquire` and `exec`, waiting up to --wait-timeout.
+async fn take_lock(
     store: &LockStore,
     global: &GlobalArgs,
     args: &AcquireArgs,
-) -> Result<Exit, Error> {
+    lock_type: LockType,
+) -> Result<Applied, Error> {
     let env = global.environment.as_str();
     let user = store.whoami().await?;
     let request = Request::Acquire(AcquireRequest {
         actor: Actor::new(user, args.owner.clone()),
         lock_id: uuid::Uuid::new_v4().to_string(),
-        lock_type: LockType::Manual,
+        lock_type,
         force: args.force,
         reason: args.reason.clone().unwrap_or_default(),
         duration: args.duration,
@@ -310,14 +352,58 @@ async fn acquire(
         .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
     loop {
         match store.apply(env, &request).await {
-            Ok(applied) => return report_applied(global, &applied, "acquired"),
-            Err(Error::Refused(crate::rules::Refusal::HeldByOther(_)))
-            | Err(Error::Refused(crate::rules::Refusal::EmergencyLockInForce(_)))
+            Ok(applied) => return Ok(applied),
+            Err(Error::Refused(Refusal::HeldByOther(_) | Refusal::EmergencyLockInForce(_)))
                 if deadline.is_some() =>
             {
                 wait_for_free(store, env, deadline).await?;
             }
             Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result<Exit, Error> {
+    let applied = take_lock(store, global, &args.lock, LockType::Automatic).await?;
+    let observed = &applied.observed;
+    let Some(holding) = observed.holder().cloned() else {
+        return Err(Error::Api("the lock was written without a holder".into()));
+    };
+    let fencing_token = observed.spec().map(|s| s.fencing_token).unwrap_or_default();
+    eprintln!(
+        "deploylock: {} acquired (lock ID {}, fencing token {fencing_token}); running {:?}",
+        global.environment,
+        holding.lock_id,
+        args.command.join(" ")
+    );
+    let plan = ExecPlan {
+        environment: global.environment.clone(),
+        actor: Actor::new(holding.user.clone(), Some(holding.owner.clone())),
+        fencing_token,
+        server_time: observed.server_time,
+        local_instant: observed.local_instant,
+        grace: StdDuration::from_secs(args.grace),
+        command: args.command.clone(),
+        holding,
+    };
+    match run_while_holding(store, plan).await? {
+        ExecOutcome::Exited { code } => Ok(Exit::Child(code)),
+        ExecOutcome::LockLost {
+            now_held_by,
+            child_code,
+        } => {
+            let now_held = match now_held_by {
+                Some(holder) => format!(
+                    "now held by {} ({}), reason: {:?}",
+                    holder.owner, holder.lock_type, holder.reason
+                ),
+                None => "someone else released it (see `deploylock history`)".to_string(),
+            };
+            eprintln!(
+                "deploylock: lost the lock on {} while the command ran: {now_held}; the command was stopped (its exit code: {child_code})",
+                global.environment
+            );
+            Ok(Exit::LockLost)
         }
     }
 }

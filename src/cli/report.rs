@@ -10,31 +10,48 @@ use crate::rules::Refusal;
 
 /// Exit codes, stable: CI scripts branch on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Exit {
-    /// The action succeeded.
-    Success = 0,
-    /// An unexpected failure (an API error not listed below, too much contention).
-    Failure = 1,
-    /// Invalid input: a bad flag, name, duration, metadata, or an object the
-    /// API server's validation refused. Nothing was changed.
-    InvalidInput = 2,
-    /// The lock is held by someone else (or already by you).
-    Held = 3,
-    /// `--wait-timeout` passed before the lock became free.
-    WaitTimeout = 4,
-    /// Not the holder, or the API server forbade the request.
-    Forbidden = 5,
-    /// The cluster is unreachable or not configured, or the CRD is not installed.
-    Unreachable = 6,
-    /// The caller's holding is over (released by someone else, taken over,
-    /// expired).
-    LockLost = 7,
+    /// 0: the action succeeded.
+    Success,
+    /// 1: an unexpected failure (an API error not listed below, too much contention).
+    Failure,
+    /// 2: invalid input: a bad flag, name, duration, metadata, or an object
+    /// the API server's validation refused. Nothing was changed.
+    InvalidInput,
+    /// 3: the lock is held by someone else (or already by you).
+    Held,
+    /// 4: `--wait-timeout` passed before the lock became free.
+    WaitTimeout,
+    /// 5: not the holder, or the API server forbade the request.
+    Forbidden,
+    /// 6: the cluster is unreachable or not configured, or the CRD is not installed.
+    Unreachable,
+    /// 7: the caller's holding is over (released by someone else, taken
+    /// over, expired).
+    LockLost,
+    /// `exec`: the command's own exit code.
+    Child(i32),
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::InvalidInput => 2,
+            Exit::Held => 3,
+            Exit::WaitTimeout => 4,
+            Exit::Forbidden => 5,
+            Exit::Unreachable => 6,
+            Exit::LockLost => 7,
+            Exit::Child(code) => u8::try_from(code).unwrap_or(1),
+        }
+    }
 }
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {
-        ExitCode::from(exit as u8)
+        ExitCode::from(exit.code())
     }
 }
 
@@ -48,7 +65,8 @@ Exit codes:
   4  --wait-timeout passed before the lock became free
   5  not the holder, or forbidden by the API server
   6  cluster unreachable or not configured, or the CRD is not installed
-  7  your holding is over (taken over, force-released or expired)";
+  7  your holding is over (taken over, force-released or expired)
+exec exits with the command's own code once the lock is held.";
 
 /// Formats a time with how far it is from the server's now.
 pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
@@ -92,9 +110,12 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
             ),
             Refusal::AlreadyHeldByYou(holder) => (
                 format!(
-                    "you already hold {env} (lock ID {}) until {}\nextend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`",
+                    "you already hold {env} as {} (user {}, lock ID {}) until {}, reason: {:?}\nextend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`",
+                    holder.owner,
+                    holder.user,
                     holder.lock_id,
-                    when(holder.expires_at, now)
+                    when(holder.expires_at, now),
+                    holder.reason
                 ),
                 Exit::Held,
             ),

@@ -77,12 +77,9 @@ impl Default for Metrics {
             "Locks released by someone other than their holder",
             force_releases.clone(),
         );
-        let reconcile_duration = Histogram::new(
-            [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]
-            .into_iter(),
-        );
+        let reconcile_duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
         registry.register(
             "reconcile_duration_seconds",
             "Time taken by one reconcile",

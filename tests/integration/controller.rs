@@ -11,7 +11,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use serde_json::json;
 
-use deploylock::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState, LockType};
+use deploylock::crd::{
+    DeploymentLock, DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState,
+    LockType,
+};
 
 use crate::support::{ControllerProcess, Identity, cluster};
 
@@ -19,7 +22,11 @@ const WAIT: StdDuration = StdDuration::from_secs(60);
 
 /// Writes a lock held by alice that expires `expires_in` from now, straight
 /// through the API (the CLI's shortest duration is a minute).
-async fn put_short_lock(api: &Api<DeploymentLock>, environment: &str, expires_in: Duration) -> DateTime<Utc> {
+async fn put_short_lock(
+    api: &Api<DeploymentLock>,
+    environment: &str,
+    expires_in: Duration,
+) -> DateTime<Utc> {
     // A one-minute holding that ends `expires_in` from now.
     let expires_at = Utc::now() + expires_in;
     let now = expires_at - Duration::minutes(1);
@@ -64,7 +71,11 @@ async fn put_short_lock(api: &Api<DeploymentLock>, environment: &str, expires_in
         "spec": spec,
     });
     if let Err(err) = api
-        .patch(environment, &PatchParams::apply("deploylock-tests").force(), &Patch::Apply(&patch))
+        .patch(
+            environment,
+            &PatchParams::apply("deploylock-tests").force(),
+            &Patch::Apply(&patch),
+        )
         .await
     {
         panic!("cannot write {environment}: {err}");
@@ -72,7 +83,11 @@ async fn put_short_lock(api: &Api<DeploymentLock>, environment: &str, expires_in
     expires_at
 }
 
-async fn await_state(api: &Api<DeploymentLock>, environment: &str, state: LockState) -> DeploymentLock {
+async fn await_state(
+    api: &Api<DeploymentLock>,
+    environment: &str,
+    state: LockState,
+) -> DeploymentLock {
     let condition = move |lock: Option<&DeploymentLock>| {
         lock.and_then(|lock| lock.status.as_ref())
             .and_then(|status| status.state)
@@ -89,7 +104,10 @@ async fn await_events_announced(api: &Api<DeploymentLock>, environment: &str) ->
     let condition = |lock: Option<&DeploymentLock>| {
         lock.is_some_and(|lock| {
             let last = lock.spec.history.last().map_or(0, |entry| entry.sequence);
-            lock.status.as_ref().and_then(|status| status.last_event_sequence) == Some(last)
+            lock.status
+                .as_ref()
+                .and_then(|status| status.last_event_sequence)
+                == Some(last)
         })
     };
     match tokio::time::timeout(WAIT, await_condition(api.clone(), environment, condition)).await {
@@ -105,11 +123,7 @@ async fn event_reasons(namespace: &str, environment: &str) -> Vec<String> {
         Err(err) => panic!("cannot list events: {err}"),
     };
     list.retain(|event| {
-        event
-            .regarding
-            .as_ref()
-            .and_then(|r| r.name.as_deref())
-            == Some(environment)
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(environment)
     });
     list.sort_by_key(|event| event.event_time.as_ref().map(|time| time.0));
     list.into_iter().filter_map(|event| event.reason).collect()
@@ -147,7 +161,10 @@ async fn await_leader(namespace: &str, lease: &str, candidates: &[&ControllerPro
             .is_some_and(|holder| identities.contains(holder))
     };
     match tokio::time::timeout(WAIT, await_condition(leases, lease, condition)).await {
-        Ok(Ok(Some(lease))) => lease.spec.and_then(|s| s.holder_identity).unwrap_or_default(),
+        Ok(Ok(Some(lease))) => lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default(),
         other => panic!("no leader for {lease}: {other:?}"),
     }
 }
@@ -157,7 +174,8 @@ async fn lock_expires_at_its_expiry_instant() {
     let cluster = cluster();
     let namespace = cluster.namespace("expiry").await;
     let _controller = cluster.spawn_controller(&namespace, "expiry", &[]);
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let expires_at = put_short_lock(&api, "production", Duration::seconds(3)).await;
     await_state(&api, "production", LockState::Locked).await;
     let expired = await_state(&api, "production", LockState::Expired).await;
@@ -182,12 +200,21 @@ async fn full_cycle_is_recorded_as_events_once_each() {
     let cluster = cluster();
     let namespace = cluster.namespace("events").await;
     let controller = cluster.spawn_controller(&namespace, "events", &[]);
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
 
-    run_ok(&namespace, Identity::Alice, &["acquire", "--reason", "Deploying 2.1.0"]);
+    run_ok(
+        &namespace,
+        Identity::Alice,
+        &["acquire", "--reason", "Deploying 2.1.0"],
+    );
     run_ok(&namespace, Identity::Alice, &["extend", "--duration", "45"]);
     run_ok(&namespace, Identity::Alice, &["release"]);
-    run_ok(&namespace, Identity::Bob, &["acquire", "--reason", "Deploying 2.2.0"]);
+    run_ok(
+        &namespace,
+        Identity::Bob,
+        &["acquire", "--reason", "Deploying 2.2.0"],
+    );
     await_events_announced(&api, "production").await;
     // Expire bob's holding by shortening it through the API.
     let holder = api
@@ -197,40 +224,88 @@ async fn full_cycle_is_recorded_as_events_once_each() {
         .and_then(|lock| lock.spec.holder)
         .unwrap_or_else(|| panic!("bob should hold production"));
     let expires_at = Utc::now() + Duration::seconds(2);
-    let patch = json!({ "spec": { "holder": { "expiresAt": expires_at, "lockId": holder.lock_id } } });
-    if let Err(err) = api.patch("production", &PatchParams::default(), &Patch::Merge(&patch)).await {
+    let patch =
+        json!({ "spec": { "holder": { "expiresAt": expires_at, "lockId": holder.lock_id } } });
+    if let Err(err) = api
+        .patch("production", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         panic!("cannot shorten the lock: {err}");
     }
     await_state(&api, "production", LockState::Expired).await;
-    run_ok(&namespace, Identity::Alice, &["acquire", "--force", "--reason", "hotfix"]);
+    run_ok(
+        &namespace,
+        Identity::Alice,
+        &["acquire", "--force", "--reason", "hotfix"],
+    );
     await_state(&api, "production", LockState::ForceLocked).await;
-    run_ok(&namespace, Identity::Bob, &["force-release", "--reason", "hotfix deployed"]);
+    run_ok(
+        &namespace,
+        Identity::Bob,
+        &["force-release", "--reason", "hotfix deployed"],
+    );
     await_state(&api, "production", LockState::Available).await;
     await_events_announced(&api, "production").await;
 
     let reasons = event_reasons(&namespace, "production").await;
     assert_eq!(
         reasons,
-        ["Acquired", "Extended", "Released", "Acquired", "Expired", "ForceAcquired", "ForceReleased"],
+        [
+            "Acquired",
+            "Extended",
+            "Released",
+            "Acquired",
+            "Expired",
+            "ForceAcquired",
+            "ForceReleased"
+        ],
         "events in order, each once"
     );
-    let describe = cluster.kubectl(Identity::Admin, &["describe", "deploymentlock", "production", "-n", &namespace]);
+    let describe = cluster.kubectl(
+        Identity::Admin,
+        &["describe", "deploymentlock", "production", "-n", &namespace],
+    );
     let text = String::from_utf8_lossy(&describe.stdout);
-    for expected in ["ForceAcquired", "ForceReleased", "hotfix deployed", "Expired at", "Extended by alice"] {
-        assert!(text.contains(expected), "describe lacks {expected:?}:\n{text}");
+    for expected in [
+        "ForceAcquired",
+        "ForceReleased",
+        "hotfix deployed",
+        "Expired at",
+        "Extended by alice",
+    ] {
+        assert!(
+            text.contains(expected),
+            "describe lacks {expected:?}:\n{text}"
+        );
     }
 
     let metrics = controller.metrics();
     for series in [
-        format!("deploylock_force_acquisitions_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"),
-        format!("deploylock_force_releases_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"),
-        format!("deploylock_expirations_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"),
-        format!("deploylock_lock_state{{namespace=\"{namespace}\",environment=\"production\",state=\"Available\"}} 1"),
-        format!("deploylock_lock_state{{namespace=\"{namespace}\",environment=\"production\",state=\"Locked\"}} 0"),
+        format!(
+            "deploylock_force_acquisitions_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"
+        ),
+        format!(
+            "deploylock_force_releases_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"
+        ),
+        format!(
+            "deploylock_expirations_total{{namespace=\"{namespace}\",environment=\"production\"}} 1"
+        ),
+        format!(
+            "deploylock_lock_state{{namespace=\"{namespace}\",environment=\"production\",state=\"Available\"}} 1"
+        ),
+        format!(
+            "deploylock_lock_state{{namespace=\"{namespace}\",environment=\"production\",state=\"Locked\"}} 0"
+        ),
     ] {
-        assert!(metrics.contains(&series), "metrics lack {series}:\n{metrics}");
+        assert!(
+            metrics.contains(&series),
+            "metrics lack {series}:\n{metrics}"
+        );
     }
-    assert!(metrics.contains("deploylock_reconcile_duration_seconds_count"), "{metrics}");
+    assert!(
+        metrics.contains("deploylock_reconcile_duration_seconds_count"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -238,21 +313,35 @@ async fn kubectl_wait_for_locked_condition_returns_on_acquire() {
     let cluster = cluster();
     let namespace = cluster.namespace("kubectl-wait").await;
     let _controller = cluster.spawn_controller(&namespace, "kubectl-wait", &[]);
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    run_ok(&namespace, Identity::Alice, &["acquire", "--reason", "first"]);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    run_ok(
+        &namespace,
+        Identity::Alice,
+        &["acquire", "--reason", "first"],
+    );
     run_ok(&namespace, Identity::Alice, &["release"]);
     await_state(&api, "production", LockState::Available).await;
 
     let kubeconfig = cluster.kubeconfig(Identity::Admin);
     let mut wait = std::process::Command::new(cluster.bin_dir().join("kubectl"));
-    wait.arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["wait", "--for=condition=Locked", "deploymentlock/production", "-n", &namespace, "--timeout=60s"]);
+    wait.arg("--kubeconfig").arg(&kubeconfig).args([
+        "wait",
+        "--for=condition=Locked",
+        "deploymentlock/production",
+        "-n",
+        &namespace,
+        "--timeout=60s",
+    ]);
     let waiter = match wait.stdout(std::process::Stdio::piped()).spawn() {
         Ok(child) => child,
         Err(err) => panic!("cannot start kubectl wait: {err}"),
     };
-    run_ok(&namespace, Identity::Bob, &["acquire", "--reason", "second"]);
+    run_ok(
+        &namespace,
+        Identity::Bob,
+        &["acquire", "--reason", "second"],
+    );
     let output = match waiter.wait_with_output() {
         Ok(output) => output,
         Err(err) => panic!("kubectl wait: {err}"),
@@ -265,8 +354,13 @@ async fn kubectl_wait_for_locked_condition_returns_on_acquire() {
 async fn locks_taken_while_no_controller_runs_are_reconciled_at_start() {
     let cluster = cluster();
     let namespace = cluster.namespace("catch-up").await;
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    run_ok(&namespace, Identity::Alice, &["-e", "staging", "acquire", "--reason", "while down"]);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    run_ok(
+        &namespace,
+        Identity::Alice,
+        &["-e", "staging", "acquire", "--reason", "while down"],
+    );
     put_short_lock(&api, "production", Duration::seconds(-5)).await;
     let _controller = cluster.spawn_controller(&namespace, "catch-up", &[]);
     let staging = await_state(&api, "staging", LockState::Locked).await;
@@ -280,7 +374,8 @@ async fn locks_taken_while_no_controller_runs_are_reconciled_at_start() {
 async fn one_leader_among_two_and_fast_handover() {
     let cluster = cluster();
     let namespace = cluster.namespace("leader").await;
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let lease_args = ["--lease-duration", "6", "--lease-grace", "2"];
     let first = cluster.spawn_controller(&namespace, "leader", &lease_args);
     let second = cluster.spawn_controller(&namespace, "leader", &lease_args);
@@ -292,11 +387,18 @@ async fn one_leader_among_two_and_fast_handover() {
     };
 
     // Both run; transitions produce exactly one Event each.
-    run_ok(&namespace, Identity::Alice, &["acquire", "--reason", "two replicas"]);
+    run_ok(
+        &namespace,
+        Identity::Alice,
+        &["acquire", "--reason", "two replicas"],
+    );
     run_ok(&namespace, Identity::Alice, &["extend", "--duration", "40"]);
     run_ok(&namespace, Identity::Alice, &["release"]);
     await_events_announced(&api, "production").await;
-    assert_eq!(event_reasons(&namespace, "production").await, ["Acquired", "Extended", "Released"]);
+    assert_eq!(
+        event_reasons(&namespace, "production").await,
+        ["Acquired", "Extended", "Released"]
+    );
 
     // SIGTERM: the leader releases its Lease and the standby takes over well
     // within the Lease duration.
@@ -306,7 +408,10 @@ async fn one_leader_among_two_and_fast_handover() {
     let handover = started.elapsed();
     eprintln!("hand-over after SIGTERM took {handover:?}");
     assert_eq!(new_leader, standby.identity());
-    assert!(handover < StdDuration::from_secs(6), "hand-over took {handover:?}");
+    assert!(
+        handover < StdDuration::from_secs(6),
+        "hand-over took {handover:?}"
+    );
 
     // kill -9 of the new leader: a third replica takes over after the Lease
     // runs out, and a pending expiry still happens.
@@ -320,7 +425,10 @@ async fn one_leader_among_two_and_fast_handover() {
     assert!(expired.spec.holder.is_some());
     await_events_announced(&api, "production").await;
     let reasons = event_reasons(&namespace, "production").await;
-    assert_eq!(reasons, ["Acquired", "Extended", "Released", "Acquired", "Expired"]);
+    assert_eq!(
+        reasons,
+        ["Acquired", "Extended", "Released", "Acquired", "Expired"]
+    );
     assert!(lease_holder(&namespace, "leader").await.is_some());
     drop(leader_process);
 }
@@ -330,12 +438,18 @@ async fn expired_locks_are_cleared_after_retention_with_history_kept() {
     let cluster = cluster();
     let namespace = cluster.namespace("retention").await;
     let _controller = cluster.spawn_controller(&namespace, "retention", &["--retention", "2s"]);
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     put_short_lock(&api, "production", Duration::seconds(2)).await;
     await_state(&api, "production", LockState::Expired).await;
     let cleared = await_state(&api, "production", LockState::Available).await;
     assert!(cleared.spec.holder.is_none());
-    let actions: Vec<HistoryAction> = cleared.spec.history.iter().map(|entry| entry.action).collect();
+    let actions: Vec<HistoryAction> = cleared
+        .spec
+        .history
+        .iter()
+        .map(|entry| entry.action)
+        .collect();
     assert_eq!(actions, [HistoryAction::Acquired, HistoryAction::Cleared]);
     // The controller's identity wrote the clearing, under its minimal RBAC.
     assert_eq!(
@@ -343,10 +457,16 @@ async fn expired_locks_are_cleared_after_retention_with_history_kept() {
         Some(Identity::Controller.username())
     );
     let created = api
-        .create(&PostParams::default(), &DeploymentLock::new("unused", DeploymentLockSpec {
-            environment: "unused".into(),
-            ..Default::default()
-        }))
+        .create(
+            &PostParams::default(),
+            &DeploymentLock::new(
+                "unused",
+                DeploymentLockSpec {
+                    environment: "unused".into(),
+                    ..Default::default()
+                },
+            ),
+        )
         .await;
     assert!(created.is_ok(), "admin can still create locks: {created:?}");
 }

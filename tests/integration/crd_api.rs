@@ -279,11 +279,15 @@ async fn identities_are_authenticated_and_rbac_is_enforced() {
         assert_eq!(username.as_deref(), Some(identity.username()));
     }
 
-    // Ordinary users have no rights until RBAC grants them some.
-    let alice = dynamic_api(cluster.client(Identity::Alice).await, &namespace);
-    match create_raw(&alice, locked_object("production")).await {
+    // RBAC is enforced: a viewer may read but not write.
+    let viewer = dynamic_api(cluster.client(Identity::Viewer).await, &namespace);
+    assert!(
+        viewer.list(&Default::default()).await.is_ok(),
+        "viewer cannot list"
+    );
+    match create_raw(&viewer, locked_object("production")).await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
-        other => panic!("alice created a lock without RBAC: {other:?}"),
+        other => panic!("a viewer created a lock: {other:?}"),
     }
 }
 

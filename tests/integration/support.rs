@@ -231,7 +231,12 @@ impl TestCluster {
     /// RBAC), watching only `namespace`, with its Lease in that namespace.
     /// The process is killed when the returned handle is dropped, and by the
     /// kernel if the test thread dies first.
-    pub fn spawn_controller(&self, namespace: &str, lease_name: &str, extra: &[&str]) -> ControllerProcess {
+    pub fn spawn_controller(
+        &self,
+        namespace: &str,
+        lease_name: &str,
+        extra: &[&str],
+    ) -> ControllerProcess {
         let port = free_port();
         let mut command = Command::new("setpriv");
         command
@@ -288,7 +293,10 @@ impl ControllerProcess {
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
             .status();
-        assert!(matches!(status, Ok(s) if s.success()), "kill -{signal} failed");
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "kill -{signal} failed"
+        );
     }
 
     /// Scrapes /metrics.
@@ -297,7 +305,9 @@ impl ControllerProcess {
             .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.port)])
             .output();
         match output {
-            Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).into_owned(),
+            Ok(output) if output.status.success() => {
+                String::from_utf8_lossy(&output.stdout).into_owned()
+            }
             other => panic!("cannot scrape metrics: {other:?}"),
         }
     }
