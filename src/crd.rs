@@ -207,6 +207,10 @@ pub struct Waiter {
     /// Last sign of life of the waiting client; stale waiters drop out.
     #[schemars(with = "DateTime<Utc>")]
     pub heartbeat_at: DateTime<Utc>,
+    /// Served before older waiters (`--queue newest-first`): for teams that
+    /// only care about the latest deploy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub newest_first: bool,
 }
 
 /// What happened to the lock.

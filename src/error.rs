@@ -52,6 +52,10 @@ pub enum Error {
     #[error("timed out waiting for the lock")]
     WaitTimedOut(Option<Box<LockHolder>>),
 
+    /// Interrupted (Ctrl-C) while waiting.
+    #[error("interrupted")]
+    Interrupted,
+
     /// Any other API failure.
     #[error("Kubernetes API error: {0}")]
     Api(String),

@@ -11,8 +11,13 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::crd::{
     DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
-    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MIN_DURATION_SECONDS, OverriddenHolding,
+    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MAX_QUEUE_ENTRIES, MIN_DURATION_SECONDS,
+    OverriddenHolding, Waiter,
 };
+
+/// A waiter whose heartbeat is older than this has dropped out of the queue:
+/// a crashed waiter never blocks the others for longer.
+pub const WAITER_TIMEOUT_SECONDS: i64 = 15;
 
 /// Who is asking: the identity the API server authenticated, and the label
 /// shown to people.
@@ -48,6 +53,9 @@ pub struct AcquireRequest {
     pub duration: Duration,
     pub deployment_id: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// The caller's place in the wait queue, if it joined it. When others
+    /// wait, a free lock goes only to the waiter whose turn it is.
+    pub waiter_id: Option<String>,
 }
 
 /// Everything a client may ask of a lock.
@@ -69,6 +77,17 @@ pub enum Request {
         actor: Actor,
         duration: Duration,
         lock_id: Option<String>,
+    },
+    /// Join the wait queue, or renew one's heartbeat in it.
+    JoinQueue {
+        actor: Actor,
+        waiter_id: String,
+        reason: String,
+        newest_first: bool,
+    },
+    /// Leave the wait queue (gave up, timed out, interrupted).
+    LeaveQueue {
+        waiter_id: String,
     },
     /// The controller's housekeeping: clear a holding that has been expired
     /// for at least `retention`.
@@ -104,6 +123,10 @@ pub enum Refusal {
     ReasonRequired,
     #[error("duration must be between {MIN_DURATION_SECONDS}s and {MAX_DURATION_SECONDS}s")]
     DurationOutOfRange,
+    #[error("{waiting} client(s) are waiting for the lock; {} is next", .next.owner)]
+    QueuedBehind { next: Box<Waiter>, waiting: usize },
+    #[error("the wait queue is full")]
+    QueueFull,
 }
 
 /// Why a request that was allowed changes nothing.
@@ -111,6 +134,8 @@ pub enum Refusal {
 pub enum NoChange {
     /// Release or force-release of a lock nobody holds: the goal is met.
     AlreadyAvailable,
+    /// Leaving a queue one is not in.
+    NotQueued,
 }
 
 /// The result of an allowed request.
@@ -123,6 +148,9 @@ pub enum Decision {
         next: DeploymentLockSpec,
         action: HistoryAction,
     },
+    /// Write `next`: only the wait queue changed, which is not a transition
+    /// of the lock and leaves no history entry.
+    Queue { next: DeploymentLockSpec },
     /// Write nothing.
     Unchanged(NoChange),
 }
@@ -188,7 +216,83 @@ pub fn decide(
             lock_id,
             retention,
         } => decide_clear(spec, now, actor, lock_id, *retention),
+        Request::JoinQueue {
+            actor,
+            waiter_id,
+            reason,
+            newest_first,
+        } => decide_join(spec, now, actor, waiter_id, reason, *newest_first),
+        Request::LeaveQueue { waiter_id } => {
+            let mut next = spec.clone();
+            let before = next.queue.len();
+            next.queue
+                .retain(|waiter| &waiter.id != waiter_id && is_live(waiter, now));
+            if next.queue.len() == before {
+                Ok(Decision::Unchanged(NoChange::NotQueued))
+            } else {
+                Ok(Decision::Queue { next })
+            }
+        }
     }
+}
+
+fn is_live(waiter: &Waiter, now: DateTime<Utc>) -> bool {
+    now < waiter.heartbeat_at + Duration::seconds(WAITER_TIMEOUT_SECONDS)
+}
+
+/// Waiters still alive at `now`, in arrival order.
+pub fn live_waiters(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Vec<&Waiter> {
+    let mut live: Vec<&Waiter> = spec
+        .queue
+        .iter()
+        .filter(|waiter| is_live(waiter, now))
+        .collect();
+    live.sort_by_key(|waiter| waiter.since);
+    live
+}
+
+/// Whose turn it is when the lock is free: the newest waiter that asked for
+/// newest-first, otherwise the oldest waiter (first come, first served).
+pub fn next_waiter(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Option<&Waiter> {
+    let live = live_waiters(spec, now);
+    live.iter()
+        .rev()
+        .find(|waiter| waiter.newest_first)
+        .or_else(|| live.first())
+        .copied()
+}
+
+/// When the next waiter would drop out for lack of heartbeat.
+pub fn waiter_deadline(waiter: &Waiter) -> DateTime<Utc> {
+    waiter.heartbeat_at + Duration::seconds(WAITER_TIMEOUT_SECONDS)
+}
+
+fn decide_join(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    waiter_id: &str,
+    reason: &str,
+    newest_first: bool,
+) -> Result<Decision, Refusal> {
+    let mut next = spec.clone();
+    next.queue
+        .retain(|waiter| waiter.id == waiter_id || is_live(waiter, now));
+    let waiting = next.queue.len();
+    match next.queue.iter_mut().find(|waiter| waiter.id == waiter_id) {
+        Some(waiter) => waiter.heartbeat_at = now,
+        None if waiting >= MAX_QUEUE_ENTRIES => return Err(Refusal::QueueFull),
+        None => next.queue.push(Waiter {
+            id: waiter_id.to_string(),
+            user: actor.user.clone(),
+            owner: actor.owner.clone(),
+            reason: reason.to_string(),
+            since: now,
+            heartbeat_at: now,
+            newest_first,
+        }),
+    }
+    Ok(Decision::Queue { next })
 }
 
 fn decide_clear(
@@ -275,8 +379,21 @@ fn decide_acquire(
             }),
         ),
         None if request.force => (HistoryAction::ForceAcquired, None),
-        None if spec.holder.is_some() => (HistoryAction::TookOverExpired, None),
-        None => (HistoryAction::Acquired, None),
+        None => {
+            if let Some(next) = next_waiter(spec, now)
+                && request.waiter_id.as_deref() != Some(next.id.as_str())
+            {
+                return Err(Refusal::QueuedBehind {
+                    next: Box::new(next.clone()),
+                    waiting: live_waiters(spec, now).len(),
+                });
+            }
+            if spec.holder.is_some() {
+                (HistoryAction::TookOverExpired, None)
+            } else {
+                (HistoryAction::Acquired, None)
+            }
+        }
     };
     let holder = LockHolder {
         lock_id: request.lock_id.clone(),
@@ -298,6 +415,10 @@ fn decide_acquire(
     };
     let mut next = spec.clone();
     next.fencing_token = spec.fencing_token.saturating_add(1);
+    // The new holder leaves the queue; waiters that stopped beating drop out.
+    next.queue.retain(|waiter| {
+        Some(waiter.id.as_str()) != request.waiter_id.as_deref() && is_live(waiter, now)
+    });
     push_history(
         &mut next,
         HistoryEntry {

@@ -140,13 +140,23 @@ impl Observed {
     }
 }
 
+/// What an applied request wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A transition of the lock, with its history action.
+    Transition(HistoryAction),
+    /// Only the wait queue changed.
+    QueueUpdated,
+    /// Nothing was written.
+    Unchanged(NoChange),
+}
+
 /// What an applied request did.
 #[derive(Clone, Debug)]
 pub struct Applied {
     /// The lock after the request (as written, or as read when unchanged).
     pub observed: Observed,
-    /// The history action written, or why nothing was written.
-    pub outcome: Result<HistoryAction, NoChange>,
+    pub outcome: Outcome,
 }
 
 /// DeploymentLocks in one namespace, read and written under the rules.
@@ -283,14 +293,15 @@ impl LockStore {
             let observed = self.read(environment).await?;
             let decision =
                 rules::decide(environment, observed.spec(), observed.server_time, request)?;
-            let (next, action) = match decision {
+            let (next, outcome) = match decision {
                 Decision::Unchanged(why) => {
                     return Ok(Applied {
                         observed,
-                        outcome: Err(why),
+                        outcome: Outcome::Unchanged(why),
                     });
                 }
-                Decision::Change { next, action } => (next, action),
+                Decision::Change { next, action } => (next, Outcome::Transition(action)),
+                Decision::Queue { next } => (next, Outcome::QueueUpdated),
             };
             let written = match &observed.lock {
                 None => {
@@ -309,13 +320,13 @@ impl LockStore {
             };
             match written {
                 Ok(lock) => {
-                    tracing::debug!(environment, ?action, attempt, "lock written");
+                    tracing::debug!(environment, ?outcome, attempt, "lock written");
                     return Ok(Applied {
                         observed: Observed {
                             lock: Some(lock),
                             ..observed
                         },
-                        outcome: Ok(action),
+                        outcome,
                     });
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -327,9 +338,34 @@ impl LockStore {
         Err(Error::Contention(MAX_WRITE_ATTEMPTS))
     }
 
+    /// Returns at the first change of the lock after `observed`, or at
+    /// `until`, whichever comes first. Driven by a watch: nothing polls.
+    pub async fn wait_for_change(&self, observed: &Observed, until: Instant) -> Result<(), Error> {
+        let resource_version = observed
+            .lock
+            .as_ref()
+            .and_then(|lock| lock.metadata.resource_version.clone())
+            .unwrap_or_else(|| "0".to_string());
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", observed.environment))
+            .timeout(290);
+        let mut changes = self
+            .api
+            .watch(&params, &resource_version)
+            .await
+            .map_err(|err| self.kube_error(err))?
+            .boxed();
+        tokio::select! {
+            // Any event, or the end of the watch, means: read again.
+            _ = changes.try_next() => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+        Ok(())
+    }
+
     /// Waits until the lock is Available or Expired, or `deadline` passes.
-    /// Woken by a watch on the object and by a timer at the holder's expiry;
-    /// nothing polls. `on_held` is called each time a different holder is seen.
+    /// Woken by a watch on the object and by a timer at the holder's expiry.
+    /// `on_held` is called each time a different holder is seen.
     pub async fn wait_until_free(
         &self,
         environment: &str,
@@ -339,44 +375,22 @@ impl LockStore {
         let mut last_lock_id: Option<String> = None;
         loop {
             let observed = self.read(environment).await?;
-            let holder = match observed.state() {
-                LockState::Available | LockState::Expired => return Ok(observed),
-                LockState::Locked | LockState::ForceLocked => match observed.holder() {
-                    Some(holder) => holder.clone(),
-                    None => return Ok(observed),
-                },
+            let holder = match (observed.state(), observed.holder()) {
+                (LockState::Locked | LockState::ForceLocked, Some(holder)) => holder.clone(),
+                _ => return Ok(observed),
             };
             if last_lock_id.as_deref() != Some(holder.lock_id.as_str()) {
                 on_held(&observed);
                 last_lock_id = Some(holder.lock_id.clone());
             }
-            let expiry = observed.local_deadline(holder.expires_at);
-            let resource_version = observed
-                .lock
-                .as_ref()
-                .and_then(|lock| lock.metadata.resource_version.clone())
-                .unwrap_or_default();
-            let params = WatchParams::default()
-                .fields(&format!("metadata.name={environment}"))
-                .timeout(290);
-            let mut changes = self
-                .api
-                .watch(&params, &resource_version)
-                .await
-                .map_err(|err| self.kube_error(err))?
-                .boxed();
-            let timed_out = async {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // Any event (or the end of the watch) means: read again.
-                _ = changes.try_next() => {}
-                _ = tokio::time::sleep_until(expiry) => {}
-                _ = timed_out => return Err(Error::WaitTimedOut(Some(Box::new(holder)))),
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(Error::WaitTimedOut(Some(Box::new(holder))));
             }
+            let mut until = observed.local_deadline(holder.expires_at);
+            if let Some(deadline) = deadline {
+                until = until.min(deadline);
+            }
+            self.wait_for_change(&observed, until).await?;
         }
     }
 }

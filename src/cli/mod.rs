@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use crate::crd::{HistoryAction, LockType};
 use crate::error::Error;
 use crate::exec::{ExecOutcome, ExecPlan, run_while_holding};
-use crate::rules::{AcquireRequest, Actor, NoChange, Refusal, Request};
-use crate::store::{Applied, ConnectOptions, LockStore, Observed, connect};
+use crate::rules::{self, AcquireRequest, Actor, NoChange, Refusal, Request};
+use crate::store::{Applied, ConnectOptions, LockStore, Observed, Outcome, connect};
 
 use render::{LockView, OutputFormat};
 use report::{EXIT_CODES_HELP, Exit};
@@ -131,6 +131,18 @@ pub struct AcquireArgs {
     /// Extend the lock you already hold instead (same as `extend`).
     #[arg(long)]
     pub extend: bool,
+    /// With --wait-timeout: the order waiters are served in.
+    #[arg(long, value_enum, default_value = "oldest-first")]
+    pub queue: QueueOrder,
+}
+
+/// How waiters are served (GitLab's resource_group process modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueOrder {
+    /// First come, first served.
+    OldestFirst,
+    /// The latest waiter goes first (only the newest deploy matters).
+    NewestFirst,
 }
 
 #[derive(Args, Debug)]
@@ -328,7 +340,11 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
     }
 }
 
-/// Acquires for `acquire` and `exec`, waiting up to --wait-timeout.
+/// How often a waiting client renews its place in the queue.
+const QUEUE_HEARTBEAT: StdDuration = StdDuration::from_secs(5);
+
+/// Acquires for `acquire` and `exec`; with --wait-timeout, waits its turn in
+/// the lock's queue.
 async fn take_lock(
     store: &LockStore,
     global: &GlobalArgs,
@@ -336,9 +352,9 @@ async fn take_lock(
     lock_type: LockType,
 ) -> Result<Applied, Error> {
     let env = global.environment.as_str();
-    let user = store.whoami().await?;
-    let request = Request::Acquire(AcquireRequest {
-        actor: Actor::new(user, args.owner.clone()),
+    let actor = Actor::new(store.whoami().await?, args.owner.clone());
+    let mut acquire = AcquireRequest {
+        actor: actor.clone(),
         lock_id: uuid::Uuid::new_v4().to_string(),
         lock_type,
         force: args.force,
@@ -346,19 +362,166 @@ async fn take_lock(
         duration: args.duration,
         deployment_id: args.deployment_id.clone(),
         metadata: args.metadata.clone().unwrap_or_default(),
-    });
-    let deadline = args
-        .wait_timeout
-        .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
+        waiter_id: None,
+    };
+    let Some(wait_seconds) = args.wait_timeout else {
+        return store.apply(env, &Request::Acquire(acquire)).await;
+    };
+    let deadline = Instant::now() + StdDuration::from_secs(wait_seconds);
+    let waiter_id = uuid::Uuid::new_v4().to_string();
+    acquire.waiter_id = Some(waiter_id.clone());
+    let join = Request::JoinQueue {
+        actor,
+        waiter_id: waiter_id.clone(),
+        reason: acquire.reason.clone(),
+        newest_first: args.queue == QueueOrder::NewestFirst,
+    };
+    let acquire = Request::Acquire(acquire);
+    let queued = wait_in_queue(store, env, &acquire, &join, deadline);
+    let result = tokio::select! {
+        result = queued => result,
+        _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+    };
+    if result.is_err() {
+        // Give up our place; if this fails, it lapses with the heartbeat.
+        let leave = Request::LeaveQueue { waiter_id };
+        if let Err(err) = store.apply(env, &leave).await {
+            tracing::debug!(error = %err, "could not leave the queue");
+        }
+    }
+    result
+}
+
+/// Joins the queue, then takes the lock when it is free and it is our turn.
+/// Woken by changes of the lock (a watch), the holder's expiry, the expiry of
+/// the waiter ahead's heartbeat, and our own heartbeat.
+async fn wait_in_queue(
+    store: &LockStore,
+    env: &str,
+    acquire: &Request,
+    join: &Request,
+    deadline: Instant,
+) -> Result<Applied, Error> {
+    let mut progress = WaitProgress::new(env);
+    let mut next_heartbeat = Instant::now();
     loop {
-        match store.apply(env, &request).await {
-            Ok(applied) => return Ok(applied),
-            Err(Error::Refused(Refusal::HeldByOther(_) | Refusal::EmergencyLockInForce(_)))
-                if deadline.is_some() =>
-            {
-                wait_for_free(store, env, deadline).await?;
+        if Instant::now() >= next_heartbeat {
+            store.apply(env, join).await?;
+            next_heartbeat = Instant::now() + QUEUE_HEARTBEAT;
+        }
+        let observed = store.read(env).await?;
+        let wake = match rules::decide(env, observed.spec(), observed.server_time, acquire) {
+            Ok(_) => match store.apply(env, acquire).await {
+                Ok(applied) => {
+                    progress.finish(&applied.observed);
+                    return Ok(applied);
+                }
+                // Someone moved first: look again.
+                Err(Error::Refused(_)) => continue,
+                Err(err) => return Err(err),
+            },
+            Err(Refusal::HeldByOther(holder) | Refusal::EmergencyLockInForce(holder)) => {
+                progress.held(&holder, &observed);
+                observed.local_deadline(holder.expires_at)
             }
-            Err(err) => return Err(err),
+            Err(Refusal::QueuedBehind { next, waiting }) => {
+                progress.queued(&next, waiting, &observed);
+                observed.local_deadline(rules::waiter_deadline(&next))
+            }
+            Err(refusal) => return Err(refusal.into()),
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::WaitTimedOut(
+                observed.holder().cloned().map(Box::new),
+            ));
+        }
+        store
+            .wait_for_change(&observed, wake.min(next_heartbeat).min(deadline))
+            .await?;
+    }
+}
+
+/// Tells a person at a terminal who holds the lock or who is ahead (a
+/// spinner line); in CI (no terminal) one line when waiting starts and one
+/// when it ends.
+struct WaitProgress {
+    environment: String,
+    spinner: Option<indicatif::ProgressBar>,
+    started: Instant,
+    announced: bool,
+    last: String,
+}
+
+impl WaitProgress {
+    fn new(environment: &str) -> Self {
+        let spinner = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(StdDuration::from_millis(120));
+            bar
+        });
+        WaitProgress {
+            environment: environment.to_string(),
+            spinner,
+            started: Instant::now(),
+            announced: false,
+            last: String::new(),
+        }
+    }
+
+    fn show(&mut self, line: String) {
+        if line == self.last {
+            return;
+        }
+        match &self.spinner {
+            Some(bar) => bar.set_message(line.clone()),
+            None if !self.announced => eprintln!("deploylock: {line}"),
+            None => {}
+        }
+        self.announced = true;
+        self.last = line;
+    }
+
+    fn held(&mut self, holder: &crate::crd::LockHolder, observed: &Observed) {
+        let line = format!(
+            "waiting for {}: held by {} since {} until {}, reason: {:?}",
+            self.environment,
+            holder.owner,
+            holder.acquired_at.format("%H:%M:%SZ"),
+            report::when(holder.expires_at, observed.server_time),
+            holder.reason
+        );
+        self.show(line);
+    }
+
+    fn queued(&mut self, next: &crate::crd::Waiter, waiting: usize, observed: &Observed) {
+        let line = format!(
+            "waiting for {}: {waiting} in the queue, next is {} (since {})",
+            self.environment,
+            next.owner,
+            report::when(next.since, observed.server_time)
+        );
+        self.show(line);
+    }
+
+    fn finish(&mut self, observed: &Observed) {
+        if let Some(bar) = self.spinner.take() {
+            bar.finish_and_clear();
+        }
+        if self.announced {
+            eprintln!(
+                "deploylock: {} is {} (waited {}s)",
+                self.environment,
+                observed.state(),
+                self.started.elapsed().as_secs()
+            );
+        }
+    }
+}
+
+impl Drop for WaitProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = self.spinner.take() {
+            bar.finish_and_clear();
         }
     }
 }
@@ -424,57 +587,22 @@ async fn extend(
     report_applied(global, &applied, "extended")
 }
 
-/// Waits for the lock, telling a person at a terminal who holds it; in CI
-/// (no terminal) one line when waiting starts and one when it ends.
+/// Waits until the lock is free (the `wait` action; no place in the queue).
 async fn wait_for_free(
     store: &LockStore,
     env: &str,
     deadline: Option<Instant>,
 ) -> Result<Observed, Error> {
-    let interactive = std::io::stderr().is_terminal();
-    let spinner = interactive.then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(StdDuration::from_millis(120));
-        bar
-    });
-    let started = Instant::now();
-    let mut announced = false;
-    let result = store
+    let mut progress = WaitProgress::new(env);
+    let observed = store
         .wait_until_free(env, deadline, |observed| {
-            let Some(holder) = observed.holder() else {
-                return;
-            };
-            let line = format!(
-                "waiting for {env}: held by {} since {} until {}, reason: {:?}",
-                holder.owner,
-                holder.acquired_at.format("%H:%M:%SZ"),
-                report::when(holder.expires_at, observed.server_time),
-                holder.reason
-            );
-            match &spinner {
-                Some(bar) => bar.set_message(line),
-                None if !announced => eprintln!("deploylock: {line}"),
-                None => {}
+            if let Some(holder) = observed.holder() {
+                progress.held(holder, observed);
             }
-            announced = true;
         })
-        .await;
-    if let Some(bar) = spinner {
-        bar.finish_and_clear();
-    }
-    match result {
-        Ok(observed) => {
-            if announced {
-                eprintln!(
-                    "deploylock: {env} is {} (waited {}s)",
-                    observed.state(),
-                    started.elapsed().as_secs()
-                );
-            }
-            Ok(observed)
-        }
-        Err(err) => Err(err),
-    }
+        .await?;
+    progress.finish(&observed);
+    Ok(observed)
 }
 
 fn print_view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
@@ -504,10 +632,15 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
         print_view(global, observed, false);
         return Ok(Exit::Success);
     }
-    match (&applied.outcome, observed.holder()) {
-        (Err(NoChange::AlreadyAvailable), _) => println!("{env} was not locked: nothing to do"),
-        (Ok(HistoryAction::Released | HistoryAction::ForceReleased), _) => println!("{env} {verb}"),
-        (Ok(action), Some(holder)) => {
+    match (applied.outcome, observed.holder()) {
+        (Outcome::Unchanged(NoChange::AlreadyAvailable), _) => {
+            println!("{env} was not locked: nothing to do")
+        }
+        (Outcome::Unchanged(NoChange::NotQueued) | Outcome::QueueUpdated, _) => {}
+        (Outcome::Transition(HistoryAction::Released | HistoryAction::ForceReleased), _) => {
+            println!("{env} {verb}")
+        }
+        (Outcome::Transition(action), Some(holder)) => {
             let takeover = match action {
                 HistoryAction::TookOverExpired => " (took over an expired lock)",
                 HistoryAction::ForceAcquired if holder.overrode.is_some() => {
@@ -527,7 +660,7 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
                 observed.spec().map(|s| s.fencing_token).unwrap_or_default()
             );
         }
-        (Ok(_), None) => println!("{env} {verb}"),
+        (Outcome::Transition(_), None) => println!("{env} {verb}"),
     }
     Ok(Exit::Success)
 }

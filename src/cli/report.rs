@@ -29,6 +29,8 @@ pub enum Exit {
     /// 7: the caller's holding is over (released by someone else, taken
     /// over, expired).
     LockLost,
+    /// 130: interrupted (Ctrl-C) while waiting.
+    Interrupted,
     /// `exec`: the command's own exit code.
     Child(i32),
 }
@@ -44,6 +46,7 @@ impl Exit {
             Exit::Forbidden => 5,
             Exit::Unreachable => 6,
             Exit::LockLost => 7,
+            Exit::Interrupted => 130,
             Exit::Child(code) => u8::try_from(code).unwrap_or(1),
         }
     }
@@ -66,6 +69,7 @@ Exit codes:
   5  not the holder, or forbidden by the API server
   6  cluster unreachable or not configured, or the CRD is not installed
   7  your holding is over (taken over, force-released or expired)
+  130  interrupted (Ctrl-C) while waiting
 exec exits with the command's own code once the lock is held.";
 
 /// Formats a time with how far it is from the server's now.
@@ -161,6 +165,19 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
                 "a reason is required: add --reason \"...\"".to_string(),
                 Exit::InvalidInput,
             ),
+            Refusal::QueuedBehind { next, waiting } => (
+                format!(
+                    "{env} is free but {waiting} client(s) are waiting for it; next is {} (waiting since {}), reason: {:?}\njoin the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`",
+                    next.owner,
+                    when(next.since, now),
+                    next.reason
+                ),
+                Exit::Held,
+            ),
+            Refusal::QueueFull => (
+                format!("the wait queue of {env} is full: try again later"),
+                Exit::Held,
+            ),
             Refusal::DurationOutOfRange => (
                 "duration is out of range: a lock lasts from 1 minute to 7 days".to_string(),
                 Exit::InvalidInput,
@@ -207,5 +224,9 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
             (format!("timed out waiting for {env}{held}"), Exit::WaitTimeout)
         }
         Error::Api(message) => (format!("Kubernetes API error: {message}"), Exit::Failure),
+        Error::Interrupted => (
+            format!("interrupted while waiting for {env}; left the queue"),
+            Exit::Interrupted,
+        ),
     }
 }
