@@ -420,7 +420,13 @@ async fn wait_in_queue(
                 Err(Error::Refused(_)) => continue,
                 Err(err) => return Err(err),
             },
-            Err(Refusal::HeldByOther(holder) | Refusal::EmergencyLockInForce(holder)) => {
+            // Waiting for one's own earlier holding is what a second CI run
+            // under the same identity does: it queues like anyone else.
+            Err(
+                Refusal::HeldByOther(holder)
+                | Refusal::EmergencyLockInForce(holder)
+                | Refusal::AlreadyHeldByYou(holder),
+            ) => {
                 progress.held(&holder, &observed);
                 observed.local_deadline(holder.expires_at)
             }
