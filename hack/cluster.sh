@@ -17,6 +17,7 @@
 #   admin       CN=deploylock-admin, O=system:masters   (everything)
 #   alice, bob  CN=alice / CN=bob, O=deploylock:users   (ordinary users)
 #   viewer      CN=viewer, O=deploylock:viewers
+#   carol       CN=carol, O=deploylock:admins           (a deploylock admin, not a cluster admin)
 #   controller  CN=deploylock-controller                (the controller's identity)
 # Each identity starts with no permissions beyond Kubernetes' defaults;
 # RBAC for them comes from the manifests deploylock ships.
@@ -193,6 +194,7 @@ start_cluster() {
   make_identity alice alice deploylock:users
   make_identity bob bob deploylock:users
   make_identity viewer viewer deploylock:viewers
+  make_identity carol carol deploylock:admins
   make_identity controller deploylock-controller ""
 
   log "starting etcd on 127.0.0.1:$etcd_port and kube-apiserver on 127.0.0.1:$apiserver_port (logs in $dir/logs)"

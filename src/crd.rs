@@ -234,8 +234,9 @@ pub enum HistoryAction {
 }
 
 /// One past transition of the lock.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.action != 'ForceReleased' || self.reason.trim().size() > 0").message("a ForceReleased history entry needs a reason"))]
 pub struct HistoryEntry {
     /// Position of this entry in the lock's whole history (1, 2, 3, ...),
     /// kept when older entries are dropped.

@@ -332,6 +332,23 @@ impl LockStore {
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
                 }
+                // The admission policy has no clock: it lets an expired
+                // holding be taken over once the controller has marked it
+                // Expired, which it does at the expiry instant. Wait for that
+                // status write, briefly.
+                Err(kube::Error::Api(status))
+                    if status.code == 403
+                        && outcome == Outcome::Transition(HistoryAction::TookOverExpired)
+                        && attempt < 4 =>
+                {
+                    tracing::debug!(
+                        environment,
+                        attempt,
+                        "takeover refused until the controller marks the expiry"
+                    );
+                    self.wait_for_change(&observed, Instant::now() + StdDuration::from_secs(2))
+                        .await?;
+                }
                 Err(err) => return Err(self.kube_error(err)),
             }
         }

@@ -208,10 +208,13 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
             format!("the API server did not accept your credentials ({message}): check your kubeconfig"),
             Exit::Forbidden,
         ),
-        Error::Forbidden(message) => (
-            format!("the API server refused: {message}"),
-            Exit::Forbidden,
-        ),
+        Error::Forbidden(message) => {
+            // Keep the policy's own words, not the admission plumbing.
+            let reason = message
+                .split_once("denied request: ")
+                .map_or(message.as_str(), |(_, reason)| reason);
+            (format!("the API server refused: {reason}"), Exit::Forbidden)
+        }
         Error::Contention(attempts) => (
             format!("gave up after {attempts} conflicting writes from other clients: try again"),
             Exit::Failure,

@@ -27,6 +27,8 @@ pub enum Identity {
     Alice,
     Bob,
     Viewer,
+    /// A deploylock admin (group deploylock:admins), not a cluster admin.
+    Carol,
     Controller,
 }
 
@@ -37,6 +39,7 @@ impl Identity {
             Identity::Alice => "alice",
             Identity::Bob => "bob",
             Identity::Viewer => "viewer",
+            Identity::Carol => "carol",
             Identity::Controller => "controller",
         }
     }
@@ -48,6 +51,7 @@ impl Identity {
             Identity::Alice => "alice",
             Identity::Bob => "bob",
             Identity::Viewer => "viewer",
+            Identity::Carol => "carol",
             Identity::Controller => "deploylock-controller",
         }
     }
@@ -119,6 +123,16 @@ fn start_cluster() -> Result<TestCluster, String> {
             "-f",
             &repo_root()
                 .join("config/rbac/clusterroles.yaml")
+                .display()
+                .to_string(),
+            "-f",
+            &repo_root()
+                .join("config/admission/policy.yaml")
+                .display()
+                .to_string(),
+            "-f",
+            &repo_root()
+                .join("tests/integration/admission-binding.yaml")
                 .display()
                 .to_string(),
             "-f",
@@ -213,6 +227,21 @@ impl TestCluster {
             .arg(namespace)
             .env_remove("KUBECONFIG");
         command
+    }
+
+    /// Creates a namespace in which the admission policy is enforced.
+    pub async fn enforced_namespace(&self, test_name: &str) -> String {
+        let name = self.namespace(test_name).await;
+        let label = self.kubectl(
+            Identity::Admin,
+            &["label", "namespace", &name, "deploylock.dev/enforce=true"],
+        );
+        assert!(
+            label.status.success(),
+            "cannot label {name}: {}",
+            String::from_utf8_lossy(&label.stderr)
+        );
+        name
     }
 
     /// Runs `deploylock` as `identity` in `namespace` and waits for it.
