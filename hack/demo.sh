@@ -22,17 +22,17 @@ kubectl apply --server-side -f crds/
 kubectl wait --for condition=established --timeout=60s -f crds/
 
 step "Building deploylock and deploylock-controller"
-cargo build --release --bins
-deploylock() { target/release/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1.kubeconfig" "${@:2}"; }
+cargo build --bins
+deploylock() { target/debug/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1.kubeconfig" "${@:2}"; }
 
-step "Granting the demo identities their roles (alice and bob: deploylock-user; the controller: deploylock-controller)"
-kubectl apply -f config/rbac/clusterroles.yaml -f tests/integration/test-bindings.yaml
+step "Installing the ClusterRoles and the admission policy; binding alice and bob to deploylock-user, carol to deploylock-admin"
+kubectl apply -f config/rbac/clusterroles.yaml -f config/admission/policy.yaml -f config/admission/binding.yaml -f tests/integration/test-bindings.yaml
 
 step "Starting deploylock-controller (logs in $cluster_dir/logs/controller.log)"
 if [[ -f "$cluster_dir/controller.pid" ]] && kill -0 "$(cat "$cluster_dir/controller.pid")" 2>/dev/null; then
   kill "$(cat "$cluster_dir/controller.pid")" 2>/dev/null || true
 fi
-nohup target/release/deploylock-controller \
+nohup target/debug/deploylock-controller \
   --kubeconfig "$cluster_dir/kubeconfigs/controller.kubeconfig" \
   --metrics-addr 127.0.0.1:0 >"$cluster_dir/logs/controller.log" 2>&1 &
 echo $! >"$cluster_dir/controller.pid"
@@ -58,6 +58,6 @@ kubectl get deploymentlocks
 echo
 echo "The control plane and the controller keep running. To use them:"
 echo "  export KUBECONFIG=$cluster_dir/kubeconfigs/admin.kubeconfig   # alice.kubeconfig, bob.kubeconfig for the users"
-echo "  export PATH=$bin_dir:$repo_root/target/release:\$PATH"
+echo "  export PATH=$bin_dir:$repo_root/target/debug:\$PATH"
 echo "  deploylock --kubeconfig $cluster_dir/kubeconfigs/alice.kubeconfig release"
 echo "Stop everything with: make cluster-down"

@@ -79,7 +79,9 @@ pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let span = humantime::format_duration(std::time::Duration::from_secs(
         delta.num_seconds().unsigned_abs(),
     ));
-    if delta.num_seconds() >= 0 {
+    if delta.num_seconds() == 0 {
+        format!("{stamp} (now)")
+    } else if delta.num_seconds() > 0 {
         format!("{stamp} (in {span})")
     } else {
         format!("{stamp} ({span} ago)")
