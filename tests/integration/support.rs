@@ -355,3 +355,44 @@ fn free_port() -> u16 {
         Err(err) => panic!("no free port: {err}"),
     }
 }
+
+/// A second, empty control plane (no CRD, no RBAC from deploylock), for
+/// tests that install things from scratch. Stopped when dropped.
+pub struct ExtraCluster {
+    pub dir: PathBuf,
+}
+
+impl ExtraCluster {
+    pub fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("deploylock-{name}-{}", std::process::id()));
+        let output = Command::new(repo_root().join("hack/cluster.sh"))
+            .arg("up")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--watch-pid")
+            .arg(std::process::id().to_string())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => ExtraCluster { dir },
+            Ok(output) => panic!(
+                "second control plane failed to start: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(err) => panic!("cannot run hack/cluster.sh: {err}"),
+        }
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfigs/admin.kubeconfig")
+    }
+}
+
+impl Drop for ExtraCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("hack/cluster.sh"))
+            .arg("down")
+            .arg("--dir")
+            .arg(&self.dir)
+            .output();
+    }
+}

@@ -1,0 +1,277 @@
+//! The Helm chart, checked with the pinned helm against the real control
+//! plane: lint, schema, server-side dry run of every rendered object whose
+//! kind this control plane serves, install and uninstall.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use crate::support::{ExtraCluster, Identity, cluster, repo_root};
+
+fn chart_dir() -> String {
+    repo_root().join("charts/deploylock").display().to_string()
+}
+
+fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(cluster().bin_dir().join("helm"));
+    if let Some(kubeconfig) = kubeconfig {
+        command.arg("--kubeconfig").arg(kubeconfig);
+    }
+    // Keep helm's caches out of the user's home directory.
+    let home = std::env::temp_dir().join(format!("deploylock-helm-{}", std::process::id()));
+    command
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    match command.args(args).output() {
+        Ok(output) => output,
+        Err(err) => panic!("cannot run helm: {err}"),
+    }
+}
+
+fn ok(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn kinds(rendered: &str) -> Vec<String> {
+    rendered
+        .lines()
+        .filter_map(|line| line.strip_prefix("kind: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `kubectl apply --dry-run=server` of a rendered manifest as the admin.
+fn server_dry_run(manifest: &str) -> Output {
+    let mut child = match Command::new(cluster().bin_dir().join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(cluster().kubeconfig(Identity::Admin))
+        .args(["apply", "--dry-run=server", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(err) => panic!("cannot run kubectl: {err}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(manifest.as_bytes());
+    }
+    match child.wait_with_output() {
+        Ok(output) => output,
+        Err(err) => panic!("kubectl apply: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn chart_lints_and_refuses_bad_values() {
+    let lint = helm(None, &["lint", &chart_dir(), "--strict"]);
+    ok(&lint, "helm lint");
+    let all_on = helm(
+        None,
+        &[
+            "lint",
+            &chart_dir(),
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+        ],
+    );
+    ok(&all_on, "helm lint with every option on");
+    for bad in [
+        "replicaCount=0",
+        "controller.logFormat=xml",
+        "image.pullPolicy=Sometimes",
+        "typo=1",
+    ] {
+        let output = helm(None, &["lint", &chart_dir(), "--set", bad]);
+        assert!(
+            !output.status.success(),
+            "bad value {bad} passed the schema"
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("schema"), "{bad}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn rendered_chart_passes_server_side_dry_run() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("chart-dry-run").await;
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "deploylock",
+            &chart_dir(),
+            "--namespace",
+            &namespace,
+            "--include-crds",
+            "--kube-version",
+            "1.35.4",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&helm(None, &args), "helm template")
+    };
+    let default = render(&[]);
+    let mut expected = [
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
+    expected.sort();
+    let mut found = kinds(&default);
+    found.sort();
+    found.dedup();
+    assert_eq!(found, expected);
+    ok(
+        &server_dry_run(&default),
+        "server-side dry run of the default chart",
+    );
+
+    let all_on = render(&[
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ]);
+    let all_kinds = kinds(&all_on);
+    assert!(all_kinds.iter().any(|k| k == "ServiceMonitor"));
+    assert!(all_kinds.iter().any(|k| k == "PrometheusRule"));
+    // This control plane has no Prometheus operator CRDs: those two objects
+    // are checked for shape only; everything else goes to the API server.
+    let served: Vec<&str> = all_on
+        .split("\n---")
+        .filter(|doc| {
+            !doc.contains("kind: ServiceMonitor") && !doc.contains("kind: PrometheusRule")
+        })
+        .collect();
+    ok(
+        &server_dry_run(&served.join("\n---")),
+        "server-side dry run with every option on",
+    );
+    for doc in all_on
+        .split("\n---")
+        .filter(|doc| doc.contains("monitoring.coreos.com"))
+    {
+        let parsed: Result<serde_yaml::Value, _> = serde_yaml::from_str(doc);
+        assert!(parsed.is_ok(), "not YAML: {doc}");
+    }
+}
+
+#[tokio::test]
+async fn helm_install_creates_everything_and_uninstall_removes_it() {
+    // A fresh control plane: the shared one already has deploylock's roles.
+    let extra = ExtraCluster::start("helm");
+    let kubeconfig = extra.admin_kubeconfig();
+    let install = helm(
+        Some(&kubeconfig),
+        &[
+            "install",
+            "deploylock",
+            &chart_dir(),
+            "--namespace",
+            "deploylock-system",
+            "--create-namespace",
+        ],
+    );
+    ok(&install, "helm install");
+    let kubectl = |args: &[&str]| -> Output {
+        match Command::new(cluster().bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+        {
+            Ok(output) => output,
+            Err(err) => panic!("kubectl: {err}"),
+        }
+    };
+    // No nodes run Pods here: the Deployment exists but has no ready replicas.
+    for object in [
+        "crd/deploymentlocks.deploylock.dev",
+        "clusterrole/deploylock-viewer",
+        "clusterrole/deploylock-user",
+        "clusterrole/deploylock-admin",
+        "clusterrole/deploylock-controller",
+        "clusterrolebinding/deploylock-controller",
+        "validatingadmissionpolicy/deploylock.dev",
+        "validatingadmissionpolicybinding/deploylock.dev",
+    ] {
+        ok(&kubectl(&["get", object]), object);
+    }
+    for object in [
+        "deployment/deploylock",
+        "serviceaccount/deploylock",
+        "service/deploylock-metrics",
+        "poddisruptionbudget/deploylock",
+    ] {
+        ok(
+            &kubectl(&["get", "-n", "deploylock-system", object]),
+            object,
+        );
+    }
+    let replicas = ok(
+        &kubectl(&[
+            "get",
+            "-n",
+            "deploylock-system",
+            "deployment/deploylock",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ]),
+        "replicas",
+    );
+    assert_eq!(replicas, "2");
+
+    ok(
+        &helm(
+            Some(&kubeconfig),
+            &[
+                "uninstall",
+                "deploylock",
+                "--namespace",
+                "deploylock-system",
+                "--wait",
+            ],
+        ),
+        "helm uninstall",
+    );
+    for object in [
+        "clusterrole/deploylock-admin",
+        "validatingadmissionpolicy/deploylock.dev",
+    ] {
+        assert!(
+            !kubectl(&["get", object]).status.success(),
+            "{object} survived uninstall"
+        );
+    }
+    assert!(
+        !kubectl(&["get", "-n", "deploylock-system", "deployment/deploylock"])
+            .status
+            .success(),
+        "the Deployment survived uninstall"
+    );
+    // Helm never deletes CRDs from crds/ (it would delete every lock): kept.
+    ok(
+        &kubectl(&["get", "crd/deploymentlocks.deploylock.dev"]),
+        "CRD kept",
+    );
+}
