@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration as StdDuration;
 
 use chrono::Utc;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio::time::Instant;
 
 use crate::crd::{HistoryAction, LockType};
@@ -76,6 +76,14 @@ pub enum Action {
     /// Hold the lock while a command runs: deploylock exec --reason "..." -- COMMAND [ARGS...]
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 const EXEC_HELP: &str = "\
@@ -182,6 +190,70 @@ pub struct WaitArgs {
     pub wait_timeout: Option<u64>,
 }
 
+/// The whole program: parse, log setup, run. Shared by `deploylock` and the
+/// kubectl plugin `kubectl-deploylock`.
+pub fn main() -> ExitCode {
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    // Generated into memory first: a closed pipe (`| head`) must not panic.
+    let generated = match &cli.action {
+        Action::Completion { shell } => {
+            let mut buffer = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "deploylock", &mut buffer);
+            Some(Ok(buffer))
+        }
+        Action::Man => {
+            let mut buffer = Vec::new();
+            Some(
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut buffer)
+                    .map(|()| buffer),
+            )
+        }
+        _ => None,
+    };
+    if let Some(generated) = generated {
+        use std::io::Write;
+        let written = generated.and_then(|buffer| std::io::stdout().write_all(&buffer));
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("deploylock: cannot write the output: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Only deploylock's own logs: every failure reaches the user as one
+    // message from cli::report, not as a library's log line.
+    let level = if cli.global.verbose {
+        "deploylock=debug"
+    } else {
+        "deploylock=warn"
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEPLOYLOCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("deploylock: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
 /// Parses the command line; a usage error is one line and exit code 2.
 pub fn parse() -> Result<Cli, ExitCode> {
     match Cli::try_parse() {
@@ -259,6 +331,8 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             report_applied(global, &applied, "acquired")
         }
         Action::Exec(args) => exec(&store, global, args).await,
+        // Answered by `main` without a cluster.
+        Action::Completion { .. } | Action::Man => Ok(Exit::Success),
         Action::Release(args) => {
             let actor = Actor::new(store.whoami().await?, None);
             let request = Request::Release {

@@ -1,0 +1,10 @@
+//! `kubectl deploylock`: the deploylock CLI as a kubectl plugin. kubectl runs
+//! `kubectl-<name>` from PATH with the remaining arguments.
+
+use std::process::ExitCode;
+
+use deploylock::cli;
+
+fn main() -> ExitCode {
+    cli::main()
+}

@@ -1,0 +1,361 @@
+//! Keeps `examples/` true: manifests go through a server-side dry run (where
+//! this control plane serves their kinds), the shell examples run against
+//! the control plane with a trivial deploy step. Also the kubectl plugin and
+//! the generated completions and man page.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kube::api::Api;
+
+use deploylock::crd::{DeploymentLock, HistoryAction};
+
+use crate::support::{Identity, cluster, repo_root};
+
+/// Kinds this control plane serves (no Argo, no Flux, no Prometheus operator).
+const SERVED_KINDS: [&str; 5] = [
+    "Job",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+];
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_deploylock"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// PATH with deploylock, kubectl-deploylock and the pinned kubectl first.
+fn path_with_tools() -> String {
+    format!(
+        "{}:{}:{}",
+        bin_dir().display(),
+        cluster().bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A copy of `identity`'s kubeconfig whose context uses `namespace`.
+fn kubeconfig_in(identity: Identity, namespace: &str, dir: &Path) -> PathBuf {
+    let original = std::fs::read_to_string(cluster().kubeconfig(identity))
+        .unwrap_or_else(|err| panic!("cannot read kubeconfig: {err}"));
+    let rewritten = original.replace("namespace: default", &format!("namespace: {namespace}"));
+    let path = dir.join(format!("{identity:?}-{namespace}.kubeconfig"));
+    std::fs::write(&path, rewritten).unwrap_or_else(|err| panic!("cannot write kubeconfig: {err}"));
+    path
+}
+
+fn run_script(script: &str, args: &[&str], kubeconfig: &Path, env: &[(&str, &str)]) -> Output {
+    let output = Command::new("bash")
+        .arg(repo_root().join("examples").join(script))
+        .args(args)
+        .env("PATH", path_with_tools())
+        .env("KUBECONFIG", kubeconfig)
+        .envs(env.iter().copied())
+        .output();
+    match output {
+        Ok(output) => output,
+        Err(err) => panic!("cannot run {script}: {err}"),
+    }
+}
+
+fn yaml_documents(path: &Path) -> Vec<serde_yaml::Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    text.split("\n---")
+        .filter(|doc| !doc.trim().is_empty())
+        .map(|doc| {
+            serde_yaml::from_str(doc)
+                .unwrap_or_else(|err| panic!("{} is not YAML: {err}", path.display()))
+        })
+        .collect()
+}
+
+fn ensure_namespace(name: &str) {
+    let output = cluster().kubectl(Identity::Admin, &["get", "namespace", name]);
+    if !output.status.success() {
+        let created = cluster().kubectl(Identity::Admin, &["create", "namespace", name]);
+        let stderr = String::from_utf8_lossy(&created.stderr);
+        assert!(
+            created.status.success() || stderr.contains("AlreadyExists"),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn example_manifests_pass_a_server_side_dry_run() {
+    let _ = cluster();
+    ensure_namespace("my-app");
+    ensure_namespace("flux-system");
+    let mut checked = 0;
+    for directory in ["argocd", "argo-workflows", "flux"] {
+        let dir = repo_root().join("examples").join(directory);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+            .collect();
+        files.sort();
+        for file in files {
+            for document in yaml_documents(&file) {
+                let kind = document["kind"].as_str().unwrap_or_default().to_string();
+                assert!(
+                    !kind.is_empty(),
+                    "{}: a document without kind",
+                    file.display()
+                );
+                if !SERVED_KINDS.contains(&kind.as_str()) {
+                    // Argo's WorkflowTemplate: shape only.
+                    assert_eq!(
+                        kind,
+                        "WorkflowTemplate",
+                        "{}: unexpected kind",
+                        file.display()
+                    );
+                    assert!(
+                        document["spec"]["onExit"].as_str().is_some(),
+                        "releases in onExit"
+                    );
+                    continue;
+                }
+                let manifest = serde_yaml::to_string(&document).unwrap_or_default();
+                let mut child = Command::new(cluster().bin_dir().join("kubectl"))
+                    .arg("--kubeconfig")
+                    .arg(cluster().kubeconfig(Identity::Admin))
+                    .args(["apply", "--dry-run=server", "-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|err| panic!("kubectl: {err}"));
+                if let Some(mut stdin) = child.stdin.take() {
+                    use std::io::Write;
+                    let _ = stdin.write_all(manifest.as_bytes());
+                }
+                let output = child
+                    .wait_with_output()
+                    .unwrap_or_else(|err| panic!("kubectl: {err}"));
+                assert!(
+                    output.status.success(),
+                    "{} ({kind}) failed the dry run: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "only {checked} manifests checked");
+    for ci in ["github-actions/deploy.yml", "gitlab-ci/.gitlab-ci.yml"] {
+        let documents = yaml_documents(&repo_root().join("examples").join(ci));
+        let text = serde_yaml::to_string(&documents).unwrap_or_default();
+        assert!(text.contains("deploylock exec"), "{ci} uses exec");
+    }
+}
+
+#[tokio::test]
+async fn shell_examples_run_against_the_control_plane() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("examples").await;
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let alice = kubeconfig_in(Identity::Alice, &namespace, temp.path());
+    let bob = kubeconfig_in(Identity::Bob, &namespace, temp.path());
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let last_actions = |lock: DeploymentLock| -> Vec<HistoryAction> {
+        let history = lock.spec.history;
+        history[history.len().saturating_sub(2)..]
+            .iter()
+            .map(|e| e.action)
+            .collect()
+    };
+
+    let output = run_script("ci-shell/deploy.sh", &["production"], &alice, &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("deploying 2.1.0"));
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.holder.is_none(), "released after the deploy");
+    assert_eq!(
+        last_actions(lock),
+        [HistoryAction::Acquired, HistoryAction::Released]
+    );
+
+    // A failed deploy still releases the lock.
+    let output = run_script(
+        "ci-shell/deploy.sh",
+        &["production"],
+        &alice,
+        &[("DEPLOY_COMMAND", "false")],
+    );
+    assert!(!output.status.success());
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.holder.is_none(), "released after a failed deploy");
+
+    // While someone holds the lock, the script refuses to deploy.
+    let held = cluster.deploylock(
+        Identity::Alice,
+        &namespace,
+        &["acquire", "--reason", "someone else"],
+    );
+    assert!(held.status.success());
+    let output = run_script("ci-shell/deploy.sh", &["production"], &bob, &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("could not lock production (exit code 3)"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("deploying"));
+    let released = cluster.deploylock(Identity::Alice, &namespace, &["release"]);
+    assert!(released.status.success());
+
+    let output = run_script("ci-shell/deploy-exec.sh", &["staging"], &bob, &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("deploying 2.1.0"));
+    let lock = api
+        .get("staging")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.holder.is_none());
+    let output = run_script(
+        "ci-shell/deploy-exec.sh",
+        &["staging"],
+        &bob,
+        &[("DEPLOY_COMMAND", "false")],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "exec passes on the deploy's exit code"
+    );
+
+    let output = run_script(
+        "maintenance-window/window.sh",
+        &["production", "MAINT-123"],
+        &alice,
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ticket=MAINT-123") && stdout.contains("Database maintenance"),
+        "{stdout}"
+    );
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let window = lock
+        .spec
+        .history
+        .iter()
+        .rev()
+        .find(|entry| entry.action == HistoryAction::Acquired)
+        .unwrap_or_else(|| panic!("the window was recorded"));
+    assert_eq!(window.reason, "Database maintenance");
+    assert!(lock.spec.holder.is_none(), "the window was ended");
+
+    for script in ["flux/locked-rollout.sh", "flux/maintenance-window.sh"] {
+        let check = Command::new("bash")
+            .arg("-n")
+            .arg(repo_root().join("examples").join(script))
+            .status();
+        assert!(
+            matches!(check, Ok(status) if status.success()),
+            "{script} has a syntax error"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kubectl_plugin_and_generated_docs() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("plugin").await;
+    let plugin = Path::new(env!("CARGO_BIN_EXE_kubectl-deploylock"));
+    assert!(plugin.exists());
+    let kubectl = |args: &[&str]| -> Output {
+        Command::new(cluster.bin_dir().join("kubectl"))
+            .args(args)
+            .env("PATH", path_with_tools())
+            .env("KUBECONFIG", cluster.kubeconfig(Identity::Alice))
+            .output()
+            .unwrap_or_else(|err| panic!("kubectl: {err}"))
+    };
+    let list = kubectl(&["plugin", "list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("kubectl-deploylock"));
+    let acquired = kubectl(&[
+        "deploylock",
+        "-n",
+        &namespace,
+        "acquire",
+        "--reason",
+        "via kubectl",
+    ]);
+    assert!(
+        acquired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&acquired.stderr)
+    );
+    let status = kubectl(&["deploylock", "-n", &namespace, "status", "-o", "json"]);
+    let view: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    assert_eq!(view["holder"]["reason"], "via kubectl");
+    assert_eq!(view["holder"]["user"], "alice");
+    let held = kubectl(&[
+        "deploylock",
+        "-n",
+        &namespace,
+        "acquire",
+        "--reason",
+        "again",
+    ]);
+    assert_eq!(
+        held.status.code(),
+        Some(3),
+        "the plugin keeps the exit codes"
+    );
+
+    for (shell, marker) in [
+        ("bash", "_deploylock()"),
+        ("zsh", "#compdef deploylock"),
+        ("fish", "complete -c deploylock"),
+    ] {
+        let output = cluster.deploylock(Identity::Alice, &namespace, &["completion", shell]);
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.contains(marker),
+            "{shell} completion: {text}"
+        );
+        assert!(
+            text.contains("force-release"),
+            "{shell} completion lists the actions"
+        );
+    }
+    let man = cluster.deploylock(Identity::Alice, &namespace, &["man"]);
+    let text = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        text.contains(".TH deploylock 1") && text.contains("acquire"),
+        "{text}"
+    );
+}
