@@ -26,6 +26,20 @@ crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
 	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
 
+.PHONY: completions
+completions: ## Generate shell completions and the man page into dist/
+	@mkdir -p dist/completions dist/man
+	$(CARGO) build --quiet --bin deploylock
+	target/debug/deploylock completion bash > dist/completions/deploylock.bash
+	target/debug/deploylock completion zsh > dist/completions/_deploylock
+	target/debug/deploylock completion fish > dist/completions/deploylock.fish
+	target/debug/deploylock man > dist/man/deploylock.1
+	@echo "wrote dist/completions and dist/man/deploylock.1"
+
+.PHONY: plugin-install
+plugin-install: ## Install deploylock and the kubectl plugin (kubectl deploylock) into ~/.cargo/bin
+	$(CARGO) install --path . --bins --locked
+
 .PHONY: test
 test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
 	@hack/ensure-deps.sh
