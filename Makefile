@@ -40,6 +40,11 @@ completions: ## Generate shell completions and the man page into dist/
 plugin-install: ## Install deploylock and the kubectl plugin (kubectl deploylock) into ~/.cargo/bin
 	$(CARGO) install --path . --bins --locked
 
+.PHONY: bench
+bench: ## Benchmarks against baselines on the local control plane; writes docs/benchmarks.md (minutes)
+	@hack/build-tools.sh >/dev/null
+	$(CARGO) bench --bench lockbench
+
 .PHONY: test
 test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
 	@hack/ensure-deps.sh

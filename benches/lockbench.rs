@@ -1,0 +1,543 @@
+//! `make bench`: deploylock measured against baselines on the local control
+//! plane. Prints one table and writes it to docs/benchmarks.md.
+//!
+//! Whole-process timings (the CLI as a CI job runs it) are taken with a small
+//! harness of our own; every figure is a distribution over repeated samples,
+//! with the ratio to its baseline measured in the same run.
+
+#[allow(dead_code)]
+#[path = "../tests/integration/support.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{Duration, Utc};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::runtime::wait::await_condition;
+use serde_json::json;
+
+use deploylock::crd::{DeploymentLock, LockState};
+use support::{Identity, cluster};
+
+const SAMPLES: usize = 30;
+
+struct Row {
+    name: String,
+    samples: Vec<f64>,
+    unit: &'static str,
+    baseline: Option<(String, f64)>,
+    target: String,
+    note: String,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn summary(samples: &[f64]) -> (f64, f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    (
+        percentile(&sorted, 50.0),
+        percentile(&sorted, 90.0),
+        percentile(&sorted, 99.0),
+        sorted.last().copied().unwrap_or(f64::NAN),
+    )
+}
+
+fn p50(samples: &[f64]) -> f64 {
+    summary(samples).0
+}
+
+fn timed(mut command: Command) -> (f64, bool) {
+    let started = Instant::now();
+    let status = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+    (elapsed, matches!(status, Ok(s) if s.success()))
+}
+
+fn lock_json(name: &str, user: &str) -> serde_json::Value {
+    let now = Utc::now();
+    json!({
+        "apiVersion": "deploylock.dev/v1",
+        "kind": "DeploymentLock",
+        "metadata": { "name": name },
+        "spec": {
+            "environment": name,
+            "fencingToken": 1,
+            "holder": {
+                "lockId": uuid::Uuid::new_v4().to_string(),
+                "user": user, "owner": user, "type": "manual",
+                "reason": "bench",
+                "acquiredAt": now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                "expiresAt": (now + Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                "durationSeconds": 1800
+            }
+        }
+    })
+}
+
+/// acquire vs curl POST vs kubectl create, whole process each.
+async fn acquire_latency(rows: &mut Vec<Row>) {
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-acquire").await;
+    let kubeconfig = cluster.kubeconfig(Identity::Alice);
+    let pki = kubeconfig
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|dir| dir.join("pki"))
+        .unwrap_or_default();
+    let server = std::fs::read_to_string(&kubeconfig)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: ").map(str::to_string))
+        .unwrap_or_default();
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let (mut ours, mut curl, mut kubectl) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..SAMPLES {
+        let mut command = cluster.deploylock_command(Identity::Alice, &namespace);
+        command.args(["-e", &format!("ours-{i}"), "acquire", "--reason", "bench"]);
+        let (ms, ok) = timed(command);
+        assert!(ok, "deploylock acquire failed");
+        ours.push(ms);
+
+        let body = temp.path().join(format!("curl-{i}.json"));
+        std::fs::write(&body, lock_json(&format!("curl-{i}"), "alice").to_string())
+            .unwrap_or_else(|err| panic!("{err}"));
+        let mut command = Command::new("curl");
+        command
+            .args(["-sf", "-o", "/dev/null", "-X", "POST", "-H", "Content-Type: application/json"])
+            .arg("--cacert")
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(pki.join("alice.crt"))
+            .arg("--key")
+            .arg(pki.join("alice.key"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("{server}/apis/deploylock.dev/v1/namespaces/{namespace}/deploymentlocks"));
+        let (ms, ok) = timed(command);
+        assert!(ok, "curl POST failed");
+        curl.push(ms);
+
+        let file = temp.path().join(format!("kubectl-{i}.json"));
+        std::fs::write(&file, lock_json(&format!("kubectl-{i}"), "alice").to_string())
+            .unwrap_or_else(|err| panic!("{err}"));
+        let mut command = Command::new(cluster.bin_dir().join("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", &namespace, "create", "-f"])
+            .arg(&file);
+        let (ms, ok) = timed(command);
+        assert!(ok, "kubectl create failed");
+        kubectl.push(ms);
+    }
+    let ours_p50 = p50(&ours);
+    rows.push(Row {
+        name: "acquire, whole process (ms)".into(),
+        baseline: Some(("curl POST".into(), ours_p50 / p50(&curl))),
+        samples: ours.clone(),
+        unit: "ms",
+        target: "≤ 1.3× curl".into(),
+        note: "SelfSubjectReview + GET + create".into(),
+    });
+    rows.push(Row {
+        name: "acquire vs kubectl create (ms)".into(),
+        baseline: Some(("kubectl create".into(), ours_p50 / p50(&kubectl))),
+        samples: ours,
+        unit: "ms",
+        target: "≤ 0.5× kubectl".into(),
+        note: String::new(),
+    });
+    rows.push(Row {
+        name: "baseline: curl POST (ms)".into(),
+        samples: curl,
+        unit: "ms",
+        baseline: None,
+        target: String::new(),
+        note: "one HTTPS request".into(),
+    });
+    rows.push(Row {
+        name: "baseline: kubectl create (ms)".into(),
+        samples: kubectl,
+        unit: "ms",
+        baseline: None,
+        target: String::new(),
+        note: String::new(),
+    });
+}
+
+/// Time from `release` returning to the waiting client holding the lock.
+async fn hand_off(rows: &mut Vec<Row>) {
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-handoff").await;
+    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let mut watched = Vec::new();
+    let mut polled = Vec::new();
+    for i in 0..12 {
+        for polling in [false, true] {
+            let env = format!("handoff-{i}-{polling}");
+            let held = cluster.deploylock(Identity::Alice, &namespace, &["-e", &env, "acquire", "--reason", "holder"]);
+            assert!(held.status.success());
+            let bin = env!("CARGO_BIN_EXE_deploylock");
+            let kubeconfig = cluster.kubeconfig(Identity::Bob);
+            let script = if polling {
+                format!(
+                    "until {bin} --kubeconfig {} -n {namespace} -e {env} acquire --reason next 2>/dev/null; do sleep 1; done",
+                    kubeconfig.display()
+                )
+            } else {
+                format!(
+                    "{bin} --kubeconfig {} -n {namespace} -e {env} acquire --wait-timeout 60 --reason next",
+                    kubeconfig.display()
+                )
+            };
+            let mut waiter = Command::new("sh")
+                .args(["-c", &script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|err| panic!("{err}"));
+            if !polling {
+                let queued = |lock: Option<&DeploymentLock>| lock.is_some_and(|l| !l.spec.queue.is_empty());
+                let _ = tokio::time::timeout(StdDuration::from_secs(30), await_condition(api.clone(), &env, queued)).await;
+            } else {
+                // The polling client has made its first attempt when it has run once.
+                tokio::time::sleep(StdDuration::from_millis(1500)).await;
+            }
+            let released = cluster.deploylock(Identity::Alice, &namespace, &["-e", &env, "release"]);
+            let released_at = Instant::now();
+            assert!(released.status.success());
+            let bob_holds = |lock: Option<&DeploymentLock>| {
+                lock.and_then(|l| l.spec.holder.as_ref()).is_some_and(|h| h.user == "bob")
+            };
+            let _ = tokio::time::timeout(StdDuration::from_secs(30), await_condition(api.clone(), &env, bob_holds)).await;
+            let ms = released_at.elapsed().as_secs_f64() * 1000.0;
+            let _ = waiter.wait();
+            if polling { polled.push(ms) } else { watched.push(ms) }
+        }
+    }
+    let ratio = p50(&watched) / p50(&polled);
+    rows.push(Row {
+        name: "hand-off: release → waiter holds (ms)".into(),
+        samples: watched,
+        unit: "ms",
+        baseline: Some(("1 s polling client".into(), ratio)),
+        target: "p50 ≤ 50, p99 ≤ 200".into(),
+        note: "queued waiter woken by a watch".into(),
+    });
+    rows.push(Row {
+        name: "baseline: polling once a second (ms)".into(),
+        samples: polled,
+        unit: "ms",
+        baseline: None,
+        target: String::new(),
+        note: "`until acquire; do sleep 1; done`".into(),
+    });
+}
+
+/// N concurrent acquirers: time until all have their answer; one winner.
+async fn contention(rows: &mut Vec<Row>) {
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-contention").await;
+    for clients in [2usize, 8, 32, 64] {
+        let rounds = if clients >= 32 { 3 } else { 8 };
+        let mut samples = Vec::new();
+        for round in 0..rounds {
+            let env = format!("c{clients}-{round}");
+            let started = Instant::now();
+            let children: Vec<_> = (0..clients)
+                .map(|i| {
+                    let identity = if i % 2 == 0 { Identity::Alice } else { Identity::Bob };
+                    cluster
+                        .deploylock_command(identity, &namespace)
+                        .args(["-e", &env, "acquire", "--reason", "race", "--owner", &format!("r{i}")])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap_or_else(|err| panic!("{err}"))
+                })
+                .collect();
+            let winners = children
+                .into_iter()
+                .filter_map(|mut child| child.wait().ok())
+                .filter(|status| status.success())
+                .count();
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(winners, 1, "{clients} clients: {winners} winners");
+        }
+        rows.push(Row {
+            name: format!("contention: {clients} acquirers, all answered (ms)"),
+            samples,
+            unit: "ms",
+            baseline: None,
+            target: "exactly one winner".into(),
+            note: format!("{rounds} rounds, one winner each"),
+        });
+    }
+}
+
+/// 1,000 live locks with spread expiries: delay from expiresAt to Expired.
+async fn expiry_precision(rows: &mut Vec<Row>) {
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-expiry").await;
+    let _controller = cluster.spawn_controller(&namespace, "bench-expiry", &[]);
+    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let count = 1000;
+    let base = Utc::now() + Duration::seconds(20);
+    let mut expiries = std::collections::HashMap::new();
+    for i in 0..count {
+        let name = format!("e{i}");
+        let expires = base + Duration::milliseconds((i as i64 * 20_000) / count as i64);
+        let mut object = lock_json(&name, "alice");
+        object["spec"]["holder"]["acquiredAt"] = json!(expires - Duration::minutes(1));
+        object["spec"]["holder"]["expiresAt"] = json!(expires);
+        api.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+        expiries.insert(name, expires);
+    }
+    let mut delays = Vec::new();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(120), "0")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"))
+        .boxed();
+    let deadline = Instant::now() + StdDuration::from_secs(120);
+    while delays.len() < count && Instant::now() < deadline {
+        let event = tokio::time::timeout(StdDuration::from_secs(30), stream.try_next()).await;
+        let Ok(Ok(Some(WatchEvent::Modified(lock) | WatchEvent::Added(lock)))) = event else {
+            continue;
+        };
+        let name = lock.metadata.name.clone().unwrap_or_default();
+        if lock.status.as_ref().and_then(|s| s.state) == Some(LockState::Expired)
+            && let Some(expires) = expiries.remove(&name)
+        {
+            delays.push((Utc::now() - expires).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+    }
+    rows.push(Row {
+        name: "expiry: expiresAt → Expired seen on a watch (ms)".into(),
+        note: format!("{} of {count} locks, expiries spread over 20 s", delays.len()),
+        samples: delays,
+        unit: "ms",
+        baseline: None,
+        target: "p99 ≤ 1000".into(),
+    });
+}
+
+/// From force-release returning to the exec child receiving SIGTERM.
+async fn lost_lock(rows: &mut Vec<Row>) {
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-lost").await;
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let mut samples = Vec::new();
+    for i in 0..10 {
+        let env = format!("lost-{i}");
+        let marker = temp.path().join(format!("term-{i}"));
+        let ready = temp.path().join(format!("ready-{i}"));
+        let script = format!(
+            "trap 'date +%s%N > {}; exit 0' TERM; touch {}; while true; do sleep 0.05; done",
+            marker.display(),
+            ready.display()
+        );
+        let mut exec = cluster
+            .deploylock_command(Identity::Alice, &namespace)
+            .args(["-e", &env, "exec", "--reason", "bench", "--", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("{err}"));
+        let started = Instant::now();
+        while !ready.exists() && started.elapsed() < StdDuration::from_secs(30) {
+            tokio::time::sleep(StdDuration::from_millis(10)).await;
+        }
+        let released = cluster.deploylock(Identity::Bob, &namespace, &["-e", &env, "force-release", "--reason", "bench"]);
+        let released_at = Utc::now();
+        assert!(released.status.success());
+        let _ = exec.wait();
+        let nanos: i64 = std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let term = chrono::DateTime::from_timestamp_nanos(nanos);
+        samples.push((term - released_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+    }
+    rows.push(Row {
+        name: "lost lock: force-release → child SIGTERM (ms)".into(),
+        samples,
+        unit: "ms",
+        baseline: None,
+        target: "≤ 2000".into(),
+        note: "exec watches the lock object".into(),
+    });
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn cpu_ticks(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    utime + stime
+}
+
+/// 1,000 and 10,000 locks: memory, time to reconcile all at start, idle CPU.
+async fn controller_scale(rows: &mut Vec<Row>, idle: StdDuration) {
+    let cluster = cluster();
+    for count in [1000usize, 10_000] {
+        let namespace = cluster.namespace(&format!("bench-scale-{count}")).await;
+        let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+        let futures = (0..count).map(|i| {
+            let api = api.clone();
+            async move {
+                let object = lock_json(&format!("s{i}"), "alice");
+                api.patch(&format!("s{i}"), &PatchParams::apply("bench").force(), &Patch::Apply(&object))
+                    .await
+                    .map(|_| ())
+            }
+        });
+        let created: Vec<_> = futures::stream::iter(futures).buffer_unordered(32).collect().await;
+        assert!(created.iter().all(Result::is_ok), "could not create {count} locks");
+        let started = Instant::now();
+        let controller = cluster.spawn_controller(&namespace, &format!("bench-scale-{count}"), &[]);
+        // Done when every lock has a status: checked on a watch-fed loop.
+        loop {
+            let listed = api.list(&Default::default()).await.unwrap_or_else(|err| panic!("{err}"));
+            if listed.items.iter().all(|lock| lock.status.as_ref().and_then(|s| s.state).is_some()) {
+                break;
+            }
+            assert!(started.elapsed() < StdDuration::from_secs(600), "resync took over 10 minutes");
+            tokio::time::sleep(StdDuration::from_millis(500)).await;
+        }
+        let resync = started.elapsed().as_secs_f64();
+        let pid = controller.child.id();
+        let before = cpu_ticks(pid);
+        tokio::time::sleep(idle).await;
+        let ticks_per_second = 100.0;
+        let cpu_percent = (cpu_ticks(pid) - before) / ticks_per_second / idle.as_secs_f64() * 100.0;
+        let rss_mib = rss_kib(pid) / 1024.0;
+        rows.push(Row {
+            name: format!("controller, {count} locks: full resync (s)"),
+            samples: vec![resync],
+            unit: "s",
+            baseline: None,
+            target: if count == 10_000 { "≤ 10 s".into() } else { String::new() },
+            note: "start to every lock having a status".into(),
+        });
+        rows.push(Row {
+            name: format!("controller, {count} locks: RSS (MiB)"),
+            samples: vec![rss_mib],
+            unit: "MiB",
+            baseline: None,
+            target: if count == 10_000 { "≤ 64 MiB".into() } else { String::new() },
+            note: "release build".into(),
+        });
+        rows.push(Row {
+            name: format!("controller, {count} locks: idle CPU (%)"),
+            samples: vec![cpu_percent],
+            unit: "%",
+            baseline: None,
+            target: "close to 0".into(),
+            note: format!("over {} s idle", idle.as_secs()),
+        });
+    }
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "| measure | n | p50 | p90 | p99 | max | vs baseline (p50) | target | note |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let (p50, p90, p99, max) = summary(&row.samples);
+        let baseline = row
+            .baseline
+            .as_ref()
+            .map(|(name, ratio)| format!("{ratio:.2}× {name}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {p50:.1} | {p90:.1} | {p99:.1} | {max:.1} | {baseline} | {} | {} |",
+            row.name,
+            row.samples.len(),
+            row.target,
+            row.note
+        );
+        let _ = row.unit;
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("model name\t: ").map(str::to_string))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let version = |args: &[&str]| {
+        Command::new(cluster().bin_dir().join(args[0]))
+            .args(&args[1..])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "- date: {}\n- machine: {cores} cores, {cpu}\n- kube-apiserver: {}\n- etcd: {}\n- deploylock: {} (release build)\n",
+        Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        version(&["kube-apiserver", "--version"]),
+        version(&["etcd", "--version"]),
+        env!("CARGO_PKG_VERSION"),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; a quick mode for smoke runs.
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    let idle = if quick { StdDuration::from_secs(5) } else { StdDuration::from_secs(60) };
+    let mut rows = Vec::new();
+    eprintln!("[bench] acquire latency vs curl and kubectl");
+    acquire_latency(&mut rows).await;
+    eprintln!("[bench] hand-off");
+    hand_off(&mut rows).await;
+    eprintln!("[bench] contention");
+    contention(&mut rows).await;
+    eprintln!("[bench] expiry precision (1,000 locks)");
+    expiry_precision(&mut rows).await;
+    eprintln!("[bench] lost lock");
+    lost_lock(&mut rows).await;
+    eprintln!("[bench] controller scale (1,000 and 10,000 locks)");
+    controller_scale(&mut rows, idle).await;
+    let table = render(&rows);
+    println!("{table}");
+    let document = format!(
+        "# deploylock benchmarks\n\nGenerated by `make bench` (benches/lockbench.rs) against the local control plane.\nTimes in milliseconds unless the measure says otherwise.\n\n{}\n{table}",
+        machine()
+    );
+    let path = support::repo_root().join("docs/benchmarks.md");
+    let _ = std::fs::create_dir_all(support::repo_root().join("docs"));
+    if let Err(err) = std::fs::write(&path, document) {
+        eprintln!("cannot write {}: {err}", path.display());
+    }
+}
