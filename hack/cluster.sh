@@ -5,6 +5,7 @@
 #   hack/cluster.sh up   [--dir DIR] [--watch-pid PID]   start, wait until ready, print `export KUBECONFIG=…`
 #   hack/cluster.sh down [--dir DIR]                      stop and remove DIR
 #   hack/cluster.sh env  [--dir DIR]                      print the export line of a running cluster
+#   hack/cluster.sh restart-etcd|restart-apiserver [--dir DIR]   kill one server; the supervisor restarts it
 #
 # `up` leaves a supervisor process in the background that owns etcd and the
 # apiserver. It stops them (and deletes DIR) on `down`, on SIGTERM/SIGINT, and
@@ -119,27 +120,18 @@ stop_process() { # <pid>
 }
 
 # Runs in the background for the cluster's lifetime.
-supervise() {
-  local etcd_pid apiserver_pid
-  cleanup() {
-    trap - TERM INT EXIT
-    # The apiserver first (its graceful shutdown needs etcd), then etcd; a
-    # server that has not exited within 5s is killed.
-    stop_process "$apiserver_pid"
-    stop_process "$etcd_pid"
-    rm -rf "$dir"
-    exit 0
-  }
-  trap cleanup TERM INT EXIT
-
+start_etcd() {
   setpriv --pdeathsig KILL -- "$bin_dir/etcd" \
     --name default --data-dir "$dir/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
     --initial-cluster "default=http://127.0.0.1:$etcd_peer_port" \
-    --unsafe-no-fsync --log-level warn >"$dir/logs/etcd.log" 2>&1 &
+    --unsafe-no-fsync --log-level warn >>"$dir/logs/etcd.log" 2>&1 &
   etcd_pid=$!
+  echo "$etcd_pid" >"$dir/etcd.pid"
+}
 
+start_apiserver() {
   setpriv --pdeathsig KILL -- "$bin_dir/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$apiserver_port" \
@@ -151,17 +143,51 @@ supervise() {
     --disable-admission-plugins ServiceAccount \
     --service-account-issuer https://deploylock.local \
     --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
-    --event-ttl 1h >"$dir/logs/kube-apiserver.log" 2>&1 &
+    --event-ttl 1h >>"$dir/logs/kube-apiserver.log" 2>&1 &
   apiserver_pid=$!
+  echo "$apiserver_pid" >"$dir/apiserver.pid"
+}
 
+# Runs in the background for the cluster's lifetime. A server that exits is
+# started again (the torture test restarts them on purpose); the supervisor
+# stops only on request or when the watched process is gone.
+supervise() {
+  local etcd_pid apiserver_pid watcher_pid=""
+  cleanup() {
+    trap - TERM INT EXIT
+    # The apiserver first (its graceful shutdown needs etcd), then etcd; a
+    # server that has not exited within 5s is killed.
+    stop_process "$apiserver_pid"
+    stop_process "$etcd_pid"
+    [[ -n "$watcher_pid" ]] && kill "$watcher_pid" 2>/dev/null
+    rm -rf "$dir"
+    exit 0
+  }
+  trap cleanup TERM INT EXIT
+
+  start_etcd
+  start_apiserver
   if [[ -n "$watch_pid" ]]; then
     # Returns when the watched process exits, however it exits.
     tail --pid="$watch_pid" -f /dev/null &
-    wait -n "$!" "$etcd_pid" "$apiserver_pid" || true
-  else
-    wait -n "$etcd_pid" "$apiserver_pid" || true
+    watcher_pid=$!
   fi
-  cleanup
+  while true; do
+    if [[ -n "$watcher_pid" ]]; then
+      wait -n "$watcher_pid" "$etcd_pid" "$apiserver_pid" || true
+      kill -0 "$watcher_pid" 2>/dev/null || cleanup
+    else
+      wait -n "$etcd_pid" "$apiserver_pid" || true
+    fi
+    if ! kill -0 "$etcd_pid" 2>/dev/null; then
+      echo "[supervisor] etcd exited; starting it again" >>"$dir/logs/etcd.log"
+      start_etcd
+    fi
+    if ! kill -0 "$apiserver_pid" 2>/dev/null; then
+      echo "[supervisor] kube-apiserver exited; starting it again" >>"$dir/logs/kube-apiserver.log"
+      start_apiserver
+    fi
+  done
 }
 
 start_cluster() {
@@ -220,9 +246,18 @@ $(tail -n 20 "$dir/logs/kube-apiserver.log" 2>/dev/null)"
   print_env
 }
 
+# Kills one server; the supervisor starts it again (fault injection).
+restart_server() { # etcd|apiserver
+  local pid_file="$dir/$1.pid"
+  [[ -f "$pid_file" ]] || die "no $1 running in $dir"
+  kill -"${signal:-KILL}" "$(cat "$pid_file")" 2>/dev/null || true
+}
+
 case "$command" in
   up) start_cluster ;;
+  restart-etcd) restart_server etcd ;;
+  restart-apiserver) restart_server apiserver ;;
   down) stop_cluster ;;
   env) print_env ;;
-  *) die "usage: hack/cluster.sh up|down|env [--dir DIR] [--watch-pid PID]" ;;
+  *) die "usage: hack/cluster.sh up|down|env|restart-etcd|restart-apiserver [--dir DIR] [--watch-pid PID]" ;;
 esac
