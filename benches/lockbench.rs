@@ -58,10 +58,7 @@ fn p50(samples: &[f64]) -> f64 {
 
 fn timed(mut command: Command) -> (f64, bool) {
     let started = Instant::now();
-    let status = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let status = command.stdout(Stdio::null()).stderr(Stdio::null()).status();
     let elapsed = started.elapsed().as_secs_f64() * 1000.0;
     (elapsed, matches!(status, Ok(s) if s.success()))
 }
@@ -116,7 +113,15 @@ async fn acquire_latency(rows: &mut Vec<Row>) {
             .unwrap_or_else(|err| panic!("{err}"));
         let mut command = Command::new("curl");
         command
-            .args(["-sf", "-o", "/dev/null", "-X", "POST", "-H", "Content-Type: application/json"])
+            .args([
+                "-sf",
+                "-o",
+                "/dev/null",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+            ])
             .arg("--cacert")
             .arg(pki.join("ca.crt"))
             .arg("--cert")
@@ -125,14 +130,19 @@ async fn acquire_latency(rows: &mut Vec<Row>) {
             .arg(pki.join("alice.key"))
             .arg("--data-binary")
             .arg(format!("@{}", body.display()))
-            .arg(format!("{server}/apis/deploylock.dev/v1/namespaces/{namespace}/deploymentlocks"));
+            .arg(format!(
+                "{server}/apis/deploylock.dev/v1/namespaces/{namespace}/deploymentlocks"
+            ));
         let (ms, ok) = timed(command);
         assert!(ok, "curl POST failed");
         curl.push(ms);
 
         let file = temp.path().join(format!("kubectl-{i}.json"));
-        std::fs::write(&file, lock_json(&format!("kubectl-{i}"), "alice").to_string())
-            .unwrap_or_else(|err| panic!("{err}"));
+        std::fs::write(
+            &file,
+            lock_json(&format!("kubectl-{i}"), "alice").to_string(),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
         let mut command = Command::new(cluster.bin_dir().join("kubectl"));
         command
             .arg("--kubeconfig")
@@ -182,13 +192,18 @@ async fn acquire_latency(rows: &mut Vec<Row>) {
 async fn hand_off(rows: &mut Vec<Row>) {
     let cluster = cluster();
     let namespace = cluster.namespace("bench-handoff").await;
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let mut watched = Vec::new();
     let mut polled = Vec::new();
     for i in 0..12 {
         for polling in [false, true] {
             let env = format!("handoff-{i}-{polling}");
-            let held = cluster.deploylock(Identity::Alice, &namespace, &["-e", &env, "acquire", "--reason", "holder"]);
+            let held = cluster.deploylock(
+                Identity::Alice,
+                &namespace,
+                &["-e", &env, "acquire", "--reason", "holder"],
+            );
             assert!(held.status.success());
             let bin = env!("CARGO_BIN_EXE_deploylock");
             let kubeconfig = cluster.kubeconfig(Identity::Bob);
@@ -210,22 +225,37 @@ async fn hand_off(rows: &mut Vec<Row>) {
                 .spawn()
                 .unwrap_or_else(|err| panic!("{err}"));
             if !polling {
-                let queued = |lock: Option<&DeploymentLock>| lock.is_some_and(|l| !l.spec.queue.is_empty());
-                let _ = tokio::time::timeout(StdDuration::from_secs(30), await_condition(api.clone(), &env, queued)).await;
+                let queued =
+                    |lock: Option<&DeploymentLock>| lock.is_some_and(|l| !l.spec.queue.is_empty());
+                let _ = tokio::time::timeout(
+                    StdDuration::from_secs(30),
+                    await_condition(api.clone(), &env, queued),
+                )
+                .await;
             } else {
                 // The polling client has made its first attempt when it has run once.
                 tokio::time::sleep(StdDuration::from_millis(1500)).await;
             }
-            let released = cluster.deploylock(Identity::Alice, &namespace, &["-e", &env, "release"]);
+            let released =
+                cluster.deploylock(Identity::Alice, &namespace, &["-e", &env, "release"]);
             let released_at = Instant::now();
             assert!(released.status.success());
             let bob_holds = |lock: Option<&DeploymentLock>| {
-                lock.and_then(|l| l.spec.holder.as_ref()).is_some_and(|h| h.user == "bob")
+                lock.and_then(|l| l.spec.holder.as_ref())
+                    .is_some_and(|h| h.user == "bob")
             };
-            let _ = tokio::time::timeout(StdDuration::from_secs(30), await_condition(api.clone(), &env, bob_holds)).await;
+            let _ = tokio::time::timeout(
+                StdDuration::from_secs(30),
+                await_condition(api.clone(), &env, bob_holds),
+            )
+            .await;
             let ms = released_at.elapsed().as_secs_f64() * 1000.0;
             let _ = waiter.wait();
-            if polling { polled.push(ms) } else { watched.push(ms) }
+            if polling {
+                polled.push(ms)
+            } else {
+                watched.push(ms)
+            }
         }
     }
     let ratio = p50(&watched) / p50(&polled);
@@ -259,10 +289,22 @@ async fn contention(rows: &mut Vec<Row>) {
             let started = Instant::now();
             let children: Vec<_> = (0..clients)
                 .map(|i| {
-                    let identity = if i % 2 == 0 { Identity::Alice } else { Identity::Bob };
+                    let identity = if i % 2 == 0 {
+                        Identity::Alice
+                    } else {
+                        Identity::Bob
+                    };
                     cluster
                         .deploylock_command(identity, &namespace)
-                        .args(["-e", &env, "acquire", "--reason", "race", "--owner", &format!("r{i}")])
+                        .args([
+                            "-e",
+                            &env,
+                            "acquire",
+                            "--reason",
+                            "race",
+                            "--owner",
+                            &format!("r{i}"),
+                        ])
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
                         .spawn()
@@ -293,7 +335,8 @@ async fn expiry_precision(rows: &mut Vec<Row>) {
     let cluster = cluster();
     let namespace = cluster.namespace("bench-expiry").await;
     let _controller = cluster.spawn_controller(&namespace, "bench-expiry", &[]);
-    let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let count = 1000;
     let base = Utc::now() + Duration::seconds(20);
     let mut expiries = std::collections::HashMap::new();
@@ -303,9 +346,13 @@ async fn expiry_precision(rows: &mut Vec<Row>) {
         let mut object = lock_json(&name, "alice");
         object["spec"]["holder"]["acquiredAt"] = json!(expires - Duration::minutes(1));
         object["spec"]["holder"]["expiresAt"] = json!(expires);
-        api.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&object))
-            .await
-            .unwrap_or_else(|err| panic!("{err}"));
+        api.patch(
+            &name,
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
         expiries.insert(name, expires);
     }
     let mut delays = Vec::new();
@@ -329,7 +376,10 @@ async fn expiry_precision(rows: &mut Vec<Row>) {
     }
     rows.push(Row {
         name: "expiry: expiresAt → Expired seen on a watch (ms)".into(),
-        note: format!("{} of {count} locks, expiries spread over 20 s", delays.len()),
+        note: format!(
+            "{} of {count} locks, expiries spread over 20 s",
+            delays.len()
+        ),
         samples: delays,
         unit: "ms",
         baseline: None,
@@ -354,7 +404,9 @@ async fn lost_lock(rows: &mut Vec<Row>) {
         );
         let mut exec = cluster
             .deploylock_command(Identity::Alice, &namespace)
-            .args(["-e", &env, "exec", "--reason", "bench", "--", "sh", "-c", &script])
+            .args([
+                "-e", &env, "exec", "--reason", "bench", "--", "sh", "-c", &script,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -363,7 +415,11 @@ async fn lost_lock(rows: &mut Vec<Row>) {
         while !ready.exists() && started.elapsed() < StdDuration::from_secs(30) {
             tokio::time::sleep(StdDuration::from_millis(10)).await;
         }
-        let released = cluster.deploylock(Identity::Bob, &namespace, &["-e", &env, "force-release", "--reason", "bench"]);
+        let released = cluster.deploylock(
+            Identity::Bob,
+            &namespace,
+            &["-e", &env, "force-release", "--reason", "bench"],
+        );
         let released_at = Utc::now();
         assert!(released.status.success());
         let _ = exec.wait();
@@ -396,7 +452,12 @@ fn rss_kib(pid: u32) -> f64 {
 
 fn cpu_ticks(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     utime + stime
@@ -407,27 +468,48 @@ async fn controller_scale(rows: &mut Vec<Row>, idle: StdDuration) {
     let cluster = cluster();
     for count in [1000usize, 10_000] {
         let namespace = cluster.namespace(&format!("bench-scale-{count}")).await;
-        let api: Api<DeploymentLock> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+        let api: Api<DeploymentLock> =
+            Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
         let futures = (0..count).map(|i| {
             let api = api.clone();
             async move {
                 let object = lock_json(&format!("s{i}"), "alice");
-                api.patch(&format!("s{i}"), &PatchParams::apply("bench").force(), &Patch::Apply(&object))
-                    .await
-                    .map(|_| ())
+                api.patch(
+                    &format!("s{i}"),
+                    &PatchParams::apply("bench").force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .map(|_| ())
             }
         });
-        let created: Vec<_> = futures::stream::iter(futures).buffer_unordered(32).collect().await;
-        assert!(created.iter().all(Result::is_ok), "could not create {count} locks");
+        let created: Vec<_> = futures::stream::iter(futures)
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        assert!(
+            created.iter().all(Result::is_ok),
+            "could not create {count} locks"
+        );
         let started = Instant::now();
         let controller = cluster.spawn_controller(&namespace, &format!("bench-scale-{count}"), &[]);
         // Done when every lock has a status: checked on a watch-fed loop.
         loop {
-            let listed = api.list(&Default::default()).await.unwrap_or_else(|err| panic!("{err}"));
-            if listed.items.iter().all(|lock| lock.status.as_ref().and_then(|s| s.state).is_some()) {
+            let listed = api
+                .list(&Default::default())
+                .await
+                .unwrap_or_else(|err| panic!("{err}"));
+            if listed
+                .items
+                .iter()
+                .all(|lock| lock.status.as_ref().and_then(|s| s.state).is_some())
+            {
                 break;
             }
-            assert!(started.elapsed() < StdDuration::from_secs(600), "resync took over 10 minutes");
+            assert!(
+                started.elapsed() < StdDuration::from_secs(600),
+                "resync took over 10 minutes"
+            );
             tokio::time::sleep(StdDuration::from_millis(500)).await;
         }
         let resync = started.elapsed().as_secs_f64();
@@ -442,7 +524,11 @@ async fn controller_scale(rows: &mut Vec<Row>, idle: StdDuration) {
             samples: vec![resync],
             unit: "s",
             baseline: None,
-            target: if count == 10_000 { "≤ 10 s".into() } else { String::new() },
+            target: if count == 10_000 {
+                "≤ 10 s".into()
+            } else {
+                String::new()
+            },
             note: "start to every lock having a status".into(),
         });
         rows.push(Row {
@@ -450,7 +536,11 @@ async fn controller_scale(rows: &mut Vec<Row>, idle: StdDuration) {
             samples: vec![rss_mib],
             unit: "MiB",
             baseline: None,
-            target: if count == 10_000 { "≤ 64 MiB".into() } else { String::new() },
+            target: if count == 10_000 {
+                "≤ 64 MiB".into()
+            } else {
+                String::new()
+            },
             note: "release build".into(),
         });
         rows.push(Row {
@@ -466,7 +556,10 @@ async fn controller_scale(rows: &mut Vec<Row>, idle: StdDuration) {
 
 fn render(rows: &[Row]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "| measure | n | p50 | p90 | p99 | max | vs baseline (p50) | target | note |");
+    let _ = writeln!(
+        out,
+        "| measure | n | p50 | p90 | p99 | max | vs baseline (p50) | target | note |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let (p50, p90, p99, max) = summary(&row.samples);
@@ -494,12 +587,20 @@ fn machine() -> String {
         .lines()
         .find_map(|line| line.strip_prefix("model name\t: ").map(str::to_string))
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let version = |args: &[&str]| {
         Command::new(cluster().bin_dir().join(args[0]))
             .args(&args[1..])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
             .unwrap_or_default()
     };
     format!(
@@ -515,7 +616,11 @@ fn machine() -> String {
 async fn main() {
     // `cargo bench` passes --bench; a quick mode for smoke runs.
     let quick = std::env::args().any(|arg| arg == "--quick");
-    let idle = if quick { StdDuration::from_secs(5) } else { StdDuration::from_secs(60) };
+    let idle = if quick {
+        StdDuration::from_secs(5)
+    } else {
+        StdDuration::from_secs(60)
+    };
     let mut rows = Vec::new();
     eprintln!("[bench] acquire latency vs curl and kubectl");
     acquire_latency(&mut rows).await;

@@ -61,8 +61,14 @@ enum Loss {
     RenewalFailed(String),
 }
 
-/// Runs the command while holding the lock, then releases it.
-pub async fn run_while_holding(store: &LockStore, plan: ExecPlan) -> Result<ExecOutcome, Error> {
+/// Runs the command while holding the lock, then releases it. `signals`
+/// were taken over before the lock was acquired, so that no SIGTERM can end
+/// this process between acquiring and releasing.
+pub async fn run_while_holding(
+    store: &LockStore,
+    plan: ExecPlan,
+    signals: &mut Signals,
+) -> Result<ExecOutcome, Error> {
     let Some((program, args)) = plan.command.split_first() else {
         return Err(Error::InvalidInput(
             "exec needs a command after `--`, e.g. deploylock exec --reason \"deploy\" -- ./deploy.sh".into(),
@@ -96,7 +102,6 @@ pub async fn run_while_holding(store: &LockStore, plan: ExecPlan) -> Result<Exec
     let (loss_sender, mut losses) = mpsc::channel::<Loss>(4);
     let keeper = tokio::spawn(keep_alive(store.clone(), plan.clone(), loss_sender.clone()));
     let watcher = tokio::spawn(watch_for_loss(store.clone(), plan.clone(), loss_sender));
-    let mut forwarded = ForwardedSignals::new();
 
     let outcome = loop {
         tokio::select! {
@@ -121,7 +126,7 @@ pub async fn run_while_holding(store: &LockStore, plan: ExecPlan) -> Result<Exec
                 };
                 break ExecOutcome::LockLost { now_held_by, child_code };
             }
-            Some(received) = forwarded.next() => {
+            Some(received) = signals.next() => {
                 signal_group(group, received);
             }
         }
@@ -264,13 +269,15 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<L
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP received by this process, to pass on.
-struct ForwardedSignals {
+/// SIGINT, SIGTERM and SIGHUP received by this process: while waiting they
+/// mean "give up", while a command runs they are passed on to it. Once this
+/// exists, those signals no longer end the process by themselves.
+pub struct Signals {
     streams: Vec<(Signal, tokio::signal::unix::Signal)>,
 }
 
-impl ForwardedSignals {
-    fn new() -> Self {
+impl Signals {
+    pub fn new() -> Self {
         let kinds = [
             (Signal::SIGINT, SignalKind::interrupt()),
             (Signal::SIGTERM, SignalKind::terminate()),
@@ -280,10 +287,11 @@ impl ForwardedSignals {
             .into_iter()
             .filter_map(|(signal_, kind)| signal(kind).ok().map(|stream| (signal_, stream)))
             .collect();
-        ForwardedSignals { streams }
+        Signals { streams }
     }
 
-    async fn next(&mut self) -> Option<Signal> {
+    /// The next signal received.
+    pub async fn next(&mut self) -> Option<Signal> {
         if self.streams.is_empty() {
             return std::future::pending().await;
         }
@@ -292,5 +300,11 @@ impl ForwardedSignals {
         });
         let (received, _, _) = futures::future::select_all(futures).await;
         received
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
     }
 }

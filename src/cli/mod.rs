@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::crd::{HistoryAction, LockType};
 use crate::error::Error;
-use crate::exec::{ExecOutcome, ExecPlan, run_while_holding};
+use crate::exec::{ExecOutcome, ExecPlan, Signals, run_while_holding};
 use crate::rules::{self, AcquireRequest, Actor, NoChange, Refusal, Request};
 use crate::store::{Applied, ConnectOptions, LockStore, Observed, Outcome, connect};
 
@@ -327,7 +327,8 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
     match &cli.action {
         Action::Acquire(args) if args.extend => extend(&store, global, args.duration, None).await,
         Action::Acquire(args) => {
-            let applied = take_lock(&store, global, args, LockType::Manual).await?;
+            let mut signals = Signals::new();
+            let applied = take_lock(&store, global, args, LockType::Manual, &mut signals).await?;
             report_applied(global, &applied, "acquired")
         }
         Action::Exec(args) => exec(&store, global, args).await,
@@ -424,6 +425,7 @@ async fn take_lock(
     global: &GlobalArgs,
     args: &AcquireArgs,
     lock_type: LockType,
+    signals: &mut Signals,
 ) -> Result<Applied, Error> {
     let env = global.environment.as_str();
     let actor = Actor::new(store.whoami().await?, args.owner.clone());
@@ -439,7 +441,11 @@ async fn take_lock(
         waiter_id: None,
     };
     let Some(wait_seconds) = args.wait_timeout else {
-        return store.apply(env, &Request::Acquire(acquire)).await;
+        let request = Request::Acquire(acquire);
+        return tokio::select! {
+            result = store.apply(env, &request) => result,
+            _ = signals.next() => Err(Error::Interrupted),
+        };
     };
     let deadline = Instant::now() + StdDuration::from_secs(wait_seconds);
     let waiter_id = uuid::Uuid::new_v4().to_string();
@@ -454,7 +460,7 @@ async fn take_lock(
     let queued = wait_in_queue(store, env, &acquire, &join, deadline);
     let result = tokio::select! {
         result = queued => result,
-        _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+        _ = signals.next() => Err(Error::Interrupted),
     };
     if result.is_err() {
         // Give up our place; if this fails, it lapses with the heartbeat.
@@ -607,7 +613,10 @@ impl Drop for WaitProgress {
 }
 
 async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result<Exit, Error> {
-    let applied = take_lock(store, global, &args.lock, LockType::Automatic).await?;
+    // Signals are ours from here on: a SIGTERM while waiting leaves the
+    // queue, one while the command runs is passed on to it.
+    let mut signals = Signals::new();
+    let applied = take_lock(store, global, &args.lock, LockType::Automatic, &mut signals).await?;
     let observed = &applied.observed;
     let Some(holding) = observed.holder().cloned() else {
         return Err(Error::Api("the lock was written without a holder".into()));
@@ -629,7 +638,7 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
         command: args.command.clone(),
         holding,
     };
-    match run_while_holding(store, plan).await? {
+    match run_while_holding(store, plan, &mut signals).await? {
         ExecOutcome::Exited { code } => Ok(Exit::Child(code)),
         ExecOutcome::LockLost {
             now_held_by,

@@ -29,7 +29,7 @@ pub enum Exit {
     /// 7: the caller's holding is over (released by someone else, taken
     /// over, expired).
     LockLost,
-    /// 130: interrupted (Ctrl-C) while waiting.
+    /// 130: interrupted by a signal while acquiring or waiting.
     Interrupted,
     /// `exec`: the command's own exit code.
     Child(i32),
@@ -69,7 +69,7 @@ Exit codes:
   5  not the holder, or forbidden by the API server
   6  cluster unreachable or not configured, or the CRD is not installed
   7  your holding is over (taken over, force-released or expired)
-  130  interrupted (Ctrl-C) while waiting
+  130  interrupted (SIGINT, SIGTERM, SIGHUP) while acquiring or waiting
 exec exits with the command's own code once the lock is held.";
 
 /// Formats a time with how far it is from the server's now.
@@ -230,7 +230,7 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
         }
         Error::Api(message) => (format!("Kubernetes API error: {message}"), Exit::Failure),
         Error::Interrupted => (
-            format!("interrupted while waiting for {env}; left the queue"),
+            format!("interrupted by a signal while acquiring {env}: gave up (and left the queue)"),
             Exit::Interrupted,
         ),
     }

@@ -2,7 +2,13 @@
 //! project itself (see support.rs). One test binary, so the control plane
 //! starts once for all of them.
 
+mod admission;
+mod chart;
 mod cli;
 mod controller;
 mod crd_api;
+mod examples;
+mod exec;
+mod queue;
 mod support;
+mod torture;

@@ -267,6 +267,14 @@ impl TestCluster {
         extra: &[&str],
     ) -> ControllerProcess {
         let port = free_port();
+        let log_path = std::env::temp_dir().join(format!(
+            "deploylock-controller-{}-{namespace}-{lease_name}-{port}.log",
+            std::process::id()
+        ));
+        let log = match std::fs::File::create(&log_path) {
+            Ok(file) => file,
+            Err(err) => panic!("cannot create {}: {err}", log_path.display()),
+        };
         let mut command = Command::new("setpriv");
         command
             .args(["--pdeathsig", "KILL", "--"])
@@ -281,7 +289,8 @@ impl TestCluster {
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+            // To a file: a pipe nobody reads would fill and stall the controller.
+            .stderr(log);
         let child = match command.spawn() {
             Ok(child) => child,
             Err(err) => panic!("cannot start deploylock-controller: {err}"),
