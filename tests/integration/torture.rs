@@ -302,8 +302,8 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
             let forced = b_action == HistoryAction::ForceAcquired;
             if !(released || expired_before || forced) {
                 violations.push(format!(
-                    "{environment}: holdings {} (token {}) and {} (token {}) overlap",
-                    a.lock_id, a.token, b.lock_id, b.token
+                    "{environment}: holdings {} (token {}, {} worker {}) and {} (token {}, {} worker {}) overlap",
+                    a.lock_id, a.token, a.op.user, a.op.worker, b.lock_id, b.token, b.op.user, b.op.worker
                 ));
             }
         }
@@ -396,6 +396,16 @@ fn last_expiry(ops: &[Op], environment: &str, lock_id: &str) -> Option<DateTime<
         .max()
 }
 
+/// Operations whose outcome is unknown, with the first reason (for the report).
+pub fn ambiguous(ops: &[Op]) -> (usize, Option<String>) {
+    let mut reasons = ops.iter().filter_map(|op| match &op.result {
+        OpResult::Ambiguous(reason) => Some(reason.clone()),
+        _ => None,
+    });
+    let first = reasons.next();
+    (reasons.count() + usize::from(first.is_some()), first)
+}
+
 /// Counts refusals that prove overridden holders were told (for the report).
 pub fn lost_refusals(ops: &[Op]) -> usize {
     ops.iter()
@@ -433,8 +443,9 @@ mod short_run {
         };
         let (ops, _restarted) = tokio::join!(engine, chaos);
         let (checked, violations) = check(&target, &ops).await;
+        let (unknown, first_unknown) = ambiguous(&ops);
         eprintln!(
-            "torture: {checked} operations checked, {} lost/refused as expected, {} violations",
+            "torture: {checked} operations checked, {} lost/refused as expected, {unknown} of unknown outcome ({first_unknown:?}), {} violations",
             lost_refusals(&ops),
             violations.len()
         );
