@@ -219,8 +219,7 @@ pub async fn run(
     for task in tasks {
         let _ = task.await;
     }
-    let ops = log.lock().map(|log| log.clone()).unwrap_or_default();
-    ops
+    log.lock().map(|log| log.clone()).unwrap_or_default()
 }
 
 /// A successful acquisition, as the client saw it.
