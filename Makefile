@@ -45,13 +45,18 @@ bench: ## Benchmarks against baselines on the local control plane; writes docs/b
 	@hack/build-tools.sh >/dev/null
 	$(CARGO) bench --bench lockbench
 
+.PHONY: torture
+torture: ## Long randomized mutual-exclusion test with faults (TORTURE_SECONDS, default 600)
+	@hack/build-tools.sh >/dev/null
+	$(CARGO) bench --bench torture
+
 .PHONY: test
 test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
 	@hack/ensure-deps.sh
 	@hack/build-tools.sh >/dev/null
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test --all-targets
+	$(CARGO) test --lib --bins --tests
 
 .PHONY: cluster-up
 cluster-up: ## Start the local control plane (etcd + kube-apiserver) and print the KUBECONFIG line

@@ -12,3 +12,4 @@ mod exec;
 mod queue;
 mod support;
 mod torture;
+mod torture_short;

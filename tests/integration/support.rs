@@ -184,8 +184,13 @@ pub async fn install_crd(client: &Client) -> Result<CustomResourceDefinition, ku
 }
 
 impl TestCluster {
+    /// The cluster's directory (kubeconfigs, logs, server PIDs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn kubeconfig(&self, identity: Identity) -> PathBuf {
-        self.dir
+        self.dir()
             .join("kubeconfigs")
             .join(format!("{}.kubeconfig", identity.file_stem()))
     }

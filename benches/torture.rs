@@ -1,0 +1,89 @@
+//! `make torture`: the torture engine of tests/integration/torture.rs run for
+//! minutes on a control plane of its own, with faults injected: kube-apiserver
+//! and etcd restarted, the controller killed with SIGKILL and restarted, and
+//! holders paused past their expiry. Reports how many operations it checked;
+//! exits 1 on any violation. TORTURE_SECONDS sets the length (default 600).
+
+#[allow(dead_code)]
+#[path = "../tests/integration/support.rs"]
+mod support;
+#[allow(dead_code)]
+#[path = "../tests/integration/torture.rs"]
+mod torture;
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use support::{Identity, cluster, repo_root};
+
+fn restart(server: &str) {
+    let status = Command::new(repo_root().join("hack/cluster.sh"))
+        .arg(format!("restart-{server}"))
+        .arg("--dir")
+        .arg(cluster().dir())
+        .status();
+    eprintln!("[torture] fault: restarted {server} ({status:?})");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let seconds: u64 = std::env::var("TORTURE_SECONDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(600);
+    let seed = std::env::var("TORTURE_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64);
+    let cluster = cluster();
+    let namespace = cluster.namespace("torture-long").await;
+    let target = torture::Target {
+        namespace: namespace.clone(),
+        identities: vec![
+            ("alice".into(), cluster.kubeconfig(Identity::Alice), false),
+            ("bob".into(), cluster.kubeconfig(Identity::Bob), false),
+            ("carol".into(), cluster.kubeconfig(Identity::Carol), true),
+        ],
+        admin_kubeconfig: cluster.kubeconfig(Identity::Admin),
+    };
+    eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
+    let duration = Duration::from_secs(seconds);
+    let engine = torture::run(&target, 4, 3, duration, seed, true);
+    let chaos = async {
+        let mut controller = cluster.spawn_controller(&namespace, "torture", &[]);
+        let started = std::time::Instant::now();
+        let mut round = 0;
+        while started.elapsed() + Duration::from_secs(20) < duration {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            match round % 3 {
+                0 => restart("apiserver"),
+                1 => restart("etcd"),
+                _ => {
+                    controller.signal("KILL");
+                    eprintln!("[torture] fault: controller killed with SIGKILL; restarting it");
+                    controller = cluster.spawn_controller(&namespace, "torture", &[]);
+                }
+            }
+            round += 1;
+        }
+        round
+    };
+    let (ops, faults) = tokio::join!(engine, chaos);
+    // Let the restarted servers settle before reading the final objects.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (checked, violations) = torture::check(&target, &ops).await;
+    let (unknown, first_unknown) = torture::ambiguous(&ops);
+    println!(
+        "torture: {checked} operations checked in {seconds} s with {faults} faults; {} refusals to stale or overridden holders; {unknown} of unknown outcome during faults ({first_unknown:?}); {} violations",
+        torture::lost_refusals(&ops),
+        violations.len()
+    );
+    for violation in &violations {
+        println!("VIOLATION {violation}");
+    }
+    if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
