@@ -6,7 +6,7 @@
 //! reading its stderr until it says it is waiting.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 use chrono::{DateTime, Duration, Utc};
@@ -15,32 +15,13 @@ use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, HistoryEntry, LockHolder, LockType};
 
-use crate::support::{Identity, TestCluster, cluster, repo_root};
+use crate::support::{
+    ExtraCluster, Identity, TestCluster, cluster, expect_exit, stderr_of, stdout_of,
+};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn stdout_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Asserts the exit code, showing everything the process said when it differs.
-#[track_caller]
-fn expect_exit(output: &Output, expected: i32, what: &str) {
-    assert_eq!(
-        output.status.code(),
-        Some(expected),
-        "{what}: expected exit code {expected}, got {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status,
-        stdout_of(output),
-        stderr_of(output)
-    );
-}
 
 /// An error report is short and made for people: at most `max_lines` lines,
 /// starting with `deploylock:`, no panic, no Debug dump, no backtrace.
@@ -772,66 +753,9 @@ fn deploylock_with(kubeconfig: &Path, namespace: &str, args: &[&str]) -> Output 
     }
 }
 
-/// A second control plane without the CRD, stopped when dropped.
-struct BareCluster {
-    dir: PathBuf,
-    stopped: bool,
-}
-
-impl BareCluster {
-    fn start(dir: PathBuf) -> Self {
-        let output = Command::new(repo_root().join("hack/cluster.sh"))
-            .arg("up")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--watch-pid")
-            .arg(std::process::id().to_string())
-            .output();
-        match output {
-            Ok(output) if output.status.success() => BareCluster {
-                dir,
-                stopped: false,
-            },
-            Ok(output) => panic!(
-                "hack/cluster.sh up failed ({}):\n{}",
-                output.status,
-                stderr_of(&output)
-            ),
-            Err(err) => panic!("cannot run hack/cluster.sh: {err}"),
-        }
-    }
-
-    fn admin_kubeconfig(&self) -> PathBuf {
-        self.dir.join("kubeconfigs/admin.kubeconfig")
-    }
-
-    fn stop(&mut self) -> Output {
-        self.stopped = true;
-        match Command::new(repo_root().join("hack/cluster.sh"))
-            .arg("down")
-            .arg("--dir")
-            .arg(&self.dir)
-            .output()
-        {
-            Ok(output) => output,
-            Err(err) => panic!("cannot run hack/cluster.sh down: {err}"),
-        }
-    }
-}
-
-impl Drop for BareCluster {
-    fn drop(&mut self) {
-        if !self.stopped {
-            self.stop();
-        }
-    }
-}
-
 #[tokio::test]
 async fn cluster_without_the_crd_exits_6() {
-    let parent =
-        tempfile::tempdir().unwrap_or_else(|err| panic!("cannot create a temp dir: {err}"));
-    let mut bare = BareCluster::start(parent.path().join("bare-cluster"));
+    let mut bare = ExtraCluster::start("bare-cluster");
     let kubeconfig = bare.admin_kubeconfig();
 
     for args in [vec!["status"], vec!["acquire", "--reason", "x"]] {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration as StdDuration, Instant};
 
@@ -29,7 +29,7 @@ use deploylock::crd::{
     DeploymentLock, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
 };
 
-use crate::support::{Identity, TestCluster, cluster};
+use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of, stdout_of};
 
 /// Longest wait for anything that should take a second or two.
 const WAIT: StdDuration = StdDuration::from_secs(30);
@@ -37,27 +37,6 @@ const WAIT: StdDuration = StdDuration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn stdout_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Asserts the exit code, showing everything the process said when it differs.
-#[track_caller]
-fn expect_exit(output: &Output, expected: i32, what: &str) {
-    assert_eq!(
-        output.status.code(),
-        Some(expected),
-        "{what}: expected exit code {expected}, got {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status,
-        stdout_of(output),
-        stderr_of(output)
-    );
-}
 
 fn temp_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap_or_else(|err| panic!("cannot create a temp dir: {err}"))

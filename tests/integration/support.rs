@@ -374,6 +374,7 @@ fn free_port() -> u16 {
 /// tests that install things from scratch. Stopped when dropped.
 pub struct ExtraCluster {
     pub dir: PathBuf,
+    stopped: bool,
 }
 
 impl ExtraCluster {
@@ -387,10 +388,13 @@ impl ExtraCluster {
             .arg(std::process::id().to_string())
             .output();
         match output {
-            Ok(output) if output.status.success() => ExtraCluster { dir },
+            Ok(output) if output.status.success() => ExtraCluster {
+                dir,
+                stopped: false,
+            },
             Ok(output) => panic!(
                 "second control plane failed to start: {}",
-                String::from_utf8_lossy(&output.stderr)
+                stderr_of(&output)
             ),
             Err(err) => panic!("cannot run hack/cluster.sh: {err}"),
         }
@@ -399,14 +403,47 @@ impl ExtraCluster {
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfigs/admin.kubeconfig")
     }
+
+    /// Stops it now and returns what `hack/cluster.sh down` said.
+    pub fn stop(&mut self) -> Output {
+        self.stopped = true;
+        match Command::new(repo_root().join("hack/cluster.sh"))
+            .arg("down")
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+        {
+            Ok(output) => output,
+            Err(err) => panic!("cannot run hack/cluster.sh down: {err}"),
+        }
+    }
 }
 
 impl Drop for ExtraCluster {
     fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("hack/cluster.sh"))
-            .arg("down")
-            .arg("--dir")
-            .arg(&self.dir)
-            .output();
+        if !self.stopped {
+            let _ = self.stop();
+        }
     }
+}
+
+pub fn stdout_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing everything the process said when it differs.
+#[track_caller]
+pub fn expect_exit(output: &Output, expected: i32, what: &str) {
+    assert_eq!(
+        output.status.code(),
+        Some(expected),
+        "{what}: expected exit code {expected}, got {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        output.status,
+        stdout_of(output),
+        stderr_of(output)
+    );
 }
