@@ -489,17 +489,19 @@ async fn wait_in_queue(
             store.apply(env, join).await?;
             next_heartbeat = Instant::now() + QUEUE_HEARTBEAT;
         }
+        // Try first: on a hand-off the lock is usually ours to take.
+        match store.apply(env, acquire).await {
+            Ok(applied) => {
+                progress.finish(&applied.observed);
+                return Ok(applied);
+            }
+            Err(Error::Refused(_)) => {}
+            Err(err) => return Err(err),
+        }
         let observed = store.read(env).await?;
         let wake = match rules::decide(env, observed.spec(), observed.server_time, acquire) {
-            Ok(_) => match store.apply(env, acquire).await {
-                Ok(applied) => {
-                    progress.finish(&applied.observed);
-                    return Ok(applied);
-                }
-                // Someone moved first: look again.
-                Err(Error::Refused(_)) => continue,
-                Err(err) => return Err(err),
-            },
+            // Freed since the attempt: try again at once.
+            Ok(_) => continue,
             // Waiting for one's own earlier holding is what a second CI run
             // under the same identity does: it queues like anyone else.
             Err(

@@ -350,16 +350,36 @@ async fn kubectl_wait_for_locked_condition_returns_on_acquire() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("condition met"));
 
     // `kubectl get` tells a person at a glance: Locked, by whom, why, until when.
-    let get = cluster.kubectl(Identity::Viewer, &["get", "deploymentlocks", "-n", &namespace]);
+    let get = cluster.kubectl(
+        Identity::Viewer,
+        &["get", "deploymentlocks", "-n", &namespace],
+    );
     let text = String::from_utf8_lossy(&get.stdout);
-    let row: Vec<&str> = text.lines().nth(1).unwrap_or_default().split_whitespace().collect();
-    assert_eq!(row.get(1..4), Some(&["production", "Locked", "bob"][..]), "{text}");
+    let row: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row.get(1..4),
+        Some(&["production", "Locked", "bob"][..]),
+        "{text}"
+    );
     assert!(text.contains("second"), "{text}");
     run_ok(&namespace, Identity::Bob, &["release"]);
     await_state(&api, "production", LockState::Available).await;
-    let get = cluster.kubectl(Identity::Viewer, &["get", "deploymentlocks", "-n", &namespace]);
+    let get = cluster.kubectl(
+        Identity::Viewer,
+        &["get", "deploymentlocks", "-n", &namespace],
+    );
     let text = String::from_utf8_lossy(&get.stdout);
-    assert!(text.lines().nth(1).is_some_and(|row| row.contains("Available")), "{text}");
+    assert!(
+        text.lines()
+            .nth(1)
+            .is_some_and(|row| row.contains("Available")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
