@@ -46,11 +46,15 @@ pub struct ExecPlan {
 #[derive(Debug)]
 pub enum ExecOutcome {
     /// The child exited on its own; `code` is its exit code (128 + signal
-    /// number when a signal ended it, 127 when it could not start).
+    /// number when a signal ended it).
     Exited { code: i32 },
+    /// The command could not be started (the lock was released).
+    CouldNotStart { error: String },
     /// The lock was lost while the child ran; the child was stopped.
+    /// `renewal_error` says why renewing failed, when that was the cause.
     LockLost {
         now_held_by: Option<Box<LockHolder>>,
+        renewal_error: Option<String>,
         child_code: i32,
     },
 }
@@ -92,9 +96,10 @@ pub async fn run_while_holding(
     let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
-            eprintln!("deploylock: cannot run {program:?}: {err}");
             release(store, &plan).await;
-            return Ok(ExecOutcome::Exited { code: 127 });
+            return Ok(ExecOutcome::CouldNotStart {
+                error: format!("{program:?}: {err}"),
+            });
         }
     };
     let group = child.id().map(|id| Pid::from_raw(id as i32));
@@ -109,12 +114,9 @@ pub async fn run_while_holding(
                 break ExecOutcome::Exited { code: exit_code(status) };
             }
             Some(loss) = losses.recv() => {
-                let now_held_by = match loss {
-                    Loss::TakenBy(holder) => holder,
-                    Loss::RenewalFailed(why) => {
-                        eprintln!("deploylock: could not renew the lock before it expired ({why})");
-                        None
-                    }
+                let (now_held_by, renewal_error) = match loss {
+                    Loss::TakenBy(holder) => (holder, None),
+                    Loss::RenewalFailed(why) => (None, Some(why)),
                 };
                 signal_group(group, Signal::SIGTERM);
                 let child_code = match tokio::time::timeout(plan.grace, child.wait()).await {
@@ -124,7 +126,7 @@ pub async fn run_while_holding(
                         exit_code(child.wait().await)
                     }
                 };
-                break ExecOutcome::LockLost { now_held_by, child_code };
+                break ExecOutcome::LockLost { now_held_by, renewal_error, child_code };
             }
             Some(received) = signals.next() => {
                 signal_group(group, received);

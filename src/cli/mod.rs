@@ -642,10 +642,18 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
     };
     match run_while_holding(store, plan, &mut signals).await? {
         ExecOutcome::Exited { code } => Ok(Exit::Child(code)),
+        ExecOutcome::CouldNotStart { error } => {
+            eprintln!("deploylock: cannot run {error}; the lock was released");
+            Ok(Exit::Child(127))
+        }
         ExecOutcome::LockLost {
             now_held_by,
+            renewal_error,
             child_code,
         } => {
+            if let Some(why) = renewal_error {
+                eprintln!("deploylock: could not renew the lock before it expired ({why})");
+            }
             let now_held = match now_held_by {
                 Some(holder) => format!(
                     "now held by {} ({}), reason: {:?}",

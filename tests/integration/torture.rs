@@ -262,8 +262,39 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
                 });
         }
     }
+    // Indexes, so that checking stays linear-ish in the number of operations.
+    let mut on_lock: HashMap<&str, Vec<&Op>> = HashMap::new();
+    let mut force_releases: HashMap<&str, Vec<&Op>> = HashMap::new();
+    let mut expiry_of: HashMap<&str, DateTime<Utc>> = HashMap::new();
+    for op in ops {
+        if let Some(lock) = op.target_lock.as_deref() {
+            on_lock.entry(lock).or_default().push(op);
+        }
+        if op.kind == OpKind::ForceRelease && !matches!(op.result, OpResult::Refused(_)) {
+            force_releases
+                .entry(op.environment.as_str())
+                .or_default()
+                .push(op);
+        }
+        if let OpResult::Done {
+            lock_id: Some(id),
+            expires_at: Some(expiry),
+            ..
+        } = &op.result
+        {
+            let entry = expiry_of.entry(id.as_str()).or_insert(*expiry);
+            *entry = (*entry).max(*expiry);
+        }
+    }
+    for list in force_releases.values_mut() {
+        list.sort_by_key(|op| op.invoked);
+    }
     for (environment, holdings) in by_env.iter_mut() {
         holdings.sort_by_key(|h| h.token);
+        let forced_releases = force_releases
+            .get(environment)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         // Fencing tokens: unique, and in real-time order.
         for pair in holdings.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
@@ -285,22 +316,25 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
                 } => *action,
                 _ => HistoryAction::Acquired,
             };
-            let released = ops.iter().any(|op| {
-                matches!(op.kind, OpKind::Release | OpKind::ForceRelease)
-                    && op.environment == *environment
-                    && op.completed >= a.op.invoked
-                    && op.invoked <= b.op.completed
-                    && match op.kind {
-                        OpKind::Release => op.target_lock.as_deref() == Some(a.lock_id.as_str()),
-                        _ => true,
-                    }
-                    && !matches!(op.result, OpResult::Refused(_))
+            let released = on_lock.get(a.lock_id.as_str()).is_some_and(|targeting| {
+                targeting.iter().any(|op| {
+                    op.kind == OpKind::Release
+                        && op.invoked <= b.op.completed
+                        && !matches!(op.result, OpResult::Refused(_))
+                })
             });
+            let first = forced_releases
+                .partition_point(|op| op.invoked < a.op.invoked - StdDuration::from_secs(120));
+            let force_released = forced_releases[first..]
+                .iter()
+                .take_while(|op| op.invoked <= b.op.completed)
+                .any(|op| op.completed >= a.op.invoked);
             let expired_before = b_action == HistoryAction::TookOverExpired
-                && last_expiry(ops, environment, &a.lock_id)
-                    .is_none_or(|expiry| expiry <= b.acquired_at);
+                && expiry_of
+                    .get(a.lock_id.as_str())
+                    .is_none_or(|expiry| *expiry <= b.acquired_at);
             let forced = b_action == HistoryAction::ForceAcquired;
-            if !(released || expired_before || forced) {
+            if !(released || force_released || expired_before || forced) {
                 violations.push(format!(
                     "{environment}: holdings {} (token {}, {} worker {}) and {} (token {}, {} worker {}) overlap",
                     a.lock_id, a.token, a.op.user, a.op.worker, b.lock_id, b.token, b.op.user, b.op.worker
@@ -308,17 +342,24 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
             }
         }
         // After a later holding was granted, an older holding can no longer
-        // be extended or released as its own.
-        for holding in holdings.iter() {
-            for later in holdings.iter().filter(|h| h.token > holding.token) {
-                let stale = ops.iter().find(|op| {
-                    op.environment == *environment
-                        && op.target_lock.as_deref() == Some(holding.lock_id.as_str())
-                        && matches!(
-                            op.kind,
-                            OpKind::Extend | OpKind::ExtendAfterPause | OpKind::Release
-                        )
-                        && op.invoked > later.op.completed
+        // be extended or released as its own. `granted_after[i]` is the
+        // earliest completion of any holding with a larger token.
+        let mut granted_after = vec![None; holdings.len()];
+        let mut earliest: Option<Instant> = None;
+        for i in (0..holdings.len()).rev() {
+            granted_after[i] = earliest;
+            earliest = Some(earliest.map_or(holdings[i].op.completed, |e| {
+                e.min(holdings[i].op.completed)
+            }));
+        }
+        for (holding, later) in holdings.iter().zip(granted_after) {
+            let Some(later) = later else { continue };
+            let stale = on_lock.get(holding.lock_id.as_str()).and_then(|targeting| {
+                targeting.iter().find(|op| {
+                    matches!(
+                        op.kind,
+                        OpKind::Extend | OpKind::ExtendAfterPause | OpKind::Release
+                    ) && op.invoked > later
                         && matches!(
                             op.result,
                             OpResult::Done {
@@ -326,13 +367,13 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
                                 ..
                             }
                         )
-                });
-                if let Some(op) = stale {
-                    violations.push(format!(
-                        "{environment}: {:?} of overridden holding {} succeeded after token {} was granted",
-                        op.kind, holding.lock_id, later.token
-                    ));
-                }
+                })
+            });
+            if let Some(op) = stale {
+                violations.push(format!(
+                    "{environment}: {:?} of overridden holding {} succeeded after a later holding was granted",
+                    op.kind, holding.lock_id
+                ));
             }
         }
     }
@@ -379,21 +420,6 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
         }
     }
     (ops.len(), violations)
-}
-
-/// The latest expiry a client saw for a holding (acquire or extend).
-fn last_expiry(ops: &[Op], environment: &str, lock_id: &str) -> Option<DateTime<Utc>> {
-    ops.iter()
-        .filter(|op| op.environment == environment)
-        .filter_map(|op| match &op.result {
-            OpResult::Done {
-                lock_id: Some(id),
-                expires_at: Some(expiry),
-                ..
-            } if id == lock_id => Some(*expiry),
-            _ => None,
-        })
-        .max()
 }
 
 /// Operations whose outcome is unknown, with the first reason (for the report).
