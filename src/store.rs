@@ -67,6 +67,15 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
     Ok((client, namespace))
 }
 
+/// The `Date` header of an API server response (one-second resolution).
+fn server_date(headers: &http::HeaderMap) -> Option<DateTime<Utc>> {
+    headers
+        .get(http::header::DATE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
+        .map(|time| time.with_timezone(&Utc))
+}
+
 /// The API server's clock minus the local clock, from the `Date` header of a
 /// `/version` request. The header has one-second resolution, so offsets
 /// under two seconds are treated as zero rather than adding up to a second
@@ -81,13 +90,7 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
         .await
         .map_err(|err| Error::from_kube(err, ""))?;
     let after = Utc::now();
-    let server = response
-        .headers()
-        .get(http::header::DATE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
-        .map(|time| time.with_timezone(&Utc));
-    let Some(server) = server else {
+    let Some(server) = server_date(response.headers()) else {
         return Ok(chrono::Duration::zero());
     };
     let local = before + (after - before) / 2;
@@ -257,15 +260,9 @@ impl LockStore {
             .await
             .map_err(|err| (err, None))?;
         let local_instant = Instant::now();
-        let server_time = response
-            .headers()
-            .get(http::header::DATE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
-            .map(|time| time.with_timezone(&Utc))
-            // Every Kubernetes API server sends Date; a proxy that strips it
-            // leaves us only the local clock.
-            .unwrap_or_else(Utc::now);
+        // Every Kubernetes API server sends Date; a proxy that strips it
+        // leaves us only the local clock.
+        let server_time = server_date(response.headers()).unwrap_or_else(Utc::now);
         let timing = Some((server_time, local_instant));
         let status = response.status();
         let bytes = response
