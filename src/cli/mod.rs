@@ -1,5 +1,21 @@
 //! The `deploylock` command line: parse, call the store, report.
 
+/// Writes to stdout, ignoring a closed pipe (`deploylock list | head -1`):
+/// what the reader stopped reading is not an error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod input;
 pub mod render;
 pub mod report;
@@ -370,12 +386,12 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             );
             match global.output {
                 OutputFormat::Table => {
-                    print!(
+                    out!(
                         "{}",
                         render::history_table(&view.history, observed.server_time)
                     )
                 }
-                format => print!("{}", render::structured(&view.history, format)),
+                format => out!("{}", render::structured(&view.history, format)),
             }
             Ok(Exit::Success)
         }
@@ -383,7 +399,7 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             let (locks, now) = store.list(args.all_namespaces).await?;
             match global.output {
                 OutputFormat::Table => {
-                    print!("{}", render::list_table(&locks, now, args.all_namespaces))
+                    out!("{}", render::list_table(&locks, now, args.all_namespaces))
                 }
                 format => {
                     let views: Vec<LockView> = locks
@@ -397,7 +413,7 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
                             )
                         })
                         .collect();
-                    print!("{}", render::structured(&views, format));
+                    out!("{}", render::structured(&views, format));
                 }
             }
             Ok(Exit::Success)
@@ -717,10 +733,10 @@ fn print_view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
     );
     match global.output {
         OutputFormat::Table if as_status => {
-            print!("{}", render::status_table(&view, global.verbose))
+            out!("{}", render::status_table(&view, global.verbose))
         }
         OutputFormat::Table => {}
-        format => print!("{}", render::structured(&view, format)),
+        format => out!("{}", render::structured(&view, format)),
     }
 }
 
@@ -733,11 +749,11 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
     }
     match (applied.outcome, observed.holder()) {
         (Outcome::Unchanged(NoChange::AlreadyAvailable), _) => {
-            println!("{env} was not locked: nothing to do")
+            outln!("{env} was not locked: nothing to do")
         }
         (Outcome::Unchanged(NoChange::NotQueued) | Outcome::QueueUpdated, _) => {}
         (Outcome::Transition(HistoryAction::Released | HistoryAction::ForceReleased), _) => {
-            println!("{env} {verb}")
+            outln!("{env} {verb}")
         }
         (Outcome::Transition(action), Some(holder)) => {
             let takeover = match action {
@@ -748,18 +764,18 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
                 HistoryAction::ForceAcquired => " (emergency)",
                 _ => "",
             };
-            println!(
+            outln!(
                 "{env} {verb} by {} until {}{takeover}",
                 holder.owner,
                 report::when(holder.expires_at, observed.server_time)
             );
-            println!(
+            outln!(
                 "lock ID {}, fencing token {}",
                 holder.lock_id,
                 observed.spec().map(|s| s.fencing_token).unwrap_or_default()
             );
         }
-        (Outcome::Transition(_), None) => println!("{env} {verb}"),
+        (Outcome::Transition(_), None) => outln!("{env} {verb}"),
     }
     Ok(Exit::Success)
 }
