@@ -159,7 +159,7 @@ supervise() {
     # server that has not exited within 5s is killed.
     stop_process "$apiserver_pid"
     stop_process "$etcd_pid"
-    [[ -n "$watcher_pid" ]] && kill "$watcher_pid" 2>/dev/null
+    [[ -n "$watcher_pid" ]] && kill "$watcher_pid" 2>/dev/null || true
     rm -rf "$dir"
     exit 0
   }
