@@ -11,16 +11,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration as StdDuration;
 
-use chrono::{DateTime, Duration, Utc};
-use futures::{StreamExt, TryStreamExt};
-use kube::api::{Api, WatchEvent, WatchParams};
+use chrono::Duration;
+use futures::TryStreamExt;
+use kube::api::WatchEvent;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::crd::{DeploymentLock, LockHolder};
+use crate::crd::LockHolder;
 use crate::error::Error;
 use crate::rules::{Actor, Refusal, Request};
 use crate::store::LockStore;
@@ -33,10 +33,9 @@ pub struct ExecPlan {
     /// The holding taken for the command.
     pub holding: LockHolder,
     pub fencing_token: i64,
-    /// Server time of the acquisition, and the local instant it was read at,
-    /// to turn the holding's expiry into a local deadline.
-    pub server_time: DateTime<Utc>,
-    pub local_instant: Instant,
+    /// The local instant at which the holding expires unless renewed
+    /// (`Observed::local_deadline` of its expiry).
+    pub expires_locally: Instant,
     /// Time between SIGTERM and SIGKILL once the lock is lost.
     pub grace: StdDuration,
     pub command: Vec<String>,
@@ -175,10 +174,7 @@ async fn keep_alive(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>
     let duration = Duration::seconds(plan.holding.duration_seconds);
     let interval =
         StdDuration::from_millis((plan.holding.duration_seconds as u64 * 1000 / 3).max(1000));
-    let ahead = (plan.holding.expires_at - plan.server_time)
-        .to_std()
-        .unwrap_or_default();
-    let mut expires_locally = plan.local_instant + ahead;
+    let mut expires_locally = plan.expires_locally;
     let mut next_renewal = Instant::now() + interval;
     loop {
         tokio::time::sleep_until(next_renewal).await;
@@ -222,13 +218,9 @@ async fn keep_alive(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>
 /// Watches the lock object and reports the first version naming another
 /// holding (or none).
 async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>) {
-    let api: Api<DeploymentLock> = Api::namespaced(store.client(), store.namespace());
-    let params = WatchParams::default()
-        .fields(&format!("metadata.name={}", plan.environment))
-        .timeout(290);
     let mut resource_version = "0".to_string();
     loop {
-        let stream = match api.watch(&params, &resource_version).await {
+        let mut stream = match store.watch(&plan.environment, &resource_version).await {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!(error = %err, "watch failed; retrying");
@@ -236,7 +228,6 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<L
                 continue;
             }
         };
-        let mut stream = stream.boxed();
         loop {
             match stream.try_next().await {
                 Ok(Some(WatchEvent::Added(lock) | WatchEvent::Modified(lock))) => {

@@ -254,7 +254,11 @@ pub fn live_waiters(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Vec<&Waite
 /// Whose turn it is when the lock is free: the newest waiter that asked for
 /// newest-first, otherwise the oldest waiter (first come, first served).
 pub fn next_waiter(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Option<&Waiter> {
-    let live = live_waiters(spec, now);
+    choose_next(&live_waiters(spec, now))
+}
+
+/// `next_waiter` among live waiters in arrival order.
+fn choose_next<'a>(live: &[&'a Waiter]) -> Option<&'a Waiter> {
     live.iter()
         .rev()
         .find(|waiter| waiter.newest_first)
@@ -317,25 +321,15 @@ fn decide_clear(
     if !is_expired(holder, now) || cleared_from.is_none_or(|from| now < from) {
         return Err(Refusal::HeldByOther(Box::new(holder.clone())));
     }
-    let mut next = spec.clone();
-    push_history(
-        &mut next,
-        HistoryEntry {
-            sequence: 0,
-            action: HistoryAction::Cleared,
-            at: now,
-            lock_id: holder.lock_id.clone(),
-            by: actor.user.clone(),
-            owner: holder.owner.clone(),
-            reason: holder.reason.clone(),
-            expires_at: Some(holder.expires_at),
-        },
-    );
-    next.holder = None;
-    Ok(Decision::Change {
-        next,
-        action: HistoryAction::Cleared,
-    })
+    Ok(end_holding(
+        spec,
+        holder,
+        now,
+        HistoryAction::Cleared,
+        actor,
+        &holder.reason,
+        Some(holder.expires_at),
+    ))
 }
 
 fn decide_acquire(
@@ -380,12 +374,13 @@ fn decide_acquire(
         ),
         None if request.force => (HistoryAction::ForceAcquired, None),
         None => {
-            if let Some(next) = next_waiter(spec, now)
+            let waiting = live_waiters(spec, now);
+            if let Some(next) = choose_next(&waiting)
                 && request.waiter_id.as_deref() != Some(next.id.as_str())
             {
                 return Err(Refusal::QueuedBehind {
                     next: Box::new(next.clone()),
-                    waiting: live_waiters(spec, now).len(),
+                    waiting: waiting.len(),
                 });
             }
             if spec.holder.is_some() {
@@ -419,18 +414,14 @@ fn decide_acquire(
     next.queue.retain(|waiter| {
         Some(waiter.id.as_str()) != request.waiter_id.as_deref() && is_live(waiter, now)
     });
-    push_history(
+    record(
         &mut next,
-        HistoryEntry {
-            sequence: 0,
-            action,
-            at: now,
-            lock_id: holder.lock_id.clone(),
-            by: request.actor.user.clone(),
-            owner: holder.owner.clone(),
-            reason: holder.reason.clone(),
-            expires_at: Some(holder.expires_at),
-        },
+        now,
+        action,
+        &request.actor,
+        &holder,
+        &holder.reason,
+        Some(holder.expires_at),
     );
     next.holder = Some(holder);
     Ok(Decision::Change { next, action })
@@ -452,25 +443,15 @@ fn decide_release(
         };
     };
     check_holding(holder, actor, lock_id)?;
-    let mut next = spec.clone();
-    push_history(
-        &mut next,
-        HistoryEntry {
-            sequence: 0,
-            action: HistoryAction::Released,
-            at: now,
-            lock_id: holder.lock_id.clone(),
-            by: actor.user.clone(),
-            owner: holder.owner.clone(),
-            reason: holder.reason.clone(),
-            expires_at: None,
-        },
-    );
-    next.holder = None;
-    Ok(Decision::Change {
-        next,
-        action: HistoryAction::Released,
-    })
+    Ok(end_holding(
+        spec,
+        holder,
+        now,
+        HistoryAction::Released,
+        actor,
+        &holder.reason,
+        None,
+    ))
 }
 
 fn decide_force_release(
@@ -485,25 +466,15 @@ fn decide_force_release(
     let Some(holder) = &spec.holder else {
         return Ok(Decision::Unchanged(NoChange::AlreadyAvailable));
     };
-    let mut next = spec.clone();
-    push_history(
-        &mut next,
-        HistoryEntry {
-            sequence: 0,
-            action: HistoryAction::ForceReleased,
-            at: now,
-            lock_id: holder.lock_id.clone(),
-            by: actor.user.clone(),
-            owner: holder.owner.clone(),
-            reason: reason.to_string(),
-            expires_at: None,
-        },
-    );
-    next.holder = None;
-    Ok(Decision::Change {
-        next,
-        action: HistoryAction::ForceReleased,
-    })
+    Ok(end_holding(
+        spec,
+        holder,
+        now,
+        HistoryAction::ForceReleased,
+        actor,
+        reason,
+        None,
+    ))
 }
 
 fn decide_extend(
@@ -533,18 +504,14 @@ fn decide_extend(
     // duration from now.
     let expires_at = holder.expires_at.max(now + duration);
     let mut next = spec.clone();
-    push_history(
+    record(
         &mut next,
-        HistoryEntry {
-            sequence: 0,
-            action: HistoryAction::Extended,
-            at: now,
-            lock_id: holder.lock_id.clone(),
-            by: actor.user.clone(),
-            owner: holder.owner.clone(),
-            reason: holder.reason.clone(),
-            expires_at: Some(expires_at),
-        },
+        now,
+        HistoryAction::Extended,
+        actor,
+        holder,
+        &holder.reason,
+        Some(expires_at),
     );
     if let Some(next_holder) = next.holder.as_mut() {
         next_holder.expires_at = expires_at;
@@ -572,11 +539,43 @@ fn check_holding(holder: &LockHolder, actor: &Actor, lock_id: Option<&str>) -> R
     Ok(())
 }
 
-/// Appends an entry numbered after the last one, dropping the oldest beyond
-/// the bound.
-fn push_history(spec: &mut DeploymentLockSpec, mut entry: HistoryEntry) {
-    entry.sequence = spec.history.last().map_or(0, |last| last.sequence) + 1;
-    spec.history.push(entry);
+/// Ends `holder`'s holding: the history records `action` and the lock is free.
+fn end_holding(
+    spec: &DeploymentLockSpec,
+    holder: &LockHolder,
+    now: DateTime<Utc>,
+    action: HistoryAction,
+    by: &Actor,
+    reason: &str,
+    expires_at: Option<DateTime<Utc>>,
+) -> Decision {
+    let mut next = spec.clone();
+    record(&mut next, now, action, by, holder, reason, expires_at);
+    next.holder = None;
+    Decision::Change { next, action }
+}
+
+/// Appends the history entry of `action` on `holding`, numbered after the
+/// last one, dropping the oldest beyond the bound.
+fn record(
+    spec: &mut DeploymentLockSpec,
+    now: DateTime<Utc>,
+    action: HistoryAction,
+    by: &Actor,
+    holding: &LockHolder,
+    reason: &str,
+    expires_at: Option<DateTime<Utc>>,
+) {
+    spec.history.push(HistoryEntry {
+        sequence: spec.history.last().map_or(0, |last| last.sequence) + 1,
+        action,
+        at: now,
+        lock_id: holding.lock_id.clone(),
+        by: by.user.clone(),
+        owner: holding.owner.clone(),
+        reason: reason.to_string(),
+        expires_at,
+    });
     let excess = spec.history.len().saturating_sub(MAX_HISTORY_ENTRIES);
     spec.history.drain(..excess);
 }

@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use kube::api::{Api, ObjectList, PostParams, WatchParams};
+use kube::api::{Api, ObjectList, PostParams, WatchEvent, WatchParams};
 use kube::client::Body;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{Request as KubeRequest, Resource};
@@ -22,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, LockHolder, LockState};
 use crate::error::Error;
-use crate::rules::{self, Decision, NoChange, Request};
+use crate::rules::{self, Decision, NoChange, Refusal, Request};
 
 /// Writes attempted before giving up under contention. Each conflict means
 /// another client's write succeeded, so the system as a whole makes progress.
@@ -109,6 +110,7 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
 /// A lock as read, with the API server's time at the read.
 #[derive(Clone, Debug)]
 pub struct Observed {
+    pub namespace: String,
     pub environment: String,
     /// `None` when no object exists for the environment yet.
     pub lock: Option<DeploymentLock>,
@@ -162,6 +164,14 @@ pub struct Applied {
     pub outcome: Outcome,
 }
 
+/// A refusal from the rules, with the lock as read when it was decided (for
+/// a caller that waits: who holds it, until when, on the server's clock).
+#[derive(Clone, Debug)]
+pub struct Refused {
+    pub refusal: Refusal,
+    pub observed: Observed,
+}
+
 /// DeploymentLocks in one namespace, read and written under the rules.
 #[derive(Clone)]
 pub struct LockStore {
@@ -181,10 +191,6 @@ impl LockStore {
 
     pub fn namespace(&self) -> &str {
         &self.namespace
-    }
-
-    pub fn client(&self) -> Client {
-        self.client.clone()
     }
 
     fn kube_error(&self, err: kube::Error) -> Error {
@@ -224,6 +230,7 @@ impl LockStore {
             Err((err, _)) => return Err(self.kube_error(err)),
         };
         Ok(Observed {
+            namespace: self.namespace.clone(),
             environment: environment.to_string(),
             lock,
             server_time,
@@ -286,16 +293,30 @@ impl LockStore {
     /// read `resourceVersion`, again and again while other clients win the
     /// race. A refusal from the rules is returned as is.
     pub async fn apply(&self, environment: &str, request: &Request) -> Result<Applied, Error> {
+        self.try_apply(environment, request)
+            .await?
+            .map_err(|refused| Error::Refused(refused.refusal))
+    }
+
+    /// `apply`, with a refusal returned beside the lock it was decided on.
+    pub async fn try_apply(
+        &self,
+        environment: &str,
+        request: &Request,
+    ) -> Result<Result<Applied, Refused>, Error> {
         for attempt in 1..=MAX_WRITE_ATTEMPTS {
             let observed = self.read(environment).await?;
             let decision =
-                rules::decide(environment, observed.spec(), observed.server_time, request)?;
+                match rules::decide(environment, observed.spec(), observed.server_time, request) {
+                    Ok(decision) => decision,
+                    Err(refusal) => return Ok(Err(Refused { refusal, observed })),
+                };
             let (next, outcome) = match decision {
                 Decision::Unchanged(why) => {
-                    return Ok(Applied {
+                    return Ok(Ok(Applied {
                         observed,
                         outcome: Outcome::Unchanged(why),
-                    });
+                    }));
                 }
                 Decision::Change { next, action } => (next, Outcome::Transition(action)),
                 Decision::Queue { next } => (next, Outcome::QueueUpdated),
@@ -318,13 +339,13 @@ impl LockStore {
             match written {
                 Ok(lock) => {
                     tracing::debug!(environment, ?outcome, attempt, "lock written");
-                    return Ok(Applied {
+                    return Ok(Ok(Applied {
                         observed: Observed {
                             lock: Some(lock),
                             ..observed
                         },
                         outcome,
-                    });
+                    }));
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
@@ -360,21 +381,31 @@ impl LockStore {
             .as_ref()
             .and_then(|lock| lock.metadata.resource_version.clone())
             .unwrap_or_else(|| "0".to_string());
-        let params = WatchParams::default()
-            .fields(&format!("metadata.name={}", observed.environment))
-            .timeout(290);
-        let mut changes = self
-            .api
-            .watch(&params, &resource_version)
-            .await
-            .map_err(|err| self.kube_error(err))?
-            .boxed();
+        let mut changes = self.watch(&observed.environment, &resource_version).await?;
         tokio::select! {
             // Any event, or the end of the watch, means: read again.
             _ = changes.try_next() => {}
             _ = tokio::time::sleep_until(until) => {}
         }
         Ok(())
+    }
+
+    /// Changes of one lock after `resource_version` ("0": its current state
+    /// first). The API server ends a watch after a few minutes.
+    pub async fn watch(
+        &self,
+        environment: &str,
+        resource_version: &str,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<DeploymentLock>, kube::Error>>, Error> {
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={environment}"))
+            .timeout(290);
+        Ok(self
+            .api
+            .watch(&params, resource_version)
+            .await
+            .map_err(|err| self.kube_error(err))?
+            .boxed())
     }
 
     /// Waits until the lock is Available or Expired, or `deadline` passes.

@@ -33,7 +33,7 @@ use crate::crd::{HistoryAction, LockType};
 use crate::error::Error;
 use crate::exec::{ExecOutcome, ExecPlan, Signals, run_while_holding};
 use crate::rules::{self, AcquireRequest, Actor, NoChange, Refusal, Request};
-use crate::store::{Applied, ConnectOptions, LockStore, Observed, Outcome, connect};
+use crate::store::{Applied, ConnectOptions, LockStore, Observed, Outcome, Refused, connect};
 
 use render::{LockView, OutputFormat};
 use report::{EXIT_CODES_HELP, Exit};
@@ -378,20 +378,12 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
         }
         Action::History => {
             let observed = store.read(env).await?;
-            let view = LockView::new(
-                store.namespace(),
-                env,
-                observed.lock.as_ref(),
-                observed.server_time,
-            );
+            let history = observed.spec().map_or(&[][..], |spec| &spec.history[..]);
             match global.output {
                 OutputFormat::Table => {
-                    out!(
-                        "{}",
-                        render::history_table(&view.history, observed.server_time)
-                    )
+                    out!("{}", render::history_table(history, observed.server_time))
                 }
-                format => out!("{}", render::structured(&view.history, format)),
+                format => out!("{}", render::structured(&history, format)),
             }
             Ok(Exit::Success)
         }
@@ -505,34 +497,29 @@ async fn wait_in_queue(
             store.apply(env, join).await?;
             next_heartbeat = Instant::now() + QUEUE_HEARTBEAT;
         }
-        // Try first: on a hand-off the lock is usually ours to take.
-        match store.apply(env, acquire).await {
+        // One read decides: on a hand-off the lock is usually ours to take;
+        // otherwise the refusal says until when to sleep.
+        let Refused { refusal, observed } = match store.try_apply(env, acquire).await? {
             Ok(applied) => {
                 progress.finish(&applied.observed);
                 return Ok(applied);
             }
-            Err(Error::Refused(_)) => {}
-            Err(err) => return Err(err),
-        }
-        let observed = store.read(env).await?;
-        let wake = match rules::decide(env, observed.spec(), observed.server_time, acquire) {
-            // Freed since the attempt: try again at once.
-            Ok(_) => continue,
+            Err(refused) => refused,
+        };
+        let wake = match refusal {
             // Waiting for one's own earlier holding is what a second CI run
             // under the same identity does: it queues like anyone else.
-            Err(
-                Refusal::HeldByOther(holder)
-                | Refusal::EmergencyLockInForce(holder)
-                | Refusal::AlreadyHeldByYou(holder),
-            ) => {
+            Refusal::HeldByOther(holder)
+            | Refusal::EmergencyLockInForce(holder)
+            | Refusal::AlreadyHeldByYou(holder) => {
                 progress.held(&holder, &observed);
                 observed.local_deadline(holder.expires_at)
             }
-            Err(Refusal::QueuedBehind { next, waiting }) => {
+            Refusal::QueuedBehind { next, waiting } => {
                 progress.queued(&next, waiting, &observed);
                 observed.local_deadline(rules::waiter_deadline(&next))
             }
-            Err(refusal) => return Err(refusal.into()),
+            refusal => return Err(refusal.into()),
         };
         if Instant::now() >= deadline {
             return Err(Error::WaitTimedOut(
@@ -650,8 +637,7 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
         environment: global.environment.clone(),
         actor: Actor::new(holding.user.clone(), Some(holding.owner.clone())),
         fencing_token,
-        server_time: observed.server_time,
-        local_instant: observed.local_instant,
+        expires_locally: observed.local_deadline(holding.expires_at),
         grace: StdDuration::from_secs(args.grace),
         command: args.command.clone(),
         holding,
@@ -722,11 +708,7 @@ async fn wait_for_free(
 
 fn print_view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
     let view = LockView::new(
-        observed
-            .lock
-            .as_ref()
-            .and_then(|lock| lock.metadata.namespace.as_deref())
-            .unwrap_or_default(),
+        &observed.namespace,
         &observed.environment,
         observed.lock.as_ref(),
         observed.server_time,

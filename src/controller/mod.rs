@@ -28,7 +28,9 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
-use crate::crd::{DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockState};
+use crate::crd::{
+    DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockHolder, LockState,
+};
 use crate::rules::{self, Actor, Decision, Request};
 
 use metrics::{LockLabels, Metrics};
@@ -155,7 +157,9 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
             rules::decide(&name, Some(&lock.spec), now, &clear)
         {
             // The Expired event must exist before the holding disappears.
-            announce_expiry(lock, context, &labels).await?;
+            if !expiry_recorded(&status, holder) {
+                announce_expiry(lock, context, &labels).await?;
+            }
             let mut cleared = lock.clone();
             cleared.spec = next;
             api.replace(&name, &PostParams::default(), &cleared)
@@ -179,7 +183,10 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         announce_entry(lock, entry, context, &labels).await?;
         last_sequence = last_sequence.max(entry.sequence);
     }
-    if state == LockState::Expired {
+    if state == LockState::Expired
+        && let Some(holder) = &lock.spec.holder
+        && !expiry_recorded(&status, holder)
+    {
         announce_expiry(lock, context, &labels).await?;
     }
 
@@ -340,6 +347,13 @@ async fn announce_entry(
         );
     }
     Ok(())
+}
+
+/// Whether the status already shows this holding Expired: its Event was
+/// published before that status was written, so there is nothing to send.
+fn expiry_recorded(status: &DeploymentLockStatus, holder: &LockHolder) -> bool {
+    status.state == Some(LockState::Expired)
+        && status.lock_id.as_deref() == Some(holder.lock_id.as_str())
 }
 
 /// Publishes the Expired event of the current holding, once.

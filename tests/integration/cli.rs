@@ -13,10 +13,11 @@ use chrono::{DateTime, Duration, Utc};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
-use deploylock::crd::{DeploymentLock, HistoryAction, HistoryEntry, LockHolder, LockType};
+use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 
 use crate::support::{
-    ExtraCluster, Identity, TestCluster, cluster, expect_exit, stderr_of, stdout_of,
+    ExtraCluster, Identity, TestCluster, cluster, expect_exit, holder_of, last_history, locks_api,
+    status_json, stderr_of, stdout_of, stored,
 };
 
 // ---------------------------------------------------------------------------
@@ -46,60 +47,12 @@ fn expect_clean_error(output: &Output, max_lines: usize, what: &str) {
     }
 }
 
-async fn locks_api(cluster: &TestCluster, namespace: &str) -> Api<DeploymentLock> {
-    Api::namespaced(cluster.client(Identity::Admin).await, namespace)
-}
-
-/// The stored lock, read by the admin.
-async fn stored(api: &Api<DeploymentLock>, environment: &str) -> DeploymentLock {
-    match api.get(environment).await {
-        Ok(lock) => lock,
-        Err(err) => panic!("cannot read the DeploymentLock {environment}: {err}"),
-    }
-}
-
 async fn resource_version(api: &Api<DeploymentLock>, environment: &str) -> String {
     stored(api, environment)
         .await
         .metadata
         .resource_version
         .unwrap_or_else(|| panic!("{environment} has no resourceVersion"))
-}
-
-fn holder_of(lock: &DeploymentLock) -> &LockHolder {
-    match lock.spec.holder.as_ref() {
-        Some(holder) => holder,
-        None => panic!("the lock has no holder: {:?}", lock.spec),
-    }
-}
-
-fn last_history(lock: &DeploymentLock) -> &HistoryEntry {
-    match lock.spec.history.last() {
-        Some(entry) => entry,
-        None => panic!("the lock has no history: {:?}", lock.spec),
-    }
-}
-
-/// `deploylock status -o json` as `identity`, parsed.
-fn status_json(
-    cluster: &TestCluster,
-    identity: Identity,
-    namespace: &str,
-    environment: &str,
-) -> Value {
-    let output = cluster.deploylock(
-        identity,
-        namespace,
-        &["-e", environment, "status", "-o", "json"],
-    );
-    expect_exit(&output, 0, "status -o json");
-    match serde_json::from_slice(&output.stdout) {
-        Ok(value) => value,
-        Err(err) => panic!(
-            "status -o json is not JSON ({err}):\n{}",
-            stdout_of(&output)
-        ),
-    }
 }
 
 fn json_time(value: &Value, what: &str) -> DateTime<Utc> {

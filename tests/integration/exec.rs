@@ -22,14 +22,17 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::Child;
 
 use deploylock::crd::{
     DeploymentLock, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
 };
 
-use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of, stdout_of};
+use crate::support::{
+    Identity, TestCluster, cluster, expect_exit, holder_of, last_history, locks_api, status_json,
+    stderr_of, stdout_of, stored,
+};
 
 /// Longest wait for anything that should take a second or two.
 const WAIT: StdDuration = StdDuration::from_secs(30);
@@ -45,32 +48,6 @@ fn temp_dir() -> tempfile::TempDir {
 fn read_file(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
-}
-
-async fn locks_api(cluster: &TestCluster, namespace: &str) -> Api<DeploymentLock> {
-    Api::namespaced(cluster.client(Identity::Admin).await, namespace)
-}
-
-/// The stored lock, read by the admin.
-async fn stored(api: &Api<DeploymentLock>, environment: &str) -> DeploymentLock {
-    match api.get(environment).await {
-        Ok(lock) => lock,
-        Err(err) => panic!("cannot read the DeploymentLock {environment}: {err}"),
-    }
-}
-
-fn holder_of(lock: &DeploymentLock) -> &LockHolder {
-    match lock.spec.holder.as_ref() {
-        Some(holder) => holder,
-        None => panic!("the lock has no holder: {:?}", lock.spec),
-    }
-}
-
-fn last_history(lock: &DeploymentLock) -> &HistoryEntry {
-    match lock.spec.history.last() {
-        Some(entry) => entry,
-        None => panic!("the lock has no history: {:?}", lock.spec),
-    }
 }
 
 /// Asserts that the lock is available again and that its last two history
@@ -114,28 +91,6 @@ async fn await_lock(
         Err(_) => panic!(
             "{environment}: not {what} after {limit:?}; now: {:?}",
             api.get_opt(environment).await
-        ),
-    }
-}
-
-/// `deploylock status -o json` as `identity`, parsed.
-fn status_json(
-    cluster: &TestCluster,
-    identity: Identity,
-    namespace: &str,
-    environment: &str,
-) -> Value {
-    let output = cluster.deploylock(
-        identity,
-        namespace,
-        &["-e", environment, "status", "-o", "json"],
-    );
-    expect_exit(&output, 0, "status -o json");
-    match serde_json::from_slice(&output.stdout) {
-        Ok(value) => value,
-        Err(err) => panic!(
-            "status -o json is not JSON ({err}):\n{}",
-            stdout_of(&output)
         ),
     }
 }

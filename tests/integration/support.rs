@@ -18,7 +18,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config, CustomResourceExt};
 
-use deploylock::crd::DeploymentLock;
+use deploylock::crd::{DeploymentLock, HistoryEntry, LockHolder};
+use serde_json::Value;
 
 /// The identities the local control plane authenticates (see hack/cluster.sh).
 #[derive(Clone, Copy, Debug)]
@@ -446,4 +447,52 @@ pub fn expect_exit(output: &Output, expected: i32, what: &str) {
         stdout_of(output),
         stderr_of(output)
     );
+}
+
+pub async fn locks_api(cluster: &TestCluster, namespace: &str) -> Api<DeploymentLock> {
+    Api::namespaced(cluster.client(Identity::Admin).await, namespace)
+}
+
+/// The stored lock, read by the admin.
+pub async fn stored(api: &Api<DeploymentLock>, environment: &str) -> DeploymentLock {
+    match api.get(environment).await {
+        Ok(lock) => lock,
+        Err(err) => panic!("cannot read the DeploymentLock {environment}: {err}"),
+    }
+}
+
+pub fn holder_of(lock: &DeploymentLock) -> &LockHolder {
+    match lock.spec.holder.as_ref() {
+        Some(holder) => holder,
+        None => panic!("the lock has no holder: {:?}", lock.spec),
+    }
+}
+
+pub fn last_history(lock: &DeploymentLock) -> &HistoryEntry {
+    match lock.spec.history.last() {
+        Some(entry) => entry,
+        None => panic!("the lock has no history: {:?}", lock.spec),
+    }
+}
+
+/// `deploylock status -o json` as `identity`, parsed.
+pub fn status_json(
+    cluster: &TestCluster,
+    identity: Identity,
+    namespace: &str,
+    environment: &str,
+) -> Value {
+    let output = cluster.deploylock(
+        identity,
+        namespace,
+        &["-e", environment, "status", "-o", "json"],
+    );
+    expect_exit(&output, 0, "status -o json");
+    match serde_json::from_slice(&output.stdout) {
+        Ok(value) => value,
+        Err(err) => panic!(
+            "status -o json is not JSON ({err}):\n{}",
+            stdout_of(&output)
+        ),
+    }
 }
