@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time}
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::{
@@ -94,7 +94,15 @@ pub async fn run(
     context: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    Controller::new(api, watcher::Config::default().any_semantic())
+    // The cache holds every lock; managedFields are most of an object's
+    // size and nothing here reads them. A replace without them keeps the
+    // stored ones (the API server treats an empty list as unset).
+    let (reader, writer) = reflector::store();
+    let locks = watcher(api, watcher::Config::default().any_semantic())
+        .modify(|lock| lock.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(locks, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(32))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
