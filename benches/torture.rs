@@ -1,7 +1,8 @@
 //! `make torture`: the torture engine of tests/integration/torture.rs run for
 //! minutes on a control plane of its own, with faults injected: kube-apiserver
 //! and etcd restarted, the controller killed with SIGKILL and restarted, and
-//! holders paused past their expiry. Reports how many operations it checked;
+//! holders paused past their expiry (in-process ones sleep; an exec process
+//! is stopped with SIGSTOP). Reports how many operations it checked;
 //! exits 1 on any violation. TORTURE_SECONDS sets the length (default 600).
 
 #[allow(dead_code)]
@@ -48,7 +49,15 @@ async fn main() -> ExitCode {
     };
     eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
     let duration = Duration::from_secs(seconds);
-    let engine = torture::run(&target, 4, 3, duration, seed, true);
+    let plan = torture::Plan {
+        environments: 4,
+        in_process: 3,
+        processes: 1,
+        duration,
+        seed,
+        pauses: true,
+    };
+    let engine = torture::run(&target, &plan);
     let chaos = async {
         let mut controller = cluster.spawn_controller(&namespace, "torture", &[]);
         let started = std::time::Instant::now();
@@ -78,6 +87,7 @@ async fn main() -> ExitCode {
         torture::lost_refusals(&ops),
         violations.len()
     );
+    println!("operations: {}", torture::counts(&ops));
     for violation in &violations {
         println!("VIOLATION {violation}");
     }

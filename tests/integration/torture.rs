@@ -1,18 +1,26 @@
 //! Randomized torture of mutual exclusion: concurrent clients perform random
 //! acquire / extend / release / force / force-release operations on a few
 //! environments, every invocation and completion is logged, and a checker
-//! verifies the history afterwards. The short run is part of `make test`;
+//! verifies the history afterwards. Some clients are in-process (the library's
+//! `LockStore`), others run the real `deploylock` binary: acquire (also with
+//! --wait-timeout, through the queue), extend, release, force-release, wait
+//! and exec, and in the long run an exec process stopped with SIGSTOP past its
+//! lock's expiry and resumed. The short run is part of `make test`;
 //! `make torture` runs the same engine for minutes on a control plane of its
 //! own, with faults injected (benches/torture.rs).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use kube::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use deploylock::crd::{DeploymentLock, HistoryAction};
@@ -28,15 +36,42 @@ pub struct Target {
     pub admin_kubeconfig: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a run does.
+pub struct Plan {
+    pub environments: usize,
+    /// In-process clients per identity.
+    pub in_process: usize,
+    /// Clients per identity that run the `deploylock` binary.
+    pub processes: usize,
+    pub duration: StdDuration,
+    pub seed: u64,
+    /// Holders pause past their expiry: in-process ones sleep, an exec
+    /// process is stopped with SIGSTOP (minutes: a lock lasts at least 1).
+    pub pauses: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OpKind {
     Acquire,
     ForceAcquire,
+    /// `acquire --wait-timeout`: through the queue.
+    AcquireWait,
     Extend,
     Release,
     ForceRelease,
     /// A holder that slept past its expiry and then tries to extend.
     ExtendAfterPause,
+    /// `deploylock wait`.
+    Wait,
+    /// `deploylock exec`: the holding its command saw (the release at its
+    /// end is logged as a Release).
+    Exec,
+    /// An exec process stopped with SIGSTOP past its lock's expiry: the
+    /// holding it took.
+    ExecPaused,
+    /// The same exec once resumed: it must end with "lock lost" (exit 7),
+    /// never carry on as holder.
+    ExecResumed,
 }
 
 #[derive(Clone, Debug)]
@@ -56,11 +91,19 @@ pub enum OpResult {
 #[derive(Clone, Debug)]
 pub struct Op {
     pub worker: usize,
+    /// A `deploylock` process rather than an in-process client.
+    pub process: bool,
     pub user: String,
+    /// The owner label the worker acquires with (explains stored history
+    /// entries of acquisitions whose outcome the client never learnt).
+    pub owner: String,
     pub environment: String,
     pub kind: OpKind,
     /// The holding the op concerns (extend/release), if any.
     pub target_lock: Option<String>,
+    /// The lock ID an in-process acquire asked for (known even if the
+    /// outcome is not).
+    pub attempted_lock: Option<String>,
     pub invoked: Instant,
     pub completed: Instant,
     pub result: OpResult,
@@ -112,115 +155,580 @@ fn classify(result: Result<deploylock::store::Applied, Error>) -> OpResult {
     }
 }
 
-/// Runs `workers_per_identity` clients per identity for `duration`. With
-/// `pauses`, some holders sleep past their expiry and then try to extend.
-pub async fn run(
-    target: &Target,
-    environments: usize,
-    workers_per_identity: usize,
-    duration: StdDuration,
-    seed: u64,
-    pauses: bool,
-) -> Vec<Op> {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let deadline = Instant::now() + duration;
+/// Shared log of every operation.
+type Log = Arc<Mutex<Vec<Op>>>;
+
+/// What every operation of one worker logs alongside its result.
+#[derive(Clone)]
+struct Worker {
+    id: usize,
+    process: bool,
+    user: String,
+    owner: String,
+    log: Log,
+}
+
+impl Worker {
+    fn record(
+        &self,
+        environment: &str,
+        kind: OpKind,
+        target_lock: Option<String>,
+        attempted_lock: Option<String>,
+        invoked: Instant,
+        result: OpResult,
+    ) {
+        if let Ok(mut log) = self.log.lock() {
+            log.push(Op {
+                worker: self.id,
+                process: self.process,
+                user: self.user.clone(),
+                owner: self.owner.clone(),
+                environment: environment.to_string(),
+                kind,
+                target_lock,
+                attempted_lock,
+                invoked,
+                completed: Instant::now(),
+                result,
+            });
+        }
+    }
+}
+
+/// Runs the plan's clients for its duration and returns every operation.
+pub async fn run(target: &Target, plan: &Plan) -> Vec<Op> {
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + plan.duration;
     let mut tasks = Vec::new();
-    let mut worker = 0;
+    let mut id = 0;
     for (user, kubeconfig, can_force) in &target.identities {
-        for _ in 0..workers_per_identity {
-            let store = store_for(kubeconfig, &target.namespace).await;
-            let user = user.clone();
-            let can_force = *can_force;
-            let log = log.clone();
-            let mut rng = Rng((seed ^ (worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
-            let this_worker = worker;
-            tasks.push(tokio::spawn(async move {
-                let actor = Actor::new(user.clone(), Some(format!("{user}-{this_worker}")));
-                // Holdings this worker believes it has, per environment.
-                let mut mine: HashMap<String, String> = HashMap::new();
-                while Instant::now() < deadline {
-                    let environment = format!("t{}", rng.below(environments as u64));
-                    let held = mine.get(&environment).cloned();
-                    let roll = rng.below(100);
-                    let kind = match (held.is_some(), roll) {
-                        (true, r) if pauses && r < 2 => OpKind::ExtendAfterPause,
-                        (true, r) if r < 45 => OpKind::Extend,
-                        (true, _) => OpKind::Release,
-                        (false, r) if can_force && r < 8 => OpKind::ForceAcquire,
-                        (false, r) if can_force && r < 14 => OpKind::ForceRelease,
-                        (false, _) => OpKind::Acquire,
-                    };
-                    let request = match kind {
-                        OpKind::Acquire | OpKind::ForceAcquire => {
-                            Request::Acquire(AcquireRequest {
-                                actor: actor.clone(),
-                                lock_id: uuid::Uuid::new_v4().to_string(),
-                                lock_type: deploylock::crd::LockType::Manual,
-                                force: kind == OpKind::ForceAcquire,
-                                reason: format!("torture {kind:?}"),
-                                duration: Duration::seconds(60),
-                                deployment_id: None,
-                                metadata: BTreeMap::new(),
-                                waiter_id: None,
-                            })
-                        }
-                        OpKind::Extend | OpKind::ExtendAfterPause => Request::Extend {
-                            actor: actor.clone(),
-                            duration: Duration::seconds(60),
-                            lock_id: held.clone(),
-                        },
-                        OpKind::Release => Request::Release {
-                            actor: actor.clone(),
-                            lock_id: held.clone(),
-                        },
-                        OpKind::ForceRelease => Request::ForceRelease {
-                            actor: actor.clone(),
-                            reason: "torture force-release".into(),
-                        },
-                    };
-                    if kind == OpKind::ExtendAfterPause {
-                        // Past the 60 s holding: another client may take it.
-                        tokio::time::sleep(StdDuration::from_secs(62)).await;
-                    }
-                    let invoked = Instant::now();
-                    let result = classify(store.apply(&environment, &request).await);
-                    let completed = Instant::now();
-                    match (&kind, &result) {
-                        (
-                            OpKind::Acquire | OpKind::ForceAcquire,
-                            OpResult::Done {
-                                lock_id: Some(id), ..
-                            },
-                        ) => {
-                            mine.insert(environment.clone(), id.clone());
-                        }
-                        (OpKind::Release, _)
-                        | (OpKind::Extend | OpKind::ExtendAfterPause, OpResult::Refused(_)) => {
-                            mine.remove(&environment);
-                        }
-                        _ => {}
-                    }
-                    if let Ok(mut log) = log.lock() {
-                        log.push(Op {
-                            worker: this_worker,
-                            user: user.clone(),
-                            environment,
-                            kind,
-                            target_lock: held,
-                            invoked,
-                            completed,
-                            result,
-                        });
-                    }
-                }
-            }));
-            worker += 1;
+        for n in 0..plan.in_process + plan.processes {
+            let process = n >= plan.in_process;
+            let worker = Worker {
+                id,
+                process,
+                user: user.clone(),
+                owner: format!("{user}-{id}"),
+                log: log.clone(),
+            };
+            let rng = Rng((plan.seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
+            if process {
+                let cli = Cli {
+                    kubeconfig: kubeconfig.clone(),
+                    namespace: target.namespace.clone(),
+                };
+                tasks.push(tokio::spawn(process_worker(
+                    worker,
+                    cli,
+                    *can_force,
+                    rng,
+                    plan.environments,
+                    plan.pauses,
+                    deadline,
+                )));
+            } else {
+                let store = store_for(kubeconfig, &target.namespace).await;
+                tasks.push(tokio::spawn(in_process_worker(
+                    worker,
+                    store,
+                    *can_force,
+                    rng,
+                    plan.environments,
+                    plan.pauses,
+                    deadline,
+                )));
+            }
+            id += 1;
         }
     }
     for task in tasks {
         let _ = task.await;
     }
     log.lock().map(|log| log.clone()).unwrap_or_default()
+}
+
+async fn in_process_worker(
+    worker: Worker,
+    store: LockStore,
+    can_force: bool,
+    mut rng: Rng,
+    environments: usize,
+    pauses: bool,
+    deadline: Instant,
+) {
+    let actor = Actor::new(worker.user.clone(), Some(worker.owner.clone()));
+    // Holdings this worker believes it has, per environment.
+    let mut mine: HashMap<String, String> = HashMap::new();
+    while Instant::now() < deadline {
+        let environment = format!("t{}", rng.below(environments as u64));
+        let held = mine.get(&environment).cloned();
+        let roll = rng.below(100);
+        let kind = match (held.is_some(), roll) {
+            (true, r) if pauses && r < 2 => OpKind::ExtendAfterPause,
+            (true, r) if r < 45 => OpKind::Extend,
+            (true, _) => OpKind::Release,
+            (false, r) if can_force && r < 8 => OpKind::ForceAcquire,
+            (false, r) if can_force && r < 14 => OpKind::ForceRelease,
+            (false, _) => OpKind::Acquire,
+        };
+        let mut attempted = None;
+        let request = match kind {
+            OpKind::Extend | OpKind::ExtendAfterPause => Request::Extend {
+                actor: actor.clone(),
+                duration: Duration::seconds(60),
+                lock_id: held.clone(),
+            },
+            OpKind::Release => Request::Release {
+                actor: actor.clone(),
+                lock_id: held.clone(),
+            },
+            OpKind::ForceRelease => Request::ForceRelease {
+                actor: actor.clone(),
+                reason: "torture force-release".into(),
+            },
+            _ => {
+                let lock_id = uuid::Uuid::new_v4().to_string();
+                attempted = Some(lock_id.clone());
+                Request::Acquire(AcquireRequest {
+                    actor: actor.clone(),
+                    lock_id,
+                    lock_type: deploylock::crd::LockType::Manual,
+                    force: kind == OpKind::ForceAcquire,
+                    reason: format!("torture {kind:?}"),
+                    duration: Duration::seconds(60),
+                    deployment_id: None,
+                    metadata: BTreeMap::new(),
+                    waiter_id: None,
+                })
+            }
+        };
+        if kind == OpKind::ExtendAfterPause {
+            // Past the 60 s holding: another client may take it.
+            tokio::time::sleep(StdDuration::from_secs(62)).await;
+        }
+        let invoked = Instant::now();
+        let result = classify(store.apply(&environment, &request).await);
+        track(&mut mine, &environment, kind, &result);
+        worker.record(&environment, kind, held, attempted, invoked, result);
+    }
+}
+
+/// Keeps a worker's view of its own holdings up to date after an operation.
+fn track(mine: &mut HashMap<String, String>, environment: &str, kind: OpKind, result: &OpResult) {
+    match (kind, result) {
+        (
+            OpKind::Acquire | OpKind::ForceAcquire | OpKind::AcquireWait,
+            OpResult::Done {
+                lock_id: Some(id), ..
+            },
+        ) => {
+            mine.insert(environment.to_string(), id.clone());
+        }
+        (OpKind::Release, _)
+        | (OpKind::Extend | OpKind::ExtendAfterPause, OpResult::Refused(_)) => {
+            mine.remove(environment);
+        }
+        _ => {}
+    }
+}
+
+/// The `deploylock` binary, run as one identity.
+struct Cli {
+    kubeconfig: PathBuf,
+    namespace: String,
+}
+
+impl Cli {
+    fn command(&self, environment: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["-n", &self.namespace, "-e", environment, "-o", "json"])
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs to completion: exit code (None if a signal ended it), stdout, stderr.
+    async fn run(&self, environment: &str, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut command = tokio::process::Command::from(self.command(environment));
+        match command.args(args).kill_on_drop(true).output().await {
+            Ok(output) => (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            ),
+            Err(err) => (None, String::new(), format!("cannot run deploylock: {err}")),
+        }
+    }
+}
+
+/// How an exit code of the CLI reads for the checker: 3 (held), 4 (wait
+/// timed out), 5 (not the holder) and 7 (lock lost) are refusals that changed
+/// nothing; anything but 0 otherwise (unreachable, interrupted) is unknown.
+fn refused_or_unknown(code: Option<i32>, stderr: &str) -> OpResult {
+    match code {
+        Some(7) => OpResult::Refused(format!("LockLost (exit 7): {stderr}")),
+        Some(code @ 3..=5) => OpResult::Refused(format!("exit {code}: {stderr}")),
+        code => OpResult::Ambiguous(format!("exit {code:?}: {stderr}")),
+    }
+}
+
+/// The holding named `lock_id` (or the current holder) in a `-o json` view,
+/// with the history entry that granted it.
+fn holding_in_view(view: &serde_json::Value, lock_id: Option<&str>) -> Option<OpResult> {
+    let holder = &view["holder"];
+    let lock_id = lock_id.or_else(|| holder["lockId"].as_str())?;
+    let action = view["history"]
+        .as_array()?
+        .iter()
+        .filter(|entry| entry["lockId"].as_str() == Some(lock_id))
+        .filter_map(|entry| serde_json::from_value::<HistoryAction>(entry["action"].clone()).ok())
+        .find(|action| {
+            matches!(
+                action,
+                HistoryAction::Acquired
+                    | HistoryAction::TookOverExpired
+                    | HistoryAction::ForceAcquired
+            )
+        })?;
+    let is_holder = holder["lockId"].as_str() == Some(lock_id);
+    let time = |field: &str| {
+        is_holder
+            .then(|| holder[field].as_str())
+            .flatten()
+            .and_then(|text| text.parse::<DateTime<Utc>>().ok())
+    };
+    Some(OpResult::Done {
+        outcome: Outcome::Transition(action),
+        lock_id: Some(lock_id.to_string()),
+        fencing_token: view["fencingToken"].as_i64().unwrap_or_default(),
+        acquired_at: time("acquiredAt"),
+        expires_at: time("expiresAt"),
+    })
+}
+
+fn done(action: HistoryAction) -> OpResult {
+    OpResult::Done {
+        outcome: Outcome::Transition(action),
+        lock_id: None,
+        fencing_token: 0,
+        acquired_at: None,
+        expires_at: None,
+    }
+}
+
+async fn process_worker(
+    worker: Worker,
+    cli: Cli,
+    can_force: bool,
+    mut rng: Rng,
+    environments: usize,
+    pauses: bool,
+    deadline: Instant,
+) {
+    let mut mine: HashMap<String, String> = HashMap::new();
+    // A stopped exec blocks its worker for over a minute: one per two minutes.
+    let mut next_pause = Instant::now() + StdDuration::from_secs(20);
+    while Instant::now() < deadline {
+        let environment = format!("t{}", rng.below(environments as u64));
+        let held = mine.get(&environment).cloned();
+        let roll = rng.below(100);
+        let kind = match (held.is_some(), roll) {
+            (true, r) if r < 40 => OpKind::Extend,
+            (true, _) => OpKind::Release,
+            (false, r) if can_force && r < 6 => OpKind::ForceAcquire,
+            (false, r) if can_force && r < 10 => OpKind::ForceRelease,
+            (false, r) if pauses && r < 12 && Instant::now() >= next_pause => {
+                next_pause = Instant::now() + StdDuration::from_secs(120);
+                OpKind::ExecPaused
+            }
+            (false, r) if r < 35 => OpKind::Exec,
+            (false, r) if r < 45 => OpKind::AcquireWait,
+            (false, r) if r < 55 => OpKind::Wait,
+            (false, _) => OpKind::Acquire,
+        };
+        let owner = worker.owner.as_str();
+        let invoked = Instant::now();
+        let result = match kind {
+            OpKind::Exec | OpKind::ExecPaused => {
+                exec(&worker, &cli, &environment, kind).await;
+                continue;
+            }
+            OpKind::Acquire | OpKind::ForceAcquire | OpKind::AcquireWait => {
+                let mut args = vec![
+                    "acquire",
+                    "--duration",
+                    "1",
+                    "--owner",
+                    owner,
+                    "--reason",
+                    "torture",
+                ];
+                match kind {
+                    OpKind::ForceAcquire => args.push("--force"),
+                    OpKind::AcquireWait => args.extend(["--wait-timeout", "3"]),
+                    _ => {}
+                }
+                let (code, stdout, stderr) = cli.run(&environment, &args).await;
+                match code {
+                    Some(0) => serde_json::from_str(&stdout)
+                        .ok()
+                        .and_then(|view| holding_in_view(&view, None))
+                        .unwrap_or_else(|| {
+                            OpResult::Ambiguous(format!("unreadable output: {stdout}"))
+                        }),
+                    code => refused_or_unknown(code, &stderr),
+                }
+            }
+            OpKind::Extend | OpKind::Release => {
+                let lock_id = held.clone().unwrap_or_default();
+                let action = if kind == OpKind::Extend {
+                    "extend"
+                } else {
+                    "release"
+                };
+                let mut args = vec![action, "--lock-id", &lock_id];
+                if kind == OpKind::Extend {
+                    args.extend(["--duration", "1"]);
+                }
+                let (code, stdout, stderr) = cli.run(&environment, &args).await;
+                match code {
+                    Some(0) if kind == OpKind::Release => done(HistoryAction::Released),
+                    Some(0) => {
+                        let view: serde_json::Value =
+                            serde_json::from_str(&stdout).unwrap_or_default();
+                        match holding_in_view(&view, Some(&lock_id)) {
+                            Some(OpResult::Done {
+                                lock_id,
+                                fencing_token,
+                                acquired_at,
+                                expires_at,
+                                ..
+                            }) => OpResult::Done {
+                                outcome: Outcome::Transition(HistoryAction::Extended),
+                                lock_id,
+                                fencing_token,
+                                acquired_at,
+                                expires_at,
+                            },
+                            _ => OpResult::Ambiguous(format!("unreadable output: {stdout}")),
+                        }
+                    }
+                    code => refused_or_unknown(code, &stderr),
+                }
+            }
+            OpKind::ForceRelease => {
+                let (code, _, stderr) = cli
+                    .run(&environment, &["force-release", "--reason", "torture"])
+                    .await;
+                match code {
+                    Some(0) => done(HistoryAction::ForceReleased),
+                    code => refused_or_unknown(code, &stderr),
+                }
+            }
+            _ => {
+                let (code, _, stderr) = cli
+                    .run(&environment, &["wait", "--wait-timeout", "2"])
+                    .await;
+                match code {
+                    Some(0) => OpResult::Done {
+                        outcome: Outcome::Unchanged(deploylock::rules::NoChange::AlreadyAvailable),
+                        lock_id: None,
+                        fencing_token: 0,
+                        acquired_at: None,
+                        expires_at: None,
+                    },
+                    code => refused_or_unknown(code, &stderr),
+                }
+            }
+        };
+        track(&mut mine, &environment, kind, &result);
+        worker.record(&environment, kind, held, None, invoked, result);
+    }
+}
+
+/// One `deploylock exec`. Its command prints the holding it runs under (lock
+/// ID and token from the environment exec sets, then `status -o json`) and
+/// sleeps; a paused exec is stopped (SIGSTOP) for longer than its 1-minute
+/// lock lasts, then resumed, and must report the lock lost.
+async fn exec(worker: &Worker, cli: &Cli, environment: &str, kind: OpKind) {
+    let command = cli.command(environment);
+    let (worker, kubeconfig, environment) = (
+        worker.clone(),
+        cli.kubeconfig.clone(),
+        environment.to_string(),
+    );
+    // Reading its output line by line and stopping it are simplest blocking.
+    let _ = tokio::task::spawn_blocking(move || {
+        exec_blocking(&worker, command, &kubeconfig, &environment, kind)
+    })
+    .await;
+}
+
+fn exec_blocking(
+    worker: &Worker,
+    mut command: std::process::Command,
+    kubeconfig: &PathBuf,
+    environment: &str,
+    kind: OpKind,
+) {
+    let paused = kind == OpKind::ExecPaused;
+    let script = format!(
+        "echo \"$DEPLOYLOCK_LOCK_ID $DEPLOYLOCK_FENCING_TOKEN\"; \"$0\" --kubeconfig \"$1\" -n \"$DEPLOYLOCK_NAMESPACE\" -e \"$DEPLOYLOCK_ENVIRONMENT\" -o json status | tr -d '\\n'; echo; sleep {}",
+        if paused { "120" } else { "0.2" }
+    );
+    let invoked = Instant::now();
+    command
+        .args([
+            "exec",
+            "--duration",
+            "1",
+            "--grace",
+            "1",
+            "--owner",
+            &worker.owner,
+            "--reason",
+            "torture exec",
+            "--",
+        ])
+        .args(["sh", "-c", &script, env!("CARGO_BIN_EXE_deploylock")])
+        .arg(kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            worker.record(
+                environment,
+                kind,
+                None,
+                None,
+                invoked,
+                OpResult::Ambiguous(format!("cannot run deploylock: {err}")),
+            );
+            return;
+        }
+    };
+    let mut lines = child
+        .stdout
+        .take()
+        .map(|stdout| BufReader::new(stdout).lines());
+    let mut next_line = || {
+        lines
+            .as_mut()
+            .and_then(|lines| lines.next())
+            .and_then(Result::ok)
+    };
+    let ids = next_line();
+    let view = next_line();
+    let holding = ids.as_deref().and_then(|ids| {
+        let (lock_id, token) = ids.split_once(' ')?;
+        let token: i64 = token.trim().parse().ok()?;
+        let view: serde_json::Value = view
+            .as_deref()
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default();
+        Some(match holding_in_view(&view, Some(lock_id)) {
+            Some(OpResult::Done {
+                outcome,
+                acquired_at,
+                expires_at,
+                ..
+            }) => OpResult::Done {
+                outcome,
+                lock_id: Some(lock_id.to_string()),
+                fencing_token: token,
+                acquired_at,
+                expires_at,
+            },
+            // Held (the command runs) but how it was granted is unknown.
+            _ => OpResult::Ambiguous(format!(
+                "exec holding {lock_id} (token {token}) without a readable status"
+            )),
+        })
+    });
+    let lock_id = match &holding {
+        Some(OpResult::Done { lock_id, .. }) => lock_id.clone(),
+        _ => None,
+    };
+    if let Some(holding) = holding.clone() {
+        worker.record(environment, kind, None, lock_id.clone(), invoked, holding);
+    }
+    let resumed_at = if paused && holding.is_some() {
+        let pid = i32::try_from(child.id()).ok().map(Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = kill(pid, Signal::SIGSTOP);
+            // The pause is the fault itself, not a wait for something.
+            std::thread::sleep(StdDuration::from_secs(65));
+            let _ = kill(pid, Signal::SIGCONT);
+        }
+        Some(Instant::now())
+    } else {
+        None
+    };
+    while next_line().is_some() {}
+    let output = child.wait_with_output();
+    let (code, stderr) = match output {
+        Ok(output) => (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ),
+        Err(err) => (None, err.to_string()),
+    };
+    match (holding, resumed_at) {
+        // Never held: the refusal (3) or the failure is the result.
+        (None, _) => worker.record(
+            environment,
+            kind,
+            None,
+            None,
+            invoked,
+            refused_or_unknown(code, &stderr),
+        ),
+        (Some(_), Some(resumed)) => {
+            let result = match code {
+                Some(7) => OpResult::Refused(format!("LockLost (exit 7): {stderr}")),
+                Some(_) => OpResult::Done {
+                    outcome: Outcome::Unchanged(deploylock::rules::NoChange::AlreadyAvailable),
+                    lock_id: lock_id.clone(),
+                    fencing_token: 0,
+                    acquired_at: None,
+                    expires_at: None,
+                },
+                None => OpResult::Ambiguous(format!("exec ended by a signal: {stderr}")),
+            };
+            worker.record(
+                environment,
+                OpKind::ExecResumed,
+                lock_id,
+                None,
+                resumed,
+                result,
+            );
+        }
+        // The command ran to its end: exec released the holding.
+        (Some(_), None) => {
+            let result = match code {
+                // exec warns, and keeps the command's code, when its final
+                // release fails: whether the holding ended then is unknown.
+                Some(0) if stderr.contains("could not release") => {
+                    OpResult::Ambiguous(format!("exec's release: {stderr}"))
+                }
+                Some(0) => done(HistoryAction::Released),
+                code => refused_or_unknown(code, &stderr),
+            };
+            worker.record(
+                environment,
+                OpKind::Release,
+                lock_id,
+                None,
+                Instant::now(),
+                result,
+            );
+        }
+    }
 }
 
 /// A successful acquisition, as the client saw it.
@@ -385,18 +893,25 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
         .unwrap_or_else(|err| panic!("{err}"));
     let client = kube::Client::try_from(config).unwrap_or_else(|err| panic!("{err}"));
     let api: Api<DeploymentLock> = Api::namespaced(client, &target.namespace);
-    let seen: std::collections::HashSet<&str> = ops
-        .iter()
-        .filter_map(|op| match &op.result {
+    // Lock IDs clients saw or asked for, and the owners whose CLI
+    // acquisitions ended without a known outcome (the CLI picks its lock ID).
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut unknown_owners: HashSet<&str> = HashSet::new();
+    for op in ops {
+        match &op.result {
             OpResult::Done {
                 lock_id: Some(id), ..
-            } => Some(id.as_str()),
-            _ => op.target_lock.as_deref(),
-        })
-        .collect();
-    let ambiguous = ops
-        .iter()
-        .any(|op| matches!(op.result, OpResult::Ambiguous(_)));
+            } => {
+                seen.insert(id);
+            }
+            OpResult::Ambiguous(_) if op.process => {
+                unknown_owners.insert(&op.owner);
+            }
+            _ => {}
+        }
+        seen.extend(op.target_lock.as_deref());
+        seen.extend(op.attempted_lock.as_deref());
+    }
     for environment in by_env.keys() {
         let Ok(lock) = api.get(environment).await else {
             violations.push(format!("{environment}: cannot read the final object"));
@@ -408,15 +923,26 @@ pub async fn check(target: &Target, ops: &[Op]) -> (usize, Vec<String>) {
                 violations.push(format!("{environment}: history sequence not increasing"));
             }
             previous = entry.sequence;
-            if entry.action != HistoryAction::Cleared
-                && !seen.contains(entry.lock_id.as_str())
-                && !ambiguous
-            {
+            let explained = entry.action == HistoryAction::Cleared
+                || seen.contains(entry.lock_id.as_str())
+                || unknown_owners.contains(entry.owner.as_str());
+            if !explained {
                 violations.push(format!(
-                    "{environment}: stored {:?} of {} was never seen by a client",
-                    entry.action, entry.lock_id
+                    "{environment}: stored {:?} of {} (owner {}) was never seen by a client",
+                    entry.action, entry.lock_id, entry.owner
                 ));
             }
+        }
+    }
+    // A client stopped past its lock's expiry must not carry on as holder.
+    for op in ops {
+        if op.kind == OpKind::ExecResumed && matches!(op.result, OpResult::Done { .. }) {
+            violations.push(format!(
+                "{}: exec of {} (owner {}) was stopped past its expiry and carried on instead of reporting the lock lost",
+                op.environment,
+                op.target_lock.as_deref().unwrap_or("?"),
+                op.owner
+            ));
         }
     }
     (ops.len(), violations)
@@ -430,6 +956,29 @@ pub fn ambiguous(ops: &[Op]) -> (usize, Option<String>) {
     });
     let first = reasons.next();
     (reasons.count() + usize::from(first.is_some()), first)
+}
+
+/// Operations per kind, from in-process clients and from `deploylock`
+/// processes (for the report).
+pub fn counts(ops: &[Op]) -> String {
+    let mut by_kind: BTreeMap<(OpKind, bool), usize> = BTreeMap::new();
+    for op in ops {
+        *by_kind.entry((op.kind, op.process)).or_default() += 1;
+    }
+    by_kind
+        .iter()
+        .map(|((kind, process), n)| {
+            format!(
+                "{kind:?} ({}): {n}",
+                if *process {
+                    "deploylock process"
+                } else {
+                    "in-process"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Counts refusals that prove overridden holders were told (for the report).

@@ -1,12 +1,15 @@
 //! The short torture run inside `make test` (the engine is in torture.rs;
-//! `make torture` runs it for minutes with faults).
+//! `make torture` runs it for minutes with faults): in-process clients and
+//! `deploylock` processes, the controller killed midway.
 
 use std::time::Duration as StdDuration;
 
 use chrono::Utc;
 
 use crate::support::{Identity, cluster};
-use crate::torture::{OpResult, Target, ambiguous, check, lost_refusals, run};
+use crate::torture::{
+    OpKind, OpResult, Plan, Target, ambiguous, check, counts, lost_refusals, run,
+};
 use deploylock::store::Outcome;
 
 #[tokio::test]
@@ -26,7 +29,15 @@ async fn short_torture_run_finds_no_violation() {
     eprintln!("torture seed {seed}");
     // The controller is killed with SIGKILL and restarted midway.
     let controller = cluster.spawn_controller(&namespace, "torture", &[]);
-    let engine = run(&target, 3, 2, StdDuration::from_secs(8), seed, false);
+    let plan = Plan {
+        environments: 3,
+        in_process: 2,
+        processes: 1,
+        duration: StdDuration::from_secs(8),
+        seed,
+        pauses: false,
+    };
+    let engine = run(&target, &plan);
     let chaos = async {
         tokio::time::sleep(StdDuration::from_secs(3)).await;
         controller.signal("KILL");
@@ -40,7 +51,19 @@ async fn short_torture_run_finds_no_violation() {
         lost_refusals(&ops),
         violations.len()
     );
+    eprintln!("torture: {}", counts(&ops));
     assert!(checked > 50, "too few operations: {checked}");
+    let by_processes = |kind: OpKind| {
+        ops.iter()
+            .filter(|op| op.process && op.kind == kind)
+            .count()
+    };
+    for kind in [OpKind::Acquire, OpKind::Exec] {
+        assert!(
+            by_processes(kind) > 0,
+            "no {kind:?} by a deploylock process"
+        );
+    }
     let acquisitions = ops
         .iter()
         .filter(|op| {
