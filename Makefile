@@ -46,7 +46,7 @@ bench: ## Benchmarks against baselines on the local control plane; writes docs/b
 	$(CARGO) bench --bench lockbench
 
 .PHONY: torture
-torture: ## Long randomized mutual-exclusion test with faults (TORTURE_SECONDS, default 600)
+torture: ## Long randomized mutual-exclusion test with faults (TORTURE_SECONDS, default 720)
 	@hack/build-tools.sh >/dev/null
 	$(CARGO) bench --bench torture
 

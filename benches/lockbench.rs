@@ -196,7 +196,7 @@ async fn hand_off(rows: &mut Vec<Row>) {
         Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let mut watched = Vec::new();
     let mut polled = Vec::new();
-    for i in 0..12 {
+    for i in 0..SAMPLES {
         for polling in [false, true] {
             let env = format!("handoff-{i}-{polling}");
             let held = cluster.deploylock(

@@ -3,7 +3,7 @@
 //! and etcd restarted, the controller killed with SIGKILL and restarted, and
 //! holders paused past their expiry (in-process ones sleep; an exec process
 //! is stopped with SIGSTOP). Reports how many operations it checked;
-//! exits 1 on any violation. TORTURE_SECONDS sets the length (default 600).
+//! exits 1 on any violation. TORTURE_SECONDS sets the length (default 720).
 
 #[allow(dead_code)]
 #[path = "../tests/integration/support.rs"]
@@ -31,7 +31,7 @@ async fn main() -> ExitCode {
     let seconds: u64 = std::env::var("TORTURE_SECONDS")
         .ok()
         .and_then(|value| value.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(720);
     let seed = std::env::var("TORTURE_SEED")
         .ok()
         .and_then(|value| value.parse().ok())

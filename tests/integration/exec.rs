@@ -30,8 +30,8 @@ use deploylock::crd::{
 };
 
 use crate::support::{
-    Identity, TestCluster, cluster, expect_exit, holder_of, last_history, locks_api, status_json,
-    stderr_of, stdout_of, stored,
+    ExtraCluster, Identity, TestCluster, client_from, cluster, expect_exit, holder_of, install_crd,
+    last_history, locks_api, status_json, stderr_of, stdout_of, stored,
 };
 
 /// Longest wait for anything that should take a second or two.
@@ -143,10 +143,24 @@ impl Exec {
         env: &[(&str, &Path)],
         dir: &Path,
     ) -> Exec {
+        Exec::start_command(
+            cluster.deploylock_command(identity, namespace),
+            args,
+            env,
+            dir,
+        )
+    }
+
+    /// `start` with a `deploylock` command of one's own (another cluster).
+    fn start_command(
+        mut command: std::process::Command,
+        args: &[&str],
+        env: &[(&str, &Path)],
+        dir: &Path,
+    ) -> Exec {
         let stderr_path = dir.join("exec.stderr");
         let stderr = std::fs::File::create(&stderr_path)
             .unwrap_or_else(|err| panic!("cannot create {}: {err}", stderr_path.display()));
-        let mut command = cluster.deploylock_command(identity, namespace);
         command
             .arg("exec")
             .args(args)
@@ -911,6 +925,103 @@ async fn exec_renews_the_lock_past_its_original_expiry() {
     assert_eq!(
         ours.first().map(|entry| entry.action),
         Some(HistoryAction::Acquired),
+        "{history:?}"
+    );
+    assert!(lock.spec.holder.is_none());
+}
+
+/// The API server is down at exec's renewal instant and comes back: exec
+/// retries the renewal instead of giving up, the command carries on, and the
+/// lock is renewed and then released at its end. A control plane of its own,
+/// so that no other test sees the outage.
+#[tokio::test]
+async fn exec_renews_through_an_api_server_outage() {
+    let extra = ExtraCluster::start("exec-outage");
+    let kubeconfig = extra.admin_kubeconfig();
+    let client = client_from(&kubeconfig)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    if let Err(err) = install_crd(&client).await {
+        panic!("cannot install the CRD: {err}");
+    }
+    let api: Api<DeploymentLock> = Api::namespaced(client, "default");
+    let dir = temp_dir();
+    let pid_of = |server: &str| {
+        let path = extra.dir.join(format!("{server}.pid"));
+        match read_file(&path).trim().parse::<i32>() {
+            Ok(pid) => Pid::from_raw(pid),
+            Err(err) => panic!("bad {}: {err}", path.display()),
+        }
+    };
+
+    // A one-minute lock (renewed at 20 s) around a 45-second command.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+    command
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["-n", "default"])
+        .env_remove("KUBECONFIG");
+    let mut exec = Exec::start_command(
+        command,
+        &[
+            "--duration",
+            "1",
+            "--reason",
+            "outage",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 45",
+        ],
+        &[],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = holder_of(&stored(&api, "production").await).clone();
+
+    // The outage: the supervisor is stopped so that it cannot restart the
+    // apiserver, which is killed; it lasts until exec has failed to renew.
+    let supervisor = pid_of("supervisor");
+    let stop = |pid: Pid, signal: Signal| {
+        if let Err(err) = kill(pid, signal) {
+            panic!("cannot send {signal} to {pid}: {err}");
+        }
+    };
+    stop(supervisor, Signal::SIGSTOP);
+    stop(pid_of("apiserver"), Signal::SIGKILL);
+    let deadline = Instant::now() + StdDuration::from_secs(60);
+    while !exec.stderr().contains("renewal failed; retrying") {
+        if Instant::now() >= deadline {
+            stop(supervisor, Signal::SIGCONT);
+            panic!(
+                "exec never tried to renew during the outage:\n{}",
+                exec.stderr()
+            );
+        }
+        tokio::time::sleep(StdDuration::from_millis(100)).await;
+    }
+    stop(supervisor, Signal::SIGCONT);
+
+    // exec ending is the event: by then the apiserver is back and exec has
+    // renewed (its command outlives the first renewal instant) and released.
+    let finished = exec.finish(StdDuration::from_secs(60)).await;
+    finished.expect_code(0, "exec -- sleep 45 across an outage");
+    let lock = stored(&api, "production").await;
+    let history = &lock.spec.history;
+    let renewal = history
+        .iter()
+        .find(|entry| entry.lock_id == holding.lock_id && entry.action == HistoryAction::Extended);
+    assert!(
+        renewal
+            .and_then(|entry| entry.expires_at)
+            .is_some_and(|at| at > holding.expires_at),
+        "no renewal moved the expiry past {}: {history:?}",
+        holding.expires_at
+    );
+    let last = last_history(&lock);
+    assert_eq!(
+        (last.action, last.lock_id.as_str()),
+        (HistoryAction::Released, holding.lock_id.as_str()),
         "{history:?}"
     );
     assert!(lock.spec.holder.is_none());

@@ -152,7 +152,7 @@ fn start_cluster() -> Result<TestCluster, String> {
     Ok(cluster)
 }
 
-async fn client_from(kubeconfig: &Path) -> Result<Client, String> {
+pub async fn client_from(kubeconfig: &Path) -> Result<Client, String> {
     let file = Kubeconfig::read_from(kubeconfig)
         .map_err(|err| format!("cannot read {}: {err}", kubeconfig.display()))?;
     let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
