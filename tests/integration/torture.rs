@@ -165,6 +165,10 @@ struct Worker {
     process: bool,
     user: String,
     owner: String,
+    can_force: bool,
+    environments: usize,
+    pauses: bool,
+    deadline: Instant,
     log: Log,
 }
 
@@ -210,6 +214,10 @@ pub async fn run(target: &Target, plan: &Plan) -> Vec<Op> {
                 process,
                 user: user.clone(),
                 owner: format!("{user}-{id}"),
+                can_force: *can_force,
+                environments: plan.environments,
+                pauses: plan.pauses,
+                deadline,
                 log: log.clone(),
             };
             let rng = Rng((plan.seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
@@ -218,26 +226,10 @@ pub async fn run(target: &Target, plan: &Plan) -> Vec<Op> {
                     kubeconfig: kubeconfig.clone(),
                     namespace: target.namespace.clone(),
                 };
-                tasks.push(tokio::spawn(process_worker(
-                    worker,
-                    cli,
-                    *can_force,
-                    rng,
-                    plan.environments,
-                    plan.pauses,
-                    deadline,
-                )));
+                tasks.push(tokio::spawn(process_worker(worker, cli, rng)));
             } else {
                 let store = store_for(kubeconfig, &target.namespace).await;
-                tasks.push(tokio::spawn(in_process_worker(
-                    worker,
-                    store,
-                    *can_force,
-                    rng,
-                    plan.environments,
-                    plan.pauses,
-                    deadline,
-                )));
+                tasks.push(tokio::spawn(in_process_worker(worker, store, rng)));
             }
             id += 1;
         }
@@ -248,20 +240,13 @@ pub async fn run(target: &Target, plan: &Plan) -> Vec<Op> {
     log.lock().map(|log| log.clone()).unwrap_or_default()
 }
 
-async fn in_process_worker(
-    worker: Worker,
-    store: LockStore,
-    can_force: bool,
-    mut rng: Rng,
-    environments: usize,
-    pauses: bool,
-    deadline: Instant,
-) {
+async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
     let actor = Actor::new(worker.user.clone(), Some(worker.owner.clone()));
     // Holdings this worker believes it has, per environment.
     let mut mine: HashMap<String, String> = HashMap::new();
-    while Instant::now() < deadline {
-        let environment = format!("t{}", rng.below(environments as u64));
+    let (can_force, pauses) = (worker.can_force, worker.pauses);
+    while Instant::now() < worker.deadline {
+        let environment = format!("t{}", rng.below(worker.environments as u64));
         let held = mine.get(&environment).cloned();
         let roll = rng.below(100);
         let kind = match (held.is_some(), roll) {
@@ -375,24 +360,33 @@ fn refused_or_unknown(code: Option<i32>, stderr: &str) -> OpResult {
     }
 }
 
-/// The holding named `lock_id` (or the current holder) in a `-o json` view,
-/// with the history entry that granted it.
-fn holding_in_view(view: &serde_json::Value, lock_id: Option<&str>) -> Option<OpResult> {
+/// The holding named `lock_id` (or the current holder) in a `-o json` view.
+/// The action that granted it is `known`, or found in the view's history.
+fn holding_in_view(
+    view: &serde_json::Value,
+    lock_id: Option<&str>,
+    known: Option<HistoryAction>,
+) -> Option<OpResult> {
     let holder = &view["holder"];
     let lock_id = lock_id.or_else(|| holder["lockId"].as_str())?;
-    let action = view["history"]
-        .as_array()?
-        .iter()
-        .filter(|entry| entry["lockId"].as_str() == Some(lock_id))
-        .filter_map(|entry| serde_json::from_value::<HistoryAction>(entry["action"].clone()).ok())
-        .find(|action| {
-            matches!(
-                action,
-                HistoryAction::Acquired
-                    | HistoryAction::TookOverExpired
-                    | HistoryAction::ForceAcquired
-            )
-        })?;
+    let granted = || {
+        view["history"]
+            .as_array()?
+            .iter()
+            .filter(|entry| entry["lockId"].as_str() == Some(lock_id))
+            .filter_map(|entry| {
+                serde_json::from_value::<HistoryAction>(entry["action"].clone()).ok()
+            })
+            .find(|action| {
+                matches!(
+                    action,
+                    HistoryAction::Acquired
+                        | HistoryAction::TookOverExpired
+                        | HistoryAction::ForceAcquired
+                )
+            })
+    };
+    let action = known.or_else(granted)?;
     let is_holder = holder["lockId"].as_str() == Some(lock_id);
     let time = |field: &str| {
         is_holder
@@ -419,20 +413,13 @@ fn done(action: HistoryAction) -> OpResult {
     }
 }
 
-async fn process_worker(
-    worker: Worker,
-    cli: Cli,
-    can_force: bool,
-    mut rng: Rng,
-    environments: usize,
-    pauses: bool,
-    deadline: Instant,
-) {
+async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
     let mut mine: HashMap<String, String> = HashMap::new();
     // A stopped exec blocks its worker for over a minute: one per two minutes.
     let mut next_pause = Instant::now() + StdDuration::from_secs(20);
-    while Instant::now() < deadline {
-        let environment = format!("t{}", rng.below(environments as u64));
+    let (can_force, pauses) = (worker.can_force, worker.pauses);
+    while Instant::now() < worker.deadline {
+        let environment = format!("t{}", rng.below(worker.environments as u64));
         let held = mine.get(&environment).cloned();
         let roll = rng.below(100);
         let kind = match (held.is_some(), roll) {
@@ -475,7 +462,7 @@ async fn process_worker(
                 match code {
                     Some(0) => serde_json::from_str(&stdout)
                         .ok()
-                        .and_then(|view| holding_in_view(&view, None))
+                        .and_then(|view| holding_in_view(&view, None, None))
                         .unwrap_or_else(|| {
                             OpResult::Ambiguous(format!("unreadable output: {stdout}"))
                         }),
@@ -496,26 +483,14 @@ async fn process_worker(
                 let (code, stdout, stderr) = cli.run(&environment, &args).await;
                 match code {
                     Some(0) if kind == OpKind::Release => done(HistoryAction::Released),
-                    Some(0) => {
-                        let view: serde_json::Value =
-                            serde_json::from_str(&stdout).unwrap_or_default();
-                        match holding_in_view(&view, Some(&lock_id)) {
-                            Some(OpResult::Done {
-                                lock_id,
-                                fencing_token,
-                                acquired_at,
-                                expires_at,
-                                ..
-                            }) => OpResult::Done {
-                                outcome: Outcome::Transition(HistoryAction::Extended),
-                                lock_id,
-                                fencing_token,
-                                acquired_at,
-                                expires_at,
-                            },
-                            _ => OpResult::Ambiguous(format!("unreadable output: {stdout}")),
-                        }
-                    }
+                    Some(0) => serde_json::from_str(&stdout)
+                        .ok()
+                        .and_then(|view| {
+                            holding_in_view(&view, Some(&lock_id), Some(HistoryAction::Extended))
+                        })
+                        .unwrap_or_else(|| {
+                            OpResult::Ambiguous(format!("unreadable output: {stdout}"))
+                        }),
                     code => refused_or_unknown(code, &stderr),
                 }
             }
@@ -630,7 +605,7 @@ fn exec_blocking(
             .as_deref()
             .and_then(|v| serde_json::from_str(v).ok())
             .unwrap_or_default();
-        Some(match holding_in_view(&view, Some(lock_id)) {
+        Some(match holding_in_view(&view, Some(lock_id), None) {
             Some(OpResult::Done {
                 outcome,
                 acquired_at,
