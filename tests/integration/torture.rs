@@ -5,9 +5,12 @@
 //! `LockStore`), others run the real `deploylock` binary: acquire (also with
 //! --wait-timeout, through the queue), extend, release, force-release, wait
 //! and exec, and in the long run an exec process stopped with SIGSTOP past its
-//! lock's expiry and resumed. The short run is part of `make test`;
-//! `make torture` runs the same engine for minutes on a control plane of its
-//! own, with faults injected (benches/torture.rs).
+//! lock's expiry and resumed. Holdings last 60 to 90 s (in-process) or 1 or
+//! 2 minutes (the CLI takes minutes; a lock lasts at least one).
+//!
+//! The short run is part of `make test`; `make torture` runs the same engine
+//! for minutes on a control plane of its own, with faults injected
+//! (benches/torture.rs).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -258,10 +261,12 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
             (false, _) => OpKind::Acquire,
         };
         let mut attempted = None;
+        // 60 to 90 s: a pause of 62 s outlasts some holdings, not others.
+        let duration = Duration::seconds(60 + rng.below(31) as i64);
         let request = match kind {
             OpKind::Extend | OpKind::ExtendAfterPause => Request::Extend {
                 actor: actor.clone(),
-                duration: Duration::seconds(60),
+                duration,
                 lock_id: held.clone(),
             },
             OpKind::Release => Request::Release {
@@ -281,7 +286,7 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
                     lock_type: deploylock::crd::LockType::Manual,
                     force: kind == OpKind::ForceAcquire,
                     reason: format!("torture {kind:?}"),
-                    duration: Duration::seconds(60),
+                    duration,
                     deployment_id: None,
                     metadata: BTreeMap::new(),
                     waiter_id: None,
@@ -437,6 +442,8 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
             (false, _) => OpKind::Acquire,
         };
         let owner = worker.owner.as_str();
+        // The CLI takes whole minutes.
+        let minutes = if rng.below(2) == 0 { "1" } else { "2" };
         let invoked = Instant::now();
         let result = match kind {
             OpKind::Exec | OpKind::ExecPaused => {
@@ -447,7 +454,7 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
                 let mut args = vec![
                     "acquire",
                     "--duration",
-                    "1",
+                    minutes,
                     "--owner",
                     owner,
                     "--reason",
@@ -478,7 +485,7 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
                 };
                 let mut args = vec![action, "--lock-id", &lock_id];
                 if kind == OpKind::Extend {
-                    args.extend(["--duration", "1"]);
+                    args.extend(["--duration", minutes]);
                 }
                 let (code, stdout, stderr) = cli.run(&environment, &args).await;
                 match code {
