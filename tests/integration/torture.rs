@@ -562,19 +562,23 @@ fn exec_blocking(
         if paused { "120" } else { "0.2" }
     );
     let invoked = Instant::now();
+    command.args([
+        "exec",
+        "--duration",
+        "1",
+        "--grace",
+        "1",
+        "--owner",
+        &worker.owner,
+        "--reason",
+        "torture exec",
+    ]);
+    if paused {
+        // Queue for the lock rather than give up: the pause needs a holding.
+        command.args(["--wait-timeout", "20"]);
+    }
     command
-        .args([
-            "exec",
-            "--duration",
-            "1",
-            "--grace",
-            "1",
-            "--owner",
-            &worker.owner,
-            "--reason",
-            "torture exec",
-            "--",
-        ])
+        .arg("--")
         .args(["sh", "-c", &script, env!("CARGO_BIN_EXE_deploylock")])
         .arg(kubeconfig)
         .stdout(Stdio::piped())
