@@ -74,12 +74,13 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
     Ok((client, namespace))
 }
 
-/// kube's default client stack, with TCP_NODELAY on its connections.
+/// kube's default client stack, with TCP_NODELAY on its connections: the
+/// client to give [`LockStore::new`].
 ///
 /// Without it, the first request on a new TLS connection (every read after a
 /// watch ends, since the watch held the pooled connection) waits for the
 /// server's delayed ACK of the handshake: 40 ms added to each hand-off.
-fn client_from(config: Config) -> Result<Client, kube::Error> {
+pub fn client_from(config: Config) -> Result<Client, kube::Error> {
     if config.proxy_url.is_some() {
         // kube decides what a proxy needs (and refuses kinds it was built without).
         return Client::try_from(config);

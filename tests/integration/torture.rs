@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use deploylock::crd::{DeploymentLock, HistoryAction};
 use deploylock::error::Error;
 use deploylock::rules::{AcquireRequest, Actor, Request};
-use deploylock::store::{LockStore, Outcome};
+use deploylock::store::{self, LockStore, Outcome};
 
 /// Where the engine runs: a namespace and one kubeconfig per identity.
 pub struct Target {
@@ -135,7 +135,7 @@ async fn store_for(kubeconfig: &PathBuf, namespace: &str) -> LockStore {
         .unwrap_or_else(|err| panic!("{err}"));
     config.connect_timeout = Some(StdDuration::from_secs(2));
     config.read_timeout = Some(StdDuration::from_secs(10));
-    let client = kube::Client::try_from(config).unwrap_or_else(|err| panic!("{err}"));
+    let client = store::client_from(config).unwrap_or_else(|err| panic!("{err}"));
     LockStore::new(client, namespace)
 }
 
