@@ -301,7 +301,11 @@ impl TestCluster {
             Ok(child) => child,
             Err(err) => panic!("cannot start deploylock-controller: {err}"),
         };
-        ControllerProcess { child, port }
+        ControllerProcess {
+            child,
+            port,
+            log_path,
+        }
     }
 
     /// Runs the kubectl built from the pinned Kubernetes version as `identity`.
@@ -322,6 +326,8 @@ impl TestCluster {
 pub struct ControllerProcess {
     pub child: std::process::Child,
     pub port: u16,
+    /// Its log, kept when a test fails (to read why), removed otherwise.
+    log_path: PathBuf,
 }
 
 impl ControllerProcess {
@@ -361,6 +367,11 @@ impl Drop for ControllerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("controller log kept: {}", self.log_path.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
     }
 }
 
