@@ -15,7 +15,7 @@ mod torture;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use support::{Identity, cluster, repo_root};
+use support::{cluster, repo_root};
 
 fn restart(server: &str) {
     let status = Command::new(repo_root().join("hack/cluster.sh"))
@@ -38,15 +38,7 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64);
     let cluster = cluster();
     let namespace = cluster.namespace("torture-long").await;
-    let target = torture::Target {
-        namespace: namespace.clone(),
-        identities: vec![
-            ("alice".into(), cluster.kubeconfig(Identity::Alice), false),
-            ("bob".into(), cluster.kubeconfig(Identity::Bob), false),
-            ("carol".into(), cluster.kubeconfig(Identity::Carol), true),
-        ],
-        admin_kubeconfig: cluster.kubeconfig(Identity::Admin),
-    };
+    let target = torture::Target::on(cluster, &namespace);
     eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
     let duration = Duration::from_secs(seconds);
     let plan = torture::Plan {

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 
 use crate::support::{
-    ExtraCluster, Identity, TestCluster, cluster, expect_exit, holder_of, last_history, locks_api,
-    status_json, stderr_of, stdout_of, stored,
+    ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of, last_history,
+    locks_api, status_json, stderr_of, stdout_of, stored,
 };
 
 // ---------------------------------------------------------------------------
@@ -922,12 +922,7 @@ async fn status_list_and_history_outputs() {
     let all = cluster.deploylock(Identity::Viewer, &ns, &["list", "-A"]);
     expect_exit(&all, 0, "list -A");
     let text = stdout_of(&all);
-    let header: Vec<&str> = text
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = header_of(&text);
     assert_eq!(
         header,
         [

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use deploylock::crd::DeploymentLock;
 
-use crate::support::{Identity, cluster, install_crd};
+use crate::support::{Identity, cluster, header_of, install_crd};
 
 fn dynamic_api(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
@@ -307,12 +307,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
         "kubectl get failed: {}",
         String::from_utf8_lossy(&get.stderr)
     );
-    let header: Vec<&str> = stdout
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = header_of(&stdout);
     assert_eq!(
         header,
         [

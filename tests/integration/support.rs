@@ -78,12 +78,13 @@ pub fn cluster() -> &'static TestCluster {
     }
 }
 
-fn start_cluster() -> Result<TestCluster, String> {
-    let dir = std::env::temp_dir().join(format!("deploylock-test-{}", std::process::id()));
+/// `hack/cluster.sh up` in `dir`, tied to this process: the control plane
+/// goes when the tests do, even if they are killed.
+fn control_plane_up(dir: &Path) -> Result<(), String> {
     let output = Command::new(repo_root().join("hack/cluster.sh"))
         .arg("up")
         .arg("--dir")
-        .arg(&dir)
+        .arg(dir)
         .arg("--watch-pid")
         .arg(std::process::id().to_string())
         .output()
@@ -95,6 +96,12 @@ fn start_cluster() -> Result<TestCluster, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
+    Ok(())
+}
+
+fn start_cluster() -> Result<TestCluster, String> {
+    let dir = std::env::temp_dir().join(format!("deploylock-test-{}", std::process::id()));
+    control_plane_up(&dir)?;
     let bin_dir = std::fs::read_to_string(dir.join("bin-dir"))
         .map_err(|err| format!("cluster started without a bin-dir file: {err}"))?;
     let cluster = TestCluster {
@@ -392,23 +399,12 @@ pub struct ExtraCluster {
 impl ExtraCluster {
     pub fn start(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("deploylock-{name}-{}", std::process::id()));
-        let output = Command::new(repo_root().join("hack/cluster.sh"))
-            .arg("up")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--watch-pid")
-            .arg(std::process::id().to_string())
-            .output();
-        match output {
-            Ok(output) if output.status.success() => ExtraCluster {
-                dir,
-                stopped: false,
-            },
-            Ok(output) => panic!(
-                "second control plane failed to start: {}",
-                stderr_of(&output)
-            ),
-            Err(err) => panic!("cannot run hack/cluster.sh: {err}"),
+        if let Err(err) = control_plane_up(&dir) {
+            panic!("second control plane failed to start: {err}");
+        }
+        ExtraCluster {
+            dir,
+            stopped: false,
         }
     }
 
@@ -437,6 +433,15 @@ impl Drop for ExtraCluster {
             let _ = self.stop();
         }
     }
+}
+
+/// The column names of a table's first line (kubectl, `deploylock list`).
+pub fn header_of(text: &str) -> Vec<&str> {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect()
 }
 
 pub fn stdout_of(output: &Output) -> String {

@@ -31,6 +31,8 @@ use deploylock::error::Error;
 use deploylock::rules::{AcquireRequest, Actor, Request};
 use deploylock::store::{self, LockStore, Outcome};
 
+use crate::support::{Identity, TestCluster};
+
 /// Where the engine runs: a namespace and one kubeconfig per identity.
 pub struct Target {
     pub namespace: String,
@@ -51,6 +53,22 @@ pub struct Plan {
     /// Holders pause past their expiry: in-process ones sleep, an exec
     /// process is stopped with SIGSTOP (minutes: a lock lasts at least 1).
     pub pauses: bool,
+}
+
+impl Target {
+    /// alice and bob (ordinary users) and carol (a deploylock admin, who may
+    /// force) in `namespace` of the shared control plane.
+    pub fn on(cluster: &TestCluster, namespace: &str) -> Target {
+        Target {
+            namespace: namespace.to_string(),
+            identities: vec![
+                ("alice".into(), cluster.kubeconfig(Identity::Alice), false),
+                ("bob".into(), cluster.kubeconfig(Identity::Bob), false),
+                ("carol".into(), cluster.kubeconfig(Identity::Carol), true),
+            ],
+            admin_kubeconfig: cluster.kubeconfig(Identity::Admin),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,7 +6,7 @@ use std::time::Duration as StdDuration;
 
 use chrono::Utc;
 
-use crate::support::{Identity, cluster};
+use crate::support::cluster;
 use crate::torture::{
     OpKind, OpResult, Plan, Target, ambiguous, check, counts, lost_refusals, run,
 };
@@ -16,15 +16,7 @@ use deploylock::store::Outcome;
 async fn short_torture_run_finds_no_violation() {
     let cluster = cluster();
     let namespace = cluster.namespace("torture").await;
-    let target = Target {
-        namespace: namespace.clone(),
-        identities: vec![
-            ("alice".into(), cluster.kubeconfig(Identity::Alice), false),
-            ("bob".into(), cluster.kubeconfig(Identity::Bob), false),
-            ("carol".into(), cluster.kubeconfig(Identity::Carol), true),
-        ],
-        admin_kubeconfig: cluster.kubeconfig(Identity::Admin),
-    };
+    let target = Target::on(cluster, &namespace);
     let seed = Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64;
     eprintln!("torture seed {seed}");
     // The controller is killed with SIGKILL and restarted midway.
