@@ -14,8 +14,7 @@
 //! and the policy say, and the test fails once, listing every wrong cell.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -385,28 +384,7 @@ fn one_line(text: &str, max: usize) -> String {
 
 /// kubectl as `identity`, with `input` on stdin.
 fn kubectl_with_input(identity: Identity, args: &[&str], input: &Value) -> Output {
-    let cluster = cluster();
-    let mut child = match Command::new(cluster.bin_dir().join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig(identity))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(err) => panic!("cannot run kubectl: {err}"),
-    };
-    if let Some(mut stdin) = child.stdin.take()
-        && let Err(err) = stdin.write_all(input.to_string().as_bytes())
-    {
-        panic!("cannot write kubectl's stdin: {err}");
-    }
-    match child.wait_with_output() {
-        Ok(output) => output,
-        Err(err) => panic!("cannot wait for kubectl: {err}"),
-    }
+    cluster().kubectl_with_input(identity, args, &input.to_string())
 }
 
 /// The stored object as JSON, read by the cluster admin; `None` if absent.

@@ -2,9 +2,8 @@
 //! plane: lint, schema, server-side dry run of every rendered object whose
 //! kind this control plane serves, install and uninstall.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::support::{ExtraCluster, Identity, cluster, repo_root};
 
@@ -49,25 +48,11 @@ fn kinds(rendered: &str) -> Vec<String> {
 
 /// `kubectl apply --dry-run=server` of a rendered manifest as the admin.
 fn server_dry_run(manifest: &str) -> Output {
-    let mut child = match Command::new(cluster().bin_dir().join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(cluster().kubeconfig(Identity::Admin))
-        .args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(err) => panic!("cannot run kubectl: {err}"),
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(manifest.as_bytes());
-    }
-    match child.wait_with_output() {
-        Ok(output) => output,
-        Err(err) => panic!("kubectl apply: {err}"),
-    }
+    cluster().kubectl_with_input(
+        Identity::Admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        manifest,
+    )
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! the generated completions and man page.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use kube::api::Api;
 
@@ -123,22 +123,11 @@ async fn example_manifests_pass_a_server_side_dry_run() {
                     continue;
                 }
                 let manifest = serde_yaml::to_string(&document).unwrap_or_default();
-                let mut child = Command::new(cluster().bin_dir().join("kubectl"))
-                    .arg("--kubeconfig")
-                    .arg(cluster().kubeconfig(Identity::Admin))
-                    .args(["apply", "--dry-run=server", "-f", "-"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap_or_else(|err| panic!("kubectl: {err}"));
-                if let Some(mut stdin) = child.stdin.take() {
-                    use std::io::Write;
-                    let _ = stdin.write_all(manifest.as_bytes());
-                }
-                let output = child
-                    .wait_with_output()
-                    .unwrap_or_else(|err| panic!("kubectl: {err}"));
+                let output = cluster().kubectl_with_input(
+                    Identity::Admin,
+                    &["apply", "--dry-run=server", "-f", "-"],
+                    &manifest,
+                );
                 assert!(
                     output.status.success(),
                     "{} ({kind}) failed the dry run: {}",

@@ -6,8 +6,9 @@
 //! installed once; every test gets a namespace of its own. If the control plane
 //! cannot start, every test fails with the reason: nothing is skipped.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -325,6 +326,31 @@ impl TestCluster {
         match result {
             Ok(output) => output,
             Err(err) => panic!("cannot run kubectl: {err}"),
+        }
+    }
+
+    /// kubectl as `identity`, with `input` on its stdin (`-f -`).
+    pub fn kubectl_with_input(&self, identity: Identity, args: &[&str], input: &str) -> Output {
+        let mut child = match Command::new(self.bin_dir.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(identity))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(err) => panic!("cannot run kubectl: {err}"),
+        };
+        if let Some(mut stdin) = child.stdin.take()
+            && let Err(err) = stdin.write_all(input.as_bytes())
+        {
+            panic!("cannot write kubectl's stdin: {err}");
+        }
+        match child.wait_with_output() {
+            Ok(output) => output,
+            Err(err) => panic!("cannot wait for kubectl: {err}"),
         }
     }
 }
