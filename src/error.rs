@@ -67,6 +67,12 @@ impl Error {
         match err {
             kube::Error::Api(status) => match status.code {
                 401 => Error::Unauthorized(status.message),
+                // The admission policy's clock Lease does not exist: the
+                // controller has never run (or the binding names another).
+                403 if status.message.contains("no params found") => Error::Forbidden(format!(
+                    "{}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?",
+                    status.message
+                )),
                 403 => Error::Forbidden(status.message),
                 404 if status.message.contains("namespaces") => {
                     Error::NamespaceNotFound(namespace.to_string())

@@ -149,6 +149,14 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
     }
 }
 
+/// Whether an admission refusal depends only on the policy's clock trailing
+/// the API server's (an expiry or a waiter's drop-out not yet reached).
+fn is_clock_refusal(message: &str) -> bool {
+    message.contains("it can be taken over once it has expired")
+        || message
+            .contains("join the queue (deploylock acquire --wait-timeout) instead of jumping it")
+}
+
 /// A lock as read, with the API server's time at the read.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -392,19 +400,28 @@ impl LockStore {
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
                 }
-                // The admission policy has no clock: it lets an expired
-                // holding be taken over once the controller has marked it
-                // Expired, which it does at the expiry instant. Wait for that
-                // status write, briefly.
+                // The admission policy's clock is the controller's clock
+                // Lease, a lower bound of the API server's time that the
+                // controller moves at each expiry instant (then marks the
+                // lock Expired) and every second. A takeover, or a turn in
+                // the queue after a waiter dropped out, can be refused for
+                // that moment: wait for the lock's status write, briefly.
                 Err(kube::Error::Api(status))
                     if status.code == 403
-                        && outcome == Outcome::Transition(HistoryAction::TookOverExpired)
-                        && attempt < 4 =>
+                        && matches!(
+                            outcome,
+                            Outcome::Transition(
+                                HistoryAction::TookOverExpired | HistoryAction::Acquired
+                            )
+                        )
+                        && is_clock_refusal(&status.message)
+                        && attempt < 6 =>
                 {
                     tracing::debug!(
                         environment,
                         attempt,
-                        "takeover refused until the controller marks the expiry"
+                        message = %status.message,
+                        "refused until the deploylock clock catches up"
                     );
                     self.wait_for_change(&observed, Instant::now() + StdDuration::from_secs(2))
                         .await?;

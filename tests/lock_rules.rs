@@ -10,8 +10,9 @@ use deploylock::crd::{
     MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MIN_DURATION_SECONDS, OverriddenHolding,
 };
 use deploylock::rules::{
-    AcquireRequest, Actor, Decision, NoChange, Refusal, Request, WAITER_TIMEOUT_SECONDS, decide,
-    duration_in_range, is_expired, live_holder, next_waiter, state_at,
+    AcquireRequest, Actor, Decision, NoChange, Refusal, Request, WAITER_PRUNE_GRACE_SECONDS,
+    WAITER_TIMEOUT_SECONDS, decide, duration_in_range, is_expired, live_holder, next_waiter,
+    state_at,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
@@ -26,6 +27,12 @@ const DEPLOY_REASON: &str = "Deploying version 2.1.0";
 /// A fixed instant on the API server's clock.
 fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_750_000_000, 0).expect("a valid timestamp")
+}
+
+/// The token a lock object created at `now` starts from (before its first
+/// holding adds one).
+fn first_token_at(now: DateTime<Utc>) -> i64 {
+    now.timestamp() * deploylock::crd::FENCING_TOKENS_PER_SECOND
 }
 
 fn nanos(n: i64) -> Duration {
@@ -508,7 +515,7 @@ fn force_on_an_available_lock_makes_an_emergency_holding_overriding_nobody() {
     assert_eq!(holder(&forced).lock_type, LockType::Emergency);
     assert_eq!(holder(&forced).overrode, None);
     assert_eq!(state_at(&forced, t0()), LockState::ForceLocked);
-    assert_eq!(forced.fencing_token, 1);
+    assert_eq!(forced.fencing_token, first_token_at(t0()) + 1);
 }
 
 #[test]
@@ -794,7 +801,8 @@ fn fencing_token_increments_by_one_on_every_new_holding_only() {
     let ten = Duration::minutes(10);
     let mut now = t0();
     let mut spec: Option<DeploymentLockSpec> = None;
-    let mut token = 0;
+    // A new object starts from the clock (first step at t0).
+    let mut token = first_token_at(t0());
 
     let steps: Vec<(Duration, Request, HistoryAction, i64)> = vec![
         (
@@ -866,7 +874,7 @@ fn fencing_token_increments_by_one_on_every_new_holding_only() {
         assert_eq!(next.fencing_token, token, "after {action:?}");
         spec = Some(next);
     }
-    assert_eq!(token, 5);
+    assert_eq!(token, first_token_at(t0()) + 5);
 }
 
 #[test]
@@ -936,7 +944,12 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
         extend(&alice, Duration::zero(), None),
         clear("lock-a", Duration::zero()),
     ];
-    let empty = empty_spec();
+    // A missing object decides like an empty one whose token starts from
+    // the clock.
+    let empty = DeploymentLockSpec {
+        fencing_token: first_token_at(t0()),
+        ..empty_spec()
+    };
     for request in &requests {
         let without = decide(ENV, None, t0(), request);
         assert_eq!(
@@ -948,7 +961,7 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
             assert_eq!(next.environment, ENV);
             assert_eq!(next.history.len(), 1);
             assert_eq!(next.history[0].sequence, 1);
-            assert_eq!(next.fencing_token, 1);
+            assert_eq!(next.fencing_token, first_token_at(t0()) + 1);
         }
     }
     let (created, _) = change(None, t0(), &requests[0]);
@@ -1521,7 +1534,9 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
         if let Ok(Decision::Change { next, action }) = decision {
             let previous_history = spec.as_ref().map_or(&[][..], |s| s.history.as_slice());
             check_history(previous_history, &next.history, action, now)?;
-            let previous_token = spec.as_ref().map_or(0, |s| s.fencing_token);
+            let previous_token = spec
+                .as_ref()
+                .map_or(first_token_at(now), |s| s.fencing_token);
             prop_assert!(next.fencing_token >= previous_token);
             prop_assert_eq!(next.environment.as_str(), ENV);
             let entry = next.history.last().expect("checked above");
@@ -1885,9 +1900,17 @@ fn a_crashed_waiter_drops_out_after_its_heartbeat_times_out() {
         &queued_acquire(&person("carol"), "lock-c", "carol"),
     );
     assert_eq!(holder(&spec).user, "carol");
+    // Its place is removed a little later: the admission policy judges
+    // staleness on a clock that may trail the server's.
+    assert!(
+        spec.queue.iter().any(|w| w.id == "bob"),
+        "the stale waiter's place is kept for the prune grace"
+    );
+    let later = bob_gone + Duration::seconds(WAITER_PRUNE_GRACE_SECONDS);
+    let spec = queue_change(&spec, later, &join(&person("dave"), "dave", false));
     assert!(
         spec.queue.iter().all(|w| w.id != "bob"),
-        "the stale waiter is dropped"
+        "the stale waiter is dropped after the prune grace"
     );
 }
 

@@ -180,6 +180,10 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
                 format!("the wait queue of {env} is full: try again later"),
                 Exit::Held,
             ),
+            Refusal::CounterExhausted => (
+                format!("the fencing token or history sequence of {env} reached its maximum (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"),
+                Exit::Failure,
+            ),
             Refusal::DurationOutOfRange => (
                 "duration is out of range: a lock lasts from 1 minute to 7 days".to_string(),
                 Exit::InvalidInput,
