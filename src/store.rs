@@ -153,6 +153,7 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
 /// the API server's (an expiry or a waiter's drop-out not yet reached).
 fn is_clock_refusal(message: &str) -> bool {
     message.contains("it can be taken over once it has expired")
+        || message.contains("starts its fencing token from the deploylock clock")
         || message
             .contains("join the queue (deploylock acquire --wait-timeout) instead of jumping it")
 }
@@ -408,12 +409,13 @@ impl LockStore {
                 // that moment: wait for the lock's status write, briefly.
                 Err(kube::Error::Api(status))
                     if status.code == 403
-                        && matches!(
-                            outcome,
-                            Outcome::Transition(
-                                HistoryAction::TookOverExpired | HistoryAction::Acquired
-                            )
-                        )
+                        && (observed.lock.is_none()
+                            || matches!(
+                                outcome,
+                                Outcome::Transition(
+                                    HistoryAction::TookOverExpired | HistoryAction::Acquired
+                                )
+                            ))
                         && is_clock_refusal(&status.message)
                         && attempt < 6 =>
                 {

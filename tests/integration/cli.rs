@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 
-use crate::support::{
+use crate::support::{holdings_since_creation, 
     ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of, last_history,
     locks_api, status_json, stderr_of, stdout_of, stored,
 };
@@ -251,7 +251,7 @@ async fn deployment_cycle_between_two_people() {
     expect_exit(&next, 0, "bob acquires after the release");
     let lock = stored(&api, "production").await;
     assert_eq!(holder_of(&lock).user, "bob");
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -353,7 +353,7 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
         let holder = holder_of(&lock);
         assert_eq!(holder.owner, label, "round {round}");
         assert_eq!(holder.user, winner_user, "round {round}");
-        assert_eq!(lock.spec.fencing_token, 1, "round {round}");
+        assert_eq!(holdings_since_creation(lock.spec.fencing_token), 1, "round {round}");
         assert_eq!(
             lock.spec.history.len(),
             1,
@@ -411,7 +411,7 @@ async fn expired_lock_is_taken_over() {
     assert_eq!(holder.reason, "Deploying version 2.2.0");
     assert!(holder.expires_at > Utc::now());
     assert_eq!(last_history(&lock).action, HistoryAction::TookOverExpired);
-    assert_eq!(lock.spec.fencing_token, 5, "fencing token must increase");
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 5, "fencing token must increase");
 }
 
 // ---------------------------------------------------------------------------
@@ -454,7 +454,7 @@ async fn force_acquire_and_force_release() {
     assert_eq!(overrode.user, "alice");
     assert_eq!(overrode.reason, "Deploying version 2.1.0");
     assert_eq!(last_history(&lock).action, HistoryAction::ForceAcquired);
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
 
     let status = status_json(cluster, Identity::Alice, &ns, "production");
     assert_eq!(status["state"], "ForceLocked", "{status}");
@@ -549,7 +549,10 @@ async fn holder_extends_and_others_cannot() {
         "expiry {second_expiry} -> {third_expiry}"
     );
     assert_eq!(third["holder"]["user"], "alice");
-    assert_eq!(third["fencingToken"], 1);
+    assert_eq!(
+        holdings_since_creation(third["fencingToken"].as_i64().unwrap_or(0)),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -103,19 +103,32 @@ fn send_kubectl(
     write: &Write,
 ) -> Answer {
     let output = match write {
-        Write::JsonPatch(patch) => cluster.kubectl(
-            identity,
-            &[
-                "patch",
-                "deploymentlock",
-                name,
-                "-n",
-                namespace,
-                "--type=json",
-                "-p",
-                &patch.to_string(),
-            ],
-        ),
+        Write::JsonPatch(patch) => {
+            // From a file: a large patch exceeds the argument list.
+            let file = std::env::temp_dir().join(format!(
+                "deploylock-hostile-{}-{}.json",
+                std::process::id(),
+                uuid::Uuid::new_v4()
+            ));
+            if let Err(err) = std::fs::write(&file, patch.to_string()) {
+                panic!("cannot write {}: {err}", file.display());
+            }
+            let output = cluster.kubectl(
+                identity,
+                &[
+                    "patch",
+                    "deploymentlock",
+                    name,
+                    "-n",
+                    namespace,
+                    "--type=json",
+                    "--patch-file",
+                    &file.display().to_string(),
+                ],
+            );
+            let _ = std::fs::remove_file(&file);
+            output
+        }
         Write::Replace(object) => cluster.kubectl_with_input(
             identity,
             &["replace", "-n", namespace, "-f", "-"],
@@ -205,8 +218,9 @@ fn entry_for(sequence: i64, action: &str, holder: &Value, by: &str, at: DateTime
     })
 }
 
+/// As the CLI takes it: a little ahead of the time read.
 fn first_token(now: DateTime<Utc>) -> i64 {
-    now.timestamp() * FENCING_TOKENS_PER_SECOND
+    (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS) * FENCING_TOKENS_PER_SECOND
 }
 
 /// A whole new lock held by `user`, as `deploylock acquire` creates it.

@@ -186,6 +186,13 @@ pub async fn await_clock_past_token(client: &Client, token: i64) {
     );
 }
 
+/// How many holdings a lock object has had: a new object's token starts at a
+/// multiple of FENCING_TOKENS_PER_SECOND (the server's clock) and each
+/// holding adds one.
+pub fn holdings_since_creation(token: i64) -> i64 {
+    token.rem_euclid(deploylock::crd::FENCING_TOKENS_PER_SECOND)
+}
+
 /// Namespace of the admission policy's clock Lease in the test cluster.
 pub const CLOCK_NAMESPACE: &str = "deploylock-system";
 
