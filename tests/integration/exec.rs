@@ -1540,7 +1540,7 @@ async fn forward(
             }
             Fault::ResetThenStall => {
                 // SO_LINGER 0: the close sends RST, not FIN.
-                let _ = client.set_linger(Some(StdDuration::ZERO));
+                let _ = client.set_zero_linger();
                 return;
             }
         }
