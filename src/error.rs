@@ -82,7 +82,8 @@ impl Error {
             },
             kube::Error::HyperError(err) => Error::Unreachable(root_cause(&err)),
             kube::Error::Service(err) if is_timeout(err.as_ref()) => Error::Unreachable(format!(
-                "no answer within {} s",
+                "no answer in time ({} s to connect, {} s for a request)",
+                crate::store::CONNECT_TIMEOUT.as_secs(),
                 crate::store::REQUEST_TIMEOUT.as_secs()
             )),
             kube::Error::Service(err) => Error::Unreachable(root_cause(err.as_ref())),
@@ -120,6 +121,13 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(err) = current {
         if err.is::<tower::timeout::error::Elapsed>() || err.is::<tokio::time::error::Elapsed>() {
+            return true;
+        }
+        // A connect timeout comes as an io::Error, whose source() skips the
+        // error it wraps.
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
             return true;
         }
         current = err.source();

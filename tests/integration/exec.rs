@@ -1674,17 +1674,23 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
     );
 }
 
-#[tokio::test]
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_connection_after_a_renewal_stops_the_command_before_expiry() {
     partition_stops_the_command_before_expiry(Fault::Freeze, "exec-freeze").await;
 }
 
-#[tokio::test]
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_and_a_hung_tls_handshake_stop_the_command_before_expiry() {
     partition_stops_the_command_before_expiry(Fault::ResetThenStall, "exec-reset").await;
 }
 
-#[tokio::test]
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_hole_stops_the_command_before_expiry() {
     partition_stops_the_command_before_expiry(Fault::BlackHole, "exec-blackhole").await;
 }
