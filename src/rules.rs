@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::crd::{
-    DeploymentLockSpec, FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND, HistoryAction, HistoryEntry, LockHolder,
-    LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MAX_QUEUE_ENTRIES,
-    MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
+    DeploymentLockSpec, FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND, HistoryAction,
+    HistoryEntry, LockHolder, LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES,
+    MAX_QUEUE_ENTRIES, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
 };
 
 /// A waiter whose heartbeat is older than this has dropped out of the queue:

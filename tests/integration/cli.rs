@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 
-use crate::support::{holdings_since_creation, 
-    ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of, last_history,
-    locks_api, status_json, stderr_of, stdout_of, stored,
+use crate::support::{
+    ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of,
+    holdings_since_creation, last_history, locks_api, status_json, stderr_of, stdout_of, stored,
 };
 
 // ---------------------------------------------------------------------------
@@ -353,7 +353,11 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
         let holder = holder_of(&lock);
         assert_eq!(holder.owner, label, "round {round}");
         assert_eq!(holder.user, winner_user, "round {round}");
-        assert_eq!(holdings_since_creation(lock.spec.fencing_token), 1, "round {round}");
+        assert_eq!(
+            holdings_since_creation(lock.spec.fencing_token),
+            1,
+            "round {round}"
+        );
         assert_eq!(
             lock.spec.history.len(),
             1,
@@ -411,7 +415,11 @@ async fn expired_lock_is_taken_over() {
     assert_eq!(holder.reason, "Deploying version 2.2.0");
     assert!(holder.expires_at > Utc::now());
     assert_eq!(last_history(&lock).action, HistoryAction::TookOverExpired);
-    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 5, "fencing token must increase");
+    assert_eq!(
+        holdings_since_creation(lock.spec.fencing_token),
+        5,
+        "fencing token must increase"
+    );
 }
 
 // ---------------------------------------------------------------------------

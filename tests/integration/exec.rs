@@ -29,9 +29,10 @@ use deploylock::crd::{
     DeploymentLock, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
 };
 
-use crate::support::{holdings_since_creation, 
-    ExtraCluster, Identity, TestCluster, client_from, cluster, expect_exit, holder_of, install_crd,
-    last_history, locks_api, status_json, stderr_of, stdout_of, stored,
+use crate::support::{
+    ExtraCluster, Identity, TestCluster, client_from, cluster, expect_exit, holder_of,
+    holdings_since_creation, install_crd, last_history, locks_api, status_json, stderr_of,
+    stdout_of, stored,
 };
 
 /// Longest wait for anything that should take a second or two.
