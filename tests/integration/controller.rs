@@ -1580,3 +1580,117 @@ async fn put_short_lock_checked(
     api.get_opt(environment).await?;
     Ok(put_short_lock(api, environment, expires_in).await)
 }
+
+/// After an API server restart the watch resumes within seconds (a lock
+/// written after the restart expires at its instant), the leader neither
+/// exits nor loses its place for good, and nothing retries in a hot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_rides_out_an_api_server_restart() {
+    // A control plane of its own: the restart must not disturb other tests.
+    let extra = crate::support::ExtraCluster::start("restart");
+    let client = crate::support::client_from(&extra.admin_kubeconfig())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    crate::support::install_crd(&client)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let mut team = k8s_openapi::api::core::v1::Namespace::default();
+    team.metadata.name = Some("team".into());
+    namespaces
+        .create(&PostParams::default(), &team)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let api: Api<DeploymentLock> = Api::namespaced(client.clone(), "team");
+    let mut controller = Spawned::start(
+        &extra.admin_kubeconfig(),
+        "team",
+        "leader",
+        None,
+        &LEASE_ARGS,
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "team");
+    let identity = controller.identity.clone();
+    let leading = tokio::time::timeout(
+        WAIT,
+        await_condition(leases, "leader", move |lease: Option<&Lease>| {
+            lease
+                .and_then(|l| l.spec.as_ref())
+                .and_then(|s| s.holder_identity.as_ref())
+                == Some(&identity)
+        }),
+    )
+    .await;
+    assert!(
+        matches!(leading, Ok(Ok(_))),
+        "{leading:?}\n{}",
+        controller.log()
+    );
+    let expired = |environment: &'static str| {
+        let api = api.clone();
+        async move {
+            tokio::time::timeout(
+                WAIT,
+                await_condition(api, environment, |lock: Option<&DeploymentLock>| {
+                    lock.and_then(|lock| lock.status.as_ref())
+                        .and_then(|status| status.state)
+                        == Some(LockState::Expired)
+                }),
+            )
+            .await
+        }
+    };
+    put_short_lock(&api, "before", Duration::seconds(2)).await;
+    let before = expired("before").await;
+    assert!(
+        matches!(before, Ok(Ok(Some(_)))),
+        "{before:?}\n{}",
+        controller.log()
+    );
+
+    // Kill the API server; its supervisor starts it again.
+    let pid = std::fs::read_to_string(extra.dir.join("apiserver.pid"))
+        .unwrap_or_else(|err| panic!("no apiserver.pid: {err}"));
+    send_signal(
+        pid.trim().parse().unwrap_or_else(|err| panic!("{err}")),
+        "KILL",
+    );
+    let back = tokio::time::timeout(WAIT, async {
+        loop {
+            if client.apiserver_version().await.is_ok()
+                && api.list(&ListParams::default()).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "the API server did not come back");
+
+    let expires_at = put_short_lock(&api, "after", Duration::seconds(3)).await;
+    // Within seconds, not the minute of a backed-off watch.
+    let after = tokio::time::timeout(StdDuration::from_secs(20), expired("after")).await;
+    let observed = Utc::now();
+    assert!(
+        matches!(after, Ok(Ok(Ok(Some(_))))),
+        "not Expired within 20 s of a restart: {after:?}\n{}",
+        controller.log()
+    );
+    eprintln!(
+        "after the restart: Expired seen {} ms after expiresAt",
+        (observed - expires_at).num_milliseconds()
+    );
+    assert!(observed >= expires_at);
+    assert!(
+        matches!(controller.child.try_wait(), Ok(None)),
+        "the controller exited:\n{}",
+        controller.log()
+    );
+    let log = controller.log();
+    let warnings = log.matches("reconcile failed").count();
+    assert!(
+        warnings < 20,
+        "{warnings} reconcile failures logged:\n{log}"
+    );
+}
