@@ -248,6 +248,22 @@ impl Calibration {
         Some(self.instant(local))
     }
 
+    /// The first local instant at which `upper_bound` reaches `server`: the
+    /// earliest the server's clock may reach it (`origin` if before it).
+    pub fn upper_reached_at(&self, server: DateTime<Utc>) -> Option<Instant> {
+        let bounds = self.bounds?;
+        let target = server_nanos(server);
+        // Solve local + high + k·|local − at| = target, rounding down.
+        let k = self.drift_ppm;
+        let after = ((target - bounds.high) * PPM + k * bounds.at).div_euclid(PPM + k);
+        let local = if after >= bounds.at {
+            after
+        } else {
+            ((target - bounds.high) * PPM - k * bounds.at).div_euclid(PPM - k)
+        };
+        Some(self.instant(local))
+    }
+
     /// When to send the next probe of a refinement, given that it cannot be
     /// sent before `earliest`: so that, under the middle of the current
     /// bounds, the server's second ticks over halfway through the request.
@@ -362,12 +378,17 @@ impl ServerClock {
 
     /// Refines now and then every `every`, for ever (spawn it; abort to stop).
     pub async fn keep_calibrated(self, every: Duration) {
+        let mut first = true;
         loop {
             match self.refine(MAX_PROBES).await {
-                Ok(()) => tracing::debug!(
-                    uncertainty_us = self.uncertainty(Instant::now()).as_micros(),
-                    "API server clock measured"
-                ),
+                Ok(()) => {
+                    let uncertainty_us = self.uncertainty(Instant::now()).as_micros();
+                    if std::mem::take(&mut first) {
+                        tracing::info!(uncertainty_us, "API server clock measured");
+                    } else {
+                        tracing::debug!(uncertainty_us, "API server clock measured");
+                    }
+                }
                 Err(err) => tracing::warn!(error = %err, "cannot measure the API server's clock"),
             }
             tokio::time::sleep(every).await;
@@ -396,6 +417,23 @@ impl ServerClock {
     pub fn reached_at(&self, server: DateTime<Utc>) -> Instant {
         self.with(|c| c.reached_at(server))
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1))
+    }
+
+    /// When to look again to act at the first instant the server's clock
+    /// has certainly reached `server`: at the earliest instant it may have
+    /// (the upper bound's), then every `step` while the bounds straddle it,
+    /// since a measurement meanwhile may narrow them.
+    pub fn wake_for(&self, server: DateTime<Utc>, now: Instant, step: Duration) -> Instant {
+        self.with(|c| {
+            let reached = c.reached_at(server)?;
+            let earliest = c.upper_reached_at(server)?;
+            Some(if earliest > now {
+                earliest.min(reached)
+            } else {
+                reached.min(now + step)
+            })
+        })
+        .unwrap_or(now + step)
     }
 }
 
@@ -559,6 +597,29 @@ mod tests {
     }
 
     #[test]
+    fn the_upper_bound_reaches_a_time_first() {
+        let origin = Instant::now();
+        let mut calibration = Calibration::new(origin, 300);
+        let server = time("2030-01-01T12:00:00.250Z");
+        assert_eq!(calibration.add(&probe(origin, server, 0, 2)), Ok(()));
+        let target = time("2030-01-01T12:00:05Z");
+        let (Some(earliest), Some(certain)) = (
+            calibration.upper_reached_at(target),
+            calibration.reached_at(target),
+        ) else {
+            panic!("not calibrated")
+        };
+        assert!(earliest < certain);
+        assert!(
+            calibration
+                .upper_bound(earliest)
+                .is_some_and(|u| u >= target)
+        );
+        let before = earliest - Duration::from_millis(1);
+        assert!(calibration.upper_bound(before).is_some_and(|u| u < target));
+    }
+
+    #[test]
     fn absurd_dates_do_not_overflow() {
         let origin = Instant::now();
         let mut calibration = Calibration::new(origin, 500);
@@ -571,5 +632,6 @@ mod tests {
         let _ = calibration.lower_bound(at(origin, 10));
         assert_eq!(calibration.upper_bound(at(origin, 10_000)), None);
         let _ = calibration.reached_at(DateTime::<Utc>::MIN_UTC);
+        let _ = calibration.upper_reached_at(DateTime::<Utc>::MAX_UTC);
     }
 }

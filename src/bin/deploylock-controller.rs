@@ -35,7 +35,7 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// How long the Lease release may take after a stop.
 const RELEASE_BOUND: Duration = Duration::from_secs(5);
 /// How often the API server's clock is measured again.
-const RECALIBRATE_EVERY: Duration = Duration::from_secs(120);
+const RECALIBRATE_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -330,12 +330,6 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
             clock_lease,
             user.clone(),
         ));
-        let graceful = {
-            let mut term = term.clone();
-            async move {
-                let _ = term.wait_for(|ended| *ended).await;
-            }
-        };
         let drained = {
             let mut term = term.clone();
             async move {
@@ -344,7 +338,7 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
             }
         };
         tokio::select! {
-            _ = controller::run(args.namespace.clone(), context, graceful) => {}
+            _ = controller::run(args.namespace.clone(), context, term.clone()) => {}
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
@@ -189,12 +189,13 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 }
 
 /// Runs the controller over the locks of `namespace` (all when `None`)
-/// until `shutdown` resolves; in-flight reconciles may finish (the caller
-/// bounds how long it waits).
+/// until `stop` turns true; in-flight reconciles may finish (the caller
+/// bounds how long it waits). If the first list has not completed by then,
+/// it returns at once: there is nothing to finish.
 pub async fn run(
     namespace: Option<String>,
     context: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let resource = ApiResource::erase::<DeploymentLock>(&());
     let api: Api<DynamicObject> = match &namespace {
@@ -218,9 +219,11 @@ pub async fn run(
     .filter_map(move |event| {
         let converted = match event {
             Ok(event) => convert(event, &converter).map(Ok),
+            // Retried by the watcher's own short backoff above; passing the
+            // error on would add the controller's (up to 30 s) on top.
             Err(err) => {
                 tracing::warn!(error = %err, "watching DeploymentLocks failed; retrying");
-                Some(Err(err))
+                None
             }
         };
         futures::future::ready(converted)
@@ -228,17 +231,35 @@ pub async fn run(
     .modify(|lock| lock.managed_fields_mut().clear())
     .reflect(writer)
     .applied_objects();
-    Controller::for_stream(locks, reader)
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    // The controller's runner waits for the first list before anything
+    // else, its graceful shutdown included.
+    let unready = reader.clone();
+    let stopped_unready = {
+        let stop = stop.clone();
+        async move {
+            stopped(stop).await;
+            if unready.wait_until_ready().now_or_never().is_some() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let controller = Controller::for_stream(locks, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(32))
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stopped(stop))
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::trace!(lock = %object, "reconciled"),
                 Err(err) => tracing::debug!(error = %err, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = stopped_unready => tracing::debug!("stopped before the first list completed"),
+    }
 }
 
 /// A stand-in carrying only the metadata, to remove a lock from the cache.
@@ -554,14 +575,16 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         return Err(err);
     }
 
-    // 4. Wake up exactly when the state will change by itself: the first
-    // instant the server's clock has certainly passed the expiry.
+    // 4. Wake up when the state will change by itself: at the first instant
+    // the server's clock has certainly passed the expiry (looking again
+    // meanwhile if the measurement of its clock is still coarse).
     let wake_at = |at: DateTime<Utc>| {
+        let now = Instant::now();
         Action::requeue(
             context
                 .clock
-                .reached_at(at)
-                .saturating_duration_since(Instant::now())
+                .wake_for(at, now, StdDuration::from_millis(100))
+                .saturating_duration_since(now)
                 + StdDuration::from_millis(1),
         )
     };

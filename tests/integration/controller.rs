@@ -561,9 +561,12 @@ impl Spawned {
         let mut command = std::process::Command::new("setpriv");
         command.args(["--pdeathsig", "KILL", "--"]);
         if let Some(offset) = clock_offset {
-            // The wall clock shifted; the monotonic clock left alone.
+            // The wall clock shifted, the monotonic clock left alone. The
+            // library is preloaded directly: the `faketime` wrapper forks,
+            // and a signal to it would not reach the controller.
             command
-                .args(["faketime", "-f", offset])
+                .env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", offset)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         command
@@ -628,6 +631,50 @@ impl Drop for Spawned {
     }
 }
 
+/// libfaketime's preload library (hack/ensure-deps.sh installs it).
+fn libfaketime() -> &'static str {
+    const CANDIDATES: [&str; 4] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ];
+    CANDIDATES
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or_else(|| {
+            panic!("libfaketime not found in {CANDIDATES:?}: hack/ensure-deps.sh installs it")
+        })
+}
+
+/// Asserts that the controller's own wall clock is off by about `seconds`
+/// (its log lines carry its time).
+async fn assert_clock_skewed(controller: &Spawned, seconds: i64) {
+    let first = tokio::time::timeout(WAIT, async {
+        loop {
+            let log = controller.log();
+            let stamp = log.lines().next().and_then(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()?
+                    .get("timestamp")?
+                    .as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            });
+            if let Some(stamp) = stamp {
+                return stamp.with_timezone(&Utc);
+            }
+            tokio::time::sleep(StdDuration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line from the controller"));
+    let skew = (first - Utc::now()).num_seconds();
+    assert!(
+        (seconds - 100..=seconds + 100).contains(&skew),
+        "the controller's clock is off by {skew}s, not {seconds}s"
+    );
+}
+
 fn send_signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
         .arg(format!("-{signal}"))
@@ -675,9 +722,19 @@ async fn assert_stops_on_sigterm(child: &mut std::process::Child, log: impl Fn()
 async fn assert_pending_expiry_marked(namespace: &str, lease_namespace: &str) {
     let api: Api<DeploymentLock> =
         Api::namespaced(cluster().client(Identity::Admin).await, namespace);
-    let expires_at = put_short_lock(&api, "pending", Duration::seconds(3)).await;
-    let expired = await_state(&api, "pending", LockState::Expired).await;
+    // A new environment each time: an earlier Expired status must not count.
+    static PENDING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let environment = format!(
+        "pending-{}",
+        PENDING.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let expires_at = put_short_lock(&api, &environment, Duration::seconds(3)).await;
+    let expired = await_state(&api, &environment, LockState::Expired).await;
     let observed = Utc::now();
+    eprintln!(
+        "{namespace}/{environment}: Expired seen {} ms after expiresAt",
+        (observed - expires_at).num_milliseconds()
+    );
     assert!(
         observed >= expires_at,
         "marked Expired before {expires_at} (seen {observed})"
@@ -1149,6 +1206,7 @@ async fn a_skewed_leader_marks_expiries_at_their_instant_and_is_replaced_when_ki
         let kubeconfig = cluster.kubeconfig(Identity::Controller);
         let mut leader =
             Spawned::start(&kubeconfig, &namespace, "leader", Some(offset), &LEASE_ARGS);
+        assert_clock_skewed(&leader, seconds).await;
         await_holder(&namespace, "leader", &leader.identity, WAIT).await;
         let standby = Spawned::start(&kubeconfig, &namespace, "leader", None, &LEASE_ARGS);
         assert_pending_expiry_marked(&namespace, &namespace).await;
@@ -1191,6 +1249,7 @@ async fn a_skewed_standby_never_deposes_a_healthy_leader_and_replaces_a_killed_o
         let mut leader = Spawned::start(&kubeconfig, &namespace, "leader", None, &LEASE_ARGS);
         await_holder(&namespace, "leader", &leader.identity, WAIT).await;
         let standby = Spawned::start(&kubeconfig, &namespace, "leader", Some(offset), &LEASE_ARGS);
+        assert_clock_skewed(&standby, seconds).await;
         let waiting = tokio::time::timeout(WAIT, async {
             while !standby.log().contains("waiting for leadership") {
                 tokio::time::sleep(StdDuration::from_millis(50)).await;
@@ -1520,4 +1579,118 @@ async fn put_short_lock_checked(
 ) -> Result<DateTime<Utc>, kube::Error> {
     api.get_opt(environment).await?;
     Ok(put_short_lock(api, environment, expires_in).await)
+}
+
+/// After an API server restart the watch resumes within seconds (a lock
+/// written after the restart expires at its instant), the leader neither
+/// exits nor loses its place for good, and nothing retries in a hot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_rides_out_an_api_server_restart() {
+    // A control plane of its own: the restart must not disturb other tests.
+    let extra = crate::support::ExtraCluster::start("restart");
+    let client = crate::support::client_from(&extra.admin_kubeconfig())
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    crate::support::install_crd(&client)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let mut team = k8s_openapi::api::core::v1::Namespace::default();
+    team.metadata.name = Some("team".into());
+    namespaces
+        .create(&PostParams::default(), &team)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let api: Api<DeploymentLock> = Api::namespaced(client.clone(), "team");
+    let mut controller = Spawned::start(
+        &extra.admin_kubeconfig(),
+        "team",
+        "leader",
+        None,
+        &LEASE_ARGS,
+    );
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "team");
+    let identity = controller.identity.clone();
+    let leading = tokio::time::timeout(
+        WAIT,
+        await_condition(leases, "leader", move |lease: Option<&Lease>| {
+            lease
+                .and_then(|l| l.spec.as_ref())
+                .and_then(|s| s.holder_identity.as_ref())
+                == Some(&identity)
+        }),
+    )
+    .await;
+    assert!(
+        matches!(leading, Ok(Ok(_))),
+        "{leading:?}\n{}",
+        controller.log()
+    );
+    let expired = |environment: &'static str| {
+        let api = api.clone();
+        async move {
+            tokio::time::timeout(
+                WAIT,
+                await_condition(api, environment, |lock: Option<&DeploymentLock>| {
+                    lock.and_then(|lock| lock.status.as_ref())
+                        .and_then(|status| status.state)
+                        == Some(LockState::Expired)
+                }),
+            )
+            .await
+        }
+    };
+    put_short_lock(&api, "before", Duration::seconds(2)).await;
+    let before = expired("before").await;
+    assert!(
+        matches!(before, Ok(Ok(Some(_)))),
+        "{before:?}\n{}",
+        controller.log()
+    );
+
+    // Kill the API server; its supervisor starts it again.
+    let pid = std::fs::read_to_string(extra.dir.join("apiserver.pid"))
+        .unwrap_or_else(|err| panic!("no apiserver.pid: {err}"));
+    send_signal(
+        pid.trim().parse().unwrap_or_else(|err| panic!("{err}")),
+        "KILL",
+    );
+    let back = tokio::time::timeout(WAIT, async {
+        loop {
+            if client.apiserver_version().await.is_ok()
+                && api.list(&ListParams::default()).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(StdDuration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "the API server did not come back");
+
+    let expires_at = put_short_lock(&api, "after", Duration::seconds(3)).await;
+    // Within seconds, not the minute of a backed-off watch.
+    let after = tokio::time::timeout(StdDuration::from_secs(20), expired("after")).await;
+    let observed = Utc::now();
+    assert!(
+        matches!(after, Ok(Ok(Ok(Some(_))))),
+        "not Expired within 20 s of a restart: {after:?}\n{}",
+        controller.log()
+    );
+    eprintln!(
+        "after the restart: Expired seen {} ms after expiresAt",
+        (observed - expires_at).num_milliseconds()
+    );
+    assert!(observed >= expires_at);
+    assert!(
+        matches!(controller.child.try_wait(), Ok(None)),
+        "the controller exited:\n{}",
+        controller.log()
+    );
+    let log = controller.log();
+    let warnings = log.matches("reconcile failed").count();
+    assert!(
+        warnings < 20,
+        "{warnings} reconcile failures logged:\n{log}"
+    );
 }
