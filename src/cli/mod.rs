@@ -55,7 +55,7 @@ pub struct GlobalArgs {
     #[arg(short = 'e', long, global = true, default_value = "production", value_parser = input::environment)]
     pub environment: String,
     /// Namespace of the DeploymentLocks (default: the kubeconfig context's).
-    #[arg(short = 'n', long, global = true)]
+    #[arg(short = 'n', long, global = true, value_parser = input::namespace)]
     pub namespace: Option<String>,
     /// Kubeconfig context to use.
     #[arg(long, global = true)]
@@ -295,7 +295,10 @@ pub fn parse() -> Result<Cli, ExitCode> {
                 .find(|line| !line.trim().is_empty())
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
-            eprintln!("deploylock: {first} (see `deploylock --help`)");
+            eprintln!(
+                "deploylock: {} (see `deploylock --help`)",
+                report::safe_line(first)
+            );
             Err(Exit::InvalidInput.into())
         }
     }
@@ -338,6 +341,12 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
         namespace: global.namespace.clone(),
     })
     .await?;
+    // The kubeconfig's namespace is checked like -n's: it goes into every path.
+    input::namespace(&namespace).map_err(|message| {
+        Error::InvalidInput(format!(
+            "{message} (from the kubeconfig context; pick another with -n/--namespace)"
+        ))
+    })?;
     let store = LockStore::new(client, &namespace);
     let env = global.environment.as_str();
     match &cli.action {
@@ -388,10 +397,13 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             Ok(Exit::Success)
         }
         Action::List(args) => {
-            let (locks, now) = store.list(args.all_namespaces).await?;
+            // Like `kubectl get`: show every lock that can be read, name each
+            // one that cannot, and exit 1 if there was one.
+            let listing = store.list(args.all_namespaces).await?;
+            let (locks, now) = (&listing.locks, listing.server_time);
             match global.output {
                 OutputFormat::Table => {
-                    out!("{}", render::list_table(&locks, now, args.all_namespaces))
+                    out!("{}", render::list_table(locks, now, args.all_namespaces))
                 }
                 format => {
                     let views: Vec<LockView> = locks
@@ -408,7 +420,14 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
                     out!("{}", render::structured(&views, format));
                 }
             }
-            Ok(Exit::Success)
+            for malformed in &listing.malformed {
+                eprintln!("deploylock: {}", report::skipped_malformed(malformed));
+            }
+            Ok(if listing.malformed.is_empty() {
+                Exit::Success
+            } else {
+                Exit::Failure
+            })
         }
         Action::Wait(args) => {
             let deadline = args
@@ -560,6 +579,7 @@ impl WaitProgress {
     }
 
     fn show(&mut self, line: String) {
+        let line = report::safe_line(&line);
         if line == self.last {
             return;
         }
@@ -657,10 +677,10 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
                 eprintln!("deploylock: could not renew the lock before it expired ({why})");
             }
             let now_held = match now_held_by {
-                Some(holder) => format!(
-                    "now held by {} ({}), reason: {:?}",
+                Some(holder) => report::safe_line(&format!(
+                    "now held by {} ({}), reason: \"{}\"",
                     holder.owner, holder.lock_type, holder.reason
-                ),
+                )),
                 None => "someone else released it (see `deploylock history`)".to_string(),
             };
             eprintln!(
@@ -748,12 +768,12 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
             };
             outln!(
                 "{env} {verb} by {} until {}{takeover}",
-                holder.owner,
+                render::Safe(&holder.owner),
                 report::when(holder.expires_at, observed.server_time)
             );
             outln!(
                 "lock ID {}, fencing token {}",
-                holder.lock_id,
+                render::Safe(&holder.lock_id),
                 observed.spec().map(|s| s.fencing_token).unwrap_or_default()
             );
         }

@@ -7,6 +7,9 @@ use chrono::{DateTime, Utc};
 use crate::crd::LockHolder;
 use crate::error::Error;
 use crate::rules::Refusal;
+use crate::store::MalformedLock;
+
+use super::render::escape;
 
 /// Exit codes, stable: CI scripts branch on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,48 +98,99 @@ fn describe_holder(holder: &LockHolder, now: DateTime<Utc>) -> String {
         format!("{} (user {})", holder.owner, holder.user)
     };
     format!(
-        "{who} since {} until {}, reason: {:?}",
+        "{who} since {} until {}, reason: \"{}\"",
         holder.acquired_at.format("%Y-%m-%dT%H:%M:%SZ"),
         when(holder.expires_at, now),
         holder.reason
     )
 }
 
-/// The message (one or two lines) and exit code for an error.
+/// The message (one or two lines) and exit code for an error. Every line is
+/// escaped as a whole: owners, reasons and names come from other clients or
+/// from the API server, and none may drive the reader's terminal.
 pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, Exit) {
+    let (lines, exit) = describe_lines(err, environment, now);
+    (safe_lines(&lines), exit)
+}
+
+/// Lines escaped one by one, then joined: the only line breaks are ours.
+fn safe_lines(lines: &[String]) -> String {
+    lines
+        .iter()
+        .map(|line| escape(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One progress or notice line, escaped (it may name another client's holder).
+pub fn safe_line(line: &str) -> String {
+    escape(line).into_owned()
+}
+
+/// The warning `list` prints for each object it skipped.
+pub fn skipped_malformed(malformed: &MalformedLock) -> String {
+    safe_line(&format!(
+        "skipped the malformed DeploymentLock {:?} in namespace {:?} ({}: {}): an admin can inspect it with `kubectl get deploymentlock {} -n {} -o yaml`",
+        malformed.name,
+        malformed.namespace,
+        malformed.location,
+        malformed.source,
+        malformed.name,
+        malformed.namespace
+    ))
+}
+
+fn describe_lines(err: &Error, environment: &str, now: DateTime<Utc>) -> (Vec<String>, Exit) {
     let env = environment;
     match err {
         Error::Refused(refusal) => match refusal {
             Refusal::HeldByOther(holder) => (
-                format!(
-                    "{env} is locked by {}\nwait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`",
-                    describe_holder(holder, now)
-                ),
+                vec![
+                    format!("{env} is locked by {}", describe_holder(holder, now)),
+                    format!(
+                        "wait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`"
+                    ),
+                ],
                 Exit::Held,
             ),
             Refusal::AlreadyHeldByYou(holder) => (
-                format!(
-                    "you already hold {env} as {} (user {}, lock ID {}) until {}, reason: {:?}\nextend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`",
-                    holder.owner,
-                    holder.user,
-                    holder.lock_id,
-                    when(holder.expires_at, now),
-                    holder.reason
-                ),
+                vec![
+                    format!(
+                        "you already hold {env} as {} (user {}, lock ID {}) until {}, reason: \"{}\"",
+                        holder.owner,
+                        holder.user,
+                        holder.lock_id,
+                        when(holder.expires_at, now),
+                        holder.reason
+                    ),
+                    format!(
+                        "extend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`"
+                    ),
+                ],
                 Exit::Held,
             ),
             Refusal::EmergencyLockInForce(holder) => (
-                format!(
-                    "{env} is force-locked (emergency) by {}\nit must be released first: `deploylock force-release -e {env} --reason ...`",
-                    describe_holder(holder, now)
-                ),
+                vec![
+                    format!(
+                        "{env} is force-locked (emergency) by {}",
+                        describe_holder(holder, now)
+                    ),
+                    format!(
+                        "it must be released first: `deploylock force-release -e {env} --reason ...`"
+                    ),
+                ],
                 Exit::Held,
             ),
             Refusal::NotHolder(holder) => (
-                format!(
-                    "{env} is held by {}, not by you: only the holder can release or extend it\nto take it away use `deploylock force-release -e {env} --reason ...`",
-                    describe_holder(holder, now)
-                ),
+                vec![
+                    format!(
+                        "{env} is held by {}, not by you: only the holder can release or extend it",
+                        describe_holder(holder, now)
+                    ),
+                    format!(
+                        "to take it away use `deploylock force-release -e {env} --reason ...`"
+                    ),
+                ],
                 Exit::Forbidden,
             ),
             Refusal::LockLost {
@@ -148,36 +202,49 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
                     None => "it is now available".to_string(),
                 };
                 (
-                    format!("your holding {expected_lock_id} of {env} is over: {now_held}"),
+                    vec![format!(
+                        "your holding {expected_lock_id} of {env} is over: {now_held}"
+                    )],
                     Exit::LockLost,
                 )
             }
             Refusal::NotHeld => (
-                format!("{env} is not locked: nothing to extend\nacquire it with `deploylock acquire -e {env} --reason ...`"),
+                vec![
+                    format!("{env} is not locked: nothing to extend"),
+                    format!("acquire it with `deploylock acquire -e {env} --reason ...`"),
+                ],
                 Exit::Forbidden,
             ),
             Refusal::ExpiredCannotExtend(holder) => (
-                format!(
-                    "your lock on {env} expired at {}: it can no longer be extended\nacquire it again with `deploylock acquire -e {env} --reason ...`",
-                    when(holder.expires_at, now)
-                ),
+                vec![
+                    format!(
+                        "your lock on {env} expired at {}: it can no longer be extended",
+                        when(holder.expires_at, now)
+                    ),
+                    format!("acquire it again with `deploylock acquire -e {env} --reason ...`"),
+                ],
                 Exit::LockLost,
             ),
             Refusal::ReasonRequired => (
-                "a reason is required: add --reason \"...\"".to_string(),
+                vec!["a reason is required: add --reason \"...\"".to_string()],
                 Exit::InvalidInput,
             ),
             Refusal::QueuedBehind { next, waiting } => (
-                format!(
-                    "{env} is free but {waiting} client(s) are waiting for it; next is {} (waiting since {}), reason: {:?}\njoin the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`",
-                    next.owner,
-                    when(next.since, now),
-                    next.reason
-                ),
+                vec![
+                    format!(
+                        "{env} is free but {waiting} client(s) are waiting for it; next is {} (waiting since {}), reason: \"{}\"",
+                        next.owner,
+                        when(next.since, now),
+                        next.reason
+                    ),
+                    format!(
+                        "join the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`"
+                    ),
+                ],
                 Exit::Held,
             ),
             Refusal::QueueFull => (
-                format!("the wait queue of {env} is full: try again later"),
+                vec![format!("the wait queue of {env} is full: try again later")],
                 Exit::Held,
             ),
             Refusal::CounterExhausted => (
@@ -185,33 +252,41 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
                 Exit::Failure,
             ),
             Refusal::DurationOutOfRange => (
-                "duration is out of range: a lock lasts from 1 minute to 7 days".to_string(),
+                vec!["duration is out of range: a lock lasts from 1 minute to 7 days".to_string()],
                 Exit::InvalidInput,
             ),
         },
-        Error::InvalidInput(message) => (message.clone(), Exit::InvalidInput),
+        Error::InvalidInput(message) => (vec![message.clone()], Exit::InvalidInput),
         Error::Rejected(message) => (
-            format!("the API server rejected the lock: {message}"),
+            vec![format!("the API server rejected the lock: {message}")],
             Exit::InvalidInput,
         ),
         Error::NamespaceNotFound(namespace) => (
-            format!("namespace {namespace:?} does not exist: pick another with -n/--namespace"),
+            vec![format!(
+                "namespace {namespace:?} does not exist: pick another with -n/--namespace"
+            )],
             Exit::InvalidInput,
         ),
         Error::Config(message) => (
-            format!("no usable Kubernetes configuration ({message}): set KUBECONFIG or pass --kubeconfig/--context"),
+            vec![format!(
+                "no usable Kubernetes configuration ({message}): set KUBECONFIG or pass --kubeconfig/--context"
+            )],
             Exit::Unreachable,
         ),
         Error::Unreachable(message) => (
-            format!("cannot reach the Kubernetes API server ({message}): check --kubeconfig/--context and that the cluster is up"),
+            vec![format!(
+                "cannot reach the Kubernetes API server ({message}): check --kubeconfig/--context and that the cluster is up"
+            )],
             Exit::Unreachable,
         ),
         Error::CrdNotInstalled => (
-            "the DeploymentLock CRD is not installed in this cluster: install it with `make install` or `kubectl apply -f crds/`".to_string(),
+            vec!["the DeploymentLock CRD is not installed in this cluster: install it with `make install` or `kubectl apply -f crds/`".to_string()],
             Exit::Unreachable,
         ),
         Error::Unauthorized(message) => (
-            format!("the API server did not accept your credentials ({message}): check your kubeconfig"),
+            vec![format!(
+                "the API server did not accept your credentials ({message}): check your kubeconfig"
+            )],
             Exit::Forbidden,
         ),
         Error::Forbidden(message) => {
@@ -219,10 +294,15 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
             let reason = message
                 .split_once("denied request: ")
                 .map_or(message.as_str(), |(_, reason)| reason);
-            (format!("the API server refused: {reason}"), Exit::Forbidden)
+            (
+                vec![format!("the API server refused: {reason}")],
+                Exit::Forbidden,
+            )
         }
         Error::Contention(attempts) => (
-            format!("gave up after {attempts} conflicting writes from other clients: try again"),
+            vec![format!(
+                "gave up after {attempts} conflicting writes from other clients: try again"
+            )],
             Exit::Failure,
         ),
         Error::WaitTimedOut(holder) => {
@@ -230,11 +310,32 @@ pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, 
                 Some(holder) => format!(": still held by {}", describe_holder(holder, now)),
                 None => String::new(),
             };
-            (format!("timed out waiting for {env}{held}"), Exit::WaitTimeout)
+            (
+                vec![format!("timed out waiting for {env}{held}")],
+                Exit::WaitTimeout,
+            )
         }
-        Error::Api(message) => (format!("Kubernetes API error: {message}"), Exit::Failure),
+        Error::Malformed(malformed) => (
+            vec![
+                format!(
+                    "the DeploymentLock {:?} in namespace {:?} is malformed and cannot be read ({}: {})",
+                    malformed.name, malformed.namespace, malformed.location, malformed.source
+                ),
+                format!(
+                    "an admin can inspect it with `kubectl get deploymentlock {} -n {} -o yaml`, then fix or delete it",
+                    malformed.name, malformed.namespace
+                ),
+            ],
+            Exit::Failure,
+        ),
+        Error::Api(message) => (
+            vec![format!("Kubernetes API error: {message}")],
+            Exit::Failure,
+        ),
         Error::Interrupted => (
-            format!("interrupted by a signal while acquiring {env}: gave up (and left the queue)"),
+            vec![format!(
+                "interrupted by a signal while acquiring {env}: gave up (and left the queue)"
+            )],
             Exit::Interrupted,
         ),
     }
