@@ -802,7 +802,7 @@ mod tests {
         };
         assert_eq!(
             (err.name.as_str(), err.location.as_str()),
-            ("?", "metadata")
+            ("?", "object")
         );
     }
 
