@@ -800,10 +800,7 @@ mod tests {
             Ok(lock) => panic!("decoded: {lock:?}"),
             Err(err) => err,
         };
-        assert_eq!(
-            (err.name.as_str(), err.location.as_str()),
-            ("?", "object")
-        );
+        assert_eq!((err.name.as_str(), err.location.as_str()), ("?", "object"));
     }
 
     #[test]
