@@ -1,10 +1,10 @@
 //! How locks are shown: tables for people, JSON and YAML for scripts.
 //!
 //! Every string in a lock was written by some client, possibly a hostile one.
-//! Human-readable output passes it through [`escape`] (tables escape every
-//! cell, `status` every value, `report` every line), so that a terminal
-//! escape sequence or a bidi override in an owner or reason is shown, not
-//! obeyed. JSON and YAML stay exact: their serialisers escape what they must.
+//! Human-readable output passes it through [`escape`] where it is written
+//! out (tables escape every cell, `status` every value, `report` every line),
+//! so that a terminal escape sequence or a bidi override in an owner or
+//! reason is shown, not obeyed. JSON and YAML stay exact: their serialisers escape what they must.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -38,10 +38,11 @@ fn is_unsafe(c: char) -> bool {
         )
 }
 
-/// `text` with every unsafe character spelled out as kubectl and Go's
-/// `strconv.Quote` do: `\n`, `\r`, `\t`, `\x1b` for the other C0 controls
-/// and DEL, `\u0085` or `\u202e` above. Nothing else changes (a backslash
-/// stays one): the exact value is in `-o json`.
+/// `text` with every unsafe character spelled out as Go's `strconv.Quote`
+/// does: `\n`, `\r`, `\t`, `\x1b` for the other C0 controls and DEL,
+/// `\u0085` or `\u202e` above. (kubectl shows ESC as `^[`; a spelling
+/// that names every character tells the reader what was hidden.) Nothing
+/// else changes (a backslash stays one): the exact value is in `-o json`.
 pub fn escape(text: &str) -> Cow<'_, str> {
     if !text.chars().any(is_unsafe) {
         return Cow::Borrowed(text);

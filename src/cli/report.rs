@@ -16,7 +16,8 @@ use super::render::escape;
 pub enum Exit {
     /// 0: the action succeeded.
     Success,
-    /// 1: an unexpected failure (an API error not listed below, too much contention).
+    /// 1: an unexpected failure (an API error not listed below, too much
+    /// contention, a malformed lock; `list`: a malformed lock was skipped).
     Failure,
     /// 2: invalid input: a bad flag, name, duration, metadata, or an object
     /// the API server's validation refused. Nothing was changed.
@@ -65,7 +66,7 @@ impl From<Exit> for ExitCode {
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  unexpected failure
+  1  unexpected failure, or a malformed lock (list: one was skipped)
   2  invalid input (nothing was changed)
   3  the lock is held by someone else
   4  --wait-timeout passed before the lock became free
