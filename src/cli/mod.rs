@@ -674,7 +674,10 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
             child_code,
         } => {
             if let Some(why) = renewal_error {
-                eprintln!("deploylock: could not renew the lock before it expired ({why})");
+                eprintln!(
+                    "deploylock: could not renew the lock before it expired ({})",
+                    render::Safe(&why)
+                );
             }
             let now_held = match now_held_by {
                 Some(holder) => report::safe_line(&format!(
