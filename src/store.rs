@@ -293,25 +293,23 @@ fn locate_error(object: &serde_json::Value) -> Option<(String, serde_json::Error
         value: &Value,
     ) -> Option<(String, serde_json::Error)> {
         let err = serde_json::from_value::<T>(value.clone()).err()?;
-        // Narrow to a date-time field: chrono's errors do not name it.
+        // Name the date-time field at fault, judged by the rule the types
+        // decode with (`crd::parse_time`).
         let fields = value.as_object().into_iter().flatten();
         for (field, inner) in fields {
             if TIME_FIELDS.contains(&field.as_str())
-                && let Err(err) = serde_json::from_value::<DateTime<Utc>>(inner.clone())
+                && !inner.is_null()
+                && !inner
+                    .as_str()
+                    .is_some_and(|text| crate::crd::parse_time(text).is_some())
             {
                 return Some((format!("{path}.{field}"), err));
             }
         }
         Some((path, err))
     }
-    const TIME_FIELDS: [&str; 6] = [
-        "at",
-        "acquiredAt",
-        "expiresAt",
-        "since",
-        "heartbeatAt",
-        "lastTransitionTime",
-    ];
+    /// The fields decoded with `crd::parse_time`.
+    const TIME_FIELDS: [&str; 5] = ["at", "acquiredAt", "expiresAt", "since", "heartbeatAt"];
 
     if !object.is_object() {
         return None;
@@ -748,6 +746,16 @@ mod tests {
                 "spec.queue[0].since",
             ),
             (
+                "/spec/holder/acquiredAt",
+                json!("2030-01-01T01:00:00+01:00"),
+                "spec.holder.acquiredAt",
+            ),
+            (
+                "/spec/history/0/at",
+                json!(1_893_456_000),
+                "spec.history[0].at",
+            ),
+            (
                 "/spec/history/0/action",
                 json!("Teleported"),
                 "spec.history[0]",
@@ -761,7 +769,7 @@ mod tests {
             (
                 "/status/conditions/0/lastTransitionTime",
                 json!("2030-01-01T00:00:00ZT"),
-                "status.conditions[0].lastTransitionTime",
+                "status.conditions[0]",
             ),
             ("/status/state", json!("Haunted"), "status"),
             ("/metadata/creationTimestamp", json!("never"), "metadata"),

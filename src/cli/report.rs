@@ -249,7 +249,9 @@ fn describe_lines(err: &Error, environment: &str, now: DateTime<Utc>) -> (Vec<St
                 Exit::Held,
             ),
             Refusal::CounterExhausted => (
-                format!("the fencing token or history sequence of {env} reached its maximum (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"),
+                vec![format!(
+                    "the fencing token or history sequence of {env} reached its maximum (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"
+                )],
                 Exit::Failure,
             ),
             Refusal::DurationOutOfRange => (

@@ -1387,7 +1387,7 @@ const POISONS: [(&str, &str, &str); 3] = [
     (
         "/status/conditions/0/lastTransitionTime",
         "2030-01-01T00:00:00ZT",
-        "status.conditions[0].lastTransitionTime",
+        "status.conditions[0]",
     ),
 ];
 
