@@ -299,9 +299,9 @@ fn locate_error(object: &serde_json::Value) -> Option<(String, serde_json::Error
         for (field, inner) in fields {
             if TIME_FIELDS.contains(&field.as_str())
                 && !inner.is_null()
-                && !inner
+                && inner
                     .as_str()
-                    .is_some_and(|text| crate::crd::parse_time(text).is_some())
+                    .is_none_or(|text| crate::crd::parse_time(text).is_none())
             {
                 return Some((format!("{path}.{field}"), err));
             }
