@@ -594,7 +594,7 @@ impl WaitProgress {
 
     fn held(&mut self, holder: &crate::crd::LockHolder, observed: &Observed) {
         let line = format!(
-            "waiting for {}: held by {} since {} until {}, reason: {:?}",
+            "waiting for {}: held by {} since {} until {}, reason: \"{}\"",
             self.environment,
             holder.owner,
             holder.acquired_at.format("%H:%M:%SZ"),

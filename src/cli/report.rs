@@ -343,3 +343,118 @@ fn describe_lines(err: &Error, environment: &str, now: DateTime<Utc>) -> (Vec<St
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::crd::Waiter;
+
+    const EVIL: &str = "\u{1b}]8;;http://evil\u{7}\u{1b}[2J\u{202e}\u{9b}\r\n";
+
+    fn decoded<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+        match serde_json::from_value(value) {
+            Ok(decoded) => decoded,
+            Err(err) => panic!("test value does not decode: {err}"),
+        }
+    }
+
+    fn holder() -> Box<LockHolder> {
+        decoded(json!({
+            "lockId": format!("id{EVIL}"),
+            "user": format!("user{EVIL}"),
+            "owner": format!("owner{EVIL}"),
+            "type": "manual",
+            "reason": format!("reason{EVIL}"),
+            "acquiredAt": "2030-01-01T00:00:00Z",
+            "expiresAt": "2030-01-01T00:30:00Z",
+            "durationSeconds": 1800
+        }))
+    }
+
+    fn now() -> DateTime<Utc> {
+        match DateTime::parse_from_rfc3339("2030-01-01T00:10:00Z") {
+            Ok(time) => time.with_timezone(&Utc),
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// Every message, whatever it names, is at most two lines of text a
+    /// terminal only prints.
+    #[test]
+    fn every_message_is_escaped() {
+        let waiter: Box<Waiter> = decoded(json!({
+            "id": "w1",
+            "user": "carol",
+            "owner": format!("waiter{EVIL}"),
+            "reason": format!("waiting{EVIL}"),
+            "since": "2030-01-01T00:01:00Z",
+            "heartbeatAt": "2030-01-01T00:01:00Z"
+        }));
+        let malformed = crate::store::decode_lock(json!({
+            "metadata": { "name": format!("bad{EVIL}"), "namespace": format!("ns{EVIL}") },
+            "spec": { "environment": format!("{EVIL}"), "history": [{ "at": format!("x{EVIL}") }] }
+        }));
+        let errors = vec![
+            Error::Refused(Refusal::HeldByOther(holder())),
+            Error::Refused(Refusal::AlreadyHeldByYou(holder())),
+            Error::Refused(Refusal::EmergencyLockInForce(holder())),
+            Error::Refused(Refusal::NotHolder(holder())),
+            Error::Refused(Refusal::LockLost {
+                expected_lock_id: format!("mine{EVIL}"),
+                current: Some(holder()),
+            }),
+            Error::Refused(Refusal::QueuedBehind {
+                next: waiter,
+                waiting: 2,
+            }),
+            Error::WaitTimedOut(Some(holder())),
+            Error::Forbidden(format!("denied request: {EVIL}")),
+            Error::Api(format!("api{EVIL}")),
+            Error::Rejected(format!("rejected{EVIL}")),
+            Error::InvalidInput(format!("input{EVIL}")),
+            match malformed {
+                Ok(lock) => panic!("decoded: {lock:?}"),
+                Err(malformed) => Error::Malformed(malformed),
+            },
+        ];
+        for err in &errors {
+            let (message, _) = describe(err, "production", now());
+            let lines: Vec<&str> = message.split('\n').collect();
+            assert!(!lines.is_empty() && lines.len() <= 2, "{err:?}: {message}");
+            assert!(
+                !message.chars().any(
+                    |c| (c.is_control() && c != '\n') || ('\u{202a}'..='\u{202e}').contains(&c)
+                ),
+                "{err:?}: {message:?}"
+            );
+            assert!(
+                message.contains("\\x1b]8;;http://evil\\x07\\x1b[2J\\u202e\\u009b\\r\\n"),
+                "{err:?}: the hostile text is not shown escaped: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_locks_exit_1_and_name_the_object() {
+        let malformed = match crate::store::decode_lock(json!({
+            "metadata": { "name": "production", "namespace": "team-a" },
+            "spec": { "environment": "production", "history": [{ "at": "2030-01-01T00:00:00ZT" }] }
+        })) {
+            Ok(lock) => panic!("decoded: {lock:?}"),
+            Err(malformed) => malformed,
+        };
+        let warning = skipped_malformed(&malformed);
+        assert!(
+            warning.contains("\"production\"") && warning.contains("\"team-a\""),
+            "{warning}"
+        );
+        let (message, exit) = describe(&Error::Malformed(malformed), "production", now());
+        assert_eq!(exit, Exit::Failure);
+        assert!(
+            message.contains("is malformed") && message.contains("spec.history[0]"),
+            "{message}"
+        );
+    }
+}

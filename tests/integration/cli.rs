@@ -1206,7 +1206,7 @@ async fn hostile_strings_are_shown_escaped_and_kept_exact_in_json() {
         (
             "wait",
             &["wait", "--wait-timeout", "0"],
-            vec![owner_shown.clone()],
+            vec![owner_shown.clone(), reason_shown.clone()],
         ),
     ];
     for (what, args, shown) in human {
