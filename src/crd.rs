@@ -43,6 +43,10 @@ pub const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
 /// seconds times this factor, so a lock deleted and created again never
 /// repeats a token (the admission policy refuses a delete that could).
 pub const FENCING_TOKENS_PER_SECOND: i64 = 1 << 20;
+/// A new object's token is taken this many seconds ahead of the server time
+/// read, so that the create still lies ahead of the policy's clock when it
+/// arrives a moment later.
+pub const FENCING_BASE_LEAD_SECONDS: i64 = 5;
 /// The only date-time form stored: RFC 3339 in UTC with a `Z`, optional
 /// fractional seconds. The schema and [`parse_time`] apply the same rule.
 pub const DATE_TIME_PATTERN: &str =

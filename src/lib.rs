@@ -3,6 +3,7 @@
 //! - [`crd`]: the `DeploymentLock` custom resource (the API).
 //! - [`crdgen`]: the CRD manifest generated from those types.
 //! - [`rules`]: the lock rules, pure functions deciding every transition.
+//! - [`servertime`]: the API server's clock, measured to better than a second.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -13,4 +14,5 @@ pub mod crdgen;
 pub mod error;
 pub mod exec;
 pub mod rules;
+pub mod servertime;
 pub mod store;

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::crd::{
-    DeploymentLockSpec, FENCING_TOKENS_PER_SECOND, HistoryAction, HistoryEntry, LockHolder,
-    LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MAX_QUEUE_ENTRIES,
-    MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
+    DeploymentLockSpec, FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND, HistoryAction,
+    HistoryEntry, LockHolder, LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES,
+    MAX_QUEUE_ENTRIES, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
 };
 
 /// A waiter whose heartbeat is older than this has dropped out of the queue:
@@ -245,13 +245,15 @@ pub fn decide(
 }
 
 /// The fencing token of a lock object about to be created: the server's
-/// clock in seconds times [`FENCING_TOKENS_PER_SECOND`]; its first holding
+/// clock in seconds (plus [`FENCING_BASE_LEAD_SECONDS`]) times
+/// [`FENCING_TOKENS_PER_SECOND`]; its first holding
 /// gets one more. Every holding's token then exceeds every token of a lock
 /// of the same name deleted before (the admission policy refuses a delete
 /// while its token is ahead of that clock).
 pub fn first_fencing_token(now: DateTime<Utc>) -> Result<i64, Refusal> {
     now.timestamp()
-        .checked_mul(FENCING_TOKENS_PER_SECOND)
+        .checked_add(FENCING_BASE_LEAD_SECONDS)
+        .and_then(|seconds| seconds.checked_mul(FENCING_TOKENS_PER_SECOND))
         .filter(|token| (0..MAX_SAFE_INTEGER).contains(token))
         .ok_or(Refusal::CounterExhausted)
 }

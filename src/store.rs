@@ -6,7 +6,9 @@
 //! changed since). On 409 the lock is read again and the rules decide again.
 //! Time is the API server's: each read takes the `Date` header of its response.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
@@ -24,6 +26,7 @@ use kube::{Client, Config};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tower::retry::RetryLayer;
+use tower::timeout::TimeoutLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
@@ -34,6 +37,14 @@ use crate::rules::{self, Decision, NoChange, Refusal, Request};
 /// Writes attempted before giving up under contention. Each conflict means
 /// another client's write succeeded, so the system as a whole makes progress.
 pub const MAX_WRITE_ATTEMPTS: u32 = 32;
+
+/// Longest wait for a TCP connection and TLS handshake with the API server.
+pub const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+
+/// Longest wait for one request's whole answer (connecting included): an API
+/// server that accepts connections and never answers fails a request after
+/// this, never hangs it.
+pub const REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 
 /// How to reach the cluster, as kubectl's flags say it.
 #[derive(Clone, Debug, Default)]
@@ -65,7 +76,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
             .map_err(|err| Error::Config(err.to_string()))?,
     };
     // An unreachable cluster should fail in seconds, not minutes.
-    config.connect_timeout = Some(StdDuration::from_secs(5));
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
     let namespace = options
         .namespace
         .clone()
@@ -74,8 +85,10 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
     Ok((client, namespace))
 }
 
-/// kube's default client stack, with TCP_NODELAY on its connections: the
-/// client to give [`LockStore::new`].
+/// kube's default client stack, with TCP_NODELAY on its connections, a
+/// connect timeout that covers the TLS handshake, and a timeout on each
+/// request's response head ([`REQUEST_TIMEOUT`]): the client to give
+/// [`LockStore::new`]. Watches are not cut by it (their head comes at once).
 ///
 /// Without it, the first request on a new TLS connection (every read after a
 /// watch ends, since the watch held the pooled connection) waits for the
@@ -91,11 +104,15 @@ pub fn client_from(config: Config) -> Result<Client, kube::Error> {
     http.set_connect_timeout(config.connect_timeout);
     let https = config.rustls_https_connector_with_connector(http)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
+    // The TCP connect timeout above does not cover the TLS handshake, which
+    // a half-dead server or network can hold open forever.
+    connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     let transport =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
     let service = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(REQUEST_TIMEOUT))
         .layer(config.base_uri_layer())
         .option_layer(
             config
@@ -153,6 +170,7 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
 /// the API server's (an expiry or a waiter's drop-out not yet reached).
 fn is_clock_refusal(message: &str) -> bool {
     message.contains("it can be taken over once it has expired")
+        || message.contains("starts its fencing token from the deploylock clock")
         || message
             .contains("join the queue (deploylock acquire --wait-timeout) instead of jumping it")
 }
@@ -169,6 +187,9 @@ pub struct Observed {
     /// The local monotonic instant of the answer, to turn server times into
     /// local deadlines without trusting the local wall clock.
     pub local_instant: Instant,
+    /// The local instant the request was sent. The server stamped
+    /// `server_time` somewhere between this and `local_instant`.
+    pub sent: Instant,
 }
 
 impl Observed {
@@ -186,12 +207,34 @@ impl Observed {
         self.spec().and_then(|spec| spec.holder.as_ref())
     }
 
-    /// The local instant at which a server time will be reached.
+    /// The local instant at which a server time will be reached (an
+    /// estimate that errs late: for waking up to look again).
     pub fn local_deadline(&self, server_time: DateTime<Utc>) -> Instant {
         let ahead = (server_time - self.server_time)
             .to_std()
             .unwrap_or_default();
         self.local_instant + ahead
+    }
+
+    /// The earliest local instant at which the server's clock can read
+    /// `server_time` (an estimate that errs early: for stopping in time).
+    ///
+    /// The `Date` header is the server's clock truncated to the second,
+    /// stamped at some instant between sending the request and reading the
+    /// answer: at the send instant the server's clock may already have read
+    /// up to `server_time + 1 s`. Clock rates are taken as equal; the caller
+    /// adds a margin for drift.
+    pub fn earliest_local(&self, server_time: DateTime<Utc>) -> Instant {
+        let ahead = (server_time - self.server_time - chrono::Duration::seconds(1))
+            .to_std()
+            .unwrap_or_default();
+        self.sent + ahead
+    }
+
+    /// The server's clock now, as estimated from this answer.
+    pub fn server_now(&self) -> DateTime<Utc> {
+        let elapsed = chrono::Duration::from_std(self.local_instant.elapsed()).unwrap_or_default();
+        self.server_time + elapsed
     }
 }
 
@@ -353,12 +396,52 @@ fn locate_error(object: &serde_json::Value) -> Option<(String, serde_json::Error
     check::<kube::core::ObjectMeta>("metadata".into(), part("/metadata"))
 }
 
+/// The API server's clock as last read (its `Date` and the local instant of
+/// the answer), shared by the clones of a store: relative times in messages
+/// ("in 25m") are counted from it rather than from the local clock.
+#[derive(Clone, Debug, Default)]
+pub struct ServerClock(Arc<Mutex<Option<ClockReading>>>);
+
+/// The server's time in an answer, and the local instant of that answer.
+type ClockReading = (DateTime<Utc>, Instant);
+
+impl ServerClock {
+    fn record(&self, server_time: DateTime<Utc>, at: Instant) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((server_time, at));
+        }
+    }
+
+    /// The server's clock now, if any answer was read.
+    pub fn now(&self) -> Option<DateTime<Utc>> {
+        let last = *self.0.lock().ok()?;
+        let (server_time, at) = last?;
+        Some(server_time + chrono::Duration::from_std(at.elapsed()).ok()?)
+    }
+}
+
 /// DeploymentLocks in one namespace, read and written under the rules.
 #[derive(Clone)]
 pub struct LockStore {
     client: Client,
     namespace: String,
     api: Api<DeploymentLock>,
+    clock: ServerClock,
+}
+
+/// `future` bounded by [`REQUEST_TIMEOUT`]; running out is an unreachable
+/// server (exit 6), like a refused connection.
+async fn bounded<T>(
+    future: impl Future<Output = Result<T, Error>>,
+    what: &str,
+) -> Result<T, Error> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Unreachable(format!(
+            "no answer to {what} within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 impl LockStore {
@@ -367,7 +450,13 @@ impl LockStore {
             api: Api::namespaced(client.clone(), namespace),
             client,
             namespace: namespace.to_string(),
+            clock: ServerClock::default(),
         }
+    }
+
+    /// The API server's clock as this store (and its clones) last read it.
+    pub fn server_clock(&self) -> ServerClock {
+        self.clock.clone()
     }
 
     pub fn namespace(&self) -> &str {
@@ -381,10 +470,16 @@ impl LockStore {
     /// The username the API server authenticates for this client.
     pub async fn whoami(&self) -> Result<String, Error> {
         let reviews: Api<SelfSubjectReview> = Api::all(self.client.clone());
-        let review = reviews
-            .create(&PostParams::default(), &SelfSubjectReview::default())
-            .await
-            .map_err(|err| self.kube_error(err))?;
+        let review = bounded(
+            async {
+                reviews
+                    .create(&PostParams::default(), &SelfSubjectReview::default())
+                    .await
+                    .map_err(|err| self.kube_error(err))
+            },
+            "who am I (SelfSubjectReview)",
+        )
+        .await?;
         review
             .status
             .and_then(|status| status.user_info)
@@ -397,6 +492,7 @@ impl LockStore {
         let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
             .get(environment, &Default::default())
             .map_err(|err| Error::Api(err.to_string()))?;
+        let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
             Ok((object, time, instant)) => (Some(decode_lock(object)?), time, instant),
             Err((kube::Error::Api(status), Some((time, instant))))
@@ -416,6 +512,7 @@ impl LockStore {
             lock,
             server_time,
             local_instant,
+            sent,
         })
     }
 
@@ -452,6 +549,18 @@ impl LockStore {
         &self,
         request: http::Request<Vec<u8>>,
     ) -> Result<(T, DateTime<Utc>, Instant), (kube::Error, Option<(DateTime<Utc>, Instant)>)> {
+        let whole = self.send_with_time_unbounded(request);
+        match tokio::time::timeout(REQUEST_TIMEOUT, whole).await {
+            Ok(result) => result,
+            Err(elapsed) => Err((kube::Error::Service(Box::new(elapsed)), None)),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn send_with_time_unbounded<T: DeserializeOwned>(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(T, DateTime<Utc>, Instant), (kube::Error, Option<(DateTime<Utc>, Instant)>)> {
         let response = self
             .client
             .send(request.map(Body::from))
@@ -461,6 +570,7 @@ impl LockStore {
         // Every Kubernetes API server sends Date; a proxy that strips it
         // leaves us only the local clock.
         let server_time = server_date(response.headers()).unwrap_or_else(Utc::now);
+        self.clock.record(server_time, local_instant);
         let timing = Some((server_time, local_instant));
         let status = response.status();
         let bytes = response
@@ -512,20 +622,29 @@ impl LockStore {
                 Decision::Change { next, action } => (next, Outcome::Transition(action)),
                 Decision::Queue { next } => (next, Outcome::QueueUpdated),
             };
-            let written = match &observed.lock {
-                None => {
-                    let lock = DeploymentLock::new(environment, next);
-                    self.api.create(&PostParams::default(), &lock).await
+            let write = async {
+                match &observed.lock {
+                    None => {
+                        let lock = DeploymentLock::new(environment, next);
+                        self.api.create(&PostParams::default(), &lock).await
+                    }
+                    Some(current) => {
+                        let mut lock = current.clone();
+                        lock.spec = next;
+                        // `lock` carries the resourceVersion that was read: the
+                        // API server refuses the replace if anything changed since.
+                        self.api
+                            .replace(environment, &PostParams::default(), &lock)
+                            .await
+                    }
                 }
-                Some(current) => {
-                    let mut lock = current.clone();
-                    lock.spec = next;
-                    // `lock` carries the resourceVersion that was read: the
-                    // API server refuses the replace if anything changed since.
-                    self.api
-                        .replace(environment, &PostParams::default(), &lock)
-                        .await
-                }
+            };
+            // A write without an answer may or may not have happened: the
+            // caller decides again on a fresh read (a retried acquire finds
+            // its own holding, a retried release finds the lock free).
+            let written = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+                Ok(written) => written,
+                Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
             };
             match written {
                 Ok(lock) => {
@@ -549,12 +668,13 @@ impl LockStore {
                 // that moment: wait for the lock's status write, briefly.
                 Err(kube::Error::Api(status))
                     if status.code == 403
-                        && matches!(
-                            outcome,
-                            Outcome::Transition(
-                                HistoryAction::TookOverExpired | HistoryAction::Acquired
-                            )
-                        )
+                        && (observed.lock.is_none()
+                            || matches!(
+                                outcome,
+                                Outcome::Transition(
+                                    HistoryAction::TookOverExpired | HistoryAction::Acquired
+                                )
+                            ))
                         && is_clock_refusal(&status.message)
                         && attempt < 6 =>
                 {
@@ -600,12 +720,17 @@ impl LockStore {
         let params = WatchParams::default()
             .fields(&format!("metadata.name={environment}"))
             .timeout(290);
-        Ok(self
-            .api
-            .watch(&params, resource_version)
-            .await
-            .map_err(|err| self.kube_error(err))?
-            .boxed())
+        let stream = bounded(
+            async {
+                self.api
+                    .watch(&params, resource_version)
+                    .await
+                    .map_err(|err| self.kube_error(err))
+            },
+            "a watch",
+        )
+        .await?;
+        Ok(stream.boxed())
     }
 
     /// Waits until the lock is Available or Expired, or `deadline` passes.

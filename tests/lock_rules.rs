@@ -32,7 +32,8 @@ fn t0() -> DateTime<Utc> {
 /// The token a lock object created at `now` starts from (before its first
 /// holding adds one).
 fn first_token_at(now: DateTime<Utc>) -> i64 {
-    now.timestamp() * deploylock::crd::FENCING_TOKENS_PER_SECOND
+    (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS)
+        * deploylock::crd::FENCING_TOKENS_PER_SECOND
 }
 
 fn nanos(n: i64) -> Duration {

@@ -33,6 +33,9 @@ pub enum Exit {
     /// 7: the caller's holding is over (released by someone else, taken
     /// over, expired).
     LockLost,
+    /// 8: `exec`: the command ended but the lock could not be released (it
+    /// stays held until it expires).
+    NotReleased,
     /// 130: interrupted by a signal while acquiring or waiting.
     Interrupted,
     /// `exec`: the command's own exit code.
@@ -50,6 +53,7 @@ impl Exit {
             Exit::Forbidden => 5,
             Exit::Unreachable => 6,
             Exit::LockLost => 7,
+            Exit::NotReleased => 8,
             Exit::Interrupted => 130,
             Exit::Child(code) => u8::try_from(code).unwrap_or(1),
         }
@@ -71,9 +75,11 @@ Exit codes:
   3  the lock is held by someone else
   4  --wait-timeout passed before the lock became free
   5  not the holder, or forbidden by the API server
-  6  cluster unreachable or not configured, or the CRD is not installed
+  6  cluster unreachable or not configured, the CRD is not installed, or no
+     answer from the API server within 10 s (waiting actions retry until --wait-timeout)
   7  your holding is over (taken over, force-released or expired)
-  130  interrupted (SIGINT, SIGTERM, SIGHUP) while acquiring or waiting
+  8  exec: the command ended but the lock could not be released (it expires on its own)
+  130  interrupted (SIGINT, SIGTERM, SIGHUP) before the command ran, or any other action interrupted
 exec exits with the command's own code once the lock is held.";
 
 /// Formats a time with how far it is from the server's now.

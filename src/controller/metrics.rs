@@ -24,6 +24,13 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// One lock object by name (for objects that could not be read).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
@@ -45,6 +52,7 @@ pub struct Metrics {
     force_releases: Family<LockLabels, Counter>,
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
+    malformed_locks: Family<ObjectLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -91,8 +99,15 @@ impl Default for Metrics {
             "Reconciles that failed, by error",
             reconcile_errors.clone(),
         );
+        let malformed_locks = Family::<ObjectLabels, Gauge>::default();
+        registry.register(
+            "malformed_locks",
+            "1 for each DeploymentLock that cannot be read and is skipped",
+            malformed_locks.clone(),
+        );
         Metrics {
             registry,
+            malformed_locks,
             lock_state,
             held_seconds,
             expirations,
@@ -165,5 +180,14 @@ impl Metrics {
                 error: error.to_string(),
             })
             .inc();
+    }
+
+    /// Marks a lock malformed (skipped) or forgets it.
+    pub fn set_malformed(&self, object: &ObjectLabels, malformed: bool) {
+        if malformed {
+            self.malformed_locks.get_or_create(object).set(1);
+        } else {
+            self.malformed_locks.remove(object);
+        }
     }
 }

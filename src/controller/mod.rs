@@ -1,20 +1,34 @@
 //! The controller: keeps each DeploymentLock's status true to the lock rules,
 //! at the instant it changes.
 //!
-//! For each lock it (1) announces new history entries as Kubernetes Events,
-//! (2) writes `status` (state, conditions) computed by [`rules::state_at`],
-//! (3) clears holdings that stayed expired for the retention period, and
-//! (4) asks to be woken exactly at the next instant the state changes by
-//! itself (the expiry), so nothing polls.
+//! For each lock it (1) writes `status` (state, conditions) computed by
+//! [`rules::state_at`] on the API server's clock, (2) announces new history
+//! entries and expiries as Kubernetes Events, (3) clears holdings that stayed
+//! expired for the retention period, and (4) asks to be woken exactly at the
+//! next instant the state changes by itself (the expiry), so nothing polls.
 //!
-//! Events have deterministic names (lock UID + history sequence), so an
-//! Event is created once even when two replicas or a restarted controller
-//! reconcile the same entry: the API server answers 409 to the second.
+//! Time is the API server's, never the local wall clock's: a lock is Expired
+//! only once [`ServerClock::lower_bound`] has passed its `expiresAt`, and the
+//! clock Lease (the admission policy's trusted time, see [`clock`]) is
+//! brought to at least `expiresAt` before the Expired mark is written.
+//!
+//! The status is written before Events: a refused Event (a terminating
+//! namespace) never holds back the Expired mark. Events have deterministic
+//! names (lock UID + history sequence), so an Event is created once even when
+//! two replicas or a restarted controller reconcile the same entry: the API
+//! server answers 409 to the second.
+//!
+//! Locks are watched as untyped objects and converted one by one: a lock the
+//! Rust types cannot read is reported (log, Warning Event, the
+//! `deploylock_malformed_locks` metric) and skipped; the others go on.
 
+pub mod clock;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
@@ -23,28 +37,41 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
+use tokio::time::Instant;
 
-use crate::crd::{
-    DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockHolder, LockState,
-};
+use crate::crd::{DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockState};
 use crate::rules::{self, Actor, Decision, Request};
+use crate::servertime::ServerClock;
 
-use metrics::{LockLabels, Metrics};
+use clock::ClockHandle;
+use metrics::{LockLabels, Metrics, ObjectLabels};
 
 /// Name the controller reports itself as in Events.
 pub const CONTROLLER_NAME: &str = "deploylock.dev/controller";
 /// Condition type that is True while a holding is in force.
 pub const LOCKED_CONDITION: &str = "Locked";
+/// Time limit of every request a reconcile makes.
+pub const REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// The watch's list and watch calls end after this long (and are renewed),
+/// and the client gives up on a connection silent for longer than
+/// [`READ_TIMEOUT`]: a watch on a dead connection is noticed within seconds.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 20;
+/// Idle read limit of the controller's connections (see `WATCH_TIMEOUT_SECONDS`).
+pub const READ_TIMEOUT: StdDuration = StdDuration::from_secs(30);
 
 /// Errors of one reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
+    #[error("request timed out after {0:?}")]
+    Timeout(StdDuration),
+    #[error("cannot advance the clock Lease: {0}")]
+    Clock(String),
     #[error("lock object has no namespace or name")]
     MissingObjectKey,
 }
@@ -56,9 +83,23 @@ impl Error {
             Error::Kube(kube::Error::Api(status)) if status.code == 409 => "conflict".into(),
             Error::Kube(kube::Error::Api(status)) => format!("api_{}", status.code),
             Error::Kube(_) => "transport".into(),
+            Error::Timeout(_) => "timeout".into(),
+            Error::Clock(_) => "clock_lease".into(),
             Error::MissingObjectKey => "missing_object_key".into(),
         }
     }
+
+    fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(status)) if status.code == 409)
+    }
+}
+
+/// Runs `request` with the reconcile's time limit.
+async fn timed<T>(request: impl Future<Output = Result<T, kube::Error>>) -> Result<T, Error> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .map_err(|_| Error::Timeout(REQUEST_TIMEOUT))?
+        .map_err(Error::Kube)
 }
 
 /// Settings of a controller run.
@@ -75,33 +116,118 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    /// Server time minus local time, measured at start: decisions are taken
-    /// on the API server's clock, like the CLI's.
-    pub clock_offset: Duration,
+    /// The API server's clock: decisions are taken on it, never on ours.
+    pub clock: ServerClock,
+    /// The clock Lease, advanced before an Expired mark.
+    pub clock_lease: ClockHandle,
     /// The username this controller authenticates as (recorded when it clears).
     pub user: String,
+    /// Consecutive failed reconciles per lock, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Per lock UID, the holding whose Expired Event was published.
+    expiries: Mutex<HashMap<String, String>>,
+    /// Malformed locks reported, with the resourceVersion reported.
+    malformed: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Context {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now() + self.clock_offset
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        clock: ServerClock,
+        clock_lease: ClockHandle,
+        user: String,
+    ) -> Self {
+        Context {
+            client,
+            metrics,
+            settings,
+            clock,
+            clock_lease,
+            user,
+            failures: Mutex::default(),
+            expiries: Mutex::default(),
+            malformed: Mutex::default(),
+        }
     }
 }
 
-/// Runs the controller over `api` until `shutdown` resolves.
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        // Plain bookkeeping: still valid after a panic elsewhere.
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Watch retries: quick (the watch must resume within seconds after an API
+/// server restart), with jitter, never faster than every 250 ms.
+struct WatchBackoff {
+    next: StdDuration,
+}
+
+impl WatchBackoff {
+    const FIRST: StdDuration = StdDuration::from_millis(250);
+    const MAX: StdDuration = StdDuration::from_secs(2);
+}
+
+impl Iterator for WatchBackoff {
+    type Item = StdDuration;
+
+    fn next(&mut self) -> Option<StdDuration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(leader::jitter(current))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Runs the controller over the locks of `namespace` (all when `None`)
+/// until `shutdown` resolves; in-flight reconciles may finish (the caller
+/// bounds how long it waits).
 pub async fn run(
-    api: Api<DeploymentLock>,
+    namespace: Option<String>,
     context: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let resource = ApiResource::erase::<DeploymentLock>(&());
+    let api: Api<DynamicObject> = match &namespace {
+        Some(namespace) => Api::namespaced_with(context.client.clone(), namespace, &resource),
+        None => Api::all_with(context.client.clone(), &resource),
+    };
     // The cache holds every lock; managedFields are most of an object's
     // size and nothing here reads them. A replace without them keeps the
     // stored ones (the API server treats an empty list as unset).
     let (reader, writer) = reflector::store();
-    let locks = watcher(api, watcher::Config::default().any_semantic())
-        .modify(|lock| lock.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
+    let converter = context.clone();
+    let locks = watcher(
+        api,
+        watcher::Config::default()
+            .any_semantic()
+            .timeout(WATCH_TIMEOUT_SECONDS),
+    )
+    .backoff(WatchBackoff {
+        next: WatchBackoff::FIRST,
+    })
+    .filter_map(move |event| {
+        let converted = match event {
+            Ok(event) => convert(event, &converter).map(Ok),
+            Err(err) => {
+                tracing::warn!(error = %err, "watching DeploymentLocks failed; retrying");
+                Some(Err(err))
+            }
+        };
+        futures::future::ready(converted)
+    })
+    .modify(|lock| lock.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
     Controller::for_stream(locks, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(32))
         .graceful_shutdown_on(shutdown)
@@ -115,26 +241,205 @@ pub async fn run(
         .await;
 }
 
-fn error_policy(lock: Arc<DeploymentLock>, err: &Error, context: Arc<Context>) -> Action {
-    context.metrics.reconcile_failed(&err.metric_label());
-    tracing::warn!(lock = %lock.name_any(), error = %err, "reconcile failed, retrying");
-    // A conflict means the object moved on: retry at once with the new version.
-    match err {
-        Error::Kube(kube::Error::Api(status)) if status.code == 409 => {
-            Action::requeue(StdDuration::from_millis(50))
-        }
-        _ => Action::requeue(StdDuration::from_secs(2)),
+/// A stand-in carrying only the metadata, to remove a lock from the cache.
+fn placeholder(object: &DynamicObject) -> DeploymentLock {
+    DeploymentLock {
+        metadata: object.metadata.clone(),
+        spec: Default::default(),
+        status: None,
     }
 }
 
-/// One reconcile of one lock.
+fn typed(object: &DynamicObject) -> Result<DeploymentLock, serde_json::Error> {
+    serde_json::to_value(object).and_then(serde_json::from_value)
+}
+
+/// One watch event as typed locks. A malformed lock is reported once per
+/// version and dropped from the cache (and from the reconciles).
+fn convert(
+    event: watcher::Event<DynamicObject>,
+    context: &Arc<Context>,
+) -> Option<watcher::Event<DeploymentLock>> {
+    match event {
+        watcher::Event::Init => Some(watcher::Event::Init),
+        watcher::Event::InitDone => Some(watcher::Event::InitDone),
+        watcher::Event::InitApply(object) => match typed(&object) {
+            Ok(lock) => {
+                well_formed(&object, context);
+                Some(watcher::Event::InitApply(lock))
+            }
+            Err(err) => {
+                report_malformed(&object, &err, context);
+                None
+            }
+        },
+        watcher::Event::Apply(object) => match typed(&object) {
+            Ok(lock) => {
+                well_formed(&object, context);
+                Some(watcher::Event::Apply(lock))
+            }
+            Err(err) => {
+                report_malformed(&object, &err, context);
+                Some(watcher::Event::Delete(placeholder(&object)))
+            }
+        },
+        watcher::Event::Delete(object) => {
+            well_formed(&object, context);
+            Some(watcher::Event::Delete(placeholder(&object)))
+        }
+    }
+}
+
+fn object_key(object: &DynamicObject) -> (String, String) {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+/// Forgets a lock that was reported malformed (fixed or deleted).
+fn well_formed(object: &DynamicObject, context: &Context) {
+    let key = object_key(object);
+    if locked(&context.malformed).remove(&key).is_some() {
+        tracing::info!(namespace = %key.0, name = %key.1, "lock is no longer malformed");
+        context.metrics.set_malformed(
+            &ObjectLabels {
+                namespace: key.0,
+                name: key.1,
+            },
+            false,
+        );
+    }
+}
+
+/// Reports a lock the types cannot read: once per version, with its name.
+fn report_malformed(object: &DynamicObject, err: &serde_json::Error, context: &Arc<Context>) {
+    let key = object_key(object);
+    let version = object.resource_version().unwrap_or_default();
+    {
+        let mut reported = locked(&context.malformed);
+        if reported.get(&key) == Some(&version) {
+            return;
+        }
+        reported.insert(key.clone(), version.clone());
+    }
+    tracing::warn!(
+        namespace = %key.0,
+        name = %key.1,
+        resource_version = %version,
+        error = %err,
+        "malformed DeploymentLock skipped; the other locks are reconciled"
+    );
+    context.metrics.set_malformed(
+        &ObjectLabels {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+        },
+        true,
+    );
+    let reference = ObjectReference {
+        api_version: Some(DeploymentLock::api_version(&()).into_owned()),
+        kind: Some(DeploymentLock::kind(&()).into_owned()),
+        namespace: Some(key.0.clone()),
+        name: Some(key.1.clone()),
+        uid: object.metadata.uid.clone(),
+        resource_version: Some(version.clone()),
+        ..Default::default()
+    };
+    let uid = object.metadata.uid.clone().unwrap_or_default();
+    let name = format!(
+        "{}.{}.malformed-{}",
+        key.1,
+        short_id(&uid),
+        short_id(&version)
+    );
+    let note = format!(
+        "DeploymentLock {} cannot be read and is not reconciled: {err}",
+        key.1
+    );
+    let context = context.clone();
+    tokio::spawn(async move {
+        let result = create_event(
+            &context,
+            &key.0,
+            name,
+            reference,
+            "Malformed",
+            "Warning",
+            note,
+        )
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(namespace = %key.0, name = %key.1, error = %err, "cannot record the Malformed Event");
+        }
+    });
+}
+
+fn error_policy(lock: Arc<DeploymentLock>, err: &Error, context: Arc<Context>) -> Action {
+    context.metrics.reconcile_failed(&err.metric_label());
+    let key = format!(
+        "{}/{}",
+        lock.namespace().unwrap_or_default(),
+        lock.name_any()
+    );
+    let failures = {
+        let mut failures = locked(&context.failures);
+        let count = failures.entry(key).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    // Exponential with jitter, never a hot loop: a conflict that survived a
+    // fresh read means the object keeps moving; anything else is the
+    // server being away.
+    let (first, max) = if err.is_conflict() {
+        (StdDuration::from_millis(200), StdDuration::from_secs(5))
+    } else {
+        (StdDuration::from_millis(500), StdDuration::from_secs(10))
+    };
+    let delay = first
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(max);
+    let delay = leader::jitter(delay);
+    if failures <= 3 {
+        tracing::warn!(lock = %lock.name_any(), error = %err, retry_in_ms = delay.as_millis(), "reconcile failed, retrying");
+    } else {
+        tracing::debug!(lock = %lock.name_any(), error = %err, failures, retry_in_ms = delay.as_millis(), "reconcile failed again");
+    }
+    Action::requeue(delay)
+}
+
+/// One reconcile of one lock. On a conflict the lock is read afresh (the
+/// cache may be behind) and reconciled once more before backing off.
 pub async fn reconcile(lock: Arc<DeploymentLock>, context: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = reconcile_inner(&lock, &context).await;
+    let mut result = reconcile_inner(&lock, &context).await;
+    if result.as_ref().is_err_and(Error::is_conflict)
+        && let (Some(namespace), Some(name)) = (lock.namespace(), lock.meta().name.clone())
+    {
+        let api: Api<DeploymentLock> = Api::namespaced(context.client.clone(), &namespace);
+        result = match timed(api.get_opt(&name)).await {
+            Ok(Some(fresh)) => reconcile_inner(&fresh, &context).await,
+            Ok(None) => Ok(Action::await_change()),
+            Err(err) => Err(err),
+        };
+    }
+    if result.is_ok() {
+        let key = format!(
+            "{}/{}",
+            lock.namespace().unwrap_or_default(),
+            lock.name_any()
+        );
+        locked(&context.failures).remove(&key);
+    }
     context
         .metrics
         .observe_reconcile(started.elapsed().as_secs_f64());
     result
+}
+
+/// How an Event create ended.
+enum Published {
+    /// Created now (true) or already there (false).
+    Done(bool),
+    /// Refused for good (e.g. the namespace is terminating): skipped.
+    Refused,
 }
 
 async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Action, Error> {
@@ -149,13 +454,23 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         context.metrics.remove(&labels);
         return Ok(Action::await_change());
     }
-    let now = context.now();
+    // The server's clock, rounded down: Expired only once it has certainly
+    // passed expiresAt, whatever the local clock says.
+    let now = context.clock.lower_bound(Instant::now());
     let state = rules::state_at(&lock.spec, now);
     let status = lock.status.clone().unwrap_or_default();
 
-    // Housekeeping: a holding expired for the whole retention is cleared
-    // through the same rules the CLI uses, under the read resourceVersion.
     if let (LockState::Expired, Some(holder)) = (state, &lock.spec.holder) {
+        // Takeover is allowed by the policy once the clock Lease reaches
+        // expiresAt: it does so before (or with) the Expired mark.
+        context
+            .clock_lease
+            .advance_to(holder.expires_at)
+            .await
+            .map_err(Error::Clock)?;
+
+        // Housekeeping: a holding expired for the whole retention is cleared
+        // through the same rules the CLI uses, under the read resourceVersion.
         let clear = Request::Clear {
             actor: Actor::new(context.user.clone(), Some("deploylock-controller".into())),
             lock_id: holder.lock_id.clone(),
@@ -164,41 +479,20 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         if let Ok(Decision::Change { next, .. }) =
             rules::decide(&name, Some(&lock.spec), now, &clear)
         {
-            // The Expired event must exist before the holding disappears.
-            if !expiry_recorded(&status, holder) {
-                announce_expiry(lock, context, &labels).await?;
+            // The Expired Event should exist before the holding disappears.
+            if let Err(err) = announce_expiry(lock, context, &labels).await {
+                tracing::warn!(namespace, environment = %lock.spec.environment, error = %err, "cannot record the Expired Event before clearing");
             }
             let mut cleared = lock.clone();
             cleared.spec = next;
-            api.replace(&name, &PostParams::default(), &cleared)
-                .await
-                .map_err(Error::Kube)?;
+            timed(api.replace(&name, &PostParams::default(), &cleared)).await?;
             tracing::info!(namespace, environment = %lock.spec.environment, owner = %holder.owner, "cleared expired lock");
             // The write triggers the next reconcile.
             return Ok(Action::await_change());
         }
     }
 
-    // 1. Events for history entries not yet announced.
-    let announced = status.last_event_sequence.unwrap_or(0);
-    let mut last_sequence = announced;
-    for entry in lock
-        .spec
-        .history
-        .iter()
-        .filter(|entry| entry.sequence > announced)
-    {
-        announce_entry(lock, entry, context, &labels).await?;
-        last_sequence = last_sequence.max(entry.sequence);
-    }
-    if state == LockState::Expired
-        && let Some(holder) = &lock.spec.holder
-        && !expiry_recorded(&status, holder)
-    {
-        announce_expiry(lock, context, &labels).await?;
-    }
-
-    // 2. Status.
+    // 1. Status first: the state must not wait for Events.
     let held_seconds = match (&lock.spec.holder, state) {
         (Some(holder), LockState::Locked | LockState::ForceLocked) => {
             (now - holder.acquired_at).num_milliseconds().max(0) as f64 / 1000.0
@@ -206,7 +500,9 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         _ => 0.0,
     };
     context.metrics.set_state(&labels, state, held_seconds);
-    let desired = desired_status(lock, &status, state, last_sequence, now);
+    let announced = status.last_event_sequence.unwrap_or(0);
+    let mut current = lock.clone();
+    let desired = desired_status(lock, &status, state, announced, now);
     if desired != status {
         if status.state != desired.state {
             tracing::info!(
@@ -221,27 +517,61 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         let mut updated = lock.clone();
         updated.status = Some(desired);
         // Carries the read resourceVersion: refused if the lock moved on.
-        api.replace_status(&name, &PostParams::default(), &updated)
-            .await
-            .map_err(Error::Kube)?;
+        current = timed(api.replace_status(&name, &PostParams::default(), &updated)).await?;
     }
 
-    // 3. Wake up exactly when the state will change by itself.
-    Ok(match (&lock.spec.holder, state) {
-        (Some(holder), LockState::Locked | LockState::ForceLocked) => {
-            Action::requeue(until(holder.expires_at, now))
+    // 2. Events for history entries not yet announced, then the expiry. A
+    // transient failure stops here and is retried; a refusal is skipped.
+    let mut last_sequence = announced;
+    let mut failure = None;
+    for entry in lock
+        .spec
+        .history
+        .iter()
+        .filter(|entry| entry.sequence > announced)
+    {
+        match announce_entry(lock, entry, context, &labels).await {
+            Ok(()) => last_sequence = last_sequence.max(entry.sequence),
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
         }
+    }
+    if failure.is_none() && state == LockState::Expired {
+        failure = announce_expiry(lock, context, &labels).await.err();
+    }
+
+    // 3. Record what was announced.
+    if last_sequence > announced {
+        let mut recorded = current.clone();
+        let mut status = recorded.status.clone().unwrap_or_default();
+        status.last_event_sequence = Some(last_sequence);
+        recorded.status = Some(status);
+        timed(api.replace_status(&name, &PostParams::default(), &recorded)).await?;
+    }
+    if let Some(err) = failure {
+        return Err(err);
+    }
+
+    // 4. Wake up exactly when the state will change by itself: the first
+    // instant the server's clock has certainly passed the expiry.
+    let wake_at = |at: DateTime<Utc>| {
+        Action::requeue(
+            context
+                .clock
+                .reached_at(at)
+                .saturating_duration_since(Instant::now())
+                + StdDuration::from_millis(1),
+        )
+    };
+    Ok(match (&lock.spec.holder, state) {
+        (Some(holder), LockState::Locked | LockState::ForceLocked) => wake_at(holder.expires_at),
         (Some(holder), LockState::Expired) => {
-            Action::requeue(until(holder.expires_at + context.settings.retention, now))
+            wake_at(holder.expires_at + context.settings.retention)
         }
         _ => Action::await_change(),
     })
-}
-
-/// Time from `now` to `at`, plus a millisecond so the wake-up lands at or
-/// after the instant, never just before it.
-fn until(at: DateTime<Utc>, now: DateTime<Utc>) -> StdDuration {
-    (at - now).to_std().unwrap_or_default() + StdDuration::from_millis(1)
 }
 
 fn desired_status(
@@ -301,7 +631,8 @@ fn reference(lock: &DeploymentLock) -> ObjectReference {
     lock.object_ref(&())
 }
 
-/// Publishes one history entry as an Event, once.
+/// Publishes one history entry as an Event, once. A refused Event is logged
+/// and skipped; only a transient failure is an error (retried).
 async fn announce_entry(
     lock: &DeploymentLock,
     entry: &HistoryEntry,
@@ -329,7 +660,7 @@ async fn announce_entry(
         "{} by {} (owner {}){expiry}{takeover}: {}",
         reason, entry.by, entry.owner, entry.reason
     );
-    let created = publish(
+    let published = publish(
         lock,
         context,
         &format!("{}", entry.sequence),
@@ -338,7 +669,7 @@ async fn announce_entry(
         note,
     )
     .await?;
-    if created {
+    if let Published::Done(true) = published {
         match entry.action {
             HistoryAction::ForceAcquired => context.metrics.force_acquired(labels),
             HistoryAction::ForceReleased => context.metrics.force_released(labels),
@@ -357,14 +688,8 @@ async fn announce_entry(
     Ok(())
 }
 
-/// Whether the status already shows this holding Expired: its Event was
-/// published before that status was written, so there is nothing to send.
-fn expiry_recorded(status: &DeploymentLockStatus, holder: &LockHolder) -> bool {
-    status.state == Some(LockState::Expired)
-        && status.lock_id.as_deref() == Some(holder.lock_id.as_str())
-}
-
-/// Publishes the Expired event of the current holding, once.
+/// Publishes the Expired event of the current holding, once (per process
+/// it is not even tried twice; across processes its name makes it unique).
 async fn announce_expiry(
     lock: &DeploymentLock,
     context: &Context,
@@ -373,6 +698,10 @@ async fn announce_expiry(
     let Some(holder) = &lock.spec.holder else {
         return Ok(());
     };
+    let uid = lock.meta().uid.clone().unwrap_or_default();
+    if locked(&context.expiries).get(&uid) == Some(&holder.lock_id) {
+        return Ok(());
+    }
     let note = format!(
         "Expired at {}: held by {} (owner {}): {}",
         holder.expires_at.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -381,8 +710,9 @@ async fn announce_expiry(
         holder.reason
     );
     let suffix = format!("expired-{}", short_id(&holder.lock_id));
-    let created = publish(lock, context, &suffix, "Expired", "Normal", note).await?;
-    if created {
+    let published = publish(lock, context, &suffix, "Expired", "Normal", note).await?;
+    locked(&context.expiries).insert(uid, holder.lock_id.clone());
+    if let Published::Done(true) = published {
         context.metrics.expired(labels);
         tracing::info!(
             namespace = %labels.namespace,
@@ -405,9 +735,7 @@ fn short_id(id: &str) -> String {
         .to_lowercase()
 }
 
-/// Creates an Event with a name derived from the lock's UID and `suffix`.
-/// Returns false if it already existed (another replica or an earlier run
-/// created it).
+/// Creates an Event about `lock` with a name derived from its UID and `suffix`.
 async fn publish(
     lock: &DeploymentLock,
     context: &Context,
@@ -415,32 +743,78 @@ async fn publish(
     reason: &str,
     event_type: &str,
     note: String,
-) -> Result<bool, Error> {
+) -> Result<Published, Error> {
     let namespace = lock.namespace().ok_or(Error::MissingObjectKey)?;
     let uid = lock.meta().uid.clone().unwrap_or_default();
     let name = format!("{}.{}.{}", lock.name_any(), short_id(&uid), suffix);
+    match create_event(
+        context,
+        &namespace,
+        name,
+        reference(lock),
+        reason,
+        event_type,
+        note,
+    )
+    .await
+    {
+        Ok(created) => Ok(Published::Done(created)),
+        Err(Error::Kube(kube::Error::Api(status)))
+            if (400..500).contains(&status.code) && status.code != 429 =>
+        {
+            tracing::warn!(
+                namespace,
+                lock = %lock.name_any(),
+                reason,
+                code = status.code,
+                message = %status.message,
+                "Event refused; skipped"
+            );
+            Ok(Published::Refused)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Creates one Event; false if it already existed (another replica or an
+/// earlier run created it).
+async fn create_event(
+    context: &Context,
+    namespace: &str,
+    name: String,
+    regarding: ObjectReference,
+    reason: &str,
+    event_type: &str,
+    note: String,
+) -> Result<bool, Error> {
     let event = Event {
         metadata: kube::core::ObjectMeta {
             name: Some(name),
-            namespace: Some(namespace.clone()),
+            namespace: Some(namespace.to_string()),
             ..Default::default()
         },
-        event_time: Some(MicroTime(Timestamp::now())),
+        event_time: Some(MicroTime(to_timestamp_micros(
+            context.clock.lower_bound(Instant::now()),
+        ))),
         action: Some(reason.to_string()),
         reason: Some(reason.to_string()),
         type_: Some(event_type.to_string()),
         note: Some(truncate(&note, 1024)),
-        regarding: Some(reference(lock)),
+        regarding: Some(regarding),
         reporting_controller: Some(CONTROLLER_NAME.to_string()),
         reporting_instance: Some(truncate(&context.settings.instance, 128)),
         ..Default::default()
     };
-    let events: Api<Event> = Api::namespaced(context.client.clone(), &namespace);
-    match events.create(&PostParams::default(), &event).await {
+    let events: Api<Event> = Api::namespaced(context.client.clone(), namespace);
+    match timed(events.create(&PostParams::default(), &event)).await {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(err) => Err(Error::Kube(err)),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => Ok(false),
+        Err(err) => Err(err),
     }
+}
+
+fn to_timestamp_micros(time: DateTime<Utc>) -> Timestamp {
+    clock::micro_time(time).0
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
