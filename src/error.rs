@@ -56,6 +56,10 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    /// The API server stores a lock that cannot be decoded.
+    #[error(transparent)]
+    Malformed(#[from] Box<crate::store::MalformedLock>),
+
     /// Any other API failure.
     #[error("Kubernetes API error: {0}")]
     Api(String),

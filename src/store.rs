@@ -17,7 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use kube::api::{Api, ObjectList, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use kube::client::retry::RetryPolicy;
 use kube::client::{Body, ConfigExt};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -265,6 +265,137 @@ pub struct Refused {
     pub observed: Observed,
 }
 
+/// The locks of a list, with the API server's time of the answer.
+#[derive(Debug)]
+pub struct Listing {
+    /// The locks that decode, in the API server's order (namespace, name).
+    pub locks: Vec<DeploymentLock>,
+    /// Objects stored but undecodable, skipped.
+    pub malformed: Vec<MalformedLock>,
+    pub server_time: DateTime<Utc>,
+}
+
+/// A list response, its items still undecoded.
+#[derive(serde::Deserialize)]
+struct RawList {
+    items: Option<Vec<serde_json::Value>>,
+}
+
+/// A DeploymentLock the API server stores but these types cannot decode: a
+/// value the schema admitted and Rust refuses. It is named, never fatal to
+/// the reading of other locks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the DeploymentLock {name:?} in namespace {namespace:?} is malformed: {location}: {source}"
+)]
+pub struct MalformedLock {
+    pub namespace: String,
+    pub name: String,
+    /// Where the first undecodable value is, e.g. `spec.history[0].at`.
+    pub location: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Decodes one DeploymentLock as the API server returned it; on failure, says
+/// which object and, as closely as it can tell, which part of it.
+pub fn decode_lock(object: serde_json::Value) -> Result<DeploymentLock, Box<MalformedLock>> {
+    use serde_json::Value;
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let (namespace, name) = (text("/metadata/namespace"), text("/metadata/name"));
+    let (location, source) = match serde_json::from_value::<DeploymentLock>(object.clone()) {
+        Ok(lock) => return Ok(lock),
+        Err(err) => locate_error(&object).unwrap_or_else(|| ("object".to_string(), err)),
+    };
+    Err(Box::new(MalformedLock {
+        namespace,
+        name,
+        location,
+        source,
+    }))
+}
+
+/// The first part of `object` that does not decode on its own, with its
+/// error: `spec.history[3].at` rather than "trailing input" somewhere.
+fn locate_error(object: &serde_json::Value) -> Option<(String, serde_json::Error)> {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    use crate::crd::{DeploymentLockStatus, HistoryEntry, Waiter};
+
+    fn check<T: DeserializeOwned>(
+        path: String,
+        value: &Value,
+    ) -> Option<(String, serde_json::Error)> {
+        let err = serde_json::from_value::<T>(value.clone()).err()?;
+        // Name the date-time field at fault, judged by the rule the types
+        // decode with (`crd::parse_time`).
+        let fields = value.as_object().into_iter().flatten();
+        for (field, inner) in fields {
+            if TIME_FIELDS.contains(&field.as_str())
+                && !inner.is_null()
+                && inner
+                    .as_str()
+                    .is_none_or(|text| crate::crd::parse_time(text).is_none())
+            {
+                return Some((format!("{path}.{field}"), err));
+            }
+        }
+        Some((path, err))
+    }
+    /// The fields decoded with `crd::parse_time`.
+    const TIME_FIELDS: [&str; 5] = ["at", "acquiredAt", "expiresAt", "since", "heartbeatAt"];
+
+    if !object.is_object() {
+        return None;
+    }
+    let null = Value::Null;
+    let part = |pointer: &str| object.pointer(pointer).unwrap_or(&null);
+    let items = |pointer: &str| {
+        part(pointer)
+            .as_array()
+            .map(|items| items.iter().enumerate().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    if let Some(holder) = object.pointer("/spec/holder").filter(|h| !h.is_null())
+        && let Some(found) = check::<LockHolder>("spec.holder".into(), holder)
+    {
+        return Some(found);
+    }
+    for (i, waiter) in items("/spec/queue") {
+        if let Some(found) = check::<Waiter>(format!("spec.queue[{i}]"), waiter) {
+            return Some(found);
+        }
+    }
+    for (i, entry) in items("/spec/history") {
+        if let Some(found) = check::<HistoryEntry>(format!("spec.history[{i}]"), entry) {
+            return Some(found);
+        }
+    }
+    if let Some(found) = check::<DeploymentLockSpec>("spec".into(), part("/spec")) {
+        return Some(found);
+    }
+    for (i, condition) in items("/status/conditions") {
+        if let Some(found) = check::<Condition>(format!("status.conditions[{i}]"), condition) {
+            return Some(found);
+        }
+    }
+    if let Some(status) = object.pointer("/status").filter(|s| !s.is_null())
+        && let Some(found) = check::<DeploymentLockStatus>("status".into(), status)
+    {
+        return Some(found);
+    }
+    check::<kube::core::ObjectMeta>("metadata".into(), part("/metadata"))
+}
+
 /// The API server's clock as last read (its `Date` and the local instant of
 /// the answer), shared by the clones of a store: relative times in messages
 /// ("in 25m") are counted from it rather than from the local clock.
@@ -363,7 +494,7 @@ impl LockStore {
             .map_err(|err| Error::Api(err.to_string()))?;
         let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
-            Ok((lock, time, instant)) => (Some(lock), time, instant),
+            Ok((object, time, instant)) => (Some(decode_lock(object)?), time, instant),
             Err((kube::Error::Api(status), Some((time, instant))))
                 if status.code == 404
                     && status
@@ -385,20 +516,30 @@ impl LockStore {
         })
     }
 
-    /// Lists locks in this namespace, or in all namespaces, with the server's time.
-    pub async fn list(
-        &self,
-        all_namespaces: bool,
-    ) -> Result<(Vec<DeploymentLock>, DateTime<Utc>), Error> {
+    /// Lists locks in this namespace, or in all namespaces, with the server's
+    /// time. Items are decoded one by one: a malformed object is returned
+    /// beside the others, never in their way.
+    pub async fn list(&self, all_namespaces: bool) -> Result<Listing, Error> {
         let namespace = (!all_namespaces).then_some(self.namespace.as_str());
         let request = KubeRequest::new(DeploymentLock::url_path(&(), namespace))
             .list(&Default::default())
             .map_err(|err| Error::Api(err.to_string()))?;
-        let (list, server_time, _): (ObjectList<DeploymentLock>, _, _) = self
+        let (list, server_time, _): (RawList, _, _) = self
             .send_with_time(request)
             .await
             .map_err(|(err, _)| self.kube_error(err))?;
-        Ok((list.items, server_time))
+        let mut listing = Listing {
+            locks: Vec::new(),
+            malformed: Vec::new(),
+            server_time,
+        };
+        for object in list.items.unwrap_or_default() {
+            match decode_lock(object) {
+                Ok(lock) => listing.locks.push(lock),
+                Err(malformed) => listing.malformed.push(*malformed),
+            }
+        }
+        Ok(listing)
     }
 
     /// Sends a GET and returns the decoded body with the `Date` of the answer.
@@ -621,5 +762,213 @@ impl LockStore {
             }
             self.wait_for_change(&observed, until).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// A lock as the API server returns it.
+    fn stored_lock(name: &str) -> Value {
+        json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLock",
+            "metadata": {
+                "name": name,
+                "namespace": "team-a",
+                "resourceVersion": "42",
+                "creationTimestamp": "2030-01-01T00:00:00Z"
+            },
+            "spec": {
+                "environment": name,
+                "fencingToken": 1,
+                "holder": {
+                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
+                    "user": "alice",
+                    "owner": "alice",
+                    "type": "manual",
+                    "reason": "Deploying version 1.0.0",
+                    "acquiredAt": "2030-01-01T00:00:00Z",
+                    "expiresAt": "2030-01-01T00:30:00Z",
+                    "durationSeconds": 1800
+                },
+                "queue": [{
+                    "id": "w1",
+                    "user": "bob",
+                    "owner": "bob",
+                    "reason": "next",
+                    "since": "2030-01-01T00:01:00Z",
+                    "heartbeatAt": "2030-01-01T00:01:00Z"
+                }],
+                "history": [{
+                    "sequence": 1,
+                    "action": "Acquired",
+                    "at": "2030-01-01T00:00:00Z",
+                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
+                    "by": "alice",
+                    "owner": "alice",
+                    "reason": "Deploying version 1.0.0",
+                    "expiresAt": "2030-01-01T00:30:00Z"
+                }]
+            },
+            "status": {
+                "state": "Locked",
+                "conditions": [{
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Observed",
+                    "message": "",
+                    "lastTransitionTime": "2030-01-01T00:00:00Z"
+                }]
+            }
+        })
+    }
+
+    fn poisoned(pointer: &str, value: Value) -> Value {
+        let mut object = stored_lock("production");
+        match object.pointer_mut(pointer) {
+            Some(slot) => *slot = value,
+            None => panic!("no {pointer} in the test lock"),
+        }
+        object
+    }
+
+    #[test]
+    fn a_well_formed_lock_decodes() {
+        let lock = match decode_lock(stored_lock("production")) {
+            Ok(lock) => lock,
+            Err(err) => panic!("{err}"),
+        };
+        assert_eq!(lock.spec.environment, "production");
+        assert_eq!(lock.spec.history.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_lock_is_named_with_the_place_of_its_fault() {
+        // Values the schema admitted at some point, or a hostile admin wrote.
+        let cases = [
+            (
+                "/spec/history/0/at",
+                json!("2030-01-01T00:00:00ZT"),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/history/0/at",
+                json!("2030-01-01T00:00:00,5Z"),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/holder/expiresAt",
+                json!("2099-13-01T00:00:00Z"),
+                "spec.holder.expiresAt",
+            ),
+            (
+                "/spec/queue/0/since",
+                json!("yesterday"),
+                "spec.queue[0].since",
+            ),
+            (
+                "/spec/holder/acquiredAt",
+                json!("2030-01-01T01:00:00+01:00"),
+                "spec.holder.acquiredAt",
+            ),
+            (
+                "/spec/history/0/at",
+                json!(1_893_456_000),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/history/0/action",
+                json!("Teleported"),
+                "spec.history[0]",
+            ),
+            (
+                "/spec/fencingToken",
+                json!(9_223_372_036_854_775_808_u64),
+                "spec",
+            ),
+            ("/spec/holder/durationSeconds", json!(1.5), "spec.holder"),
+            (
+                "/status/conditions/0/lastTransitionTime",
+                json!("2030-01-01T00:00:00ZT"),
+                "status.conditions[0]",
+            ),
+            ("/status/state", json!("Haunted"), "status"),
+            ("/metadata/creationTimestamp", json!("never"), "metadata"),
+        ];
+        for (pointer, value, location) in cases {
+            let what = format!("{pointer} = {value}");
+            let err = match decode_lock(poisoned(pointer, value)) {
+                Ok(lock) => panic!("{what} decoded: {lock:?}"),
+                Err(err) => err,
+            };
+            assert_eq!(err.namespace, "team-a", "{what}");
+            assert_eq!(err.name, "production", "{what}");
+            assert_eq!(err.location, location, "{what}: {err}");
+            let message = err.to_string();
+            assert!(
+                message.contains("\"production\"") && message.contains("malformed"),
+                "{what}: {message}"
+            );
+            assert!(
+                std::error::Error::source(&*err).is_some(),
+                "{what}: the decode error is kept as the source"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lock_that_is_not_even_an_object_is_named_as_well_as_can_be() {
+        let err = match decode_lock(json!({"metadata": {"name": "staging"}, "spec": 7})) {
+            Ok(lock) => panic!("decoded: {lock:?}"),
+            Err(err) => err,
+        };
+        assert_eq!(err.name, "staging");
+        assert_eq!(err.namespace, "?");
+        assert_eq!(err.location, "spec");
+        let err = match decode_lock(json!("not an object")) {
+            Ok(lock) => panic!("decoded: {lock:?}"),
+            Err(err) => err,
+        };
+        assert_eq!((err.name.as_str(), err.location.as_str()), ("?", "object"));
+    }
+
+    #[test]
+    fn a_list_is_decoded_item_by_item() {
+        let body = json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLockList",
+            "metadata": { "resourceVersion": "43" },
+            "items": [
+                stored_lock("a"),
+                poisoned("/spec/history/0/at", json!("2030-01-01T00:00:00ZT")),
+                stored_lock("z"),
+            ]
+        });
+        let list: RawList = match serde_json::from_value(body) {
+            Ok(list) => list,
+            Err(err) => panic!("{err}"),
+        };
+        let (locks, malformed): (Vec<_>, Vec<_>) = list
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(decode_lock)
+            .partition(Result::is_ok);
+        let names: Vec<String> = locks
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter_map(|lock| lock.metadata.name)
+            .collect();
+        assert_eq!(names, ["a", "z"]);
+        assert_eq!(malformed.len(), 1);
+        let empty: RawList = match serde_json::from_value(json!({"items": null})) {
+            Ok(list) => list,
+            Err(err) => panic!("{err}"),
+        };
+        assert!(empty.items.unwrap_or_default().is_empty());
     }
 }

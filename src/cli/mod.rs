@@ -57,7 +57,7 @@ pub struct GlobalArgs {
     #[arg(short = 'e', long, global = true, default_value = "production", value_parser = input::environment)]
     pub environment: String,
     /// Namespace of the DeploymentLocks (default: the kubeconfig context's).
-    #[arg(short = 'n', long, global = true)]
+    #[arg(short = 'n', long, global = true, value_parser = input::namespace)]
     pub namespace: Option<String>,
     /// Kubeconfig context to use.
     #[arg(long, global = true)]
@@ -308,7 +308,10 @@ pub fn parse() -> Result<Cli, ExitCode> {
                 .find(|line| !line.trim().is_empty())
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
-            eprintln!("deploylock: {first} (see `deploylock --help`)");
+            eprintln!(
+                "deploylock: {} (see `deploylock --help`)",
+                report::safe_line(first)
+            );
             Err(Exit::InvalidInput.into())
         }
     }
@@ -386,6 +389,12 @@ async fn execute(
         namespace: global.namespace.clone(),
     };
     let (client, namespace) = interruptible(signals, connect(&options)).await?;
+    // The kubeconfig's namespace is checked like -n's: it goes into every path.
+    input::namespace(&namespace).map_err(|message| {
+        Error::InvalidInput(format!(
+            "{message} (from the kubeconfig context; pick another with -n/--namespace)"
+        ))
+    })?;
     let store = LockStore::new(client, &namespace);
     *clock = Some(store.server_clock());
     match &cli.action {
@@ -459,10 +468,13 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             Ok(Exit::Success)
         }
         Action::List(args) => {
-            let (locks, now) = store.list(args.all_namespaces).await?;
+            // Like `kubectl get`: show every lock that can be read, name each
+            // one that cannot, and exit 1 if there was one.
+            let listing = store.list(args.all_namespaces).await?;
+            let (locks, now) = (&listing.locks, listing.server_time);
             match global.output {
                 OutputFormat::Table => {
-                    out!("{}", render::list_table(&locks, now, args.all_namespaces))
+                    out!("{}", render::list_table(locks, now, args.all_namespaces))
                 }
                 format => {
                     let views: Vec<LockView> = locks
@@ -479,7 +491,14 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
                     out!("{}", render::structured(&views, format));
                 }
             }
-            Ok(Exit::Success)
+            for malformed in &listing.malformed {
+                eprintln!("deploylock: {}", report::skipped_malformed(malformed));
+            }
+            Ok(if listing.malformed.is_empty() {
+                Exit::Success
+            } else {
+                Exit::Failure
+            })
         }
     }
 }
@@ -753,6 +772,7 @@ impl WaitProgress {
     }
 
     fn show(&mut self, line: String) {
+        let line = report::safe_line(&line);
         if line == self.last {
             return;
         }
@@ -767,7 +787,7 @@ impl WaitProgress {
 
     fn held(&mut self, holder: &crate::crd::LockHolder, observed: &Observed) {
         let line = format!(
-            "waiting for {}: held by {} since {} until {}, reason: {:?}",
+            "waiting for {}: held by {} since {} until {}, reason: \"{}\"",
             self.environment,
             holder.owner,
             holder.acquired_at.format("%H:%M:%SZ"),
@@ -851,8 +871,9 @@ async fn exec(
             release_error: Some(why),
         } => {
             eprintln!(
-                "deploylock: warning: the command exited with {code} but the lock on {} could not be released ({why}); it stays held until it expires (see `deploylock status`)",
-                global.environment
+                "deploylock: warning: the command exited with {code} but the lock on {} could not be released ({}); it stays held until it expires (see `deploylock status`)",
+                global.environment,
+                render::Safe(&why)
             );
             Ok(Exit::NotReleased)
         }
@@ -867,14 +888,15 @@ async fn exec(
         } => {
             if let Some(why) = renewal_error {
                 eprintln!(
-                    "deploylock: could not renew the lock before it could expire ({why}): the command was stopped in time"
+                    "deploylock: could not renew the lock before it could expire ({}): the command was stopped in time",
+                    render::Safe(&why)
                 );
             }
             let now_held = match now_held_by {
-                Some(holder) => format!(
-                    "now held by {} ({}), reason: {:?}",
+                Some(holder) => report::safe_line(&format!(
+                    "now held by {} ({}), reason: \"{}\"",
                     holder.owner, holder.lock_type, holder.reason
-                ),
+                )),
                 None => {
                     "someone else released it, or it expired (see `deploylock history`)".to_string()
                 }
@@ -978,12 +1000,12 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
             };
             outln!(
                 "{env} {verb} by {} until {}{takeover}",
-                holder.owner,
+                render::Safe(&holder.owner),
                 report::when(holder.expires_at, observed.server_time)
             );
             outln!(
                 "lock ID {}, fencing token {}",
-                holder.lock_id,
+                render::Safe(&holder.lock_id),
                 observed.spec().map(|s| s.fencing_token).unwrap_or_default()
             );
         }
