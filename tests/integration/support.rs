@@ -395,8 +395,6 @@ impl TestCluster {
             .args(["--namespace", namespace])
             .args(["--lease-namespace", namespace])
             .args(["--lease-name", lease_name])
-            // It moves the shared clock at the expiry instants it sees.
-            .args(["--clock-lease-namespace", CLOCK_NAMESPACE])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--log-format", "json"])
             .args(extra)
