@@ -50,7 +50,7 @@ const POLICY_MESSAGES: [&str; 12] = [
     "only expiresAt of a holding may change",
     "only the holder may release or extend it",
     "needs the force permission",
-    "a held lock can only be deleted by its holder",
+    "before deleting it, so that the end of the holding is recorded",
     "the history of a DeploymentLock is append-only",
     "a change of the holding or of the fencing token needs its history entry",
     "only the holder extends its holding",
@@ -332,8 +332,10 @@ fn expected(op: Op, actor: Identity, tool: Tool) -> Verdict {
             Role::Controller => Allow,
             _ => DenyRbac,
         },
+        // Only admins have delete; a held lock must be (force-)released
+        // first, so that the end of the holding is recorded.
         (Op::Delete, Tool::Kubectl) => match role {
-            Role::Admin => Allow,
+            Role::Admin => DenyPolicy,
             _ => DenyRbac,
         },
         (Op::Delete, _) => NotApplicable,
