@@ -26,6 +26,7 @@ cargo build --bins
 deploylock() { target/debug/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1.kubeconfig" "${@:2}"; }
 
 step "Installing the ClusterRoles and the admission policy; binding alice and bob to deploylock-user, carol to deploylock-admin"
+kubectl create namespace deploylock-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply -f config/rbac/clusterroles.yaml -f config/admission/policy.yaml -f config/admission/binding.yaml -f tests/integration/test-bindings.yaml
 
 step "Starting deploylock-controller (logs in $cluster_dir/logs/controller.log)"
@@ -34,8 +35,11 @@ if [[ -f "$cluster_dir/controller.pid" ]] && kill -0 "$(cat "$cluster_dir/contro
 fi
 nohup target/debug/deploylock-controller \
   --kubeconfig "$cluster_dir/kubeconfigs/controller.kubeconfig" \
+  --lease-namespace deploylock-system \
   --metrics-addr 127.0.0.1:0 >"$cluster_dir/logs/controller.log" 2>&1 &
 echo $! >"$cluster_dir/controller.pid"
+# The admission policy's clock: the controller's Lease (every write waits for it).
+kubectl wait --for=create lease/deploylock-clock -n deploylock-system --timeout=60s >/dev/null
 
 step "alice: deploylock acquire -e production --reason \"Deploying version 2.1.0\""
 deploylock alice release -e production >/dev/null 2>&1 || true

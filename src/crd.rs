@@ -36,6 +36,21 @@ pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 pub const MAX_HISTORY_ENTRIES: usize = 20;
 /// Waiters the queue may hold.
 pub const MAX_QUEUE_ENTRIES: usize = 64;
+/// Largest fencing token or history sequence: JSON's safe integer range, so
+/// that every reader (JavaScript and jq included) sees the exact value.
+pub const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+/// Fencing tokens of a new DeploymentLock start at the API server's clock in
+/// seconds times this factor, so a lock deleted and created again never
+/// repeats a token (the admission policy refuses a delete that could).
+pub const FENCING_TOKENS_PER_SECOND: i64 = 1 << 20;
+/// A new object's token is taken this many seconds ahead of the server time
+/// read, so that the create still lies ahead of the policy's clock when it
+/// arrives a moment later.
+pub const FENCING_BASE_LEAD_SECONDS: i64 = 5;
+/// The only date-time form stored: RFC 3339 in UTC with a `Z`, optional
+/// fractional seconds. The schema and [`parse_time`] apply the same rule.
+pub const DATE_TIME_PATTERN: &str =
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
 
 /// Desired lock for one environment.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -81,7 +96,7 @@ pub struct DeploymentLockSpec {
     /// expiry, forced takeover). Deploy tools may pass it on as a fencing token
     /// so that writes from a stale holder can be rejected.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     #[x_kube(validation = Rule::new("self >= oldSelf").message("spec.fencingToken never decreases"))]
     pub fencing_token: i64,
 
@@ -139,11 +154,13 @@ pub struct LockHolder {
     pub reason: String,
 
     /// When this holding started (RFC 3339, API server clock).
-    #[schemars(with = "DateTime<Utc>")]
+    #[schemars(schema_with = "date_time_schema")]
+    #[serde(with = "strict_time")]
     pub acquired_at: DateTime<Utc>,
 
     /// When this holding ends unless extended (RFC 3339, API server clock).
-    #[schemars(with = "DateTime<Utc>")]
+    #[schemars(schema_with = "date_time_schema")]
+    #[serde(with = "strict_time")]
     pub expires_at: DateTime<Utc>,
 
     /// Duration requested at acquisition, in seconds (60 to 604800).
@@ -202,10 +219,12 @@ pub struct Waiter {
     #[schemars(length(min = 1, max = 1024))]
     pub reason: String,
     /// When the client started waiting.
-    #[schemars(with = "DateTime<Utc>")]
+    #[schemars(schema_with = "date_time_schema")]
+    #[serde(with = "strict_time")]
     pub since: DateTime<Utc>,
     /// Last sign of life of the waiting client; stale waiters drop out.
-    #[schemars(with = "DateTime<Utc>")]
+    #[schemars(schema_with = "date_time_schema")]
+    #[serde(with = "strict_time")]
     pub heartbeat_at: DateTime<Utc>,
     /// Served before older waiters (`--queue newest-first`): for teams that
     /// only care about the latest deploy.
@@ -241,12 +260,13 @@ pub struct HistoryEntry {
     /// Position of this entry in the lock's whole history (1, 2, 3, ...),
     /// kept when older entries are dropped.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SAFE_INTEGER))]
     pub sequence: i64,
     /// What happened.
     pub action: HistoryAction,
     /// When it happened (API server clock).
-    #[schemars(with = "DateTime<Utc>")]
+    #[schemars(schema_with = "date_time_schema")]
+    #[serde(with = "strict_time")]
     pub at: DateTime<Utc>,
     /// ID of the holding concerned.
     #[schemars(length(min = 1, max = 64))]
@@ -261,8 +281,12 @@ pub struct HistoryEntry {
     #[schemars(length(max = 1024))]
     pub reason: String,
     /// Expiry of the holding after the change, when there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<DateTime<Utc>>")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "strict_time::option"
+    )]
+    #[schemars(schema_with = "date_time_schema")]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -321,6 +345,104 @@ pub struct DeploymentLockStatus {
     /// Sequence of the last history entry announced as a Kubernetes Event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_sequence: Option<i64>,
+}
+
+fn date_time_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "format": "date-time",
+        "pattern": DATE_TIME_PATTERN,
+    })
+}
+
+/// Parses a stored date-time by the schema's rule: `YYYY-MM-DDTHH:MM:SS`,
+/// optional 1-9 fractional digits, `Z`, and a real calendar instant.
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
+    };
+    let shape = bytes.len() >= 20
+        && digits(0..4)
+        && bytes[4] == b'-'
+        && digits(5..7)
+        && bytes[7] == b'-'
+        && digits(8..10)
+        && bytes[10] == b'T'
+        && digits(11..13)
+        && bytes[13] == b':'
+        && digits(14..16)
+        && bytes[16] == b':'
+        && digits(17..19)
+        && bytes[bytes.len() - 1] == b'Z';
+    if !shape {
+        return None;
+    }
+    let fraction = &bytes[19..bytes.len() - 1];
+    let fraction_ok = fraction.is_empty()
+        || (fraction[0] == b'.'
+            && (2..=10).contains(&fraction.len())
+            && fraction[1..].iter().all(u8::is_ascii_digit));
+    if !fraction_ok {
+        return None;
+    }
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| time.with_timezone(&Utc))
+}
+
+/// Serde for the stored date-times: written as RFC 3339 with `Z`, read only
+/// in the form the schema admits.
+mod strict_time {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::parse_time(&text).ok_or_else(|| {
+            D::Error::custom(format!(
+                "invalid date-time {text:?}: expected RFC 3339 in UTC such as 2026-11-27T10:00:00Z"
+            ))
+        })
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            time: &Option<DateTime<Utc>>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match time {
+                Some(time) => super::serialize(time, serializer),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            match Option::<String>::deserialize(deserializer)? {
+                None => Ok(None),
+                Some(text) => super::super::parse_time(&text).map(Some).ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "invalid date-time {text:?}: expected RFC 3339 in UTC"
+                    ))
+                }),
+            }
+        }
+    }
 }
 
 fn metadata_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -56,6 +56,10 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    /// The API server stores a lock that cannot be decoded.
+    #[error(transparent)]
+    Malformed(#[from] Box<crate::store::MalformedLock>),
+
     /// Any other API failure.
     #[error("Kubernetes API error: {0}")]
     Api(String),
@@ -67,19 +71,78 @@ impl Error {
         match err {
             kube::Error::Api(status) => match status.code {
                 401 => Error::Unauthorized(status.message),
+                // The admission policy's clock Lease does not exist: the
+                // controller has never run (or the binding names another).
+                403 if status.message.contains("no params found") => Error::Forbidden(format!(
+                    "{}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?",
+                    status.message
+                )),
                 403 => Error::Forbidden(status.message),
                 404 if status.message.contains("namespaces") => {
                     Error::NamespaceNotFound(namespace.to_string())
                 }
                 404 => Error::CrdNotInstalled,
                 422 => Error::Rejected(status.message),
+                // Overload and a server or etcd that is restarting: the
+                // server is there but cannot answer now.
+                429 | 500 | 502 | 503 | 504 => {
+                    Error::Unreachable(format!("HTTP {}: {}", status.code, status.message))
+                }
                 _ => Error::Api(status.message),
             },
             kube::Error::HyperError(err) => Error::Unreachable(root_cause(&err)),
+            kube::Error::Service(err) if is_timeout(err.as_ref()) => Error::Unreachable(format!(
+                "no answer in time ({} s to connect, {} s for a request)",
+                crate::store::CONNECT_TIMEOUT.as_secs(),
+                crate::store::REQUEST_TIMEOUT.as_secs()
+            )),
             kube::Error::Service(err) => Error::Unreachable(root_cause(err.as_ref())),
             other => Error::Api(other.to_string()),
         }
     }
+
+    /// A fault that may pass by itself (no connection, no answer in time, a
+    /// server restarting or overloaded): a waiting client retries it until
+    /// its deadline.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unreachable(_))
+    }
+
+    /// A 403 from authorization (RBAC: "User ... cannot ..."), as opposed to
+    /// one from the admission policy. Right after an API server starts, RBAC
+    /// refuses everyone until its caches are filled, so a waiting client
+    /// retries this for a short while; the policy's refusal is final.
+    pub fn is_authorization_refusal(&self) -> bool {
+        match self {
+            Error::Forbidden(message) => {
+                !message.contains("denied request")
+                    && !message.contains("ValidatingAdmissionPolicy")
+                    && !message.contains("admission webhook")
+                    && message.contains(" cannot ")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an error chain holds a timeout (tower's per-request timeout, or
+/// one of tokio's).
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if err.is::<tower::timeout::error::Elapsed>() || err.is::<tokio::time::error::Elapsed>() {
+            return true;
+        }
+        // A connect timeout comes as an io::Error, whose source() skips the
+        // error it wraps.
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// The innermost message of an error chain ("connection refused" rather than

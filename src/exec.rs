@@ -1,20 +1,42 @@
 //! Holding a lock while a command runs (`deploylock exec`).
 //!
-//! While the child runs, the holding is renewed at a third of its duration,
-//! and the lock object is watched: the moment it names another holding (a
-//! force-release, a takeover after an outage longer than the lock's validity)
-//! the child gets SIGTERM, then SIGKILL after the grace period. If renewals
-//! keep failing until the holding's expiry, that is a loss too. When the child
-//! exits the holding is released. If this process is killed outright, nothing
-//! renews the holding and it simply expires.
+//! Safety rests on a local deadline, not on the network: the command must be
+//! dead before its holding can expire on the API server's clock. Each
+//! successful renewal moves that deadline (see [`StopDeadlines`]); if none
+//! comes in time the command gets SIGTERM at `deadline - grace` and SIGKILL at
+//! the deadline, whatever the network does. Renewals start at a third of the
+//! duration and are retried every few seconds on failure, so a healthy
+//! network never gets near the deadline.
+//!
+//! The command does not run as exec's child but under a small watchdog
+//! (this binary re-executed in a hidden mode, in a process group of its own):
+//! it is the command's parent and a child subreaper, so everything the
+//! command starts stays below it. It knows the deadlines and kills the
+//! command's whole tree at them on its own, and at once (SIGTERM, then SIGKILL
+//! after the grace, never later than the deadline) when exec disappears: it
+//! holds the read end of a pipe only exec writes to, which closes however
+//! exec ends (SIGKILL of exec or of exec's process group included).
+//!
+//! The lock object is watched too: the moment it names another holding (a
+//! force-release, a takeover) the command is stopped the same way. When the
+//! command exits the holding is released, retried until it succeeds or the
+//! holding expires.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt as _;
+use std::process::ExitCode;
 use std::time::Duration as StdDuration;
 
 use chrono::Duration;
 use futures::TryStreamExt;
 use kube::api::WatchEvent;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -23,7 +45,55 @@ use tokio::time::Instant;
 use crate::crd::LockHolder;
 use crate::error::Error;
 use crate::rules::{Actor, Refusal, Request};
-use crate::store::LockStore;
+use crate::store::{LockStore, Observed};
+
+/// Time allowed, besides the clock uncertainty, for the kill to land:
+/// scheduling, signal delivery, the kernel tearing processes down.
+pub const SAFETY_MARGIN: StdDuration = StdDuration::from_secs(1);
+
+/// Clock rate uncertainty between this machine and the API server, as a
+/// fraction of the time measured (1/1000: twice NTP's worst slew).
+const DRIFT_DIVISOR: u32 = 1000;
+
+/// Longest pause between renewal attempts after a failure.
+const MAX_RENEWAL_BACKOFF: StdDuration = StdDuration::from_secs(4);
+
+/// The local instants at which the command of a holding is stopped.
+///
+/// `expiry` is the earliest local instant at which the API server's clock
+/// can read the holding's `expiresAt` ([`Observed::earliest_local`]: the
+/// request's send instant, minus the `Date` header's second). The command
+/// gets SIGKILL at `expiry - margin` and SIGTERM `grace` before that; the
+/// margin is [`SAFETY_MARGIN`] plus the clock drift over the time measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopDeadlines {
+    pub term: Instant,
+    pub kill: Instant,
+    pub expiry: Instant,
+}
+
+impl StopDeadlines {
+    /// The deadlines of a holding expiring at `expires_at`, as known from
+    /// `observed` (the read its expiry was decided on, or any later one).
+    pub fn for_holding(
+        observed: &Observed,
+        expires_at: chrono::DateTime<chrono::Utc>,
+        grace: StdDuration,
+    ) -> Self {
+        let expiry = observed.earliest_local(expires_at);
+        let measured = expiry.saturating_duration_since(observed.sent);
+        let margin = SAFETY_MARGIN + measured / DRIFT_DIVISOR;
+        // Rounded toward safety: a deadline that would fall before the
+        // measurement is the measurement itself (stop at once).
+        let kill = expiry.checked_sub(margin).unwrap_or(observed.sent);
+        let term = kill.checked_sub(grace).unwrap_or(observed.sent);
+        StopDeadlines {
+            term: term.max(observed.sent),
+            kill: kill.max(observed.sent),
+            expiry,
+        }
+    }
+}
 
 /// What `exec` needs besides the store.
 #[derive(Clone, Debug)]
@@ -33,9 +103,10 @@ pub struct ExecPlan {
     /// The holding taken for the command.
     pub holding: LockHolder,
     pub fencing_token: i64,
-    /// The local instant at which the holding expires unless renewed
-    /// (`Observed::local_deadline` of its expiry).
-    pub expires_locally: Instant,
+    /// When the command must be stopped unless the holding is renewed.
+    pub deadlines: StopDeadlines,
+    /// The local instant of the request whose answer gave the holding.
+    pub taken_at: Instant,
     /// Time between SIGTERM and SIGKILL once the lock is lost.
     pub grace: StdDuration,
     pub command: Vec<String>,
@@ -45,8 +116,12 @@ pub struct ExecPlan {
 #[derive(Debug)]
 pub enum ExecOutcome {
     /// The child exited on its own; `code` is its exit code (128 + signal
-    /// number when a signal ended it).
-    Exited { code: i32 },
+    /// number when a signal ended it). `release_error` says why the holding
+    /// could not be released, if it could not (it expires on its own).
+    Exited {
+        code: i32,
+        release_error: Option<String>,
+    },
     /// The command could not be started (the lock was released).
     CouldNotStart { error: String },
     /// The lock was lost while the child ran; the child was stopped.
@@ -64,6 +139,14 @@ enum Loss {
     RenewalFailed(String),
 }
 
+/// What the renewal and watch tasks tell the main loop.
+#[derive(Debug)]
+enum Event {
+    Renewed(StopDeadlines),
+    RenewalFailed(String),
+    Lost(Loss),
+}
+
 /// Runs the command while holding the lock, then releases it. `signals`
 /// were taken over before the lock was acquired, so that no SIGTERM can end
 /// this process between acquiring and releasing.
@@ -72,11 +155,11 @@ pub async fn run_while_holding(
     plan: ExecPlan,
     signals: &mut Signals,
 ) -> Result<ExecOutcome, Error> {
-    let Some((program, args)) = plan.command.split_first() else {
+    if plan.command.is_empty() {
         return Err(Error::InvalidInput(
             "exec needs a command after `--`, e.g. deploylock exec --reason \"deploy\" -- ./deploy.sh".into(),
         ));
-    };
+    }
     let env: BTreeMap<&str, String> = BTreeMap::from([
         ("DEPLOYLOCK_ENVIRONMENT", plan.environment.clone()),
         ("DEPLOYLOCK_NAMESPACE", store.namespace().to_string()),
@@ -84,60 +167,91 @@ pub async fn run_while_holding(
         ("DEPLOYLOCK_HOLDER", plan.holding.user.clone()),
         ("DEPLOYLOCK_FENCING_TOKEN", plan.fencing_token.to_string()),
     ]);
-    // Its own process group: a terminal's Ctrl-C reaches only us, and we pass
-    // it on once; a loss stops the whole group.
-    let spawned = tokio::process::Command::new(program)
-        .args(args)
-        .envs(env)
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(err) => {
-            release(store, &plan).await;
-            return Ok(ExecOutcome::CouldNotStart {
-                error: format!("{program:?}: {err}"),
-            });
+    let mut deadlines = plan.deadlines;
+    let mut watchdog = match Watchdog::start(&plan, deadlines, &env).await {
+        Ok(watchdog) => watchdog,
+        Err(error) => {
+            let released = release(store, &plan, deadlines.expiry, signals).await;
+            if let Err(err) = released {
+                tracing::warn!(error = %err, "could not release the lock; it will expire on its own");
+            }
+            return Ok(ExecOutcome::CouldNotStart { error });
         }
     };
-    let group = child.id().map(|id| Pid::from_raw(id as i32));
 
-    let (loss_sender, mut losses) = mpsc::channel::<Loss>(4);
-    let keeper = tokio::spawn(keep_alive(store.clone(), plan.clone(), loss_sender.clone()));
-    let watcher = tokio::spawn(watch_for_loss(store.clone(), plan.clone(), loss_sender));
+    let (event_sender, mut events) = mpsc::channel::<Event>(8);
+    let keeper = tokio::spawn(keep_alive(
+        store.clone(),
+        plan.clone(),
+        event_sender.clone(),
+    ));
+    let watcher = tokio::spawn(watch_for_loss(store.clone(), plan.clone(), event_sender));
 
-    let outcome = loop {
+    let mut last_renewal_error: Option<String> = None;
+    let mut stopping: Option<Loss> = None;
+    let code = loop {
         tokio::select! {
-            status = child.wait() => {
-                break ExecOutcome::Exited { code: exit_code(status) };
+            status = watchdog.child.wait() => break exit_code(status),
+            Some(event) = events.recv(), if stopping.is_none() => match event {
+                Event::Renewed(renewed) => {
+                    deadlines = renewed;
+                    last_renewal_error = None;
+                    watchdog.send_deadlines(deadlines).await;
+                }
+                Event::RenewalFailed(why) => last_renewal_error = Some(why),
+                Event::Lost(loss) => {
+                    watchdog.send("stop").await;
+                    stopping = Some(loss);
+                }
+            },
+            // The watchdog stops the command at the same instant on its own;
+            // this is for the report (and in case the watchdog is wedged).
+            _ = tokio::time::sleep_until(deadlines.term), if stopping.is_none() => {
+                watchdog.send("stop").await;
+                let why = last_renewal_error
+                    .take()
+                    .unwrap_or_else(|| "no renewal succeeded in time".to_string());
+                stopping = Some(Loss::RenewalFailed(why));
             }
-            Some(loss) = losses.recv() => {
-                let (now_held_by, renewal_error) = match loss {
-                    Loss::TakenBy(holder) => (holder, None),
-                    Loss::RenewalFailed(why) => (None, Some(why)),
-                };
-                signal_group(group, Signal::SIGTERM);
-                let child_code = match tokio::time::timeout(plan.grace, child.wait()).await {
-                    Ok(status) => exit_code(status),
-                    Err(_) => {
-                        signal_group(group, Signal::SIGKILL);
-                        exit_code(child.wait().await)
-                    }
-                };
-                break ExecOutcome::LockLost { now_held_by, renewal_error, child_code };
+            _ = tokio::time::sleep_until(deadlines.kill), if stopping.is_some() => {
+                // Belt and braces: the watchdog kills the whole tree now.
+                signal_group(watchdog.command, Signal::SIGKILL);
+                // Once only: the watchdog ends when the tree is gone.
+                deadlines.kill = Instant::now() + StdDuration::from_secs(3600);
             }
             Some(received) = signals.next() => {
-                signal_group(group, received);
+                watchdog.send(&format!("signal {}", received as i32)).await;
             }
         }
     };
     keeper.abort();
     watcher.abort();
-    if matches!(outcome, ExecOutcome::Exited { .. }) {
-        release(store, &plan).await;
+    drop(watchdog);
+    match stopping {
+        None => {
+            let release_error = release(store, &plan, deadlines.expiry, signals).await.err();
+            Ok(ExecOutcome::Exited {
+                code,
+                release_error,
+            })
+        }
+        Some(loss) => {
+            let (now_held_by, renewal_error) = match loss {
+                Loss::TakenBy(holder) => (holder, None),
+                Loss::RenewalFailed(why) => {
+                    // The holding may still be valid for a moment: free it
+                    // for the next one if the server can be reached.
+                    let _ = release(store, &plan, deadlines.expiry, signals).await;
+                    (None, Some(why))
+                }
+            };
+            Ok(ExecOutcome::LockLost {
+                now_held_by,
+                renewal_error,
+                child_code: code,
+            })
+        }
     }
-    Ok(outcome)
 }
 
 fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
@@ -158,24 +272,54 @@ fn signal_group(group: Option<Pid>, signal: Signal) {
     }
 }
 
-async fn release(store: &LockStore, plan: &ExecPlan) {
+/// Releases the holding, retrying transient failures until `until` (the
+/// holding's earliest expiry: after it there is nothing left to release).
+/// A signal ends the retries.
+async fn release(
+    store: &LockStore,
+    plan: &ExecPlan,
+    until: Instant,
+    signals: &mut Signals,
+) -> Result<(), String> {
     let request = Request::Release {
         actor: plan.actor.clone(),
         lock_id: Some(plan.holding.lock_id.clone()),
     };
-    if let Err(err) = store.apply(&plan.environment, &request).await {
-        tracing::warn!(error = %err, "could not release the lock after the command ended; it will expire on its own");
+    let mut backoff = StdDuration::from_millis(250);
+    loop {
+        let attempt = tokio::time::timeout_at(until, store.apply(&plan.environment, &request));
+        let err = match attempt.await {
+            Ok(Ok(_)) => return Ok(()),
+            // Not ours any more: nothing to release.
+            Ok(Err(Error::Refused(Refusal::LockLost { .. } | Refusal::NotHolder(_)))) => {
+                return Ok(());
+            }
+            Ok(Err(err)) => err,
+            Err(_) => return Err("the holding expired before the API server answered".into()),
+        };
+        if !(err.is_transient() || err.is_authorization_refusal())
+            || Instant::now() + backoff >= until
+        {
+            return Err(err.to_string());
+        }
+        tracing::warn!(error = %err, "release failed; retrying until the lock would expire");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = signals.next() => return Err(format!("{err} (retries interrupted by a signal)")),
+        }
+        backoff = (backoff * 2).min(MAX_RENEWAL_BACKOFF);
     }
 }
 
-/// Renews at a third of the duration; tolerates failures until the holding
-/// would expire.
-async fn keep_alive(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>) {
+/// Renews at a third of the duration from the last renewal; on failure
+/// retries quickly (the main loop stops the command at the deadline).
+async fn keep_alive(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event>) {
     let duration = Duration::seconds(plan.holding.duration_seconds);
+    let seconds = u64::try_from(plan.holding.duration_seconds).unwrap_or(60);
     let interval =
-        StdDuration::from_millis((plan.holding.duration_seconds as u64 * 1000 / 3).max(1000));
-    let mut expires_locally = plan.expires_locally;
-    let mut next_renewal = Instant::now() + interval;
+        StdDuration::from_millis(seconds.saturating_mul(1000) / 3).max(StdDuration::from_secs(1));
+    let mut next_renewal = plan.taken_at + interval;
+    let mut backoff = StdDuration::from_millis(500);
     loop {
         tokio::time::sleep_until(next_renewal).await;
         let request = Request::Extend {
@@ -183,41 +327,50 @@ async fn keep_alive(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>
             duration,
             lock_id: Some(plan.holding.lock_id.clone()),
         };
-        match store.apply(&plan.environment, &request).await {
+        let event = match store.apply(&plan.environment, &request).await {
             Ok(applied) => {
-                if let Some(holder) = applied.observed.holder() {
-                    expires_locally = applied.observed.local_deadline(holder.expires_at);
+                let observed = &applied.observed;
+                backoff = StdDuration::from_millis(500);
+                next_renewal = observed.sent + interval;
+                match observed.holder() {
+                    Some(holder) if holder.lock_id == plan.holding.lock_id => {
+                        tracing::debug!(expires_at = %holder.expires_at, "lock renewed");
+                        Event::Renewed(StopDeadlines::for_holding(
+                            observed,
+                            holder.expires_at,
+                            plan.grace,
+                        ))
+                    }
+                    other => Event::Lost(Loss::TakenBy(other.cloned().map(Box::new))),
                 }
-                tracing::debug!("lock renewed");
-                next_renewal = Instant::now() + interval;
             }
             Err(Error::Refused(Refusal::LockLost { current, .. })) => {
-                let _ = losses.send(Loss::TakenBy(current)).await;
-                return;
+                Event::Lost(Loss::TakenBy(current))
             }
             Err(Error::Refused(Refusal::NotHolder(holder))) => {
-                let _ = losses.send(Loss::TakenBy(Some(holder))).await;
-                return;
+                Event::Lost(Loss::TakenBy(Some(holder)))
             }
-            Err(Error::Refused(refusal)) => {
-                let _ = losses.send(Loss::RenewalFailed(refusal.to_string())).await;
-                return;
-            }
+            Err(Error::Refused(refusal)) => Event::Lost(Loss::RenewalFailed(refusal.to_string())),
             Err(err) => {
-                if Instant::now() >= expires_locally {
-                    let _ = losses.send(Loss::RenewalFailed(err.to_string())).await;
-                    return;
-                }
                 tracing::warn!(error = %err, "renewal failed; retrying until the lock would expire");
-                next_renewal = (Instant::now() + StdDuration::from_secs(1)).min(expires_locally);
+                next_renewal = Instant::now() + backoff;
+                backoff = (backoff * 2).min(MAX_RENEWAL_BACKOFF);
+                Event::RenewalFailed(err.to_string())
             }
+        };
+        let lost = matches!(event, Event::Lost(_));
+        if events.send(event).await.is_err() || lost {
+            return;
         }
     }
 }
 
 /// Watches the lock object and reports the first version naming another
-/// holding (or none).
-async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<Loss>) {
+/// holding (or none). A watch that stays silent for a renewal interval is
+/// started again (a dead connection sends nothing, not even an error).
+async fn watch_for_loss(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event>) {
+    let seconds = u64::try_from(plan.holding.duration_seconds).unwrap_or(60);
+    let quiet_limit = StdDuration::from_secs((seconds / 3).clamp(5, 60));
     let mut resource_version = "0".to_string();
     loop {
         let mut stream = match store.watch(&plan.environment, &resource_version).await {
@@ -229,7 +382,11 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<L
             }
         };
         loop {
-            match stream.try_next().await {
+            let next = match tokio::time::timeout(quiet_limit, stream.try_next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            };
+            match next {
                 Ok(Some(WatchEvent::Added(lock) | WatchEvent::Modified(lock))) => {
                     resource_version = lock
                         .metadata
@@ -240,12 +397,14 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<L
                     if current.as_ref().map(|h| h.lock_id.as_str())
                         != Some(plan.holding.lock_id.as_str())
                     {
-                        let _ = losses.send(Loss::TakenBy(current.map(Box::new))).await;
+                        let _ = events
+                            .send(Event::Lost(Loss::TakenBy(current.map(Box::new))))
+                            .await;
                         return;
                     }
                 }
                 Ok(Some(WatchEvent::Deleted(_))) => {
-                    let _ = losses.send(Loss::TakenBy(None)).await;
+                    let _ = events.send(Event::Lost(Loss::TakenBy(None))).await;
                     return;
                 }
                 Ok(Some(WatchEvent::Bookmark(bookmark))) => {
@@ -262,15 +421,465 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, losses: mpsc::Sender<L
     }
 }
 
+// ---------------------------------------------------------------------------
+// The watchdog
+// ---------------------------------------------------------------------------
+
+/// The hidden first argument that makes this binary a watchdog.
+const WATCHDOG_ARG: &str = "__deploylock-watchdog";
+
+/// CLOCK_BOOTTIME in nanoseconds: a clock every process shares, which keeps
+/// counting while the machine is suspended (the API server's clock does too).
+fn boottime_nanos() -> i64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(|time| {
+            time.tv_sec()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(time.tv_nsec())
+        })
+        .unwrap_or(0)
+}
+
+/// A local instant as CLOCK_BOOTTIME nanoseconds, for the watchdog.
+fn instant_as_boottime(at: Instant) -> i64 {
+    let (now, boot) = (Instant::now(), boottime_nanos());
+    let delta = |d: StdDuration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    if at >= now {
+        boot.saturating_add(delta(at - now))
+    } else {
+        boot.saturating_sub(delta(now - at))
+    }
+}
+
+/// exec's side of the watchdog: its process, and the connection it reads.
+struct Watchdog {
+    child: tokio::process::Child,
+    control: tokio::net::UnixStream,
+    /// The command's process group (it leads it).
+    command: Option<Pid>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog, which starts the command. Err: why the command
+    /// could not be started.
+    ///
+    /// They talk over a Unix socket with an abstract (random) name that only
+    /// the watchdog, checked by its PID, may connect to: no descriptor has
+    /// to cross the exec boundary, and the command inherits none.
+    async fn start(
+        plan: &ExecPlan,
+        deadlines: StopDeadlines,
+        env: &BTreeMap<&str, String>,
+    ) -> Result<Watchdog, String> {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("deploylock-watchdog-{}", uuid::Uuid::new_v4());
+        let listener = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|address| std::os::unix::net::UnixListener::bind_addr(&address))
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(listener)
+            })
+            .map_err(|err| format!("cannot listen for the watchdog: {err}"))?;
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command
+            .arg(WATCHDOG_ARG)
+            .arg(&name)
+            .arg(plan.grace.as_millis().to_string())
+            .arg(instant_as_boottime(deadlines.term).to_string())
+            .arg(instant_as_boottime(deadlines.kill).to_string())
+            .arg("--")
+            .args(&plan.command)
+            .envs(env)
+            // Out of exec's process group: a kill of that group (a CI job
+            // cancelled) must not reach the one that cleans up after it.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = command
+            .spawn()
+            .map_err(|err| format!("cannot start the watchdog: {err}"))?;
+        let watchdog_pid = child.id().and_then(|id| i32::try_from(id).ok());
+        // The watchdog's first line: "started PID" or "failed WHY".
+        let handshake = async {
+            loop {
+                let (stream, _) = listener.accept().await?;
+                let peer = stream.peer_cred()?.pid();
+                if peer.is_some() && peer == watchdog_pid {
+                    let mut reader = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line).await?;
+                    return Ok::<_, std::io::Error>((reader.into_inner(), line));
+                }
+                tracing::warn!(?peer, "a stranger connected to the watchdog's socket");
+            }
+        };
+        let outcome = tokio::select! {
+            result = handshake => result.map_err(|err| format!("cannot talk to the watchdog: {err}")),
+            status = child.wait() => Err(format!("the watchdog ended before starting it ({status:?})")),
+        };
+        let (control, line) = match outcome {
+            Ok(connected) => connected,
+            Err(why) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(why);
+            }
+        };
+        match line.trim().split_once(' ') {
+            Some(("started", pid)) if pid.parse::<i32>().is_ok() => Ok(Watchdog {
+                child,
+                control,
+                command: pid.parse().ok().map(Pid::from_raw),
+            }),
+            other => {
+                let why = match other {
+                    Some(("failed", why)) => why.to_string(),
+                    _ => format!("the watchdog said {line:?}"),
+                };
+                let _ = child.wait().await;
+                Err(why)
+            }
+        }
+    }
+
+    /// One line to the watchdog; if it is gone, its exit is seen anyway.
+    async fn send(&mut self, line: &str) {
+        let line = format!("{line}\n");
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut self.control, line.as_bytes()).await;
+    }
+
+    async fn send_deadlines(&mut self, deadlines: StopDeadlines) {
+        let line = format!(
+            "deadline {} {}",
+            instant_as_boottime(deadlines.term),
+            instant_as_boottime(deadlines.kill)
+        );
+        self.send(&line).await;
+    }
+}
+
+/// Runs the watchdog if this process was started as one (the hidden first
+/// argument); returns its exit code. Called first thing by the CLI's `main`.
+pub fn watchdog_main_if_requested() -> Option<ExitCode> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).and_then(|arg| arg.to_str()) != Some(WATCHDOG_ARG) {
+        return None;
+    }
+    let code = match WatchdogArgs::parse(&args[2..]) {
+        Some(parsed) => watchdog(parsed),
+        None => {
+            eprintln!("deploylock: bad watchdog arguments");
+            127
+        }
+    };
+    Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+struct WatchdogArgs {
+    socket: OsString,
+    grace_nanos: i64,
+    term: i64,
+    kill: i64,
+    command: Vec<OsString>,
+}
+
+impl WatchdogArgs {
+    fn parse(args: &[OsString]) -> Option<Self> {
+        let number = |i: usize| -> Option<i64> { args.get(i)?.to_str()?.parse().ok() };
+        if args.get(4).and_then(|arg| arg.to_str()) != Some("--") {
+            return None;
+        }
+        let command = args.get(5..)?.to_vec();
+        if command.is_empty() {
+            return None;
+        }
+        Some(WatchdogArgs {
+            socket: args.first()?.clone(),
+            grace_nanos: number(1)?.saturating_mul(1_000_000),
+            term: number(2)?,
+            kill: number(3)?,
+            command,
+        })
+    }
+}
+
+/// The watchdog: starts the command (its own process group, SIGKILL if the
+/// watchdog dies), forwards exec's signals to it, and stops the command's
+/// whole tree at the deadlines, on exec's "stop", or when exec disappears.
+/// Exits with the command's exit code (128 + N for signal N).
+fn watchdog(args: WatchdogArgs) -> i32 {
+    use std::os::linux::net::SocketAddrExt as _;
+    let connected =
+        std::os::unix::net::SocketAddr::from_abstract_name(args.socket.as_encoded_bytes())
+            .and_then(|address| std::os::unix::net::UnixStream::connect_addr(&address));
+    let mut control = match connected {
+        Ok(stream) => stream,
+        Err(err) => {
+            eprintln!("deploylock: the watchdog cannot reach exec: {err}");
+            return 127;
+        }
+    };
+    // Orphans of the command's tree become our children, so that a kill of
+    // the tree finds them even if they left its process group.
+    if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::debug!(error = %err, "cannot become a child subreaper");
+    }
+    // Child exits arrive on a descriptor, polled with exec's pipe.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = chld.thread_block();
+    let signal_fd = SignalFd::with_flags(&chld, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK);
+
+    let me = nix::unistd::getpid();
+    // Its own process group, as before the watchdog existed: a terminal's
+    // Ctrl-C reaches exec only, which passes it on once.
+    let spawned = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .process_group(0)
+        .spawn();
+    let child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            let _ = writeln!(control, "failed {:?}: {err}", args.command[0]);
+            return 127;
+        }
+    };
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    // The child is reaped below with waitpid(-1), with the adopted orphans.
+    drop(child);
+    let _ = writeln!(control, "started {pid}");
+
+    let mut state = WatchdogState {
+        command: pid,
+        me,
+        term: args.term,
+        kill: args.kill,
+        grace_nanos: args.grace_nanos,
+        stopping: false,
+        kill_at: i64::MAX,
+        killed: false,
+        code: None,
+    };
+    let mut pending = Vec::new();
+    let mut exec_gone = false;
+    loop {
+        state.reap();
+        let now = boottime_nanos();
+        if !state.stopping && (exec_gone || now >= state.term) {
+            state.stop(now);
+        }
+        if state.stopping && !state.killed && now >= state.kill_at {
+            state.killed = true;
+        }
+        if state.stopping {
+            let remaining = descendants(state.me);
+            if state.killed {
+                kill_tree(state.command, &remaining, Signal::SIGKILL);
+            }
+            if let Some(code) = state.code
+                && remaining.is_empty()
+            {
+                return code;
+            }
+        } else if let Some(code) = state.code {
+            return code;
+        }
+        // Short slices while stopping (to sweep the tree); never longer than
+        // a second otherwise, so that a suspend and resume is noticed.
+        let next = if state.stopping {
+            state.kill_at
+        } else {
+            state.term
+        };
+        let slice_ms: i64 = if state.stopping { 50 } else { 1000 };
+        let wait_ms = (next.saturating_sub(now) / 1_000_000).clamp(0, slice_ms);
+        let timeout = nix::poll::PollTimeout::from(u16::try_from(wait_ms).unwrap_or(1000));
+        let mut fds = Vec::with_capacity(2);
+        if !exec_gone {
+            fds.push(nix::poll::PollFd::new(
+                control.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            ));
+        }
+        if let Ok(signal_fd) = &signal_fd {
+            fds.push(nix::poll::PollFd::new(
+                signal_fd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            ));
+        }
+        let ready = nix::poll::poll(&mut fds, timeout);
+        let control_ready = !exec_gone
+            && ready.is_ok()
+            && fds
+                .first()
+                .and_then(|fd| fd.revents())
+                .is_some_and(|events| {
+                    events.intersects(
+                        nix::poll::PollFlags::POLLIN
+                            | nix::poll::PollFlags::POLLHUP
+                            | nix::poll::PollFlags::POLLERR,
+                    )
+                });
+        drop(fds);
+        if let Ok(signal_fd) = &signal_fd {
+            while let Ok(Some(_)) = signal_fd.read_signal() {}
+        }
+        if control_ready {
+            let mut buffer = [0u8; 512];
+            match control.read(&mut buffer) {
+                Ok(0) | Err(_) => exec_gone = true,
+                Ok(read) => {
+                    pending.extend_from_slice(&buffer[..read]);
+                    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        state.order(String::from_utf8_lossy(&line).trim());
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct WatchdogState {
+    command: Pid,
+    me: Pid,
+    /// CLOCK_BOOTTIME nanoseconds.
+    term: i64,
+    kill: i64,
+    grace_nanos: i64,
+    stopping: bool,
+    kill_at: i64,
+    killed: bool,
+    code: Option<i32>,
+}
+
+impl WatchdogState {
+    /// Reaps every exited child (the command and adopted orphans).
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    if pid == self.command {
+                        self.code = Some(code);
+                    }
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    if pid == self.command {
+                        self.code = Some(128 + signal as i32);
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// SIGTERM to the whole tree now, SIGKILL after the grace, never later
+    /// than the kill deadline.
+    fn stop(&mut self, now: i64) {
+        self.stopping = true;
+        self.kill_at = now.saturating_add(self.grace_nanos).min(self.kill);
+        kill_tree(self.command, &descendants(self.me), Signal::SIGTERM);
+    }
+
+    fn order(&mut self, line: &str) {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("deadline") if !self.stopping => {
+                let mut next = || words.next().and_then(|word| word.parse::<i64>().ok());
+                if let (Some(term), Some(kill)) = (next(), next()) {
+                    self.term = term;
+                    self.kill = kill;
+                }
+            }
+            Some("stop") if !self.stopping => self.stop(boottime_nanos()),
+            Some("signal") => {
+                let signal = words
+                    .next()
+                    .and_then(|word| word.parse::<i32>().ok())
+                    .and_then(|number| Signal::try_from(number).ok());
+                if let Some(signal) = signal {
+                    let _ = killpg(self.command, signal);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn kill_tree(group: Pid, members: &[Pid], signal: Signal) {
+    let _ = killpg(group, signal);
+    for &pid in members {
+        let _ = kill(pid, signal);
+    }
+}
+
+/// The live (not zombie) descendants of `root`, from /proc.
+fn descendants(root: Pid) -> Vec<Pid> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let parent = fields.next().and_then(|field| field.parse::<i32>().ok());
+        if let (Some(state), Some(parent)) = (state, parent)
+            && state != "Z"
+            && state != "X"
+        {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut next = vec![root.as_raw()];
+    while let Some(parent) = next.pop() {
+        for &child in children.get(&parent).map(Vec::as_slice).unwrap_or_default() {
+            found.push(Pid::from_raw(child));
+            next.push(child);
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------
+
 /// SIGINT, SIGTERM and SIGHUP received by this process: while waiting they
 /// mean "give up", while a command runs they are passed on to it. Once this
 /// exists, those signals no longer end the process by themselves.
+///
+/// A SIGHUP that is ignored when this starts (`nohup`) stays ignored, and
+/// the command inherits that.
 pub struct Signals {
     streams: Vec<(Signal, tokio::signal::unix::Signal)>,
 }
 
+/// Whether `signal` is ignored (SIG_IGN) in this process, from the SigIgn
+/// mask in /proc/self/status.
+fn is_ignored(signal: Signal) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
+}
+
 impl Signals {
     pub fn new() -> Self {
+        let hup_ignored = is_ignored(Signal::SIGHUP);
         let kinds = [
             (Signal::SIGINT, SignalKind::interrupt()),
             (Signal::SIGTERM, SignalKind::terminate()),
@@ -278,6 +887,7 @@ impl Signals {
         ];
         let streams = kinds
             .into_iter()
+            .filter(|(signal_, _)| !(*signal_ == Signal::SIGHUP && hup_ignored))
             .filter_map(|(signal_, kind)| signal(kind).ok().map(|stream| (signal_, stream)))
             .collect();
         Signals { streams }

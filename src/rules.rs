@@ -10,14 +10,19 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::crd::{
-    DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
-    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MAX_QUEUE_ENTRIES, MIN_DURATION_SECONDS,
-    OverriddenHolding, Waiter,
+    DeploymentLockSpec, FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND, HistoryAction,
+    HistoryEntry, LockHolder, LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES,
+    MAX_QUEUE_ENTRIES, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
 };
 
 /// A waiter whose heartbeat is older than this has dropped out of the queue:
 /// a crashed waiter never blocks the others for longer.
 pub const WAITER_TIMEOUT_SECONDS: i64 = 15;
+
+/// A dropped-out waiter's place is removed from the queue only this much
+/// later: the admission policy judges staleness on the controller's clock,
+/// which may trail the API server's by a second or two.
+pub const WAITER_PRUNE_GRACE_SECONDS: i64 = 5;
 
 /// Who is asking: the identity the API server authenticated, and the label
 /// shown to people.
@@ -127,6 +132,8 @@ pub enum Refusal {
     QueuedBehind { next: Box<Waiter>, waiting: usize },
     #[error("the wait queue is full")]
     QueueFull,
+    #[error("the lock's fencing token or history sequence reached its maximum")]
+    CounterExhausted,
 }
 
 /// Why a request that was allowed changes nothing.
@@ -197,6 +204,7 @@ pub fn decide(
         None => {
             empty = DeploymentLockSpec {
                 environment: environment.to_string(),
+                fencing_token: first_fencing_token(now)?,
                 ..DeploymentLockSpec::default()
             };
             &empty
@@ -226,7 +234,7 @@ pub fn decide(
             let mut next = spec.clone();
             let before = next.queue.len();
             next.queue
-                .retain(|waiter| &waiter.id != waiter_id && is_live(waiter, now));
+                .retain(|waiter| &waiter.id != waiter_id && !is_prunable(waiter, now));
             if next.queue.len() == before {
                 Ok(Decision::Unchanged(NoChange::NotQueued))
             } else {
@@ -236,19 +244,51 @@ pub fn decide(
     }
 }
 
-fn is_live(waiter: &Waiter, now: DateTime<Utc>) -> bool {
-    now < waiter.heartbeat_at + Duration::seconds(WAITER_TIMEOUT_SECONDS)
+/// The fencing token of a lock object about to be created: the server's
+/// clock in seconds (plus [`FENCING_BASE_LEAD_SECONDS`]) times
+/// [`FENCING_TOKENS_PER_SECOND`]; its first holding
+/// gets one more. Every holding's token then exceeds every token of a lock
+/// of the same name deleted before (the admission policy refuses a delete
+/// while its token is ahead of that clock).
+pub fn first_fencing_token(now: DateTime<Utc>) -> Result<i64, Refusal> {
+    now.timestamp()
+        .checked_add(FENCING_BASE_LEAD_SECONDS)
+        .and_then(|seconds| seconds.checked_mul(FENCING_TOKENS_PER_SECOND))
+        .filter(|token| (0..MAX_SAFE_INTEGER).contains(token))
+        .ok_or(Refusal::CounterExhausted)
 }
 
-/// Waiters still alive at `now`, in arrival order.
+/// The next value of a fencing token or history sequence, within JSON's
+/// safe integer range.
+fn next_counter(value: i64) -> Result<i64, Refusal> {
+    value
+        .checked_add(1)
+        .filter(|next| *next <= MAX_SAFE_INTEGER)
+        .ok_or(Refusal::CounterExhausted)
+}
+
+fn is_live(waiter: &Waiter, now: DateTime<Utc>) -> bool {
+    waiter_deadline(waiter) > now
+}
+
+/// Whether a waiter's place may be removed by someone else: it stopped
+/// renewing it a while ago (see [`WAITER_PRUNE_GRACE_SECONDS`]).
+fn is_prunable(waiter: &Waiter, now: DateTime<Utc>) -> bool {
+    waiter
+        .heartbeat_at
+        .checked_add_signed(Duration::seconds(
+            WAITER_TIMEOUT_SECONDS + WAITER_PRUNE_GRACE_SECONDS,
+        ))
+        .is_some_and(|deadline| deadline <= now)
+}
+
+/// Waiters still alive at `now`, in arrival order (the queue's order: a
+/// waiter joins at the end, and the admission policy keeps the order).
 pub fn live_waiters(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Vec<&Waiter> {
-    let mut live: Vec<&Waiter> = spec
-        .queue
+    spec.queue
         .iter()
         .filter(|waiter| is_live(waiter, now))
-        .collect();
-    live.sort_by_key(|waiter| waiter.since);
-    live
+        .collect()
 }
 
 /// Whose turn it is when the lock is free: the newest waiter that asked for
@@ -268,7 +308,10 @@ fn choose_next<'a>(live: &[&'a Waiter]) -> Option<&'a Waiter> {
 
 /// When the next waiter would drop out for lack of heartbeat.
 pub fn waiter_deadline(waiter: &Waiter) -> DateTime<Utc> {
-    waiter.heartbeat_at + Duration::seconds(WAITER_TIMEOUT_SECONDS)
+    waiter
+        .heartbeat_at
+        .checked_add_signed(Duration::seconds(WAITER_TIMEOUT_SECONDS))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 fn decide_join(
@@ -281,10 +324,10 @@ fn decide_join(
 ) -> Result<Decision, Refusal> {
     let mut next = spec.clone();
     next.queue
-        .retain(|waiter| waiter.id == waiter_id || is_live(waiter, now));
+        .retain(|waiter| waiter.id == waiter_id || !is_prunable(waiter, now));
     let waiting = next.queue.len();
     match next.queue.iter_mut().find(|waiter| waiter.id == waiter_id) {
-        Some(waiter) => waiter.heartbeat_at = now,
+        Some(waiter) => waiter.heartbeat_at = waiter.heartbeat_at.max(now),
         None if waiting >= MAX_QUEUE_ENTRIES => return Err(Refusal::QueueFull),
         None => next.queue.push(Waiter {
             id: waiter_id.to_string(),
@@ -321,7 +364,7 @@ fn decide_clear(
     if !is_expired(holder, now) || cleared_from.is_none_or(|from| now < from) {
         return Err(Refusal::HeldByOther(Box::new(holder.clone())));
     }
-    Ok(end_holding(
+    end_holding(
         spec,
         holder,
         now,
@@ -329,7 +372,7 @@ fn decide_clear(
         actor,
         &holder.reason,
         Some(holder.expires_at),
-    ))
+    )
 }
 
 fn decide_acquire(
@@ -402,17 +445,19 @@ fn decide_acquire(
         },
         reason: request.reason.clone(),
         acquired_at: now,
-        expires_at: now + request.duration,
+        expires_at: now
+            .checked_add_signed(request.duration)
+            .ok_or(Refusal::DurationOutOfRange)?,
         duration_seconds: request.duration.num_seconds(),
         deployment_id: request.deployment_id.clone(),
         metadata: request.metadata.clone(),
         overrode,
     };
     let mut next = spec.clone();
-    next.fencing_token = spec.fencing_token.saturating_add(1);
+    next.fencing_token = next_counter(spec.fencing_token)?;
     // The new holder leaves the queue; waiters that stopped beating drop out.
     next.queue.retain(|waiter| {
-        Some(waiter.id.as_str()) != request.waiter_id.as_deref() && is_live(waiter, now)
+        Some(waiter.id.as_str()) != request.waiter_id.as_deref() && !is_prunable(waiter, now)
     });
     record(
         &mut next,
@@ -422,7 +467,7 @@ fn decide_acquire(
         &holder,
         &holder.reason,
         Some(holder.expires_at),
-    );
+    )?;
     next.holder = Some(holder);
     Ok(Decision::Change { next, action })
 }
@@ -443,7 +488,7 @@ fn decide_release(
         };
     };
     check_holding(holder, actor, lock_id)?;
-    Ok(end_holding(
+    end_holding(
         spec,
         holder,
         now,
@@ -451,7 +496,7 @@ fn decide_release(
         actor,
         &holder.reason,
         None,
-    ))
+    )
 }
 
 fn decide_force_release(
@@ -466,7 +511,7 @@ fn decide_force_release(
     let Some(holder) = &spec.holder else {
         return Ok(Decision::Unchanged(NoChange::AlreadyAvailable));
     };
-    Ok(end_holding(
+    end_holding(
         spec,
         holder,
         now,
@@ -474,7 +519,7 @@ fn decide_force_release(
         actor,
         reason,
         None,
-    ))
+    )
 }
 
 fn decide_extend(
@@ -502,7 +547,10 @@ fn decide_extend(
     }
     // Never shortens a holding; never reaches further than the longest
     // duration from now.
-    let expires_at = holder.expires_at.max(now + duration);
+    let expires_at = holder.expires_at.max(
+        now.checked_add_signed(duration)
+            .ok_or(Refusal::DurationOutOfRange)?,
+    );
     let mut next = spec.clone();
     record(
         &mut next,
@@ -512,7 +560,7 @@ fn decide_extend(
         holder,
         &holder.reason,
         Some(expires_at),
-    );
+    )?;
     if let Some(next_holder) = next.holder.as_mut() {
         next_holder.expires_at = expires_at;
     }
@@ -548,11 +596,11 @@ fn end_holding(
     by: &Actor,
     reason: &str,
     expires_at: Option<DateTime<Utc>>,
-) -> Decision {
+) -> Result<Decision, Refusal> {
     let mut next = spec.clone();
-    record(&mut next, now, action, by, holder, reason, expires_at);
+    record(&mut next, now, action, by, holder, reason, expires_at)?;
     next.holder = None;
-    Decision::Change { next, action }
+    Ok(Decision::Change { next, action })
 }
 
 /// Appends the history entry of `action` on `holding`, numbered after the
@@ -565,9 +613,10 @@ fn record(
     holding: &LockHolder,
     reason: &str,
     expires_at: Option<DateTime<Utc>>,
-) {
+) -> Result<(), Refusal> {
+    let sequence = next_counter(spec.history.last().map_or(0, |last| last.sequence))?;
     spec.history.push(HistoryEntry {
-        sequence: spec.history.last().map_or(0, |last| last.sequence) + 1,
+        sequence,
         action,
         at: now,
         lock_id: holding.lock_id.clone(),
@@ -578,4 +627,5 @@ fn record(
     });
     let excess = spec.history.len().saturating_sub(MAX_HISTORY_ENTRIES);
     spec.history.drain(..excess);
+    Ok(())
 }

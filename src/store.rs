@@ -6,7 +6,9 @@
 //! changed since). On 409 the lock is read again and the rules decide again.
 //! Time is the API server's: each read takes the `Date` header of its response.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
@@ -15,7 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use kube::api::{Api, ObjectList, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use kube::client::retry::RetryPolicy;
 use kube::client::{Body, ConfigExt};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -24,6 +26,7 @@ use kube::{Client, Config};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tower::retry::RetryLayer;
+use tower::timeout::TimeoutLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
@@ -34,6 +37,14 @@ use crate::rules::{self, Decision, NoChange, Refusal, Request};
 /// Writes attempted before giving up under contention. Each conflict means
 /// another client's write succeeded, so the system as a whole makes progress.
 pub const MAX_WRITE_ATTEMPTS: u32 = 32;
+
+/// Longest wait for a TCP connection and TLS handshake with the API server.
+pub const CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+
+/// Longest wait for one request's whole answer (connecting included): an API
+/// server that accepts connections and never answers fails a request after
+/// this, never hangs it.
+pub const REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 
 /// How to reach the cluster, as kubectl's flags say it.
 #[derive(Clone, Debug, Default)]
@@ -65,7 +76,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
             .map_err(|err| Error::Config(err.to_string()))?,
     };
     // An unreachable cluster should fail in seconds, not minutes.
-    config.connect_timeout = Some(StdDuration::from_secs(5));
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
     let namespace = options
         .namespace
         .clone()
@@ -74,8 +85,10 @@ pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error
     Ok((client, namespace))
 }
 
-/// kube's default client stack, with TCP_NODELAY on its connections: the
-/// client to give [`LockStore::new`].
+/// kube's default client stack, with TCP_NODELAY on its connections, a
+/// connect timeout that covers the TLS handshake, and a timeout on each
+/// request's response head ([`REQUEST_TIMEOUT`]): the client to give
+/// [`LockStore::new`]. Watches are not cut by it (their head comes at once).
 ///
 /// Without it, the first request on a new TLS connection (every read after a
 /// watch ends, since the watch held the pooled connection) waits for the
@@ -91,11 +104,15 @@ pub fn client_from(config: Config) -> Result<Client, kube::Error> {
     http.set_connect_timeout(config.connect_timeout);
     let https = config.rustls_https_connector_with_connector(http)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
+    // The TCP connect timeout above does not cover the TLS handshake, which
+    // a half-dead server or network can hold open forever.
+    connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     let transport =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
     let service = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(REQUEST_TIMEOUT))
         .layer(config.base_uri_layer())
         .option_layer(
             config
@@ -149,6 +166,15 @@ pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Er
     }
 }
 
+/// Whether an admission refusal depends only on the policy's clock trailing
+/// the API server's (an expiry or a waiter's drop-out not yet reached).
+fn is_clock_refusal(message: &str) -> bool {
+    message.contains("it can be taken over once it has expired")
+        || message.contains("starts its fencing token from the deploylock clock")
+        || message
+            .contains("join the queue (deploylock acquire --wait-timeout) instead of jumping it")
+}
+
 /// A lock as read, with the API server's time at the read.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -161,6 +187,9 @@ pub struct Observed {
     /// The local monotonic instant of the answer, to turn server times into
     /// local deadlines without trusting the local wall clock.
     pub local_instant: Instant,
+    /// The local instant the request was sent. The server stamped
+    /// `server_time` somewhere between this and `local_instant`.
+    pub sent: Instant,
 }
 
 impl Observed {
@@ -178,12 +207,34 @@ impl Observed {
         self.spec().and_then(|spec| spec.holder.as_ref())
     }
 
-    /// The local instant at which a server time will be reached.
+    /// The local instant at which a server time will be reached (an
+    /// estimate that errs late: for waking up to look again).
     pub fn local_deadline(&self, server_time: DateTime<Utc>) -> Instant {
         let ahead = (server_time - self.server_time)
             .to_std()
             .unwrap_or_default();
         self.local_instant + ahead
+    }
+
+    /// The earliest local instant at which the server's clock can read
+    /// `server_time` (an estimate that errs early: for stopping in time).
+    ///
+    /// The `Date` header is the server's clock truncated to the second,
+    /// stamped at some instant between sending the request and reading the
+    /// answer: at the send instant the server's clock may already have read
+    /// up to `server_time + 1 s`. Clock rates are taken as equal; the caller
+    /// adds a margin for drift.
+    pub fn earliest_local(&self, server_time: DateTime<Utc>) -> Instant {
+        let ahead = (server_time - self.server_time - chrono::Duration::seconds(1))
+            .to_std()
+            .unwrap_or_default();
+        self.sent + ahead
+    }
+
+    /// The server's clock now, as estimated from this answer.
+    pub fn server_now(&self) -> DateTime<Utc> {
+        let elapsed = chrono::Duration::from_std(self.local_instant.elapsed()).unwrap_or_default();
+        self.server_time + elapsed
     }
 }
 
@@ -214,12 +265,183 @@ pub struct Refused {
     pub observed: Observed,
 }
 
+/// The locks of a list, with the API server's time of the answer.
+#[derive(Debug)]
+pub struct Listing {
+    /// The locks that decode, in the API server's order (namespace, name).
+    pub locks: Vec<DeploymentLock>,
+    /// Objects stored but undecodable, skipped.
+    pub malformed: Vec<MalformedLock>,
+    pub server_time: DateTime<Utc>,
+}
+
+/// A list response, its items still undecoded.
+#[derive(serde::Deserialize)]
+struct RawList {
+    items: Option<Vec<serde_json::Value>>,
+}
+
+/// A DeploymentLock the API server stores but these types cannot decode: a
+/// value the schema admitted and Rust refuses. It is named, never fatal to
+/// the reading of other locks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the DeploymentLock {name:?} in namespace {namespace:?} is malformed: {location}: {source}"
+)]
+pub struct MalformedLock {
+    pub namespace: String,
+    pub name: String,
+    /// Where the first undecodable value is, e.g. `spec.history[0].at`.
+    pub location: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Decodes one DeploymentLock as the API server returned it; on failure, says
+/// which object and, as closely as it can tell, which part of it.
+pub fn decode_lock(object: serde_json::Value) -> Result<DeploymentLock, Box<MalformedLock>> {
+    use serde_json::Value;
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let (namespace, name) = (text("/metadata/namespace"), text("/metadata/name"));
+    let (location, source) = match serde_json::from_value::<DeploymentLock>(object.clone()) {
+        Ok(lock) => return Ok(lock),
+        Err(err) => locate_error(&object).unwrap_or_else(|| ("object".to_string(), err)),
+    };
+    Err(Box::new(MalformedLock {
+        namespace,
+        name,
+        location,
+        source,
+    }))
+}
+
+/// The first part of `object` that does not decode on its own, with its
+/// error: `spec.history[3].at` rather than "trailing input" somewhere.
+fn locate_error(object: &serde_json::Value) -> Option<(String, serde_json::Error)> {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    use crate::crd::{DeploymentLockStatus, HistoryEntry, Waiter};
+
+    fn check<T: DeserializeOwned>(
+        path: String,
+        value: &Value,
+    ) -> Option<(String, serde_json::Error)> {
+        let err = serde_json::from_value::<T>(value.clone()).err()?;
+        // Name the date-time field at fault, judged by the rule the types
+        // decode with (`crd::parse_time`).
+        let fields = value.as_object().into_iter().flatten();
+        for (field, inner) in fields {
+            if TIME_FIELDS.contains(&field.as_str())
+                && !inner.is_null()
+                && inner
+                    .as_str()
+                    .is_none_or(|text| crate::crd::parse_time(text).is_none())
+            {
+                return Some((format!("{path}.{field}"), err));
+            }
+        }
+        Some((path, err))
+    }
+    /// The fields decoded with `crd::parse_time`.
+    const TIME_FIELDS: [&str; 5] = ["at", "acquiredAt", "expiresAt", "since", "heartbeatAt"];
+
+    if !object.is_object() {
+        return None;
+    }
+    let null = Value::Null;
+    let part = |pointer: &str| object.pointer(pointer).unwrap_or(&null);
+    let items = |pointer: &str| {
+        part(pointer)
+            .as_array()
+            .map(|items| items.iter().enumerate().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    if let Some(holder) = object.pointer("/spec/holder").filter(|h| !h.is_null())
+        && let Some(found) = check::<LockHolder>("spec.holder".into(), holder)
+    {
+        return Some(found);
+    }
+    for (i, waiter) in items("/spec/queue") {
+        if let Some(found) = check::<Waiter>(format!("spec.queue[{i}]"), waiter) {
+            return Some(found);
+        }
+    }
+    for (i, entry) in items("/spec/history") {
+        if let Some(found) = check::<HistoryEntry>(format!("spec.history[{i}]"), entry) {
+            return Some(found);
+        }
+    }
+    if let Some(found) = check::<DeploymentLockSpec>("spec".into(), part("/spec")) {
+        return Some(found);
+    }
+    for (i, condition) in items("/status/conditions") {
+        if let Some(found) = check::<Condition>(format!("status.conditions[{i}]"), condition) {
+            return Some(found);
+        }
+    }
+    if let Some(status) = object.pointer("/status").filter(|s| !s.is_null())
+        && let Some(found) = check::<DeploymentLockStatus>("status".into(), status)
+    {
+        return Some(found);
+    }
+    check::<kube::core::ObjectMeta>("metadata".into(), part("/metadata"))
+}
+
+/// The API server's clock as last read (its `Date` and the local instant of
+/// the answer), shared by the clones of a store: relative times in messages
+/// ("in 25m") are counted from it rather than from the local clock.
+#[derive(Clone, Debug, Default)]
+pub struct ServerClock(Arc<Mutex<Option<ClockReading>>>);
+
+/// The server's time in an answer, and the local instant of that answer.
+type ClockReading = (DateTime<Utc>, Instant);
+
+impl ServerClock {
+    fn record(&self, server_time: DateTime<Utc>, at: Instant) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((server_time, at));
+        }
+    }
+
+    /// The server's clock now, if any answer was read.
+    pub fn now(&self) -> Option<DateTime<Utc>> {
+        let last = *self.0.lock().ok()?;
+        let (server_time, at) = last?;
+        Some(server_time + chrono::Duration::from_std(at.elapsed()).ok()?)
+    }
+}
+
 /// DeploymentLocks in one namespace, read and written under the rules.
 #[derive(Clone)]
 pub struct LockStore {
     client: Client,
     namespace: String,
     api: Api<DeploymentLock>,
+    clock: ServerClock,
+}
+
+/// `future` bounded by [`REQUEST_TIMEOUT`]; running out is an unreachable
+/// server (exit 6), like a refused connection.
+async fn bounded<T>(
+    future: impl Future<Output = Result<T, Error>>,
+    what: &str,
+) -> Result<T, Error> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Unreachable(format!(
+            "no answer to {what} within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 impl LockStore {
@@ -228,7 +450,13 @@ impl LockStore {
             api: Api::namespaced(client.clone(), namespace),
             client,
             namespace: namespace.to_string(),
+            clock: ServerClock::default(),
         }
+    }
+
+    /// The API server's clock as this store (and its clones) last read it.
+    pub fn server_clock(&self) -> ServerClock {
+        self.clock.clone()
     }
 
     pub fn namespace(&self) -> &str {
@@ -242,10 +470,16 @@ impl LockStore {
     /// The username the API server authenticates for this client.
     pub async fn whoami(&self) -> Result<String, Error> {
         let reviews: Api<SelfSubjectReview> = Api::all(self.client.clone());
-        let review = reviews
-            .create(&PostParams::default(), &SelfSubjectReview::default())
-            .await
-            .map_err(|err| self.kube_error(err))?;
+        let review = bounded(
+            async {
+                reviews
+                    .create(&PostParams::default(), &SelfSubjectReview::default())
+                    .await
+                    .map_err(|err| self.kube_error(err))
+            },
+            "who am I (SelfSubjectReview)",
+        )
+        .await?;
         review
             .status
             .and_then(|status| status.user_info)
@@ -258,8 +492,9 @@ impl LockStore {
         let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
             .get(environment, &Default::default())
             .map_err(|err| Error::Api(err.to_string()))?;
+        let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
-            Ok((lock, time, instant)) => (Some(lock), time, instant),
+            Ok((object, time, instant)) => (Some(decode_lock(object)?), time, instant),
             Err((kube::Error::Api(status), Some((time, instant))))
                 if status.code == 404
                     && status
@@ -277,29 +512,52 @@ impl LockStore {
             lock,
             server_time,
             local_instant,
+            sent,
         })
     }
 
-    /// Lists locks in this namespace, or in all namespaces, with the server's time.
-    pub async fn list(
-        &self,
-        all_namespaces: bool,
-    ) -> Result<(Vec<DeploymentLock>, DateTime<Utc>), Error> {
+    /// Lists locks in this namespace, or in all namespaces, with the server's
+    /// time. Items are decoded one by one: a malformed object is returned
+    /// beside the others, never in their way.
+    pub async fn list(&self, all_namespaces: bool) -> Result<Listing, Error> {
         let namespace = (!all_namespaces).then_some(self.namespace.as_str());
         let request = KubeRequest::new(DeploymentLock::url_path(&(), namespace))
             .list(&Default::default())
             .map_err(|err| Error::Api(err.to_string()))?;
-        let (list, server_time, _): (ObjectList<DeploymentLock>, _, _) = self
+        let (list, server_time, _): (RawList, _, _) = self
             .send_with_time(request)
             .await
             .map_err(|(err, _)| self.kube_error(err))?;
-        Ok((list.items, server_time))
+        let mut listing = Listing {
+            locks: Vec::new(),
+            malformed: Vec::new(),
+            server_time,
+        };
+        for object in list.items.unwrap_or_default() {
+            match decode_lock(object) {
+                Ok(lock) => listing.locks.push(lock),
+                Err(malformed) => listing.malformed.push(*malformed),
+            }
+        }
+        Ok(listing)
     }
 
     /// Sends a GET and returns the decoded body with the `Date` of the answer.
     /// Errors carry the time too when the server answered at all.
     #[allow(clippy::type_complexity)]
     async fn send_with_time<T: DeserializeOwned>(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(T, DateTime<Utc>, Instant), (kube::Error, Option<(DateTime<Utc>, Instant)>)> {
+        let whole = self.send_with_time_unbounded(request);
+        match tokio::time::timeout(REQUEST_TIMEOUT, whole).await {
+            Ok(result) => result,
+            Err(elapsed) => Err((kube::Error::Service(Box::new(elapsed)), None)),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn send_with_time_unbounded<T: DeserializeOwned>(
         &self,
         request: http::Request<Vec<u8>>,
     ) -> Result<(T, DateTime<Utc>, Instant), (kube::Error, Option<(DateTime<Utc>, Instant)>)> {
@@ -312,6 +570,7 @@ impl LockStore {
         // Every Kubernetes API server sends Date; a proxy that strips it
         // leaves us only the local clock.
         let server_time = server_date(response.headers()).unwrap_or_else(Utc::now);
+        self.clock.record(server_time, local_instant);
         let timing = Some((server_time, local_instant));
         let status = response.status();
         let bytes = response
@@ -363,20 +622,29 @@ impl LockStore {
                 Decision::Change { next, action } => (next, Outcome::Transition(action)),
                 Decision::Queue { next } => (next, Outcome::QueueUpdated),
             };
-            let written = match &observed.lock {
-                None => {
-                    let lock = DeploymentLock::new(environment, next);
-                    self.api.create(&PostParams::default(), &lock).await
+            let write = async {
+                match &observed.lock {
+                    None => {
+                        let lock = DeploymentLock::new(environment, next);
+                        self.api.create(&PostParams::default(), &lock).await
+                    }
+                    Some(current) => {
+                        let mut lock = current.clone();
+                        lock.spec = next;
+                        // `lock` carries the resourceVersion that was read: the
+                        // API server refuses the replace if anything changed since.
+                        self.api
+                            .replace(environment, &PostParams::default(), &lock)
+                            .await
+                    }
                 }
-                Some(current) => {
-                    let mut lock = current.clone();
-                    lock.spec = next;
-                    // `lock` carries the resourceVersion that was read: the
-                    // API server refuses the replace if anything changed since.
-                    self.api
-                        .replace(environment, &PostParams::default(), &lock)
-                        .await
-                }
+            };
+            // A write without an answer may or may not have happened: the
+            // caller decides again on a fresh read (a retried acquire finds
+            // its own holding, a retried release finds the lock free).
+            let written = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+                Ok(written) => written,
+                Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
             };
             match written {
                 Ok(lock) => {
@@ -392,19 +660,29 @@ impl LockStore {
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
                 }
-                // The admission policy has no clock: it lets an expired
-                // holding be taken over once the controller has marked it
-                // Expired, which it does at the expiry instant. Wait for that
-                // status write, briefly.
+                // The admission policy's clock is the controller's clock
+                // Lease, a lower bound of the API server's time that the
+                // controller moves at each expiry instant (then marks the
+                // lock Expired) and every second. A takeover, or a turn in
+                // the queue after a waiter dropped out, can be refused for
+                // that moment: wait for the lock's status write, briefly.
                 Err(kube::Error::Api(status))
                     if status.code == 403
-                        && outcome == Outcome::Transition(HistoryAction::TookOverExpired)
-                        && attempt < 4 =>
+                        && (observed.lock.is_none()
+                            || matches!(
+                                outcome,
+                                Outcome::Transition(
+                                    HistoryAction::TookOverExpired | HistoryAction::Acquired
+                                )
+                            ))
+                        && is_clock_refusal(&status.message)
+                        && attempt < 6 =>
                 {
                     tracing::debug!(
                         environment,
                         attempt,
-                        "takeover refused until the controller marks the expiry"
+                        message = %status.message,
+                        "refused until the deploylock clock catches up"
                     );
                     self.wait_for_change(&observed, Instant::now() + StdDuration::from_secs(2))
                         .await?;
@@ -442,12 +720,17 @@ impl LockStore {
         let params = WatchParams::default()
             .fields(&format!("metadata.name={environment}"))
             .timeout(290);
-        Ok(self
-            .api
-            .watch(&params, resource_version)
-            .await
-            .map_err(|err| self.kube_error(err))?
-            .boxed())
+        let stream = bounded(
+            async {
+                self.api
+                    .watch(&params, resource_version)
+                    .await
+                    .map_err(|err| self.kube_error(err))
+            },
+            "a watch",
+        )
+        .await?;
+        Ok(stream.boxed())
     }
 
     /// Waits until the lock is Available or Expired, or `deadline` passes.
@@ -479,5 +762,213 @@ impl LockStore {
             }
             self.wait_for_change(&observed, until).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// A lock as the API server returns it.
+    fn stored_lock(name: &str) -> Value {
+        json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLock",
+            "metadata": {
+                "name": name,
+                "namespace": "team-a",
+                "resourceVersion": "42",
+                "creationTimestamp": "2030-01-01T00:00:00Z"
+            },
+            "spec": {
+                "environment": name,
+                "fencingToken": 1,
+                "holder": {
+                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
+                    "user": "alice",
+                    "owner": "alice",
+                    "type": "manual",
+                    "reason": "Deploying version 1.0.0",
+                    "acquiredAt": "2030-01-01T00:00:00Z",
+                    "expiresAt": "2030-01-01T00:30:00Z",
+                    "durationSeconds": 1800
+                },
+                "queue": [{
+                    "id": "w1",
+                    "user": "bob",
+                    "owner": "bob",
+                    "reason": "next",
+                    "since": "2030-01-01T00:01:00Z",
+                    "heartbeatAt": "2030-01-01T00:01:00Z"
+                }],
+                "history": [{
+                    "sequence": 1,
+                    "action": "Acquired",
+                    "at": "2030-01-01T00:00:00Z",
+                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
+                    "by": "alice",
+                    "owner": "alice",
+                    "reason": "Deploying version 1.0.0",
+                    "expiresAt": "2030-01-01T00:30:00Z"
+                }]
+            },
+            "status": {
+                "state": "Locked",
+                "conditions": [{
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Observed",
+                    "message": "",
+                    "lastTransitionTime": "2030-01-01T00:00:00Z"
+                }]
+            }
+        })
+    }
+
+    fn poisoned(pointer: &str, value: Value) -> Value {
+        let mut object = stored_lock("production");
+        match object.pointer_mut(pointer) {
+            Some(slot) => *slot = value,
+            None => panic!("no {pointer} in the test lock"),
+        }
+        object
+    }
+
+    #[test]
+    fn a_well_formed_lock_decodes() {
+        let lock = match decode_lock(stored_lock("production")) {
+            Ok(lock) => lock,
+            Err(err) => panic!("{err}"),
+        };
+        assert_eq!(lock.spec.environment, "production");
+        assert_eq!(lock.spec.history.len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_lock_is_named_with_the_place_of_its_fault() {
+        // Values the schema admitted at some point, or a hostile admin wrote.
+        let cases = [
+            (
+                "/spec/history/0/at",
+                json!("2030-01-01T00:00:00ZT"),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/history/0/at",
+                json!("2030-01-01T00:00:00,5Z"),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/holder/expiresAt",
+                json!("2099-13-01T00:00:00Z"),
+                "spec.holder.expiresAt",
+            ),
+            (
+                "/spec/queue/0/since",
+                json!("yesterday"),
+                "spec.queue[0].since",
+            ),
+            (
+                "/spec/holder/acquiredAt",
+                json!("2030-01-01T01:00:00+01:00"),
+                "spec.holder.acquiredAt",
+            ),
+            (
+                "/spec/history/0/at",
+                json!(1_893_456_000),
+                "spec.history[0].at",
+            ),
+            (
+                "/spec/history/0/action",
+                json!("Teleported"),
+                "spec.history[0]",
+            ),
+            (
+                "/spec/fencingToken",
+                json!(9_223_372_036_854_775_808_u64),
+                "spec",
+            ),
+            ("/spec/holder/durationSeconds", json!(1.5), "spec.holder"),
+            (
+                "/status/conditions/0/lastTransitionTime",
+                json!("2030-01-01T00:00:00ZT"),
+                "status.conditions[0]",
+            ),
+            ("/status/state", json!("Haunted"), "status"),
+            ("/metadata/creationTimestamp", json!("never"), "metadata"),
+        ];
+        for (pointer, value, location) in cases {
+            let what = format!("{pointer} = {value}");
+            let err = match decode_lock(poisoned(pointer, value)) {
+                Ok(lock) => panic!("{what} decoded: {lock:?}"),
+                Err(err) => err,
+            };
+            assert_eq!(err.namespace, "team-a", "{what}");
+            assert_eq!(err.name, "production", "{what}");
+            assert_eq!(err.location, location, "{what}: {err}");
+            let message = err.to_string();
+            assert!(
+                message.contains("\"production\"") && message.contains("malformed"),
+                "{what}: {message}"
+            );
+            assert!(
+                std::error::Error::source(&*err).is_some(),
+                "{what}: the decode error is kept as the source"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lock_that_is_not_even_an_object_is_named_as_well_as_can_be() {
+        let err = match decode_lock(json!({"metadata": {"name": "staging"}, "spec": 7})) {
+            Ok(lock) => panic!("decoded: {lock:?}"),
+            Err(err) => err,
+        };
+        assert_eq!(err.name, "staging");
+        assert_eq!(err.namespace, "?");
+        assert_eq!(err.location, "spec");
+        let err = match decode_lock(json!("not an object")) {
+            Ok(lock) => panic!("decoded: {lock:?}"),
+            Err(err) => err,
+        };
+        assert_eq!((err.name.as_str(), err.location.as_str()), ("?", "object"));
+    }
+
+    #[test]
+    fn a_list_is_decoded_item_by_item() {
+        let body = json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLockList",
+            "metadata": { "resourceVersion": "43" },
+            "items": [
+                stored_lock("a"),
+                poisoned("/spec/history/0/at", json!("2030-01-01T00:00:00ZT")),
+                stored_lock("z"),
+            ]
+        });
+        let list: RawList = match serde_json::from_value(body) {
+            Ok(list) => list,
+            Err(err) => panic!("{err}"),
+        };
+        let (locks, malformed): (Vec<_>, Vec<_>) = list
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(decode_lock)
+            .partition(Result::is_ok);
+        let names: Vec<String> = locks
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter_map(|lock| lock.metadata.name)
+            .collect();
+        assert_eq!(names, ["a", "z"]);
+        assert_eq!(malformed.len(), 1);
+        let empty: RawList = match serde_json::from_value(json!({"items": null})) {
+            Ok(list) => list,
+            Err(err) => panic!("{err}"),
+        };
+        assert!(empty.items.unwrap_or_default().is_empty());
     }
 }

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use deploylock::crd::{
     DeploymentLockSpec, HistoryAction, HistoryEntry, LockHolder, LockState, LockType,
-    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MIN_DURATION_SECONDS, OverriddenHolding,
+    MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
 };
 use deploylock::rules::{
-    AcquireRequest, Actor, Decision, NoChange, Refusal, Request, WAITER_TIMEOUT_SECONDS, decide,
-    duration_in_range, is_expired, live_holder, next_waiter, state_at,
+    AcquireRequest, Actor, Decision, NoChange, Refusal, Request, WAITER_PRUNE_GRACE_SECONDS,
+    WAITER_TIMEOUT_SECONDS, decide, duration_in_range, is_expired, live_holder, next_waiter,
+    state_at,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestCaseError};
@@ -26,6 +27,13 @@ const DEPLOY_REASON: &str = "Deploying version 2.1.0";
 /// A fixed instant on the API server's clock.
 fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_750_000_000, 0).expect("a valid timestamp")
+}
+
+/// The token a lock object created at `now` starts from (before its first
+/// holding adds one).
+fn first_token_at(now: DateTime<Utc>) -> i64 {
+    (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS)
+        * deploylock::crd::FENCING_TOKENS_PER_SECOND
 }
 
 fn nanos(n: i64) -> Duration {
@@ -508,7 +516,7 @@ fn force_on_an_available_lock_makes_an_emergency_holding_overriding_nobody() {
     assert_eq!(holder(&forced).lock_type, LockType::Emergency);
     assert_eq!(holder(&forced).overrode, None);
     assert_eq!(state_at(&forced, t0()), LockState::ForceLocked);
-    assert_eq!(forced.fencing_token, 1);
+    assert_eq!(forced.fencing_token, first_token_at(t0()) + 1);
 }
 
 #[test]
@@ -794,7 +802,8 @@ fn fencing_token_increments_by_one_on_every_new_holding_only() {
     let ten = Duration::minutes(10);
     let mut now = t0();
     let mut spec: Option<DeploymentLockSpec> = None;
-    let mut token = 0;
+    // A new object starts from the clock (first step at t0).
+    let mut token = first_token_at(t0());
 
     let steps: Vec<(Duration, Request, HistoryAction, i64)> = vec![
         (
@@ -866,7 +875,7 @@ fn fencing_token_increments_by_one_on_every_new_holding_only() {
         assert_eq!(next.fencing_token, token, "after {action:?}");
         spec = Some(next);
     }
-    assert_eq!(token, 5);
+    assert_eq!(token, first_token_at(t0()) + 5);
 }
 
 #[test]
@@ -936,7 +945,12 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
         extend(&alice, Duration::zero(), None),
         clear("lock-a", Duration::zero()),
     ];
-    let empty = empty_spec();
+    // A missing object decides like an empty one whose token starts from
+    // the clock.
+    let empty = DeploymentLockSpec {
+        fencing_token: first_token_at(t0()),
+        ..empty_spec()
+    };
     for request in &requests {
         let without = decide(ENV, None, t0(), request);
         assert_eq!(
@@ -948,7 +962,7 @@ fn decide_without_an_object_behaves_like_an_empty_spec() {
             assert_eq!(next.environment, ENV);
             assert_eq!(next.history.len(), 1);
             assert_eq!(next.history[0].sequence, 1);
-            assert_eq!(next.fencing_token, 1);
+            assert_eq!(next.fencing_token, first_token_at(t0()) + 1);
         }
     }
     let (created, _) = change(None, t0(), &requests[0]);
@@ -1521,7 +1535,9 @@ fn run_scenario(start_nanos: i64, steps: &[Step]) -> Result<(), TestCaseError> {
         if let Ok(Decision::Change { next, action }) = decision {
             let previous_history = spec.as_ref().map_or(&[][..], |s| s.history.as_slice());
             check_history(previous_history, &next.history, action, now)?;
-            let previous_token = spec.as_ref().map_or(0, |s| s.fencing_token);
+            let previous_token = spec
+                .as_ref()
+                .map_or(first_token_at(now), |s| s.fencing_token);
             prop_assert!(next.fencing_token >= previous_token);
             prop_assert_eq!(next.environment.as_str(), ENV);
             let entry = next.history.last().expect("checked above");
@@ -1885,9 +1901,17 @@ fn a_crashed_waiter_drops_out_after_its_heartbeat_times_out() {
         &queued_acquire(&person("carol"), "lock-c", "carol"),
     );
     assert_eq!(holder(&spec).user, "carol");
+    // Its place is removed a little later: the admission policy judges
+    // staleness on a clock that may trail the server's.
+    assert!(
+        spec.queue.iter().any(|w| w.id == "bob"),
+        "the stale waiter's place is kept for the prune grace"
+    );
+    let later = bob_gone + Duration::seconds(WAITER_PRUNE_GRACE_SECONDS);
+    let spec = queue_change(&spec, later, &join(&person("dave"), "dave", false));
     assert!(
         spec.queue.iter().all(|w| w.id != "bob"),
-        "the stale waiter is dropped"
+        "the stale waiter is dropped after the prune grace"
     );
 }
 
@@ -1921,4 +1945,154 @@ fn leaving_the_queue_gives_up_the_place() {
         2,
         "queue changes leave no history entry"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Hostile data: any object the schema admits, any request: no panic
+// ---------------------------------------------------------------------------
+
+/// Instants anywhere in the range the schema's date-time pattern admits
+/// (years 0000-9999), including the edges.
+fn any_instant() -> impl Strategy<Value = DateTime<Utc>> {
+    let first = -62_167_219_200_i64; // 0000-01-01T00:00:00Z
+    let last = 253_402_300_799_i64; // 9999-12-31T23:59:59Z
+    prop_oneof![
+        Just(first),
+        Just(last),
+        first..=last,
+        1_700_000_000_i64..1_900_000_000,
+    ]
+    .prop_map(|seconds| DateTime::from_timestamp(seconds, 0).unwrap_or(DateTime::<Utc>::MIN_UTC))
+}
+
+/// Counters anywhere in the schema's range, edges included.
+fn any_counter() -> impl Strategy<Value = i64> {
+    let max = deploylock::crd::MAX_SAFE_INTEGER;
+    prop_oneof![Just(0), Just(max), Just(max - 1), 0..=max]
+}
+
+fn any_hostile_spec() -> impl Strategy<Value = DeploymentLockSpec> {
+    (
+        any_instant(),
+        any_instant(),
+        60_i64..=604_800,
+        any_counter(),
+        any_counter(),
+        prop::collection::vec((any_instant(), any_instant(), any::<bool>()), 0..6),
+        any::<bool>(),
+        prop_oneof![
+            Just(LockType::Manual),
+            Just(LockType::Automatic),
+            Just(LockType::Emergency)
+        ],
+    )
+        .prop_map(
+            |(acquired_at, expires_at, duration, token, sequence, waiters, held, lock_type)| {
+                let holder = held.then(|| LockHolder {
+                    lock_id: "lock-x".into(),
+                    user: "mallory".into(),
+                    owner: "mallory".into(),
+                    lock_type,
+                    reason: "hostile".into(),
+                    acquired_at,
+                    expires_at,
+                    duration_seconds: duration,
+                    deployment_id: None,
+                    metadata: BTreeMap::new(),
+                    overrode: None,
+                });
+                DeploymentLockSpec {
+                    environment: ENV.into(),
+                    holder,
+                    fencing_token: token,
+                    queue: waiters
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (since, heartbeat_at, newest_first))| Waiter {
+                            id: format!("w{i}"),
+                            user: format!("user{i}"),
+                            owner: format!("user{i}"),
+                            reason: "wait".into(),
+                            since,
+                            heartbeat_at,
+                            newest_first,
+                        })
+                        .collect(),
+                    history: vec![HistoryEntry {
+                        sequence,
+                        action: HistoryAction::Acquired,
+                        at: acquired_at,
+                        lock_id: "lock-x".into(),
+                        by: "mallory".into(),
+                        owner: "mallory".into(),
+                        reason: "hostile".into(),
+                        expires_at: Some(expires_at),
+                    }],
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+        ..ProptestConfig::default()
+    })]
+
+    /// Whatever the schema lets a hostile writer store, the rules decide
+    /// every request without panicking, and never write a counter beyond
+    /// JSON's safe integer range.
+    #[test]
+    fn hostile_objects_never_make_the_rules_panic(
+        spec in any_hostile_spec(),
+        now in any_instant(),
+        duration in 60_i64..=604_800,
+    ) {
+        let mallory = person("mallory");
+        let alice = person("alice");
+        let duration = Duration::seconds(duration);
+        let mut forced = acquire_request(&alice, "lock-f", "hotfix", duration);
+        forced.force = true;
+        let requests = vec![
+            Request::Acquire(acquire_request(&alice, "lock-a", "deploy", duration)),
+            Request::Acquire(forced),
+            release(&mallory, None),
+            force_release(&alice, "incident"),
+            extend(&mallory, duration, None),
+            clear("lock-x", Duration::hours(1)),
+            Request::JoinQueue {
+                actor: alice.clone(),
+                waiter_id: "w-alice".into(),
+                reason: "wait".into(),
+                newest_first: false,
+            },
+            Request::LeaveQueue { waiter_id: "w0".into() },
+        ];
+        let _ = state_at(&spec, now);
+        let _ = next_waiter(&spec, now);
+        for request in &requests {
+            for current in [Some(&spec), None] {
+                if let Ok(Decision::Change { next, .. } | Decision::Queue { next }) =
+                    decide(ENV, current, now, request)
+                {
+                    prop_assert!(next.fencing_token <= deploylock::crd::MAX_SAFE_INTEGER);
+                    prop_assert!(next
+                        .history
+                        .iter()
+                        .all(|entry| entry.sequence <= deploylock::crd::MAX_SAFE_INTEGER));
+                }
+            }
+        }
+    }
+
+    /// The strict date-time parser accepts exactly what it writes and never
+    /// panics on anything else.
+    #[test]
+    fn the_stored_date_time_form_round_trips(instant in any_instant(), junk in ".{0,40}") {
+        let written = instant.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        prop_assert_eq!(deploylock::crd::parse_time(&written), Some(instant));
+        let _ = deploylock::crd::parse_time(&junk);
+        prop_assert_eq!(deploylock::crd::parse_time(&format!("{written}T")), None);
+    }
 }

@@ -11,16 +11,36 @@ use crate::crd::{
     MAX_METADATA_VALUE_LEN, MAX_NAME_LEN, MAX_REASON_LEN, MIN_DURATION_SECONDS,
 };
 
-/// An environment name must be a DNS-1123 label: it is the object's name.
-pub fn environment(name: &str) -> Result<String, String> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_ENVIRONMENT_LEN
+/// Longest DNS-1123 label (a namespace name).
+const MAX_LABEL_LEN: usize = 63;
+
+/// A DNS-1123 label of at most `max` characters: lowercase letters, digits
+/// and '-', starting and ending with a letter or digit.
+fn is_dns_label(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
-    if valid {
+        && !name.ends_with('-')
+}
+
+/// A namespace is a DNS-1123 label. It becomes part of every request's path,
+/// so anything else (`../kube-system`, `BAD NS`) is refused before a request.
+pub fn namespace(name: &str) -> Result<String, String> {
+    if is_dns_label(name, MAX_LABEL_LEN) {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "invalid namespace {name:?}: a namespace is a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most {MAX_LABEL_LEN} characters"
+        ))
+    }
+}
+
+/// An environment name must be a DNS-1123 label: it is the object's name.
+pub fn environment(name: &str) -> Result<String, String> {
+    if is_dns_label(name, MAX_ENVIRONMENT_LEN) {
         Ok(name.to_string())
     } else {
         Err(format!(
@@ -175,6 +195,33 @@ mod tests {
             &"x".repeat(64),
         ] {
             assert!(environment(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn namespaces_are_dns_labels() {
+        for good in ["default", "kube-system", "team-a1", "a", &"n".repeat(63)] {
+            assert_eq!(namespace(good), Ok(good.to_string()), "{good}");
+        }
+        for bad in [
+            "",
+            "BAD NS",
+            "../kube-system",
+            "kube-system/..",
+            "a/b",
+            "a.b",
+            "Default",
+            "-ns",
+            "ns-",
+            "ns\u{1b}[2J",
+            "ns\n",
+            "n\u{e9}",
+            "%2e%2e",
+            &"n".repeat(64),
+        ] {
+            let err = namespace(bad).expect_err(bad);
+            assert!(err.starts_with("invalid namespace"), "{bad}: {err}");
+            assert!(err.contains("DNS-1123 label"), "{bad}: {err}");
         }
     }
 

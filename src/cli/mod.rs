@@ -31,9 +31,11 @@ use tokio::time::Instant;
 
 use crate::crd::{HistoryAction, LockType};
 use crate::error::Error;
-use crate::exec::{ExecOutcome, ExecPlan, Signals, run_while_holding};
+use crate::exec::{ExecOutcome, ExecPlan, Signals, StopDeadlines, run_while_holding};
 use crate::rules::{self, AcquireRequest, Actor, NoChange, Refusal, Request};
-use crate::store::{Applied, ConnectOptions, LockStore, Observed, Outcome, Refused, connect};
+use crate::store::{
+    Applied, ConnectOptions, LockStore, Observed, Outcome, Refused, ServerClock, connect,
+};
 
 use render::{LockView, OutputFormat};
 use report::{EXIT_CODES_HELP, Exit};
@@ -55,7 +57,7 @@ pub struct GlobalArgs {
     #[arg(short = 'e', long, global = true, default_value = "production", value_parser = input::environment)]
     pub environment: String,
     /// Namespace of the DeploymentLocks (default: the kubeconfig context's).
-    #[arg(short = 'n', long, global = true)]
+    #[arg(short = 'n', long, global = true, value_parser = input::namespace)]
     pub namespace: Option<String>,
     /// Kubeconfig context to use.
     #[arg(long, global = true)]
@@ -106,17 +108,24 @@ const EXEC_HELP: &str = "\
 The command runs with DEPLOYLOCK_ENVIRONMENT, DEPLOYLOCK_NAMESPACE, DEPLOYLOCK_LOCK_ID,
 DEPLOYLOCK_HOLDER and DEPLOYLOCK_FENCING_TOKEN set. The lock (type automatic) is renewed
 at a third of --duration while the command runs and released when it exits.
-SIGINT, SIGTERM and SIGHUP are passed on to the command. If the lock is lost
-(force-released, taken over), the command gets SIGTERM at once and SIGKILL after --grace.
+SIGINT, SIGTERM and SIGHUP are passed on to the command (SIGHUP not if it was
+ignored when exec started, as under nohup). If the lock is lost (force-released,
+taken over), the command gets SIGTERM at once and SIGKILL after --grace. If no
+renewal succeeds in time, the command gets SIGTERM --grace before the lock could
+expire on the API server's clock and SIGKILL a safety margin before it. If exec
+itself dies (even by SIGKILL), its watchdog stops the command and everything it
+started the same way.
 
 Exit code: the command's own (128+N if signal N ended it, 127 if it could not start);
-3 or 4 if the lock could not be acquired; 7 if the lock was lost while it ran.";
+3 or 4 if the lock could not be acquired; 7 if the lock was lost while it ran;
+8 if the command ended but the lock could not be released (it expires on its own).";
 
 #[derive(Args, Debug)]
 pub struct ExecArgs {
     #[command(flatten)]
     pub lock: AcquireArgs,
-    /// Seconds between SIGTERM and SIGKILL when the lock is lost.
+    /// Seconds between SIGTERM and SIGKILL when the lock is lost (less than
+    /// half of --duration).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub grace: u64,
     /// The command and its arguments, after `--`.
@@ -209,6 +218,10 @@ pub struct WaitArgs {
 /// The whole program: parse, log setup, run. Shared by `deploylock` and the
 /// kubectl plugin `kubectl-deploylock`.
 pub fn main() -> ExitCode {
+    // exec's watchdog is this binary run again with a hidden argument.
+    if let Some(code) = crate::exec::watchdog_main_if_requested() {
+        return code;
+    }
     let cli = match parse() {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -295,7 +308,10 @@ pub fn parse() -> Result<Cli, ExitCode> {
                 .find(|line| !line.trim().is_empty())
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
-            eprintln!("deploylock: {first} (see `deploylock --help`)");
+            eprintln!(
+                "deploylock: {} (see `deploylock --help`)",
+                report::safe_line(first)
+            );
             Err(Exit::InvalidInput.into())
         }
     }
@@ -304,19 +320,42 @@ pub fn parse() -> Result<Cli, ExitCode> {
 /// Runs one action and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let environment = cli.global.environment.clone();
-    match execute(&cli).await {
+    // From the very start: Ctrl-C and SIGTERM end every action at any moment
+    // (connecting included), and no signal can end exec between acquiring
+    // and releasing.
+    let mut signals = Signals::new();
+    let mut clock = None;
+    match execute(&cli, &mut signals, &mut clock).await {
         Ok(exit) => exit.into(),
         Err(err) => {
-            // Refusals name times relative to now; the local clock is close
-            // enough for "in 25m".
-            let (message, exit) = report::describe(&err, &environment, Utc::now());
+            // Refusals name times relative to now: the API server's now.
+            let now = clock
+                .as_ref()
+                .and_then(ServerClock::now)
+                .unwrap_or_else(Utc::now);
+            let (message, exit) = report::describe(&err, &environment, now);
             eprintln!("deploylock: {message}");
             exit.into()
         }
     }
 }
 
-async fn execute(cli: &Cli) -> Result<Exit, Error> {
+/// `future`, unless a signal comes first (exit 130).
+async fn interruptible<T>(
+    signals: &mut Signals,
+    future: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        result = future => result,
+        _ = signals.next() => Err(Error::Interrupted),
+    }
+}
+
+async fn execute(
+    cli: &Cli,
+    signals: &mut Signals,
+    clock: &mut Option<ServerClock>,
+) -> Result<Exit, Error> {
     let global = &cli.global;
     // Refuse incomplete requests before touching the cluster.
     let lock_args = match &cli.action {
@@ -332,22 +371,63 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             "acquire needs a reason: add --reason \"...\" (e.g. --reason \"Deploying version 2.1.0\")".into(),
         ));
     }
-    let (client, namespace) = connect(&ConnectOptions {
+    if let Action::Exec(args) = &cli.action {
+        // The command gets SIGTERM --grace before its deadline: with more
+        // than half the duration, a healthy renewal could not prevent it.
+        let grace = i64::try_from(args.grace).unwrap_or(i64::MAX);
+        if grace.saturating_mul(2) >= args.lock.duration.num_seconds() {
+            return Err(Error::InvalidInput(format!(
+                "--grace {} is too long for --duration {}m: it must be less than half of the duration",
+                args.grace,
+                args.lock.duration.num_minutes()
+            )));
+        }
+    }
+    let options = ConnectOptions {
         kubeconfig: global.kubeconfig.clone(),
         context: global.context.clone(),
         namespace: global.namespace.clone(),
-    })
-    .await?;
+    };
+    let (client, namespace) = interruptible(signals, connect(&options)).await?;
+    // The kubeconfig's namespace is checked like -n's: it goes into every path.
+    input::namespace(&namespace).map_err(|message| {
+        Error::InvalidInput(format!(
+            "{message} (from the kubeconfig context; pick another with -n/--namespace)"
+        ))
+    })?;
     let store = LockStore::new(client, &namespace);
-    let env = global.environment.as_str();
+    *clock = Some(store.server_clock());
     match &cli.action {
-        Action::Acquire(args) if args.extend => extend(&store, global, args.duration, None).await,
-        Action::Acquire(args) => {
-            let mut signals = Signals::new();
-            let applied = take_lock(&store, global, args, LockType::Manual, &mut signals).await?;
+        Action::Acquire(args) if !args.extend => {
+            let applied = take_lock(&store, global, args, LockType::Manual, signals).await?;
             report_applied(global, &applied, "acquired")
         }
-        Action::Exec(args) => exec(&store, global, args).await,
+        Action::Exec(args) => exec(&store, global, args, signals).await,
+        Action::Wait(args) => {
+            let deadline = args
+                .wait_timeout
+                .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
+            let observed = interruptible(
+                signals,
+                wait_for_free(&store, &global.environment, deadline),
+            )
+            .await?;
+            if global.output != OutputFormat::Table {
+                print_view(global, &observed, false);
+            }
+            Ok(Exit::Success)
+        }
+        action => interruptible(signals, one_shot(&store, global, action)).await,
+    }
+}
+
+/// The actions that make one request or two and do not wait.
+async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Result<Exit, Error> {
+    let store = store.clone();
+    let env = global.environment.as_str();
+    match action {
+        Action::Acquire(args) => extend(&store, global, args.duration, None).await,
+        Action::Exec(_) | Action::Wait(_) => Err(Error::Api("not a one-shot action".into())),
         // Answered by `main` without a cluster.
         Action::Completion { .. } | Action::Man => Ok(Exit::Success),
         Action::Release(args) => {
@@ -388,10 +468,13 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
             Ok(Exit::Success)
         }
         Action::List(args) => {
-            let (locks, now) = store.list(args.all_namespaces).await?;
+            // Like `kubectl get`: show every lock that can be read, name each
+            // one that cannot, and exit 1 if there was one.
+            let listing = store.list(args.all_namespaces).await?;
+            let (locks, now) = (&listing.locks, listing.server_time);
             match global.output {
                 OutputFormat::Table => {
-                    out!("{}", render::list_table(&locks, now, args.all_namespaces))
+                    out!("{}", render::list_table(locks, now, args.all_namespaces))
                 }
                 format => {
                     let views: Vec<LockView> = locks
@@ -408,23 +491,101 @@ async fn execute(cli: &Cli) -> Result<Exit, Error> {
                     out!("{}", render::structured(&views, format));
                 }
             }
-            Ok(Exit::Success)
-        }
-        Action::Wait(args) => {
-            let deadline = args
-                .wait_timeout
-                .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
-            let observed = wait_for_free(&store, env, deadline).await?;
-            if global.output != OutputFormat::Table {
-                print_view(global, &observed, false);
+            for malformed in &listing.malformed {
+                eprintln!("deploylock: {}", report::skipped_malformed(malformed));
             }
-            Ok(Exit::Success)
+            Ok(if listing.malformed.is_empty() {
+                Exit::Success
+            } else {
+                Exit::Failure
+            })
         }
     }
 }
 
 /// How often a waiting client renews its place in the queue.
 const QUEUE_HEARTBEAT: StdDuration = StdDuration::from_secs(5);
+
+/// How long a waiting client retries 403s from authorization: right after an
+/// API server starts, RBAC refuses everyone until its caches are filled.
+const RBAC_SETTLE: StdDuration = StdDuration::from_secs(30);
+
+/// Longest pause between retries of a waiting client.
+const MAX_RETRY_BACKOFF: StdDuration = StdDuration::from_secs(2);
+
+/// Retries of a waiting client: transient faults (no connection, no answer
+/// in time, 5xx, 429) until its deadline, 403s from authorization for
+/// [`RBAC_SETTLE`]; anything else ends the wait.
+struct Retry {
+    deadline: Option<Instant>,
+    backoff: StdDuration,
+    forbidden_since: Option<Instant>,
+    warned: bool,
+}
+
+impl Retry {
+    fn new(deadline: Option<Instant>) -> Self {
+        Retry {
+            deadline,
+            backoff: StdDuration::from_millis(250),
+            forbidden_since: None,
+            warned: false,
+        }
+    }
+
+    /// After a failure: whether to try again (having paused), or give up.
+    async fn again(&mut self, err: &Error) -> bool {
+        let now = Instant::now();
+        let worth_it = if err.is_authorization_refusal() {
+            now.duration_since(*self.forbidden_since.get_or_insert(now)) < RBAC_SETTLE
+        } else {
+            err.is_transient()
+        };
+        let wake = now + self.backoff;
+        if !worth_it || self.deadline.is_some_and(|deadline| wake >= deadline) {
+            return false;
+        }
+        if !self.warned {
+            tracing::warn!(error = %err, "the API server failed; retrying while waiting");
+            self.warned = true;
+        } else {
+            tracing::debug!(error = %err, "retrying");
+        }
+        tokio::time::sleep_until(wake).await;
+        self.backoff = (self.backoff * 2).min(MAX_RETRY_BACKOFF);
+        true
+    }
+
+    fn succeeded(&mut self) {
+        if self.warned {
+            tracing::warn!("the API server answers again");
+        }
+        self.backoff = StdDuration::from_millis(250);
+        self.forbidden_since = None;
+        self.warned = false;
+    }
+}
+
+/// `attempt` again and again while `retry` says so.
+async fn retrying<T, F, Fut>(retry: &mut Retry, mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                retry.succeeded();
+                return Ok(value);
+            }
+            Err(err) => {
+                if !retry.again(&err).await {
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
 
 /// Acquires for `acquire` and `exec`; with --wait-timeout, waits its turn in
 /// the lock's queue.
@@ -436,9 +597,45 @@ async fn take_lock(
     signals: &mut Signals,
 ) -> Result<Applied, Error> {
     let env = global.environment.as_str();
-    let actor = Actor::new(store.whoami().await?, args.owner.clone());
-    let mut acquire = AcquireRequest {
-        actor: actor.clone(),
+    let Some(wait_seconds) = args.wait_timeout else {
+        let user = interruptible(signals, store.whoami()).await?;
+        let request = Request::Acquire(acquire_request(user, args, lock_type, None));
+        return interruptible(signals, store.apply(env, &request)).await;
+    };
+    let deadline = Instant::now() + StdDuration::from_secs(wait_seconds);
+    let mut retry = Retry::new(Some(deadline));
+    let user = interruptible(signals, retrying(&mut retry, || store.whoami())).await?;
+    let waiter_id = uuid::Uuid::new_v4().to_string();
+    let acquire = acquire_request(user, args, lock_type, Some(waiter_id.clone()));
+    let join = Request::JoinQueue {
+        actor: acquire.actor.clone(),
+        waiter_id: waiter_id.clone(),
+        reason: acquire.reason.clone(),
+        newest_first: args.queue == QueueOrder::NewestFirst,
+    };
+    let lock_id = acquire.lock_id.clone();
+    let acquire = Request::Acquire(acquire);
+    let queued = wait_in_queue(store, env, &acquire, &lock_id, &join, &mut retry);
+    let result = interruptible(signals, queued).await;
+    if result.is_err() {
+        // Give up our place (a second signal gives up on that); if this
+        // fails, the place lapses with the heartbeat.
+        let leave = Request::LeaveQueue { waiter_id };
+        if let Err(err) = interruptible(signals, store.apply(env, &leave)).await {
+            tracing::debug!(error = %err, "could not leave the queue");
+        }
+    }
+    result
+}
+
+fn acquire_request(
+    user: String,
+    args: &AcquireArgs,
+    lock_type: LockType,
+    waiter_id: Option<String>,
+) -> AcquireRequest {
+    AcquireRequest {
+        actor: Actor::new(user, args.owner.clone()),
         lock_id: uuid::Uuid::new_v4().to_string(),
         lock_type,
         force: args.force,
@@ -446,90 +643,105 @@ async fn take_lock(
         duration: args.duration,
         deployment_id: args.deployment_id.clone(),
         metadata: args.metadata.clone().unwrap_or_default(),
-        waiter_id: None,
-    };
-    let Some(wait_seconds) = args.wait_timeout else {
-        let request = Request::Acquire(acquire);
-        return tokio::select! {
-            result = store.apply(env, &request) => result,
-            _ = signals.next() => Err(Error::Interrupted),
-        };
-    };
-    let deadline = Instant::now() + StdDuration::from_secs(wait_seconds);
-    let waiter_id = uuid::Uuid::new_v4().to_string();
-    acquire.waiter_id = Some(waiter_id.clone());
-    let join = Request::JoinQueue {
-        actor,
-        waiter_id: waiter_id.clone(),
-        reason: acquire.reason.clone(),
-        newest_first: args.queue == QueueOrder::NewestFirst,
-    };
-    let acquire = Request::Acquire(acquire);
-    let queued = wait_in_queue(store, env, &acquire, &join, deadline);
-    let result = tokio::select! {
-        result = queued => result,
-        _ = signals.next() => Err(Error::Interrupted),
-    };
-    if result.is_err() {
-        // Give up our place; if this fails, it lapses with the heartbeat.
-        let leave = Request::LeaveQueue { waiter_id };
-        if let Err(err) = store.apply(env, &leave).await {
-            tracing::debug!(error = %err, "could not leave the queue");
-        }
+        waiter_id,
     }
-    result
 }
 
 /// Joins the queue, then takes the lock when it is free and it is our turn.
 /// Woken by changes of the lock (a watch), the holder's expiry, the expiry of
-/// the waiter ahead's heartbeat, and our own heartbeat.
+/// the waiter ahead's heartbeat, and our own heartbeat. Faults of the API
+/// server are retried (see [`Retry`]); the heartbeat resumes after them.
 async fn wait_in_queue(
     store: &LockStore,
     env: &str,
     acquire: &Request,
+    lock_id: &str,
     join: &Request,
-    deadline: Instant,
+    retry: &mut Retry,
 ) -> Result<Applied, Error> {
     let mut progress = WaitProgress::new(env);
     let mut next_heartbeat = Instant::now();
     loop {
-        if Instant::now() >= next_heartbeat {
-            store.apply(env, join).await?;
-            next_heartbeat = Instant::now() + QUEUE_HEARTBEAT;
-        }
-        // One read decides: on a hand-off the lock is usually ours to take;
-        // otherwise the refusal says until when to sleep.
-        let Refused { refusal, observed } = match store.try_apply(env, acquire).await? {
-            Ok(applied) => {
+        let step = queue_step(
+            store,
+            env,
+            acquire,
+            lock_id,
+            join,
+            &mut next_heartbeat,
+            &mut progress,
+            retry.deadline,
+        )
+        .await;
+        match step {
+            Ok(Some(applied)) => {
                 progress.finish(&applied.observed);
                 return Ok(applied);
             }
-            Err(refused) => refused,
-        };
-        let wake = match refusal {
-            // Waiting for one's own earlier holding is what a second CI run
-            // under the same identity does: it queues like anyone else.
-            Refusal::HeldByOther(holder)
-            | Refusal::EmergencyLockInForce(holder)
-            | Refusal::AlreadyHeldByYou(holder) => {
-                progress.held(&holder, &observed);
-                observed.local_deadline(holder.expires_at)
+            Ok(None) => retry.succeeded(),
+            Err(err) => {
+                if !retry.again(&err).await {
+                    return Err(err);
+                }
             }
-            Refusal::QueuedBehind { next, waiting } => {
-                progress.queued(&next, waiting, &observed);
-                observed.local_deadline(rules::waiter_deadline(&next))
-            }
-            refusal => return Err(refusal.into()),
-        };
-        if Instant::now() >= deadline {
-            return Err(Error::WaitTimedOut(
-                observed.holder().cloned().map(Box::new),
-            ));
         }
-        store
-            .wait_for_change(&observed, wake.min(next_heartbeat).min(deadline))
-            .await?;
     }
+}
+
+/// One round of waiting in the queue: Some once the lock is ours.
+#[allow(clippy::too_many_arguments)]
+async fn queue_step(
+    store: &LockStore,
+    env: &str,
+    acquire: &Request,
+    lock_id: &str,
+    join: &Request,
+    next_heartbeat: &mut Instant,
+    progress: &mut WaitProgress,
+    deadline: Option<Instant>,
+) -> Result<Option<Applied>, Error> {
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + StdDuration::from_secs(3600));
+    if Instant::now() >= *next_heartbeat {
+        store.apply(env, join).await?;
+        *next_heartbeat = Instant::now() + QUEUE_HEARTBEAT;
+    }
+    // One read decides: on a hand-off the lock is usually ours to take;
+    // otherwise the refusal says until when to sleep.
+    let Refused { refusal, observed } = match store.try_apply(env, acquire).await? {
+        Ok(applied) => return Ok(Some(applied)),
+        Err(refused) => refused,
+    };
+    let wake = match refusal {
+        // Our own acquire, written by an attempt whose answer was lost.
+        Refusal::AlreadyHeldByYou(holder) if holder.lock_id == lock_id => {
+            return Ok(Some(Applied {
+                observed,
+                outcome: Outcome::Transition(HistoryAction::Acquired),
+            }));
+        }
+        // Waiting for one's own earlier holding is what a second CI run
+        // under the same identity does: it queues like anyone else.
+        Refusal::HeldByOther(holder)
+        | Refusal::EmergencyLockInForce(holder)
+        | Refusal::AlreadyHeldByYou(holder) => {
+            progress.held(&holder, &observed);
+            observed.local_deadline(holder.expires_at)
+        }
+        Refusal::QueuedBehind { next, waiting } => {
+            progress.queued(&next, waiting, &observed);
+            observed.local_deadline(rules::waiter_deadline(&next))
+        }
+        refusal => return Err(refusal.into()),
+    };
+    if Instant::now() >= deadline {
+        return Err(Error::WaitTimedOut(
+            observed.holder().cloned().map(Box::new),
+        ));
+    }
+    store
+        .wait_for_change(&observed, wake.min(*next_heartbeat).min(deadline))
+        .await?;
+    Ok(None)
 }
 
 /// Tells a person at a terminal who holds the lock or who is ahead (a
@@ -560,6 +772,7 @@ impl WaitProgress {
     }
 
     fn show(&mut self, line: String) {
+        let line = report::safe_line(&line);
         if line == self.last {
             return;
         }
@@ -574,7 +787,7 @@ impl WaitProgress {
 
     fn held(&mut self, holder: &crate::crd::LockHolder, observed: &Observed) {
         let line = format!(
-            "waiting for {}: held by {} since {} until {}, reason: {:?}",
+            "waiting for {}: held by {} since {} until {}, reason: \"{}\"",
             self.environment,
             holder.owner,
             holder.acquired_at.format("%H:%M:%SZ"),
@@ -617,11 +830,15 @@ impl Drop for WaitProgress {
     }
 }
 
-async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result<Exit, Error> {
-    // Signals are ours from here on: a SIGTERM while waiting leaves the
+async fn exec(
+    store: &LockStore,
+    global: &GlobalArgs,
+    args: &ExecArgs,
+    signals: &mut Signals,
+) -> Result<Exit, Error> {
+    // Signals are ours from the start: a SIGTERM while waiting leaves the
     // queue, one while the command runs is passed on to it.
-    let mut signals = Signals::new();
-    let applied = take_lock(store, global, &args.lock, LockType::Automatic, &mut signals).await?;
+    let applied = take_lock(store, global, &args.lock, LockType::Automatic, signals).await?;
     let observed = &applied.observed;
     let Some(holding) = observed.holder().cloned() else {
         return Err(Error::Api("the lock was written without a holder".into()));
@@ -633,17 +850,33 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
         holding.lock_id,
         args.command.join(" ")
     );
+    let grace = StdDuration::from_secs(args.grace);
     let plan = ExecPlan {
         environment: global.environment.clone(),
         actor: Actor::new(holding.user.clone(), Some(holding.owner.clone())),
         fencing_token,
-        expires_locally: observed.local_deadline(holding.expires_at),
-        grace: StdDuration::from_secs(args.grace),
+        deadlines: StopDeadlines::for_holding(observed, holding.expires_at, grace),
+        taken_at: observed.sent,
+        grace,
         command: args.command.clone(),
         holding,
     };
-    match run_while_holding(store, plan, &mut signals).await? {
-        ExecOutcome::Exited { code } => Ok(Exit::Child(code)),
+    match run_while_holding(store, plan, signals).await? {
+        ExecOutcome::Exited {
+            code,
+            release_error: None,
+        } => Ok(Exit::Child(code)),
+        ExecOutcome::Exited {
+            code,
+            release_error: Some(why),
+        } => {
+            eprintln!(
+                "deploylock: warning: the command exited with {code} but the lock on {} could not be released ({}); it stays held until it expires (see `deploylock status`)",
+                global.environment,
+                render::Safe(&why)
+            );
+            Ok(Exit::NotReleased)
+        }
         ExecOutcome::CouldNotStart { error } => {
             eprintln!("deploylock: cannot run {error}; the lock was released");
             Ok(Exit::Child(127))
@@ -654,14 +887,19 @@ async fn exec(store: &LockStore, global: &GlobalArgs, args: &ExecArgs) -> Result
             child_code,
         } => {
             if let Some(why) = renewal_error {
-                eprintln!("deploylock: could not renew the lock before it expired ({why})");
+                eprintln!(
+                    "deploylock: could not renew the lock before it could expire ({}): the command was stopped in time",
+                    render::Safe(&why)
+                );
             }
             let now_held = match now_held_by {
-                Some(holder) => format!(
-                    "now held by {} ({}), reason: {:?}",
+                Some(holder) => report::safe_line(&format!(
+                    "now held by {} ({}), reason: \"{}\"",
                     holder.owner, holder.lock_type, holder.reason
-                ),
-                None => "someone else released it (see `deploylock history`)".to_string(),
+                )),
+                None => {
+                    "someone else released it, or it expired (see `deploylock history`)".to_string()
+                }
             };
             eprintln!(
                 "deploylock: lost the lock on {} while the command ran: {now_held}; the command was stopped (its exit code: {child_code})",
@@ -689,21 +927,35 @@ async fn extend(
 }
 
 /// Waits until the lock is free (the `wait` action; no place in the queue).
+/// Faults of the API server are retried until the deadline (forever
+/// without one).
 async fn wait_for_free(
     store: &LockStore,
     env: &str,
     deadline: Option<Instant>,
 ) -> Result<Observed, Error> {
     let mut progress = WaitProgress::new(env);
-    let observed = store
-        .wait_until_free(env, deadline, |observed| {
-            if let Some(holder) = observed.holder() {
-                progress.held(holder, observed);
+    let mut retry = Retry::new(deadline);
+    loop {
+        let waited = store
+            .wait_until_free(env, deadline, |observed| {
+                if let Some(holder) = observed.holder() {
+                    progress.held(holder, observed);
+                }
+            })
+            .await;
+        match waited {
+            Ok(observed) => {
+                progress.finish(&observed);
+                return Ok(observed);
             }
-        })
-        .await?;
-    progress.finish(&observed);
-    Ok(observed)
+            Err(err) => {
+                if !retry.again(&err).await {
+                    return Err(err);
+                }
+            }
+        }
+    }
 }
 
 fn print_view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
@@ -748,12 +1000,12 @@ fn report_applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<
             };
             outln!(
                 "{env} {verb} by {} until {}{takeover}",
-                holder.owner,
+                render::Safe(&holder.owner),
                 report::when(holder.expires_at, observed.server_time)
             );
             outln!(
                 "lock ID {}, fencing token {}",
-                holder.lock_id,
+                render::Safe(&holder.lock_id),
                 observed.spec().map(|s| s.fencing_token).unwrap_or_default()
             );
         }

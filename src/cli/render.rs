@@ -1,4 +1,13 @@
 //! How locks are shown: tables for people, JSON and YAML for scripts.
+//!
+//! Every string in a lock was written by some client, possibly a hostile one.
+//! Human-readable output passes it through [`escape`] where it is written
+//! out (tables escape every cell, `status` every value, `report` every line),
+//! so that a terminal escape sequence or a bidi override in an owner or
+//! reason is shown, not obeyed. JSON and YAML stay exact: their serialisers escape what they must.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
@@ -14,6 +23,57 @@ pub enum OutputFormat {
     Table,
     Json,
     Yaml,
+}
+
+/// Whether `c` must not reach a terminal as is: control characters (C0
+/// including ESC, DEL, C1), the bidirectional formatting characters that
+/// reorder what follows them (embeddings, overrides, isolates, marks) and the
+/// Unicode line and paragraph separators.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}'
+        )
+}
+
+/// `text` with every unsafe character spelled out as Go's `strconv.Quote`
+/// does: `\n`, `\r`, `\t`, `\x1b` for the other C0 controls and DEL,
+/// `\u0085` or `\u202e` above. (kubectl shows ESC as `^[`; a spelling
+/// that names every character tells the reader what was hidden.) Nothing
+/// else changes (a backslash stays one): the exact value is in `-o json`.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            // Writing to a String cannot fail.
+            c if is_unsafe(c) && u32::from(c) < 0x80 => {
+                let _ = write!(escaped, "\\x{:02x}", u32::from(c));
+            }
+            c if is_unsafe(c) => {
+                let _ = write!(escaped, "\\u{:04x}", u32::from(c));
+            }
+            c => escaped.push(c),
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+/// Displays a string escaped (see [`escape`]): `format!("{}", Safe(&owner))`.
+#[derive(Clone, Copy, Debug)]
+pub struct Safe<'a>(pub &'a str);
+
+impl fmt::Display for Safe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escape(self.0))
+    }
 }
 
 /// A lock as scripts see it with `-o json|yaml`.
@@ -77,6 +137,17 @@ fn plain_table(header: &[&str]) -> Table {
     table
 }
 
+/// Adds a row with every cell escaped: no cell of a table legitimately holds
+/// a control character, so none is trusted to be free of one.
+fn add_row(table: &mut Table, cells: Vec<String>) {
+    table.add_row(
+        cells
+            .iter()
+            .map(|cell| escape(cell).into_owned())
+            .collect::<Vec<_>>(),
+    );
+}
+
 fn rendered(table: Table) -> String {
     // comfy-table pads the first column with one space; kubectl does not.
     let lines: Vec<String> = table
@@ -115,7 +186,7 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
             lines.push((
                 "Overrode",
                 format!(
-                    "{} ({}), reason: {:?}",
+                    "{} ({}), reason: \"{}\"",
                     overrode.owner, overrode.lock_id, overrode.reason
                 ),
             ));
@@ -132,7 +203,7 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
             lines.push((
                 "Waiting",
                 format!(
-                    "{} since {}: {:?}",
+                    "{} since {}: \"{}\"",
                     waiter.owner,
                     when(waiter.since, now),
                     waiter.reason
@@ -141,9 +212,10 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
         }
     }
     let width = lines.iter().map(|(key, _)| key.len()).max().unwrap_or(0) + 1;
+    // Every value is escaped here, whatever it was built from.
     let mut out: String = lines
         .iter()
-        .map(|(key, value)| format!("{:<width$} {value}\n", format!("{key}:")))
+        .map(|(key, value)| format!("{:<width$} {}\n", format!("{key}:"), Safe(value)))
         .collect();
     if verbose && !view.history.is_empty() {
         out.push_str("\nRecent history:\n");
@@ -186,7 +258,7 @@ pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: 
         if all_namespaces {
             row.insert(0, lock.metadata.namespace.clone().unwrap_or_default());
         }
-        table.add_row(row);
+        add_row(&mut table, row);
     }
     rendered(table)
 }
@@ -197,22 +269,25 @@ pub fn history_table(history: &[HistoryEntry], now: DateTime<Utc>) -> String {
         "AT", "ACTION", "BY", "OWNER", "LOCK ID", "EXPIRES", "REASON",
     ]);
     for entry in history {
-        table.add_row(vec![
-            format!(
-                "{} ({} ago)",
-                entry.at.format("%Y-%m-%dT%H:%M:%SZ"),
-                short_span(now - entry.at)
-            ),
-            format!("{:?}", entry.action),
-            entry.by.clone(),
-            entry.owner.clone(),
-            entry.lock_id.clone(),
-            entry
-                .expires_at
-                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                .unwrap_or_else(|| "-".into()),
-            entry.reason.clone(),
-        ]);
+        add_row(
+            &mut table,
+            vec![
+                format!(
+                    "{} ({} ago)",
+                    entry.at.format("%Y-%m-%dT%H:%M:%SZ"),
+                    short_span(now - entry.at)
+                ),
+                format!("{:?}", entry.action),
+                entry.by.clone(),
+                entry.owner.clone(),
+                entry.lock_id.clone(),
+                entry
+                    .expires_at
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into()),
+                entry.reason.clone(),
+            ],
+        );
     }
     rendered(table)
 }
@@ -225,5 +300,218 @@ fn short_span(span: chrono::Duration) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lock as a hostile client could store it: every user-written string
+    /// carries terminal escapes or bidi overrides.
+    fn hostile_lock() -> DeploymentLock {
+        let evil = "\u{1b}]8;;http://evil\u{7}click\u{1b}]8;;\u{7}\u{1b}[2J\u{202e}txt.exe";
+        let object = serde_json::json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLock",
+            "metadata": { "name": "production", "namespace": "team-a" },
+            "spec": {
+                "environment": "production",
+                "fencingToken": 3,
+                "holder": {
+                    "lockId": format!("id{evil}"),
+                    "user": format!("user{evil}"),
+                    "owner": format!("owner{evil}"),
+                    "type": "manual",
+                    "reason": format!("reason{evil}\nsecond line"),
+                    "acquiredAt": "2030-01-01T00:00:00Z",
+                    "expiresAt": "2030-01-01T00:30:00Z",
+                    "durationSeconds": 1800,
+                    "deploymentId": format!("deploy{evil}"),
+                    "metadata": { "key": format!("value{evil}") },
+                    "overrode": {
+                        "lockId": format!("old{evil}"),
+                        "user": "u",
+                        "owner": format!("oldowner{evil}"),
+                        "reason": format!("oldreason{evil}")
+                    }
+                },
+                "queue": [{
+                    "id": "w1",
+                    "user": "carol",
+                    "owner": format!("waiter{evil}"),
+                    "reason": format!("waiting{evil}"),
+                    "since": "2030-01-01T00:01:00Z",
+                    "heartbeatAt": "2030-01-01T00:01:00Z"
+                }],
+                "history": [{
+                    "sequence": 1,
+                    "action": "Acquired",
+                    "at": "2030-01-01T00:00:00Z",
+                    "lockId": format!("id{evil}"),
+                    "by": format!("by{evil}"),
+                    "owner": format!("owner{evil}"),
+                    "reason": format!("reason{evil}"),
+                    "expiresAt": "2030-01-01T00:30:00Z"
+                }]
+            }
+        });
+        match serde_json::from_value(object) {
+            Ok(lock) => lock,
+            Err(err) => panic!("the hostile lock does not decode: {err}"),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        match DateTime::parse_from_rfc3339("2030-01-01T00:10:00Z") {
+            Ok(time) => time.with_timezone(&Utc),
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// Nothing a terminal would act on, and each hostile field shown escaped.
+    #[track_caller]
+    fn assert_rendered_safely(text: &str, expected_fields: &[&str]) {
+        assert!(
+            !text.chars().any(|c| is_unsafe(c) && c != '\n'),
+            "unescaped control or bidi character in:\n{text:?}"
+        );
+        for field in expected_fields {
+            let shown = format!(
+                "{field}\\x1b]8;;http://evil\\x07click\\x1b]8;;\\x07\\x1b[2J\\u202etxt.exe"
+            );
+            assert!(
+                text.contains(&shown),
+                "{field} not shown escaped in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_class_of_unsafe_character_is_escaped() {
+        // C0, with the usual short forms for the three whitespace controls.
+        assert_eq!(escape("a\nb\rc\td"), "a\\nb\\rc\\td");
+        assert_eq!(escape("\u{1b}[2J"), "\\x1b[2J");
+        assert_eq!(escape("\u{0}\u{7}\u{8}\u{1f}"), "\\x00\\x07\\x08\\x1f");
+        for c in (0u32..0x20).filter_map(char::from_u32) {
+            let escaped = escape(&c.to_string()).into_owned();
+            assert!(
+                escaped.starts_with('\\') && escaped.len() >= 2,
+                "{c:?}: {escaped}"
+            );
+        }
+        // DEL.
+        assert_eq!(escape("\u{7f}"), "\\x7f");
+        // C1 (CSI, NEL, OSC, ST and the rest).
+        assert_eq!(escape("\u{9b}2J"), "\\u009b2J");
+        assert_eq!(escape("\u{85}\u{9d}\u{9c}"), "\\u0085\\u009d\\u009c");
+        for c in (0x80u32..0xa0).filter_map(char::from_u32) {
+            assert_eq!(escape(&c.to_string()), format!("\\u{:04x}", u32::from(c)));
+        }
+        // Bidi embeddings, overrides, isolates and marks; line separators.
+        for (c, shown) in [
+            ('\u{202a}', "\\u202a"),
+            ('\u{202b}', "\\u202b"),
+            ('\u{202c}', "\\u202c"),
+            ('\u{202d}', "\\u202d"),
+            ('\u{202e}', "\\u202e"),
+            ('\u{2066}', "\\u2066"),
+            ('\u{2067}', "\\u2067"),
+            ('\u{2068}', "\\u2068"),
+            ('\u{2069}', "\\u2069"),
+            ('\u{200e}', "\\u200e"),
+            ('\u{200f}', "\\u200f"),
+            ('\u{061c}', "\\u061c"),
+            ('\u{2028}', "\\u2028"),
+            ('\u{2029}', "\\u2029"),
+        ] {
+            assert_eq!(escape(&format!("a{c}b")), format!("a{shown}b"));
+        }
+    }
+
+    #[test]
+    fn printable_text_is_left_as_is() {
+        for text in [
+            "Deploying version 2.1.0",
+            "café, 日本語, emoji 🚀, Ω",
+            "a \\x1b typed as text, a \"quote\"",
+            "",
+        ] {
+            assert!(matches!(escape(text), Cow::Borrowed(_)), "{text}");
+            assert_eq!(Safe(text).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn status_escapes_every_user_written_value() {
+        let lock = hostile_lock();
+        let view = LockView::new("team-a", "production", Some(&lock), now());
+        let text = status_table(&view, true);
+        assert_rendered_safely(
+            &text,
+            &[
+                "owner",
+                "user",
+                "reason",
+                "id",
+                "deploy",
+                "value",
+                "oldowner",
+                "old",
+                "oldreason",
+                "waiter",
+                "waiting",
+                "by",
+            ],
+        );
+        assert!(text.contains("second line"), "{text}");
+        assert!(text.contains("\\nsecond line"), "{text}");
+    }
+
+    #[test]
+    fn list_escapes_every_cell() {
+        let lock = hostile_lock();
+        for all_namespaces in [false, true] {
+            let text = list_table(std::slice::from_ref(&lock), now(), all_namespaces);
+            assert_rendered_safely(&text, &["owner", "reason"]);
+            assert_eq!(text.lines().count(), 2, "{text}");
+        }
+    }
+
+    #[test]
+    fn history_escapes_every_cell() {
+        let lock = hostile_lock();
+        let text = history_table(&lock.spec.history, now());
+        assert_rendered_safely(&text, &["by", "owner", "id", "reason"]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
+    fn json_and_yaml_stay_exact() {
+        let lock = hostile_lock();
+        let view = LockView::new("team-a", "production", Some(&lock), now());
+        let owner = lock.spec.holder.as_ref().map(|h| h.owner.clone());
+        let json: serde_json::Value =
+            serde_json::from_str(&structured(&view, OutputFormat::Json)).unwrap_or_default();
+        assert_eq!(json["holder"]["owner"].as_str().map(String::from), owner);
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(&structured(&view, OutputFormat::Yaml)).unwrap_or_default();
+        assert_eq!(yaml["holder"]["owner"].as_str().map(String::from), owner);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escaped_text_never_holds_an_unsafe_character(text in "\\PC*|[\\x00-\\x{a0}\\x{2000}-\\x{206f}]*") {
+            let escaped = escape(&text);
+            proptest::prop_assert!(!escaped.chars().any(is_unsafe), "{escaped:?}");
+            // Safe characters pass through in order.
+            let kept: String = text.chars().filter(|c| !is_unsafe(*c)).collect();
+            let mut rest = escaped.as_ref();
+            for c in kept.chars() {
+                let at = rest.find(c);
+                proptest::prop_assert!(at.is_some(), "{c:?} lost from {text:?}");
+                rest = &rest[at.unwrap_or_default() + c.len_utf8()..];
+            }
+        }
     }
 }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
-use crate::support::{ControllerProcess, Identity, cluster, repo_root};
+use crate::support::{ControllerProcess, Identity, await_clock_past_token, cluster, repo_root};
 
 const WAIT: StdDuration = StdDuration::from_secs(60);
 
@@ -44,15 +44,19 @@ const ACTORS: [Identity; 5] = [
 /// Messages of config/admission/policy.yaml: a `deploylock` refusal that
 /// quotes one of them came from the policy (the CLI keeps only the policy's
 /// words, not the admission plumbing).
-const POLICY_MESSAGES: [&str; 8] = [
+const POLICY_MESSAGES: [&str; 12] = [
     "only the deploylock controller writes the status",
     "a lock can only be taken in your own name",
-    "the user, owner, acquiredAt and type of a holding cannot change",
+    "only expiresAt of a holding may change",
     "only the holder may release or extend it",
-    "an emergency lock needs the force permission",
+    "needs the force permission",
     "a held lock can only be deleted by its holder",
     "the history of a DeploymentLock is append-only",
-    "you can only add or change your own place in the wait queue",
+    "a change of the holding or of the fencing token needs its history entry",
+    "only the holder extends its holding",
+    "the deploylock controller only clears expired holdings",
+    "you can only remove your own place in the wait queue",
+    "it can be taken over once it has expired",
 ];
 
 // ---------------------------------------------------------------------------
@@ -287,10 +291,11 @@ fn expected(op: Op, actor: Identity, tool: Tool) -> Verdict {
             Role::Viewer | Role::Controller => DenyRbac,
             Role::User | Role::Admin => Allow,
         },
-        // The controller's `update` verb and the own-name rule let it take a
-        // free existing lock in its own name.
+        // The controller's `update` verb would let it write a holding: the
+        // policy refuses it (the controller only clears expired holdings).
         (Op::AcquireFree, _) => match (role, tool) {
             (Role::Viewer, _) | (Role::Controller, Tool::Kubectl) => DenyRbac,
+            (Role::Controller, _) => DenyPolicy,
             _ => Allow,
         },
         (Op::AcquireForOtherNew, Tool::Kubectl) => match role {
@@ -299,20 +304,21 @@ fn expected(op: Op, actor: Identity, tool: Tool) -> Verdict {
         },
         (Op::AcquireForOtherNew, _) | (Op::AcquireForOtherFree, Tool::Deploylock) => NotApplicable,
         (Op::AcquireForOtherFree, _) => refused_by_policy(),
-        // A viewer cannot hold a lock; the controller can (see AcquireFree).
-        (Op::ReleaseOwn | Op::ExtendOwn, _) => match (role, tool) {
-            (Role::Viewer, _) => NotApplicable,
-            (Role::Controller, Tool::Kubectl) => DenyRbac,
+        // Neither a viewer nor the controller can hold a lock.
+        (Op::ReleaseOwn | Op::ExtendOwn, _) => match role {
+            Role::Viewer | Role::Controller => NotApplicable,
             _ => Allow,
         },
         // The CLI refuses "not by you" itself, carol included (she has
         // force-release for that).
         (Op::ReleaseOther | Op::ExtendOther, Tool::Deploylock) => DenyCli,
-        (Op::ReleaseOther | Op::ExtendOther | Op::ForceAcquire | Op::ForceRelease, _) => {
-            needs_force()
-        }
+        // Released and Extended are the holder's own transitions: an admin
+        // records ForceReleased (or ForceAcquired) instead.
+        (Op::ReleaseOther | Op::ExtendOther, _) => refused_by_policy(),
+        (Op::ForceAcquire | Op::ForceRelease, _) => needs_force(),
         (Op::EditSpec, Tool::Deploylock) => NotApplicable,
-        (Op::EditSpec, _) => needs_force(),
+        // A change of the holding without its history entry: nobody.
+        (Op::EditSpec, _) => refused_by_policy(),
         (Op::HistoryChange | Op::HistoryRemove | Op::HistoryForge, Tool::Deploylock) => {
             NotApplicable
         }
@@ -496,12 +502,6 @@ fn prepare(
             )
         }
         Setup::HeldByOther => acquire(other_than(actor)),
-        // The controller has no `create`: it takes an existing free lock.
-        Setup::HeldByActor if role_of(actor) == Role::Controller => {
-            acquire(Identity::Alice)?;
-            release(Identity::Alice)?;
-            acquire(actor)
-        }
         Setup::HeldByActor => acquire(actor),
     }
 }
@@ -602,7 +602,9 @@ fn new_lock(environment: &str, holder_user: &str, by: &str) -> Value {
         "metadata": { "name": environment },
         "spec": {
             "environment": environment,
-            "fencingToken": 1,
+            "fencingToken": (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS)
+                * deploylock::crd::FENCING_TOKENS_PER_SECOND
+                + 1,
             "holder": holder,
             "history": [entry]
         }
@@ -982,6 +984,14 @@ async fn run_cell(
     if setup != Setup::Absent {
         await_reconciled(&api, &environment).await;
     }
+    // A delete is refused while the lock's fencing token is ahead of the
+    // policy's clock (the lock was created this very second).
+    if op == Op::Delete
+        && let Some(object) = admin_get(&api, &environment).await
+    {
+        let token = object["spec"]["fencingToken"].as_i64().unwrap_or(0);
+        await_clock_past_token(&api.clone().into_client(), token).await;
+    }
     // A replace that meets a 409 (the controller wrote in between) reads
     // again and retries, as any client would.
     let mut attempt = 0;
@@ -1205,12 +1215,13 @@ async fn permission_matrix_of_roles_and_admission_policy() {
     );
 }
 
-/// The policy has no clock: it lets anyone take over a holding once the
-/// controller has marked it Expired in status. A holding is shortened by the
-/// cluster admin (who has `force` through system:masters); its acquiredAt
-/// cannot be moved by anyone, force or not.
+/// The policy's clock is the controller's clock Lease: a holding can be
+/// taken over once its expiresAt is behind that clock, which the controller
+/// moves at the expiry instant. Before, the takeover is refused even though
+/// nothing but time stands in the way; nobody, the cluster admin included,
+/// can shorten a holding to get there sooner.
 #[tokio::test]
-async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
+async fn takeover_of_an_expired_lock_once_the_clock_passed_its_expiry() {
     let cluster = cluster();
     let namespace = cluster.enforced_namespace("admission-expired").await;
     let mut controller = cluster.spawn_controller(&namespace, "admission-expired", &[]);
@@ -1221,7 +1232,13 @@ async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
     let acquired = cluster.deploylock(
         Identity::Alice,
         &namespace,
-        &["acquire", "--reason", "Deploying version 3.0.0"],
+        &[
+            "acquire",
+            "--duration",
+            "1",
+            "--reason",
+            "Deploying version 3.0.0",
+        ],
     );
     assert_eq!(
         acquired.status.code(),
@@ -1240,43 +1257,15 @@ async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
         "bob's acquire of alice's live lock: {}",
         stderr_of(&refused)
     );
+    let before = match api.get("production").await {
+        Ok(lock) => lock,
+        Err(err) => panic!("cannot read production: {err}"),
+    };
 
-    // Moving acquiredAt (to keep a one-minute holding) changes an identity
-    // field of the holding: refused even to the cluster admin.
-    // Whole seconds, as the CLI writes times: the CLI judges expiry by the
-    // API server's `Date` header (whole seconds), so with a fractional expiry
-    // it would still see the lock live for up to a second after the
-    // controller marked it Expired.
-    let expires_at = Utc::now() + Duration::seconds(2);
-    let moved = json!({ "spec": { "holder": {
-        "acquiredAt": stamp(expires_at - Duration::minutes(1)),
-        "expiresAt": stamp(expires_at),
-    } } })
-    .to_string();
-    let args = [
-        "patch",
-        "deploymentlock",
-        "production",
-        "-n",
-        &namespace,
-        "--type=merge",
-        "-p",
-        &moved,
-    ];
-    let output = cluster.kubectl(Identity::Admin, &args);
-    let stderr = stderr_of(&output);
-    assert!(
-        !output.status.success()
-            && stderr.contains("Error from server (Forbidden)")
-            && stderr.contains("ValidatingAdmissionPolicy")
-            && stderr.contains("acquiredAt and type of a holding cannot change"),
-        "the admin moved acquiredAt: {:?}\n{}{stderr}",
-        output.status,
-        stdout_of(&output)
-    );
-
-    // Only the expiry: allowed through `force`.
-    let shortened = json!({ "spec": { "holder": { "expiresAt": stamp(expires_at) } } }).to_string();
+    // Shortening the holding without a transition: refused to the admin too.
+    let shortened =
+        json!({ "spec": { "holder": { "expiresAt": stamp(Utc::now() + Duration::seconds(2)) } } })
+            .to_string();
     let args = [
         "patch",
         "deploymentlock",
@@ -1288,10 +1277,12 @@ async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
         &shortened,
     ];
     let output = cluster.kubectl(Identity::Admin, &args);
+    let stderr = stderr_of(&output);
     assert!(
-        output.status.success(),
-        "the admin shortens alice's holding: {}",
-        stderr_of(&output)
+        !output.status.success() && stderr.contains("ValidatingAdmissionPolicy"),
+        "the admin shortened alice's holding: {:?}\n{}{stderr}",
+        output.status,
+        stdout_of(&output)
     );
 
     let expired = |lock: Option<&DeploymentLock>| {
@@ -1302,7 +1293,12 @@ async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
             })
         })
     };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), "production", expired)).await {
+    match tokio::time::timeout(
+        StdDuration::from_secs(120),
+        await_condition(api.clone(), "production", expired),
+    )
+    .await
+    {
         Ok(Ok(Some(_))) => {}
         other => panic!("the controller did not mark production Expired: {other:?}"),
     }
@@ -1332,7 +1328,7 @@ async fn takeover_of_an_expired_lock_once_the_controller_marked_it() {
         None => panic!("production has no holder after bob's takeover"),
     };
     assert_eq!(holder.user, "bob");
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(lock.spec.fencing_token, before.spec.fencing_token + 1);
     assert_eq!(
         lock.spec.history.last().map(|entry| entry.action),
         Some(HistoryAction::TookOverExpired)

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 
 use crate::support::{
-    ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of, last_history,
-    locks_api, status_json, stderr_of, stdout_of, stored,
+    ExtraCluster, Identity, TestCluster, cluster, expect_exit, header_of, holder_of,
+    holdings_since_creation, last_history, locks_api, status_json, stderr_of, stdout_of, stored,
 };
 
 // ---------------------------------------------------------------------------
@@ -53,6 +53,22 @@ async fn resource_version(api: &Api<DeploymentLock>, environment: &str) -> Strin
         .metadata
         .resource_version
         .unwrap_or_else(|| panic!("{environment} has no resourceVersion"))
+}
+
+/// `list -A` exits 0, or 1 only for malformed locks that other tests of
+/// this shared cluster stored on purpose (never one of `namespace`).
+#[track_caller]
+fn expect_list_all_exit(output: &Output, namespace: &str) {
+    let stderr = stderr_of(output);
+    let only_others_malformed = output.status.code() == Some(1)
+        && !stderr.is_empty()
+        && stderr.lines().all(|line| {
+            line.starts_with("deploylock: skipped the malformed DeploymentLock")
+                && !line.contains(&format!("in namespace {namespace:?}"))
+        });
+    if !only_others_malformed {
+        expect_exit(output, 0, "list -A");
+    }
 }
 
 fn json_time(value: &Value, what: &str) -> DateTime<Utc> {
@@ -251,7 +267,7 @@ async fn deployment_cycle_between_two_people() {
     expect_exit(&next, 0, "bob acquires after the release");
     let lock = stored(&api, "production").await;
     assert_eq!(holder_of(&lock).user, "bob");
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -353,7 +369,11 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
         let holder = holder_of(&lock);
         assert_eq!(holder.owner, label, "round {round}");
         assert_eq!(holder.user, winner_user, "round {round}");
-        assert_eq!(lock.spec.fencing_token, 1, "round {round}");
+        assert_eq!(
+            holdings_since_creation(lock.spec.fencing_token),
+            1,
+            "round {round}"
+        );
         assert_eq!(
             lock.spec.history.len(),
             1,
@@ -411,7 +431,11 @@ async fn expired_lock_is_taken_over() {
     assert_eq!(holder.reason, "Deploying version 2.2.0");
     assert!(holder.expires_at > Utc::now());
     assert_eq!(last_history(&lock).action, HistoryAction::TookOverExpired);
-    assert_eq!(lock.spec.fencing_token, 5, "fencing token must increase");
+    assert_eq!(
+        holdings_since_creation(lock.spec.fencing_token),
+        5,
+        "fencing token must increase"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -454,7 +478,7 @@ async fn force_acquire_and_force_release() {
     assert_eq!(overrode.user, "alice");
     assert_eq!(overrode.reason, "Deploying version 2.1.0");
     assert_eq!(last_history(&lock).action, HistoryAction::ForceAcquired);
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
 
     let status = status_json(cluster, Identity::Alice, &ns, "production");
     assert_eq!(status["state"], "ForceLocked", "{status}");
@@ -549,7 +573,10 @@ async fn holder_extends_and_others_cannot() {
         "expiry {second_expiry} -> {third_expiry}"
     );
     assert_eq!(third["holder"]["user"], "alice");
-    assert_eq!(third["fencingToken"], 1);
+    assert_eq!(
+        holdings_since_creation(third["fencingToken"].as_i64().unwrap_or(0)),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -920,7 +947,7 @@ async fn status_list_and_history_outputs() {
 
     // list -A: a NAMESPACE column, and this namespace's rows.
     let all = cluster.deploylock(Identity::Viewer, &ns, &["list", "-A"]);
-    expect_exit(&all, 0, "list -A");
+    expect_list_all_exit(&all, &ns);
     let text = stdout_of(&all);
     let header = header_of(&text);
     assert_eq!(
@@ -1088,4 +1115,482 @@ async fn client_clock_skew_does_not_decide_expiry() {
         "acquiredAt {} is {drift}s off",
         holder.acquired_at
     );
+}
+
+// ---------------------------------------------------------------------------
+// 9. Hostile strings, bad namespaces, malformed objects
+// ---------------------------------------------------------------------------
+
+/// An OSC 8 hyperlink, a clear-screen and a right-to-left override: what a
+/// hostile owner or reason would carry to other users' terminals.
+const EVIL: &str = "\u{1b}]8;;http://evil\u{7}\u{1b}[2J\u{202e}";
+/// `EVIL` as deploylock shows it.
+const EVIL_SHOWN: &str = "\\x1b]8;;http://evil\\x07\\x1b[2J\\u202e";
+
+/// No character a terminal would act on (line breaks between lines aside).
+#[track_caller]
+fn expect_no_raw_controls(text: &str, what: &str) {
+    let raw: Vec<char> = text
+        .chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "{what}: raw control characters {raw:?} in:\n{text:?}"
+    );
+}
+
+#[tokio::test]
+async fn hostile_strings_are_shown_escaped_and_kept_exact_in_json() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cli-hostile").await;
+    let api = locks_api(cluster, &ns).await;
+    let owner = format!("mallory{EVIL}");
+    let reason = format!("Deploying{EVIL}\nnow");
+    let metadata = json!({ "version": format!("2.1.0{EVIL}") }).to_string();
+    let deployment = format!("pipeline{EVIL}");
+    let held = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &[
+            "acquire",
+            "--owner",
+            &owner,
+            "--reason",
+            &reason,
+            "--metadata",
+            &metadata,
+            "--deployment-id",
+            &deployment,
+        ],
+    );
+    expect_exit(&held, 0, "alice acquires with hostile strings");
+    expect_no_raw_controls(&stdout_of(&held), "acquire's own report");
+    let lock = stored(&api, "production").await;
+    assert_eq!(holder_of(&lock).owner, owner, "stored exactly");
+    assert_eq!(holder_of(&lock).reason, reason, "stored exactly");
+
+    let owner_shown = format!("mallory{EVIL_SHOWN}");
+    let reason_shown = format!("Deploying{EVIL_SHOWN}\\nnow");
+    let human: [(&str, &[&str], Vec<String>); 6] = [
+        (
+            "status",
+            &["status"],
+            vec![owner_shown.clone(), reason_shown.clone()],
+        ),
+        (
+            "status -v",
+            &["status", "-v"],
+            vec![
+                owner_shown.clone(),
+                reason_shown.clone(),
+                format!("version=2.1.0{EVIL_SHOWN}"),
+                format!("pipeline{EVIL_SHOWN}"),
+            ],
+        ),
+        (
+            "list",
+            &["list"],
+            vec![owner_shown.clone(), reason_shown.clone()],
+        ),
+        (
+            "list -A",
+            &["list", "-A"],
+            vec![owner_shown.clone(), reason_shown.clone()],
+        ),
+        (
+            "history",
+            &["history"],
+            vec![owner_shown.clone(), reason_shown.clone()],
+        ),
+        (
+            "wait",
+            &["wait", "--wait-timeout", "0"],
+            vec![owner_shown.clone(), reason_shown.clone()],
+        ),
+    ];
+    for (what, args, shown) in human {
+        let output = cluster.deploylock(Identity::Viewer, &ns, args);
+        match what {
+            "list -A" => expect_list_all_exit(&output, &ns),
+            "wait" => expect_exit(&output, 4, what),
+            _ => expect_exit(&output, 0, what),
+        }
+        let text = format!("{}{}", stdout_of(&output), stderr_of(&output));
+        expect_no_raw_controls(&text, what);
+        for expected in shown {
+            assert!(
+                text.contains(&expected),
+                "{what}: {expected:?} not shown in:\n{text}"
+            );
+        }
+    }
+    // The list row stays one row: the reason's line break is shown, not obeyed.
+    let list = cluster.deploylock(Identity::Viewer, &ns, &["list"]);
+    expect_exit(&list, 0, "list");
+    assert_eq!(stdout_of(&list).lines().count(), 2, "{}", stdout_of(&list));
+
+    // Another user's refusal, progress lines and timeout.
+    let refused = cluster.deploylock(Identity::Bob, &ns, &["acquire", "--reason", "mine"]);
+    expect_exit(&refused, 3, "bob is refused");
+    expect_clean_error(&refused, 2, "bob's refusal");
+    expect_no_raw_controls(&stderr_of(&refused), "bob's refusal");
+    assert!(
+        stderr_of(&refused).contains(&owner_shown) && stderr_of(&refused).contains(&reason_shown),
+        "{}",
+        stderr_of(&refused)
+    );
+    let waited = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["acquire", "--reason", "mine", "--wait-timeout", "1"],
+    );
+    expect_exit(&waited, 4, "bob waits 1 s");
+    expect_no_raw_controls(&stderr_of(&waited), "bob's wait");
+    assert!(
+        stderr_of(&waited).contains("waiting for production")
+            && stderr_of(&waited).contains(&owner_shown),
+        "{}",
+        stderr_of(&waited)
+    );
+
+    // JSON and YAML are exact.
+    let status = status_json(cluster, Identity::Viewer, &ns, "production");
+    assert_eq!(status["holder"]["owner"].as_str(), Some(owner.as_str()));
+    assert_eq!(status["holder"]["reason"].as_str(), Some(reason.as_str()));
+    assert_eq!(
+        status["holder"]["metadata"]["version"].as_str(),
+        Some(format!("2.1.0{EVIL}").as_str())
+    );
+    let list = cluster.deploylock(Identity::Viewer, &ns, &["list", "-o", "json"]);
+    expect_exit(&list, 0, "list -o json");
+    let parsed: Value = serde_json::from_slice(&list.stdout)
+        .unwrap_or_else(|err| panic!("list -o json is not JSON ({err}):\n{}", stdout_of(&list)));
+    assert_eq!(parsed[0]["holder"]["owner"].as_str(), Some(owner.as_str()));
+    let history = cluster.deploylock(Identity::Viewer, &ns, &["history", "-o", "yaml"]);
+    expect_exit(&history, 0, "history -o yaml");
+    let parsed: serde_yaml::Value = serde_yaml::from_slice(&history.stdout).unwrap_or_else(|err| {
+        panic!(
+            "history -o yaml is not YAML ({err}):\n{}",
+            stdout_of(&history)
+        )
+    });
+    assert_eq!(parsed[0]["owner"].as_str(), Some(owner.as_str()));
+    assert_eq!(parsed[0]["reason"].as_str(), Some(reason.as_str()));
+}
+
+/// Alice's kubeconfig with its server replaced by a closed port and, if
+/// given, its context's namespace replaced: a request would exit 6.
+fn offline_kubeconfig(
+    cluster: &TestCluster,
+    dir: &Path,
+    context_namespace: Option<&str>,
+) -> std::path::PathBuf {
+    let alice = std::fs::read_to_string(cluster.kubeconfig(Identity::Alice))
+        .unwrap_or_else(|err| panic!("cannot read alice's kubeconfig: {err}"));
+    let mut replaced = (0, 0);
+    let text: String = alice
+        .lines()
+        .map(|line| match line.trim_start() {
+            l if l.starts_with("server:") => {
+                replaced.0 += 1;
+                "    server: https://127.0.0.1:1".to_string()
+            }
+            l if l.starts_with("namespace:") && context_namespace.is_some() => {
+                replaced.1 += 1;
+                format!("    namespace: {:?}", context_namespace.unwrap_or_default())
+            }
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(replaced.0, 1, "unexpected kubeconfig:\n{alice}");
+    assert_eq!(
+        replaced.1,
+        usize::from(context_namespace.is_some()),
+        "unexpected kubeconfig:\n{alice}"
+    );
+    let path = dir.join(format!("offline-{}.kubeconfig", replaced.1));
+    if let Err(err) = std::fs::write(&path, text + "\n") {
+        panic!("cannot write {}: {err}", path.display());
+    }
+    path
+}
+
+#[tokio::test]
+async fn bad_namespaces_are_refused_before_any_request() {
+    let cluster = cluster();
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("cannot create a temp dir: {err}"));
+    let offline = offline_kubeconfig(cluster, dir.path(), None);
+    let too_long = "n".repeat(64);
+    for namespace in [
+        "BAD NS",
+        "../kube-system",
+        "",
+        too_long.as_str(),
+        "default/../kube-system",
+        "Default",
+    ] {
+        for args in [
+            vec!["status"],
+            vec!["list"],
+            vec!["acquire", "--reason", "x"],
+        ] {
+            let what = format!("-n {namespace:?} {args:?}");
+            // Against a closed port: a request would exit 6, not 2.
+            let output = deploylock_with(&offline, namespace, &args);
+            expect_exit(&output, 2, &what);
+            expect_clean_error(&output, 1, &what);
+            assert!(
+                stderr_of(&output).contains("invalid namespace"),
+                "{what}: {}",
+                stderr_of(&output)
+            );
+            // And against the real cluster.
+            let output = cluster.deploylock(Identity::Alice, namespace, &args);
+            expect_exit(&output, 2, &format!("{what} on the cluster"));
+        }
+    }
+    // A valid -n reaches the (closed) server.
+    let output = deploylock_with(&offline, "default", &["status"]);
+    expect_exit(&output, 6, "-n default against a closed port");
+
+    // The kubeconfig context's namespace is checked the same way.
+    let bad_context = offline_kubeconfig(cluster, dir.path(), Some("../kube-system"));
+    let output = Command::new(env!("CARGO_BIN_EXE_deploylock"))
+        .arg("--kubeconfig")
+        .arg(&bad_context)
+        .arg("status")
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run deploylock: {err}"));
+    expect_exit(&output, 2, "a kubeconfig namespace of ../kube-system");
+    expect_clean_error(&output, 1, "a kubeconfig namespace of ../kube-system");
+    assert!(
+        stderr_of(&output).contains("invalid namespace")
+            && stderr_of(&output).contains("kubeconfig"),
+        "{}",
+        stderr_of(&output)
+    );
+    // -n overrides it.
+    let output = deploylock_with(&bad_context, "default", &["status"]);
+    expect_exit(&output, 6, "-n default over a bad kubeconfig namespace");
+}
+
+/// Ways to store a DeploymentLock that the API server accepts and the Rust
+/// types cannot decode, tried in order (a stricter schema refuses the first
+/// ones): the JSON pointer poisoned, its value, and where deploylock must say
+/// the fault is.
+const POISONS: [(&str, &str, &str); 3] = [
+    (
+        "/spec/history/0/at",
+        "2030-01-01T00:00:00ZT",
+        "spec.history[0].at",
+    ),
+    (
+        "/spec/history/0/at",
+        "2030-01-01T00:00:00,5Z",
+        "spec.history[0].at",
+    ),
+    (
+        "/status/conditions/0/lastTransitionTime",
+        "2030-01-01T00:00:00ZT",
+        "status.conditions[0]",
+    ),
+];
+
+/// Stores a malformed `production` lock in `namespace` as the admin with
+/// kubectl (raw JSON), with the first poison the API server accepts.
+/// Returns where the fault is. Panics if the API server refuses them all:
+/// then this test must find another way, not pass without one.
+fn store_malformed_lock(cluster: &TestCluster, namespace: &str) -> &'static str {
+    let mut refusals = Vec::new();
+    for (pointer, value, location) in POISONS {
+        let _ = cluster.kubectl(
+            Identity::Admin,
+            &[
+                "delete",
+                "deploymentlock",
+                "production",
+                "-n",
+                namespace,
+                "--ignore-not-found",
+            ],
+        );
+        let mut object = json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLock",
+            "metadata": { "name": "production", "namespace": namespace },
+            "spec": {
+                "environment": "production",
+                "fencingToken": 1,
+                "history": [{
+                    "sequence": 1,
+                    "action": "Released",
+                    "at": "2030-01-01T00:00:00Z",
+                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
+                    "by": "mallory",
+                    "owner": "mallory",
+                    "reason": "poison"
+                }]
+            }
+        });
+        let status = pointer.starts_with("/status");
+        if !status && let Some(slot) = object.pointer_mut(pointer) {
+            *slot = json!(value);
+        }
+        let created = cluster.kubectl_with_input(
+            Identity::Admin,
+            &["create", "-o", "name", "-f", "-"],
+            &object.to_string(),
+        );
+        if !created.status.success() {
+            refusals.push(format!("{pointer}={value}: {}", stderr_of(&created)));
+            continue;
+        }
+        if status {
+            let patch = json!({ "status": { "conditions": [{
+                "type": "Ready",
+                "status": "True",
+                "reason": "Poisoned",
+                "message": "",
+                "lastTransitionTime": value,
+            }]}});
+            let patched = cluster.kubectl(
+                Identity::Admin,
+                &[
+                    "patch",
+                    "deploymentlock",
+                    "production",
+                    "-n",
+                    namespace,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &patch.to_string(),
+                ],
+            );
+            if !patched.status.success() {
+                refusals.push(format!("{pointer}={value}: {}", stderr_of(&patched)));
+                continue;
+            }
+        }
+        // Stored as written: the API server did not normalise it away.
+        let read = cluster.kubectl(
+            Identity::Admin,
+            &[
+                "get",
+                "deploymentlock",
+                "production",
+                "-n",
+                namespace,
+                "-o",
+                "json",
+            ],
+        );
+        let stored: Value = serde_json::from_slice(&read.stdout)
+            .unwrap_or_else(|err| panic!("kubectl get -o json: {err}: {}", stderr_of(&read)));
+        let pointer_in_store = if status {
+            "/status/conditions/0/lastTransitionTime"
+        } else {
+            pointer
+        };
+        if stored.pointer(pointer_in_store).and_then(Value::as_str) == Some(value) {
+            return location;
+        }
+        refusals.push(format!("{pointer}={value}: stored as {stored}"));
+    }
+    panic!(
+        "the API server refuses every malformed value tried, so this test cannot store a malformed lock; find another value (the tolerant decoding is unit-tested in src/store.rs):\n{}",
+        refusals.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn one_malformed_lock_blinds_no_one() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cli-malformed").await;
+    let held = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &["-e", "staging", "acquire", "--reason", "Testing 3.0.0-rc1"],
+    );
+    expect_exit(&held, 0, "alice acquires staging");
+    let location = store_malformed_lock(cluster, &ns);
+
+    // list shows what can be shown, names what cannot, and exits 1.
+    for args in [vec!["list"], vec!["list", "-A"], vec!["list", "-o", "json"]] {
+        let what = format!("{args:?} with a malformed lock");
+        let output = cluster.deploylock(Identity::Viewer, &ns, &args);
+        expect_exit(&output, 1, &what);
+        let stdout = stdout_of(&output);
+        let stderr = stderr_of(&output);
+        assert!(
+            stdout.contains("staging") && stdout.contains("Testing 3.0.0-rc1"),
+            "{what}: the good lock is missing:\n{stdout}"
+        );
+        // With -A, other tests' namespaces have their own production locks.
+        let ours = |line: &&str| !args.contains(&"-A") || line.starts_with(&format!("{ns} "));
+        assert!(
+            !stdout
+                .lines()
+                .filter(ours)
+                .any(|line| line.contains("production")),
+            "{what}: the malformed lock is shown as a lock:\n{stdout}"
+        );
+        let warning = stderr
+            .lines()
+            .find(|line| line.contains("\"production\"") && line.contains(&ns))
+            .unwrap_or_else(|| panic!("{what}: the malformed lock is not named:\n{stderr}"));
+        assert!(
+            warning.starts_with("deploylock: ")
+                && warning.contains("malformed")
+                && warning.contains(location),
+            "{what}: {warning}"
+        );
+        if args.contains(&"json") {
+            let parsed: Value = serde_json::from_str(&stdout)
+                .unwrap_or_else(|err| panic!("{what}: not JSON ({err}):\n{stdout}"));
+            assert_eq!(parsed.as_array().map(Vec::len), Some(1), "{what}: {parsed}");
+        }
+    }
+
+    // The other lock is read and used as usual.
+    let status = status_json(cluster, Identity::Viewer, &ns, "staging");
+    assert_eq!(status["holder"]["user"], "alice");
+    let released = cluster.deploylock(Identity::Alice, &ns, &["-e", "staging", "release"]);
+    expect_exit(&released, 0, "alice releases staging");
+
+    // The malformed one is named, with where its fault is, and exit 1.
+    for (identity, args) in [
+        (Identity::Viewer, vec!["status"]),
+        (Identity::Viewer, vec!["history"]),
+        (Identity::Viewer, vec!["status", "-o", "json"]),
+        (Identity::Bob, vec!["acquire", "--reason", "x"]),
+    ] {
+        let what = format!("{identity:?} {args:?} of the malformed lock");
+        let output = cluster.deploylock(identity, &ns, &args);
+        expect_exit(&output, 1, &what);
+        expect_clean_error(&output, 2, &what);
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains("\"production\"")
+                && stderr.contains(&ns)
+                && stderr.contains("is malformed")
+                && stderr.contains(location),
+            "{what}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("Error deserializing response"),
+            "{what}: {stderr}"
+        );
+        assert!(
+            stdout_of(&output).is_empty(),
+            "{what}: {}",
+            stdout_of(&output)
+        );
+    }
 }

@@ -30,8 +30,9 @@ use deploylock::crd::{
 };
 
 use crate::support::{
-    ExtraCluster, Identity, TestCluster, client_from, cluster, expect_exit, holder_of, install_crd,
-    last_history, locks_api, status_json, stderr_of, stdout_of, stored,
+    ExtraCluster, Identity, TestCluster, client_from, cluster, expect_exit, holder_of,
+    holdings_since_creation, install_crd, last_history, locks_api, status_json, stderr_of,
+    stdout_of, stored,
 };
 
 /// Longest wait for anything that should take a second or two.
@@ -214,7 +215,11 @@ impl Exec {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
                 Ok(line) if line.trim() == wanted => {
-                    self.command_groups.extend(children_of(self.pid));
+                    // exec's child is its watchdog, whose child is the command.
+                    for watchdog in children_of(self.pid) {
+                        self.command_groups.push(watchdog);
+                        self.command_groups.extend(children_of(watchdog));
+                    }
                     return;
                 }
                 Ok(line) => seen.push(line),
@@ -224,6 +229,24 @@ impl Exec {
                 ),
                 Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
                     "exec's stdout ended before {wanted:?}; stdout: {seen:?}\n--- stderr ---\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits until exec's stdout is closed by every process holding it: exec,
+    /// its watchdog, the command and everything the command started. Returns
+    /// the instant that was seen.
+    fn await_stdout_closed(&mut self, limit: StdDuration) -> Instant {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Instant::now(),
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "exec's stdout is still open after {limit:?}: a process of the command's tree survived\n--- stderr ---\n{}",
                     self.stderr()
                 ),
             }
@@ -312,20 +335,9 @@ async fn await_proc(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
-/// A process left running on purpose (the command of a killed exec), killed
-/// when dropped if the test did not get to kill it itself.
+/// The command of a killed exec, killed when dropped should it have
+/// survived (a failed assertion must not leave it running).
 struct Orphan(Option<Pid>);
-
-impl Orphan {
-    /// Kills it; fails if it was already gone.
-    fn kill(&mut self) {
-        if let Some(pid) = self.0.take()
-            && let Err(err) = kill(pid, Signal::SIGKILL)
-        {
-            panic!("cannot kill the orphaned command {pid}: {err}");
-        }
-    }
-}
 
 impl Drop for Orphan {
     fn drop(&mut self) {
@@ -389,7 +401,7 @@ async fn exec_exit_codes_propagate_and_the_lock_is_released() {
 
     // Four runs, four distinct holdings, nothing else in the history.
     assert_eq!(lock.spec.history.len(), 8, "{:?}", lock.spec.history);
-    assert_eq!(lock.spec.fencing_token, 4);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 4);
     let mut distinct = holdings.clone();
     distinct.sort();
     distinct.dedup();
@@ -448,7 +460,7 @@ async fn exec_gives_the_command_the_lock_in_its_environment() {
     let lock_id = expect_acquired_then_released(&lock, "exec -- env");
     assert_eq!(var("DEPLOYLOCK_LOCK_ID"), lock_id, "{env:?}");
     // The token is set at acquisition; a release leaves it as it is.
-    assert_eq!(lock.spec.fencing_token, 2);
+    assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
     assert_eq!(
         var("DEPLOYLOCK_FENCING_TOKEN"),
         lock.spec.fencing_token.to_string()
@@ -1233,7 +1245,7 @@ async fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
-async fn killed_exec_leaves_a_lock_that_expires_and_can_be_taken_over() {
+async fn killed_exec_takes_its_command_down_and_leaves_a_lock_that_expires() {
     let cluster = cluster();
     let ns = cluster.namespace("exec-kill9").await;
     let api = locks_api(cluster, &ns).await;
@@ -1264,11 +1276,18 @@ async fn killed_exec_leaves_a_lock_that_expires_and_can_be_taken_over() {
         .trim()
         .parse()
         .unwrap_or_else(|_| panic!("the command wrote {text:?} as its PID"));
-    let mut orphan = Orphan(Some(Pid::from_raw(pid)));
+    let _orphan = Orphan(Some(Pid::from_raw(pid)));
 
     exec.signal(Signal::SIGKILL);
     let finished = exec.finish(WAIT).await;
     assert_eq!(finished.status.signal(), Some(9), "{:?}", finished.status);
+    // exec's watchdog stopped the command (every holder of exec's stdout).
+    exec.await_stdout_closed(WAIT);
+    assert_eq!(
+        kill(Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH),
+        "the command outlived its killed exec"
+    );
 
     // Nothing released it.
     assert_eq!(
@@ -1302,9 +1321,6 @@ async fn killed_exec_leaves_a_lock_that_expires_and_can_be_taken_over() {
     let lock = stored(&api, "production").await;
     assert_eq!(holder_of(&lock).user, "bob");
     assert_eq!(last_history(&lock).action, HistoryAction::TookOverExpired);
-
-    // The command outlived exec (nothing could stop it): still there to kill.
-    orphan.kill();
 }
 
 // ---------------------------------------------------------------------------
@@ -1385,6 +1401,452 @@ async fn fencing_tokens_increase_by_one_across_fifty_holders() {
     for pair in tokens.windows(2) {
         assert_eq!(pair[1], pair[0] + 1, "tokens not consecutive: {tokens:?}");
     }
-    assert_eq!(tokens.first(), Some(&1), "{tokens:?}");
+    assert_eq!(
+        tokens.first().copied().map(holdings_since_creation),
+        Some(1),
+        "{tokens:?}"
+    );
     assert_eq!(tokens.len(), HOLDERS);
+}
+
+// ---------------------------------------------------------------------------
+// Faults: partitions, a killed process group, a silent server
+// ---------------------------------------------------------------------------
+
+/// What the fault-injecting proxy does to traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Forwards every byte.
+    None,
+    /// Stops forwarding on open connections (without closing them) and
+    /// accepts new ones without ever answering (a TLS handshake hangs).
+    Freeze,
+    /// Resets open connections (RST) and accepts new ones without ever
+    /// answering: the reconnect hangs in its TLS handshake.
+    ResetThenStall,
+    /// Swallows what clients send on open and new connections, answers
+    /// nothing.
+    BlackHole,
+}
+
+/// A loopback TCP proxy in front of the real API server, to inject network
+/// faults at chosen moments. It is not an API server: it only forwards,
+/// stalls, drops or resets bytes.
+pub(crate) struct FaultProxy {
+    mode: tokio::sync::watch::Sender<Fault>,
+    kubeconfig: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// A proxy in front of the server of `kubeconfig`, and a copy of that
+    /// kubeconfig (in `dir`) pointing at the proxy. The server's certificate
+    /// names 127.0.0.1, so TLS goes through unchanged.
+    pub(crate) async fn start(kubeconfig: &Path, dir: &Path) -> FaultProxy {
+        let text = read_file(kubeconfig);
+        let server = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("server: https://"))
+            .unwrap_or_else(|| panic!("no server in {}", kubeconfig.display()))
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| panic!("cannot listen: {err}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|err| panic!("no address: {err}"))
+            .port();
+        let path = dir.join("proxied.kubeconfig");
+        let rewritten = text.replace(&server, &format!("127.0.0.1:{port}"));
+        std::fs::write(&path, rewritten)
+            .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+        let (mode, modes) = tokio::sync::watch::channel(Fault::None);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let modes = modes.clone();
+                let upstream = server.clone();
+                connections.spawn(async move {
+                    let fault = *modes.borrow();
+                    if fault != Fault::None {
+                        stall(client).await;
+                        return;
+                    }
+                    if let Ok(upstream) = tokio::net::TcpStream::connect(&upstream).await {
+                        forward(client, upstream, modes).await;
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            mode,
+            kubeconfig: path,
+            task,
+        }
+    }
+
+    pub(crate) fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+
+    pub(crate) fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Accepts what a client sends and never answers.
+async fn stall(mut client: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 16384];
+    while matches!(client.read(&mut buffer).await, Ok(n) if n > 0) {}
+}
+
+/// Forwards bytes both ways while the mode allows it.
+async fn forward(
+    mut client: tokio::net::TcpStream,
+    mut upstream: tokio::net::TcpStream,
+    mut modes: tokio::sync::watch::Receiver<Fault>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = [0u8; 16384];
+    let mut down = [0u8; 16384];
+    loop {
+        let fault = *modes.borrow_and_update();
+        match fault {
+            Fault::None => {
+                tokio::select! {
+                    read = client.read(&mut up) => match read {
+                        Ok(n) if n > 0 => if upstream.write_all(&up[..n]).await.is_err() { return },
+                        _ => return,
+                    },
+                    read = upstream.read(&mut down) => match read {
+                        Ok(n) if n > 0 => if client.write_all(&down[..n]).await.is_err() { return },
+                        _ => return,
+                    },
+                    changed = modes.changed() => if changed.is_err() { return },
+                }
+            }
+            Fault::Freeze => {
+                if modes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Fault::BlackHole => {
+                tokio::select! {
+                    read = client.read(&mut up) => if !matches!(read, Ok(n) if n > 0) { return },
+                    changed = modes.changed() => if changed.is_err() { return },
+                }
+            }
+            Fault::ResetThenStall => {
+                // SO_LINGER 0: the close sends RST, not FIN.
+                let _ = client.set_zero_linger();
+                return;
+            }
+        }
+    }
+}
+
+/// The lock as the API server has it, with the server's time of the read
+/// (its `Date`, whole seconds, so at most the true time).
+async fn read_with_server_time(ns: &str) -> deploylock::store::Observed {
+    let client = cluster().client(Identity::Admin).await;
+    let store = deploylock::store::LockStore::new(client, ns);
+    match store.read("production").await {
+        Ok(observed) => observed,
+        Err(err) => panic!("cannot read the lock: {err}"),
+    }
+}
+
+/// A shell command whose tree outlives a plain SIGTERM: a grandchild that
+/// ignores SIGTERM, and one that left the process group and the session.
+/// Every process of it holds exec's stdout.
+const STUBBORN_TREE: &str =
+    r#"(trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+
+/// exec's connection to the API server fails in the way `fault` says just
+/// after a renewal. The command (and its grandchildren) must be gone before
+/// the holding's expiresAt on the server's clock, and bob, waiting for the
+/// lock meanwhile, gets it only after that.
+async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
+    let cluster = cluster();
+    let ns = cluster.namespace(name).await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+    command
+        .arg("--kubeconfig")
+        .arg(proxy.kubeconfig())
+        .args(["-n", &ns])
+        .env_remove("KUBECONFIG");
+    let mut exec = Exec::start_command(
+        command,
+        &[
+            "--duration",
+            "1",
+            "--grace",
+            "3",
+            "--reason",
+            "partitioned",
+            "--",
+            "sh",
+            "-c",
+            STUBBORN_TREE,
+        ],
+        &[],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = await_holding(&api, "production").await;
+
+    // Just after the first renewal (at a third of the minute).
+    let renewed = await_lock(
+        &api,
+        "production",
+        "renewed",
+        StdDuration::from_secs(60),
+        |lock| {
+            lock.spec
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.lock_id == holding.lock_id && h.expires_at > holding.expires_at)
+        },
+    )
+    .await;
+    proxy.set(fault);
+    let expires_at = holder_of(&renewed).expires_at;
+
+    // bob waits for the lock on a network of his own.
+    let mut bob = tokio::process::Command::from(cluster.deploylock_command(Identity::Bob, &ns))
+        .args([
+            "acquire",
+            "--wait-timeout",
+            "180",
+            "--reason",
+            "after alice",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start bob's acquire: {err}"));
+
+    exec.await_stdout_closed(StdDuration::from_secs(120));
+    let observed = read_with_server_time(&ns).await;
+    eprintln!(
+        "{fault:?}: the command's tree was gone at server time {} (truncated), expiresAt {expires_at}",
+        observed.server_time
+    );
+    assert!(
+        observed.server_time < expires_at,
+        "{fault:?}: the command's tree was still running at server time {} >= expiresAt {expires_at}",
+        observed.server_time
+    );
+    assert!(
+        matches!(bob.try_wait(), Ok(None)),
+        "{fault:?}: bob acquired while alice's command still ran"
+    );
+    assert_eq!(
+        observed.holder().map(|h| h.lock_id.as_str()),
+        Some(holding.lock_id.as_str()),
+        "{fault:?}: the lock changed hands before alice's command was stopped"
+    );
+    let finished = exec.finish(WAIT).await;
+    finished.expect_code(7, &format!("exec partitioned by {fault:?}"));
+    assert!(
+        finished.stderr.contains("could not renew"),
+        "{fault:?}: {}",
+        finished.stderr
+    );
+
+    let bob = tokio::time::timeout(StdDuration::from_secs(150), bob.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{fault:?}: bob never got the lock"))
+        .unwrap_or_else(|err| panic!("cannot wait for bob: {err}"));
+    expect_exit(&bob, 0, &format!("bob after alice's partition ({fault:?})"));
+    let lock = stored(&api, "production").await;
+    let taken = holder_of(&lock);
+    assert_eq!(taken.user, "bob");
+    assert!(
+        taken.acquired_at >= expires_at,
+        "{fault:?}: bob acquired at {} before alice's expiry {expires_at}",
+        taken.acquired_at
+    );
+}
+
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_connection_after_a_renewal_stops_the_command_before_expiry() {
+    partition_stops_the_command_before_expiry(Fault::Freeze, "exec-freeze").await;
+}
+
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_and_a_hung_tls_handshake_stop_the_command_before_expiry() {
+    partition_stops_the_command_before_expiry(Fault::ResetThenStall, "exec-reset").await;
+}
+
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_stops_the_command_before_expiry() {
+    partition_stops_the_command_before_expiry(Fault::BlackHole, "exec-blackhole").await;
+}
+
+/// SIGKILL of exec's whole process group (a cancelled CI job): the command
+/// and its grandchildren, one of them ignoring SIGTERM and one in a session
+/// of its own, are gone long before the holding's expiry.
+#[tokio::test]
+async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-killpg").await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let mut command = cluster.deploylock_command(Identity::Alice, &ns);
+    {
+        use std::os::unix::process::CommandExt;
+        // A group of its own, as a CI runner gives a job.
+        command.process_group(0);
+    }
+    let mut exec = Exec::start_command(
+        command,
+        &[
+            "--duration",
+            "1",
+            "--grace",
+            "2",
+            "--reason",
+            "cancelled job",
+            "--",
+            "sh",
+            "-c",
+            STUBBORN_TREE,
+        ],
+        &[],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = await_holding(&api, "production").await;
+    if let Err(err) = killpg(exec.pid, Signal::SIGKILL) {
+        panic!("cannot SIGKILL exec's process group: {err}");
+    }
+    let finished = exec.finish(WAIT).await;
+    assert_eq!(finished.status.signal(), Some(9), "{:?}", finished.status);
+    exec.await_stdout_closed(WAIT);
+    let observed = read_with_server_time(&ns).await;
+    assert!(
+        observed.server_time < holding.expires_at,
+        "the command's tree was still running at server time {} >= expiresAt {}",
+        observed.server_time,
+        holding.expires_at
+    );
+    // Nothing released it: exec was gone.
+    assert_eq!(
+        observed.holder().map(|h| h.lock_id.as_str()),
+        Some(holding.lock_id.as_str())
+    );
+}
+
+/// A listener that accepts connections and never answers; the connections
+/// it accepted are counted on `accepted`.
+fn silent_server() -> (u16, mpsc::Receiver<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap_or_else(|err| panic!("cannot listen: {err}"));
+    let port = listener
+        .local_addr()
+        .unwrap_or_else(|err| panic!("no address: {err}"))
+        .port();
+    let (sender, accepted) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+            if sender.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    (port, accepted)
+}
+
+/// A deploylock command as alice whose server is `127.0.0.1:port`.
+fn deploylock_at(port: u16, ns: &str, dir: &Path) -> std::process::Command {
+    let original = cluster().kubeconfig(Identity::Alice);
+    let text = read_file(&original);
+    let server = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: https://"))
+        .unwrap_or_else(|| panic!("no server in {}", original.display()))
+        .to_string();
+    let path = dir.join(format!("silent-{port}.kubeconfig"));
+    std::fs::write(&path, text.replace(&server, &format!("127.0.0.1:{port}")))
+        .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+    command
+        .arg("--kubeconfig")
+        .arg(path)
+        .args(["-n", ns])
+        .env_remove("KUBECONFIG");
+    command
+}
+
+/// The documented bound: no answer within 10 s fails a request (exit 6).
+/// What is checked is that it ends at all, within the bound and slack for a
+/// loaded machine.
+#[tokio::test]
+async fn acquire_against_a_silent_server_exits_6_and_honours_sigterm() {
+    let dir = temp_dir();
+    let (port, accepted) = silent_server();
+
+    let mut acquire = deploylock_at(port, "default", dir.path());
+    acquire
+        .args(["acquire", "--reason", "silence"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = tokio::process::Command::from(acquire)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start acquire: {err}"));
+    let output = tokio::time::timeout(StdDuration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("acquire against a silent server still runs after 30 s"))
+        .unwrap_or_else(|err| panic!("cannot wait for acquire: {err}"));
+    expect_exit(&output, 6, "acquire against a silent server");
+
+    // SIGTERM while it waits for the silent server: exit 130 at once.
+    let mut acquire = deploylock_at(port, "default", dir.path());
+    acquire
+        .args(["acquire", "--wait-timeout", "300", "--reason", "silence"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = tokio::process::Command::from(acquire)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start acquire: {err}"));
+    let pid = Pid::from_raw(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or(0),
+    );
+    while accepted.try_recv().is_ok() {}
+    let connected = tokio::task::spawn_blocking(move || accepted.recv_timeout(WAIT)).await;
+    assert!(
+        matches!(connected, Ok(Ok(()))),
+        "the second acquire never connected"
+    );
+    await_proc("catching SIGTERM", || catches(pid, Signal::SIGTERM)).await;
+    if let Err(err) = kill(pid, Signal::SIGTERM) {
+        panic!("cannot send SIGTERM: {err}");
+    }
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("acquire ignored SIGTERM against a silent server"))
+        .unwrap_or_else(|err| panic!("cannot wait for acquire: {err}"));
+    assert_eq!(status.code(), Some(130), "{status:?}");
 }

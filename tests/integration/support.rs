@@ -157,7 +157,104 @@ fn start_cluster() -> Result<TestCluster, String> {
             String::from_utf8_lossy(&rbac.stderr)
         ));
     }
+    start_clock_controller(&cluster)?;
     Ok(cluster)
+}
+
+/// Waits, on a watch of the clock Lease, until the policy's clock has passed
+/// the second a fencing token was issued in (see FENCING_TOKENS_PER_SECOND):
+/// from then on, deleting the lock cannot let a re-created one repeat it.
+pub async fn await_clock_past_token(client: &Client, token: i64) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let per_second = deploylock::crd::FENCING_TOKENS_PER_SECOND;
+    let needed = token.div_euclid(per_second) + i64::from(token.rem_euclid(per_second) != 0);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), CLOCK_NAMESPACE);
+    let passed = move |lease: Option<&Lease>| {
+        lease
+            .and_then(|lease| lease.spec.as_ref())
+            .and_then(|spec| spec.renew_time.as_ref())
+            .is_some_and(|time| time.0.as_second() >= needed)
+    };
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        await_condition(leases, "deploylock-clock", passed),
+    )
+    .await;
+    assert!(
+        matches!(waited, Ok(Ok(_))),
+        "the clock did not pass the token {token}: {waited:?}"
+    );
+}
+
+/// How many holdings a lock object has had: a new object's token starts at a
+/// multiple of FENCING_TOKENS_PER_SECOND (the server's clock) and each
+/// holding adds one.
+pub fn holdings_since_creation(token: i64) -> i64 {
+    token.rem_euclid(deploylock::crd::FENCING_TOKENS_PER_SECOND)
+}
+
+/// Namespace of the admission policy's clock Lease in the test cluster.
+pub const CLOCK_NAMESPACE: &str = "deploylock-system";
+
+/// Starts the controller that keeps the admission policy's clock Lease
+/// (`deploylock-clock` in deploylock-system) for the whole test run, and
+/// waits until the Lease exists: without it the policy refuses every write
+/// in enforced namespaces. It is started from a thread that never ends, so
+/// that its parent-death signal fires only when the test process exits.
+fn start_clock_controller(cluster: &TestCluster) -> Result<(), String> {
+    let created = cluster.kubectl(Identity::Admin, &["create", "namespace", CLOCK_NAMESPACE]);
+    if !created.status.success() {
+        return Err(format!(
+            "cannot create {CLOCK_NAMESPACE}: {}",
+            String::from_utf8_lossy(&created.stderr)
+        ));
+    }
+    let kubeconfig = cluster.kubeconfig(Identity::Controller);
+    let log_path = cluster.dir().join("clock-controller.log");
+    let (started, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let spawned = std::fs::File::create(&log_path).and_then(|log| {
+            Command::new("setpriv")
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(env!("CARGO_BIN_EXE_deploylock-controller"))
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["--namespace", CLOCK_NAMESPACE])
+                .args(["--lease-namespace", CLOCK_NAMESPACE])
+                .args(["--clock-lease-namespace", CLOCK_NAMESPACE])
+                .args(["--metrics-addr", "127.0.0.1:0"])
+                .args(["--log-format", "json"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+        });
+        let _ = started.send(spawned.as_ref().map(|_| ()).map_err(|err| err.to_string()));
+        if let Ok(mut child) = spawned {
+            let _ = child.wait();
+        }
+    });
+    result
+        .recv()
+        .map_err(|_| "the clock controller's thread ended".to_string())?
+        .map_err(|err| format!("cannot start the clock controller: {err}"))?;
+    let waited = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "wait",
+            "--for=create",
+            "lease/deploylock-clock",
+            "-n",
+            CLOCK_NAMESPACE,
+            "--timeout=60s",
+        ],
+    );
+    if !waited.status.success() {
+        return Err(format!(
+            "the clock Lease did not appear: {}",
+            String::from_utf8_lossy(&waited.stderr)
+        ));
+    }
+    Ok(())
 }
 
 pub async fn client_from(kubeconfig: &Path) -> Result<Client, String> {
