@@ -376,7 +376,8 @@ impl ServerClock {
         Ok(())
     }
 
-    /// Refines now and then every `every`, for ever (spawn it; abort to stop).
+    /// Refines now and then every `every` (every 2 s after a failure), for
+    /// ever (spawn it; abort to stop).
     pub async fn keep_calibrated(self, every: Duration) {
         let mut first = true;
         loop {
@@ -389,7 +390,12 @@ impl ServerClock {
                         tracing::debug!(uncertainty_us, "API server clock measured");
                     }
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot measure the API server's clock"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot measure the API server's clock");
+                    // The bounds only widen meanwhile: try again soon.
+                    tokio::time::sleep(every.min(Duration::from_secs(2))).await;
+                    continue;
+                }
             }
             tokio::time::sleep(every).await;
         }

@@ -128,6 +128,9 @@ pub struct Context {
     expiries: Mutex<HashMap<String, String>>,
     /// Malformed locks reported, with the resourceVersion reported.
     malformed: Mutex<HashMap<(String, String), String>>,
+    /// Locks seen by the list under way (to forget malformed ones deleted
+    /// while the watch was down).
+    listed: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Context {
@@ -149,6 +152,7 @@ impl Context {
             failures: Mutex::default(),
             expiries: Mutex::default(),
             malformed: Mutex::default(),
+            listed: Mutex::default(),
         }
     }
 }
@@ -282,18 +286,42 @@ fn convert(
     context: &Arc<Context>,
 ) -> Option<watcher::Event<DeploymentLock>> {
     match event {
-        watcher::Event::Init => Some(watcher::Event::Init),
-        watcher::Event::InitDone => Some(watcher::Event::InitDone),
-        watcher::Event::InitApply(object) => match typed(&object) {
-            Ok(lock) => {
-                well_formed(&object, context);
-                Some(watcher::Event::InitApply(lock))
+        watcher::Event::Init => {
+            locked(&context.listed).clear();
+            Some(watcher::Event::Init)
+        }
+        watcher::Event::InitDone => {
+            let listed = std::mem::take(&mut *locked(&context.listed));
+            let gone: Vec<(String, String)> = locked(&context.malformed)
+                .keys()
+                .filter(|key| !listed.contains(*key))
+                .cloned()
+                .collect();
+            for key in gone {
+                locked(&context.malformed).remove(&key);
+                context.metrics.set_malformed(
+                    &ObjectLabels {
+                        namespace: key.0,
+                        name: key.1,
+                    },
+                    false,
+                );
             }
-            Err(err) => {
-                report_malformed(&object, &err, context);
-                None
+            Some(watcher::Event::InitDone)
+        }
+        watcher::Event::InitApply(object) => {
+            locked(&context.listed).insert(object_key(&object));
+            match typed(&object) {
+                Ok(lock) => {
+                    well_formed(&object, context);
+                    Some(watcher::Event::InitApply(lock))
+                }
+                Err(err) => {
+                    report_malformed(&object, &err, context);
+                    None
+                }
             }
-        },
+        }
         watcher::Event::Apply(object) => match typed(&object) {
             Ok(lock) => {
                 well_formed(&object, context);

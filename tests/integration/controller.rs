@@ -1694,3 +1694,60 @@ async fn the_controller_rides_out_an_api_server_restart() {
         "{warnings} reconcile failures logged:\n{log}"
     );
 }
+
+/// A 10 s outage between the leader and the API server (default Lease
+/// timing: 15 s) neither stops the leader nor lets the standby take over;
+/// afterwards it leads and reconciles as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_second_outage_neither_stops_nor_deposes_the_leader() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("outage").await;
+    let proxy = Proxy::start().await;
+    let kubeconfig = kubeconfig_variant(
+        Identity::Controller,
+        &format!("proxied-{namespace}"),
+        Some(&proxy.server()),
+        None,
+    );
+    let mut leader = Spawned::start(&kubeconfig, &namespace, "leader", None, &[]);
+    await_holder(&namespace, "leader", &leader.identity, WAIT).await;
+    let standby = Spawned::start(
+        &cluster.kubeconfig(Identity::Controller),
+        &namespace,
+        "leader",
+        None,
+        &[],
+    );
+    let waiting = tokio::time::timeout(WAIT, async {
+        while !standby.log().contains("waiting for leadership") {
+            tokio::time::sleep(StdDuration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(waiting.is_ok(), "standby never waited:\n{}", standby.log());
+    let outage = StdDuration::from_secs(10);
+    proxy.set(ProxyMode::Refuse);
+    let watched = assert_keeps_lease(&namespace, "leader", &leader.identity, outage);
+    watched.await;
+    proxy.set(ProxyMode::Forward);
+    assert!(
+        matches!(leader.child.try_wait(), Ok(None)),
+        "the leader exited:\n{}",
+        leader.log()
+    );
+    assert!(
+        leader.log().contains("cannot read the Lease"),
+        "no outage seen:\n{}",
+        leader.log()
+    );
+    // Past the outage: still the holder a Lease duration later, and reconciling.
+    assert_keeps_lease(
+        &namespace,
+        "leader",
+        &leader.identity,
+        StdDuration::from_secs(16),
+    )
+    .await;
+    assert_pending_expiry_marked(&namespace, &namespace).await;
+    assert!(matches!(leader.child.try_wait(), Ok(None)));
+}
