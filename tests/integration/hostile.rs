@@ -977,6 +977,28 @@ async fn forbidden_creates_are_refused_and_legitimate_raw_transitions_accepted()
             "{what}: the stored object changed"
         );
     }
+    // A lock object created only to queue for it (no holding yet): its
+    // token starts from the clock, nothing else is needed.
+    let now = Utc::now();
+    let queue_only = Write::Create(json!({
+        "apiVersion": "deploylock.dev/v1",
+        "kind": "DeploymentLock",
+        "metadata": { "name": "queue-only" },
+        "spec": {
+            "environment": "queue-only",
+            "fencingToken": first_token(now),
+            "queue": [{
+                "id": "bob-2", "user": "bob", "owner": "bob", "reason": "first in line",
+                "since": stamp(now), "heartbeatAt": stamp(now)
+            }]
+        }
+    }));
+    assert_eq!(
+        send_raw(&bob, &namespace, "queue-only", &queue_only).await,
+        Answer::Accepted,
+        "bob creates a lock object by joining its queue"
+    );
+
     // bob, whose turn it is, takes the lock through the queue (CLI).
     deploylock_ok(
         cluster,
