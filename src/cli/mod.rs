@@ -302,15 +302,25 @@ pub fn parse() -> Result<Cli, ExitCode> {
                 };
                 return Err(code.into());
             }
+            // clap's message and the lines it indents under it (the
+            // missing arguments' names), without the usage and tips.
             let rendered = err.render().to_string();
-            let first = rendered
+            let message = rendered
                 .lines()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .map(str::trim)
+                .skip_while(|line| line.is_empty())
+                .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let message = message.trim_start_matches("error: ");
+            let message = if message.is_empty() {
+                "invalid arguments"
+            } else {
+                message
+            };
             eprintln!(
                 "deploylock: {} (see `deploylock --help`)",
-                report::safe_line(first)
+                report::safe_line(message)
             );
             Err(Exit::InvalidInput.into())
         }

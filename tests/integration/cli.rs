@@ -1594,3 +1594,18 @@ async fn one_malformed_lock_blinds_no_one() {
         );
     }
 }
+
+/// A missing required argument is named in the one-line usage error.
+#[test]
+fn a_missing_required_argument_is_named() {
+    let output = Command::new(env!("CARGO_BIN_EXE_deploylock"))
+        .args(["force-release", "-e", "production"])
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run deploylock: {err}"));
+    expect_exit(&output, 2, "force-release without --reason");
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.contains("--reason") && stderr.lines().count() == 1,
+        "the error must name --reason on one line: {stderr}"
+    );
+}
