@@ -261,6 +261,55 @@ fn changed(object: &Value, change: impl FnOnce(&mut Value)) -> Value {
     copy
 }
 
+/// `object` with `holder` as a new holding recorded as `action` by `by`,
+/// the fencing token increased by `token_step`: a whole-object replace.
+fn take_holding(object: &Value, holder: Value, action: &str, by: &str, token_step: i64) -> Write {
+    let entry = entry_for(
+        last_sequence(object) + 1,
+        action,
+        &holder,
+        by,
+        holder_time(&holder),
+    );
+    Write::Replace(changed(object, |copy| {
+        copy["spec"]["holder"] = holder;
+        copy["spec"]["fencingToken"] =
+            json!(object["spec"]["fencingToken"].as_i64().unwrap_or(0) + token_step);
+        if let Some(entries) = copy["spec"]["history"].as_array_mut() {
+            entries.push(entry);
+        }
+    }))
+}
+
+/// The next history entry of `action` on the current holding, by `by`.
+fn next_entry(object: &Value, action: &str, by: &str, now: DateTime<Utc>) -> Value {
+    entry_for(
+        last_sequence(object) + 1,
+        action,
+        &object["spec"]["holder"],
+        by,
+        now,
+    )
+}
+
+/// An extension of the current holding to `expires_at`, recorded by `by`.
+fn extension(object: &Value, by: &str, expires_at: &str, now: DateTime<Utc>) -> Write {
+    let mut entry = next_entry(object, "Extended", by, now);
+    entry["expiresAt"] = json!(expires_at);
+    Write::JsonPatch(json!([
+        { "op": "replace", "path": "/spec/holder/expiresAt", "value": expires_at },
+        { "op": "add", "path": "/spec/history/-", "value": entry }
+    ]))
+}
+
+/// When a crafted holding starts.
+fn holder_time(holder: &Value) -> DateTime<Utc> {
+    holder["acquiredAt"]
+        .as_str()
+        .and_then(deploylock::crd::parse_time)
+        .unwrap_or_else(Utc::now)
+}
+
 /// A forbidden write to a lock alice holds (acquired, then extended).
 struct Attack {
     what: &'static str,
@@ -274,8 +323,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "insert a history entry (higher sequence) at history[0] (bricks the lock)",
             actor: Identity::Bob,
             write: |object, now| {
-                let holder = &object["spec"]["holder"];
-                let forged = entry_for(last_sequence(object) + 1, "Extended", holder, "bob", now);
+                let forged = next_entry(object, "Extended", "bob", now);
                 Write::JsonPatch(
                     json!([{ "op": "add", "path": "/spec/history/0", "value": forged }]),
                 )
@@ -285,8 +333,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "the holder inserts a history entry at history[0]",
             actor: Identity::Alice,
             write: |object, now| {
-                let holder = &object["spec"]["holder"];
-                let forged = entry_for(last_sequence(object) + 1, "Extended", holder, "alice", now);
+                let forged = next_entry(object, "Extended", "alice", now);
                 Write::JsonPatch(
                     json!([{ "op": "add", "path": "/spec/history/0", "value": forged }]),
                 )
@@ -336,14 +383,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "a forged ForceAcquired entry without a new holding (false alerts)",
             actor: Identity::Bob,
             write: |object, now| {
-                let holder = &object["spec"]["holder"];
-                let forged = entry_for(
-                    last_sequence(object) + 1,
-                    "ForceAcquired",
-                    holder,
-                    "bob",
-                    now,
-                );
+                let forged = next_entry(object, "ForceAcquired", "bob", now);
                 Write::JsonPatch(
                     json!([{ "op": "add", "path": "/spec/history/-", "value": forged }]),
                 )
@@ -352,52 +392,18 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
         Attack {
             what: "the holder extends to 2099",
             actor: Identity::Alice,
-            write: |object, now| {
-                let far = "2099-01-01T00:00:00Z";
-                let mut entry = entry_for(
-                    last_sequence(object) + 1,
-                    "Extended",
-                    &object["spec"]["holder"],
-                    "alice",
-                    now,
-                );
-                entry["expiresAt"] = json!(far);
-                Write::JsonPatch(json!([
-                    { "op": "replace", "path": "/spec/holder/expiresAt", "value": far },
-                    { "op": "add", "path": "/spec/history/-", "value": entry }
-                ]))
-            },
+            write: |object, now| extension(object, "alice", "2099-01-01T00:00:00Z", now),
         },
         Attack {
             what: "a non-holder extends the holding in the holder's name",
             actor: Identity::Bob,
-            write: |object, now| {
-                let later = stamp(now + Duration::hours(2));
-                let mut entry = entry_for(
-                    last_sequence(object) + 1,
-                    "Extended",
-                    &object["spec"]["holder"],
-                    "bob",
-                    now,
-                );
-                entry["expiresAt"] = json!(later);
-                Write::JsonPatch(json!([
-                    { "op": "replace", "path": "/spec/holder/expiresAt", "value": later },
-                    { "op": "add", "path": "/spec/history/-", "value": entry }
-                ]))
-            },
+            write: |object, now| extension(object, "bob", &stamp(now + Duration::hours(2)), now),
         },
         Attack {
             what: "the holder shortens acquiredAt (a holding's start is fixed)",
             actor: Identity::Alice,
             write: |object, now| {
-                let entry = entry_for(
-                    last_sequence(object) + 1,
-                    "Extended",
-                    &object["spec"]["holder"],
-                    "alice",
-                    now,
-                );
+                let entry = next_entry(object, "Extended", "alice", now);
                 Write::JsonPatch(json!([
                     { "op": "replace", "path": "/spec/holder/acquiredAt", "value": stamp(now - Duration::days(3)) },
                     { "op": "add", "path": "/spec/history/-", "value": entry }
@@ -419,68 +425,39 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "an admin force-acquires without increasing the fencing token",
             actor: Identity::Carol,
             write: |object, now| {
-                Write::Replace(changed(object, |copy| {
-                    let mut holder = holding("carol", "emergency", now);
-                    let old = &object["spec"]["holder"];
-                    holder["overrode"] = json!({
-                        "lockId": old["lockId"], "user": old["user"], "owner": old["owner"], "reason": old["reason"]
-                    });
-                    let entry = entry_for(
-                        last_sequence(object) + 1,
-                        "ForceAcquired",
-                        &holder,
-                        "carol",
-                        now,
-                    );
-                    copy["spec"]["holder"] = holder;
-                    if let Some(entries) = copy["spec"]["history"].as_array_mut() {
-                        entries.push(entry);
-                    }
-                }))
+                let mut holder = holding("carol", "emergency", now);
+                let old = &object["spec"]["holder"];
+                holder["overrode"] = json!({
+                    "lockId": old["lockId"], "user": old["user"], "owner": old["owner"], "reason": old["reason"]
+                });
+                take_holding(object, holder, "ForceAcquired", "carol", 0)
             },
         },
         Attack {
             what: "a user takes over the live holding as if it had expired",
             actor: Identity::Bob,
             write: |object, now| {
-                Write::Replace(changed(object, |copy| {
-                    let holder = holding("bob", "manual", now);
-                    let entry = entry_for(
-                        last_sequence(object) + 1,
-                        "TookOverExpired",
-                        &holder,
-                        "bob",
-                        now,
-                    );
-                    copy["spec"]["holder"] = holder;
-                    copy["spec"]["fencingToken"] =
-                        json!(object["spec"]["fencingToken"].as_i64().unwrap_or(0) + 1);
-                    if let Some(entries) = copy["spec"]["history"].as_array_mut() {
-                        entries.push(entry);
-                    }
-                }))
+                take_holding(
+                    object,
+                    holding("bob", "manual", now),
+                    "TookOverExpired",
+                    "bob",
+                    1,
+                )
             },
         },
         Attack {
             what: "the controller's credential takes the lock for itself",
             actor: Identity::Controller,
             write: |object, now| {
-                Write::Replace(changed(object, |copy| {
-                    let holder = holding("deploylock-controller", "manual", now);
-                    let entry = entry_for(
-                        last_sequence(object) + 1,
-                        "TookOverExpired",
-                        &holder,
-                        "deploylock-controller",
-                        now,
-                    );
-                    copy["spec"]["holder"] = holder;
-                    copy["spec"]["fencingToken"] =
-                        json!(object["spec"]["fencingToken"].as_i64().unwrap_or(0) + 1);
-                    if let Some(entries) = copy["spec"]["history"].as_array_mut() {
-                        entries.push(entry);
-                    }
-                }))
+                let holder = holding("deploylock-controller", "manual", now);
+                take_holding(
+                    object,
+                    holder,
+                    "TookOverExpired",
+                    "deploylock-controller",
+                    1,
+                )
             },
         },
         Attack {
@@ -488,13 +465,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             actor: Identity::Controller,
             write: |object, now| {
                 Write::Replace(changed(object, |copy| {
-                    let mut entry = entry_for(
-                        last_sequence(object) + 1,
-                        "Cleared",
-                        &object["spec"]["holder"],
-                        "deploylock-controller",
-                        now,
-                    );
+                    let mut entry = next_entry(object, "Cleared", "deploylock-controller", now);
                     entry["expiresAt"] = object["spec"]["holder"]["expiresAt"].clone();
                     copy["spec"]
                         .as_object_mut()
@@ -549,13 +520,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "a user releases the holder's lock in the holder's name",
             actor: Identity::Bob,
             write: |object, now| {
-                let mut entry = entry_for(
-                    last_sequence(object) + 1,
-                    "Released",
-                    &object["spec"]["holder"],
-                    "alice",
-                    now,
-                );
+                let mut entry = next_entry(object, "Released", "alice", now);
                 entry.as_object_mut().map(|e| e.remove("expiresAt"));
                 Write::JsonPatch(json!([
                     { "op": "remove", "path": "/spec/holder" },
@@ -567,13 +532,7 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             what: "a history entry with a date the schema must refuse (poison for readers)",
             actor: Identity::Alice,
             write: |object, now| {
-                let mut entry = entry_for(
-                    last_sequence(object) + 1,
-                    "Extended",
-                    &object["spec"]["holder"],
-                    "alice",
-                    now,
-                );
+                let mut entry = next_entry(object, "Extended", "alice", now);
                 entry["at"] = json!("2030-01-01T00:00:00ZT");
                 Write::JsonPatch(
                     json!([{ "op": "add", "path": "/spec/history/-", "value": entry }]),
