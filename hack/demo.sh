@@ -28,6 +28,7 @@ deploylock() { target/debug/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1
 step "Installing the ClusterRoles and the admission policy; binding alice and bob to deploylock-user, carol to deploylock-admin"
 kubectl create namespace deploylock-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl apply -f config/rbac/clusterroles.yaml -f config/admission/policy.yaml -f config/admission/binding.yaml -f tests/integration/test-bindings.yaml
+hack/await-admission.sh "$bin_dir/kubectl" "$cluster_dir/kubeconfigs/admin.kubeconfig" default
 
 step "Starting deploylock-controller (logs in $cluster_dir/logs/controller.log)"
 if [[ -f "$cluster_dir/controller.pid" ]] && kill -0 "$(cat "$cluster_dir/controller.pid")" 2>/dev/null; then
@@ -49,6 +50,13 @@ deploylock alice acquire -e production --reason "Deploying version 2.1.0" --depl
 step "bob tries too, and is told who holds it (exit code 3)"
 set +e
 deploylock bob acquire -e production --reason "Deploying version 2.2.0"
+echo "exit code: $?"
+set -e
+
+step "bob tries kubectl instead: the API server's admission policy refuses the write"
+set +e
+"$bin_dir/kubectl" --kubeconfig "$cluster_dir/kubeconfigs/bob.kubeconfig" patch deploymentlock production \
+  --type merge -p '{"spec":{"holder":{"user":"bob","owner":"bob","reason":"mine now"}}}'
 echo "exit code: $?"
 set -e
 

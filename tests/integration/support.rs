@@ -158,7 +158,38 @@ fn start_cluster() -> Result<TestCluster, String> {
         ));
     }
     start_clock_controller(&cluster)?;
+    await_admission_enforced(&cluster)?;
     Ok(cluster)
+}
+
+/// A new admission policy takes a moment to load in the API server; writes
+/// before that are not checked. Waits (hack/await-admission.sh: a forbidden
+/// server-side dry run, until it is refused) in an enforced namespace.
+fn await_admission_enforced(cluster: &TestCluster) -> Result<(), String> {
+    let namespace = "admission-probe";
+    for args in [
+        vec!["create", "namespace", namespace],
+        vec!["label", "namespace", namespace, "deploylock.dev/enforce=true"],
+    ] {
+        let output = cluster.kubectl(Identity::Admin, &args);
+        if !output.status.success() {
+            return Err(format!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    let output = Command::new(repo_root().join("hack/await-admission.sh"))
+        .arg(cluster.bin_dir.join("kubectl"))
+        .arg(cluster.kubeconfig(Identity::Admin))
+        .arg(namespace)
+        .output()
+        .map_err(|err| format!("cannot run hack/await-admission.sh: {err}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(())
 }
 
 /// Waits, on a watch of the clock Lease, until the policy's clock has passed
