@@ -566,9 +566,12 @@ async fn forward(
 }
 
 /// A command tree that outlives a plain SIGTERM: a grandchild ignoring it,
-/// one in a session of its own. Every process of it holds exec's stdout.
+/// one in a session of its own. Every process of it holds the write end of
+/// the fifo `$TREE` (fd 3), which neither exec nor its watchdog opens: the
+/// fifo's end of file is the end of the tree, not of exec (which outlives
+/// its command by its release attempts).
 const STUBBORN_TREE: &str =
-    r#"(trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+    r#"exec 3> "$TREE"; (trap '' TERM; exec sleep 300) & setsid sleep 300 & wait"#;
 
 /// One partitioned exec: the margin (ms) between its command tree being
 /// gone and the holding's expiresAt, on the server's clock (the upper bound
@@ -589,34 +592,39 @@ async fn partitioned_exec(
         dir.join(format!("{environment}.kubeconfig")),
     )
     .await;
+    let tree = dir.join(format!("{environment}.tree"));
+    let made = Command::new("mkfifo").arg(&tree).status();
+    if !matches!(made, Ok(status) if status.success()) {
+        return Err(format!("mkfifo {}: {made:?}", tree.display()));
+    }
+    // The instant the fifo's last writer closes it: every process of the
+    // tree is gone.
+    let (closed_sender, closed) = tokio::sync::oneshot::channel();
+    let reader = tree.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // Opening blocks until the command opens the write end.
+        let Ok(mut fifo) = std::fs::File::open(&reader) else {
+            return;
+        };
+        let mut buffer = [0u8; 512];
+        while matches!(fifo.read(&mut buffer), Ok(n) if n > 0) {}
+        let _ = closed_sender.send(tokio::time::Instant::from_std(Instant::now()));
+    });
     let mut exec = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploylock"))
         .arg("--kubeconfig")
         .arg(&proxy.kubeconfig)
         .args(["-n", namespace, "-e", environment, "exec"])
         .args(["--duration", "1", "--grace", "3", "--reason", "partitioned"])
         .args(["--", "sh", "-c", STUBBORN_TREE])
+        .env("TREE", &tree)
         .env_remove("KUBECONFIG")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|err| format!("cannot start exec: {err}"))?;
-    // The instant exec's stdout closes: every process of the tree is gone.
-    let stdout = exec
-        .stdout
-        .take()
-        .ok_or("exec's stdout is not piped")?
-        .into_owned_fd()
-        .map_err(|err| format!("exec's stdout: {err}"))?;
-    let (closed_sender, closed) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut stdout = std::fs::File::from(stdout);
-        let mut buffer = [0u8; 512];
-        while matches!(stdout.read(&mut buffer), Ok(n) if n > 0) {}
-        let _ = closed_sender.send(tokio::time::Instant::from_std(Instant::now()));
-    });
 
     let holder = |lock: Option<&DeploymentLock>| lock.and_then(|l| l.spec.holder.clone());
     let first = tokio::time::timeout(
@@ -656,7 +664,7 @@ async fn partitioned_exec(
     let stopped = tokio::time::timeout(StdDuration::from_secs(120), closed)
         .await
         .map_err(|_| "the command tree still runs 120 s after the partition")?
-        .map_err(|_| "exec's stdout reader ended without a time")?;
+        .map_err(|_| "the fifo's reader ended without a time")?;
     let server_at_stop = clock.upper_bound(stopped);
     let margin = (renewed.expires_at - server_at_stop)
         .num_microseconds()
@@ -715,10 +723,20 @@ async fn partition_margin(rows: &mut Vec<Row>) {
         }
         let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
         let late = samples.iter().filter(|margin| **margin <= 0.0).count();
+        // A cut that swallows the renewal's answer leaves exec with the
+        // previous deadline: it stops a renewal interval (20 s) early.
+        let early = samples.iter().filter(|margin| **margin > 10_000.0).count();
         let verdict = if late == 0 && failures.is_empty() {
             format!("min {min:.1}, > 0 in every sample")
         } else {
             format!("min {min:.1}; NOT MET: {late} at or after expiresAt; {failures:?}")
+        };
+        let verdict = if early > 0 {
+            format!(
+                "{verdict}; {early} stopped 20 s early (the cut swallowed the renewal's answer: exec kept the previous deadline)"
+            )
+        } else {
+            verdict
         };
         rows.push(Row {
             name: format!("lost lock: partition ({name}) → command tree gone, before expiresAt (ms)"),
