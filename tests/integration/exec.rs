@@ -1565,9 +1565,49 @@ async fn read_with_server_time(ns: &str) -> deploylock::store::Observed {
 
 /// A shell command whose tree outlives a plain SIGTERM: a grandchild that
 /// ignores SIGTERM, and one that left the process group and the session.
-/// Every process of it holds exec's stdout.
+/// Every process of it holds exec's stdout and the write end of the fifo
+/// `$TREE` (see [`TreeEnd`]).
 const STUBBORN_TREE: &str =
-    r#"(trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+    r#"exec 3> "$TREE"; (trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+
+/// The end of a command tree, seen as the end of file of a fifo that only
+/// the tree holds open for writing (fd 3 of `STUBBORN_TREE`). exec and its
+/// watchdog never open it: exec's stdout closes only when exec exits, which
+/// may be much later (a release retried through a partition runs until the
+/// holding could expire).
+struct TreeEnd {
+    path: PathBuf,
+    gone: mpsc::Receiver<()>,
+}
+
+impl TreeEnd {
+    fn new(dir: &Path) -> TreeEnd {
+        let path = fifo(dir, "tree");
+        let reader = path.clone();
+        let (sender, gone) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            // Blocks until the command opens the write end.
+            if let Ok(mut fifo) = std::fs::File::open(&reader) {
+                let mut buffer = [0u8; 512];
+                while matches!(fifo.read(&mut buffer), Ok(n) if n > 0) {}
+                let _ = sender.send(());
+            }
+        });
+        TreeEnd { path, gone }
+    }
+
+    /// Waits until every process of the tree is gone.
+    fn await_gone(&self, limit: StdDuration, exec: &Exec) {
+        match self.gone.recv_timeout(limit) {
+            Ok(()) => {}
+            Err(_) => panic!(
+                "the command's tree still runs after {limit:?}\n--- stderr ---\n{}",
+                exec.stderr()
+            ),
+        }
+    }
+}
 
 /// exec's connection to the API server fails in the way `fault` says just
 /// after a renewal. The command (and its grandchildren) must be gone before
@@ -1579,6 +1619,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
     let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let tree = TreeEnd::new(dir.path());
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
     command
         .arg("--kubeconfig")
@@ -1599,7 +1640,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
             "-c",
             STUBBORN_TREE,
         ],
-        &[],
+        &[("TREE", &tree.path)],
         dir.path(),
     );
     exec.read_until("ready");
@@ -1636,7 +1677,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start bob's acquire: {err}"));
 
-    exec.await_stdout_closed(StdDuration::from_secs(120));
+    tree.await_gone(StdDuration::from_secs(120), &exec);
     let observed = read_with_server_time(&ns).await;
     eprintln!(
         "{fault:?}: the command's tree was gone at server time {} (truncated), expiresAt {expires_at}",
@@ -1709,6 +1750,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
     let ns = cluster.namespace("exec-killpg").await;
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
+    let tree = TreeEnd::new(dir.path());
     let mut command = cluster.deploylock_command(Identity::Alice, &ns);
     {
         use std::os::unix::process::CommandExt;
@@ -1729,7 +1771,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
             "-c",
             STUBBORN_TREE,
         ],
-        &[],
+        &[("TREE", &tree.path)],
         dir.path(),
     );
     exec.read_until("ready");
@@ -1739,6 +1781,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
     }
     let finished = exec.finish(WAIT).await;
     assert_eq!(finished.status.signal(), Some(9), "{:?}", finished.status);
+    tree.await_gone(WAIT, &exec);
     exec.await_stdout_closed(WAIT);
     let observed = read_with_server_time(&ns).await;
     assert!(
@@ -1855,10 +1898,9 @@ async fn acquire_against_a_silent_server_exits_6_and_honours_sigterm() {
 // A release the server cannot take, SIGHUP under nohup, Ctrl-C in every phase
 // ---------------------------------------------------------------------------
 
-/// A named pipe in `dir`: a command blocks on `read go < "$GO"` until the
-/// test writes a line to it (see `let_go`).
-fn fifo(dir: &Path) -> PathBuf {
-    let path = dir.join("go");
+/// A named pipe `name` in `dir`.
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
     let made = std::process::Command::new("mkfifo").arg(&path).status();
     assert!(
         matches!(made, Ok(status) if status.success()),
@@ -1889,7 +1931,8 @@ fn let_go(fifo: &Path) {
     }
 }
 
-/// A command waiting for `let_go`: prints "ready", then "done go" at its end.
+/// A command waiting for `let_go` (on the fifo `$GO`): prints "ready", then
+/// "done go" at its end.
 const WAITS_FOR_GO: &str = r#"echo ready; read go < "$GO"; echo "done $go""#;
 
 /// A deploylock command as alice through `proxy`, in `ns`.
@@ -1916,7 +1959,7 @@ async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_unt
     let ns = cluster.namespace("exec-unreleased").await;
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
-    let go = fifo(dir.path());
+    let go = fifo(dir.path(), "go");
     let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
     let mut exec = Exec::start_command(
         deploylock_via(&proxy, &ns),
@@ -2023,7 +2066,7 @@ async fn a_release_retried_through_a_partition_succeeds_once_it_heals() {
     let ns = cluster.namespace("exec-release-retry").await;
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
-    let go = fifo(dir.path());
+    let go = fifo(dir.path(), "go");
     let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
     let mut exec = Exec::start_command(
         deploylock_via(&proxy, &ns),
@@ -2111,7 +2154,7 @@ async fn sighup_is_forwarded_but_stays_ignored_under_nohup() {
 
     // Under nohup.
     let dir = temp_dir();
-    let go = fifo(dir.path());
+    let go = fifo(dir.path(), "go");
     let mut command = std::process::Command::new("nohup");
     command
         .arg(env!("CARGO_BIN_EXE_deploylock"))
