@@ -447,6 +447,311 @@ async fn lost_lock(rows: &mut Vec<Row>) {
     });
 }
 
+/// What the partition proxy does to exec's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Forwards every byte.
+    None,
+    /// Open connections stop forwarding (not closed); new ones are accepted
+    /// and never answered (the TLS handshake hangs).
+    Freeze,
+    /// Open connections are reset (RST); new ones hang in the handshake.
+    ResetThenStall,
+    /// What clients send is swallowed; nothing is ever answered.
+    BlackHole,
+}
+
+/// A loopback TCP proxy in front of the API server (the same faults as the
+/// integration tests' FaultProxy), and a copy of a kubeconfig pointing at it.
+struct Partition {
+    mode: tokio::sync::watch::Sender<Fault>,
+    kubeconfig: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    async fn start(kubeconfig: &std::path::Path, copy: std::path::PathBuf) -> Partition {
+        let text = std::fs::read_to_string(kubeconfig).unwrap_or_else(|err| panic!("{err}"));
+        let server = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("server: https://"))
+            .unwrap_or_else(|| panic!("no server in {}", kubeconfig.display()))
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|err| panic!("{err}"))
+            .port();
+        std::fs::write(&copy, text.replace(&server, &format!("127.0.0.1:{port}")))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let (mode, modes) = tokio::sync::watch::channel(Fault::None);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let modes = modes.clone();
+                let upstream = server.clone();
+                connections.spawn(async move {
+                    if *modes.borrow() != Fault::None {
+                        swallow(client).await;
+                    } else if let Ok(upstream) = tokio::net::TcpStream::connect(&upstream).await {
+                        forward(client, upstream, modes).await;
+                    }
+                });
+            }
+        });
+        Partition {
+            mode,
+            kubeconfig: copy,
+            task,
+        }
+    }
+
+    fn set(&self, fault: Fault) {
+        self.mode.send_replace(fault);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads what a client sends and never answers.
+async fn swallow(mut client: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 16384];
+    while matches!(client.read(&mut buffer).await, Ok(n) if n > 0) {}
+}
+
+async fn forward(
+    mut client: tokio::net::TcpStream,
+    mut upstream: tokio::net::TcpStream,
+    mut modes: tokio::sync::watch::Receiver<Fault>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
+    loop {
+        let fault = *modes.borrow_and_update();
+        match fault {
+            Fault::None => tokio::select! {
+                read = client.read(&mut up) => match read {
+                    Ok(n) if n > 0 => if upstream.write_all(&up[..n]).await.is_err() { return },
+                    _ => return,
+                },
+                read = upstream.read(&mut down) => match read {
+                    Ok(n) if n > 0 => if client.write_all(&down[..n]).await.is_err() { return },
+                    _ => return,
+                },
+                changed = modes.changed() => if changed.is_err() { return },
+            },
+            Fault::Freeze => {
+                if modes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Fault::BlackHole => tokio::select! {
+                read = client.read(&mut up) => if !matches!(read, Ok(n) if n > 0) { return },
+                changed = modes.changed() => if changed.is_err() { return },
+            },
+            Fault::ResetThenStall => {
+                // SO_LINGER 0: the close sends RST, not FIN.
+                let _ = client.set_zero_linger();
+                return;
+            }
+        }
+    }
+}
+
+/// A command tree that outlives a plain SIGTERM: a grandchild ignoring it,
+/// one in a session of its own. Every process of it holds the write end of
+/// the fifo `$TREE` (fd 3), which neither exec nor its watchdog opens: the
+/// fifo's end of file is the end of the tree, not of exec (which outlives
+/// its command by its release attempts).
+const STUBBORN_TREE: &str =
+    r#"exec 3> "$TREE"; (trap '' TERM; exec sleep 300) & setsid sleep 300 & wait"#;
+
+/// One partitioned exec: the margin (ms) between its command tree being
+/// gone and the holding's expiresAt, on the server's clock (the upper bound
+/// of its possible time at that instant, so the margin errs small), and
+/// exec's exit code.
+async fn partitioned_exec(
+    namespace: &str,
+    environment: &str,
+    fault: Fault,
+    clock: &deploylock::servertime::ServerClock,
+    dir: &std::path::Path,
+) -> Result<(f64, Option<i32>), String> {
+    let cluster = cluster();
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, namespace);
+    let proxy = Partition::start(
+        &cluster.kubeconfig(Identity::Alice),
+        dir.join(format!("{environment}.kubeconfig")),
+    )
+    .await;
+    let tree = dir.join(format!("{environment}.tree"));
+    let made = Command::new("mkfifo").arg(&tree).status();
+    if !matches!(made, Ok(status) if status.success()) {
+        return Err(format!("mkfifo {}: {made:?}", tree.display()));
+    }
+    // The instant the fifo's last writer closes it: every process of the
+    // tree is gone.
+    let (closed_sender, closed) = tokio::sync::oneshot::channel();
+    let reader = tree.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // Opening blocks until the command opens the write end.
+        let Ok(mut fifo) = std::fs::File::open(&reader) else {
+            return;
+        };
+        let mut buffer = [0u8; 512];
+        while matches!(fifo.read(&mut buffer), Ok(n) if n > 0) {}
+        let _ = closed_sender.send(tokio::time::Instant::from_std(Instant::now()));
+    });
+    let mut exec = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploylock"))
+        .arg("--kubeconfig")
+        .arg(&proxy.kubeconfig)
+        .args(["-n", namespace, "-e", environment, "exec"])
+        .args(["--duration", "1", "--grace", "3", "--reason", "partitioned"])
+        .args(["--", "sh", "-c", STUBBORN_TREE])
+        .env("TREE", &tree)
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|err| format!("cannot start exec: {err}"))?;
+
+    let holder = |lock: Option<&DeploymentLock>| lock.and_then(|l| l.spec.holder.clone());
+    let first = tokio::time::timeout(
+        StdDuration::from_secs(30),
+        await_condition(
+            api.clone(),
+            environment,
+            move |lock: Option<&DeploymentLock>| holder(lock).is_some(),
+        ),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .flatten()
+    .and_then(|lock| lock.spec.holder)
+    .ok_or("exec never held the lock")?;
+    // Just after the first renewal (at a third of the minute).
+    let lock_id = first.lock_id.clone();
+    let renewed = tokio::time::timeout(
+        StdDuration::from_secs(60),
+        await_condition(
+            api.clone(),
+            environment,
+            move |lock: Option<&DeploymentLock>| {
+                holder(lock)
+                    .is_some_and(|h| h.lock_id == lock_id && h.expires_at > first.expires_at)
+            },
+        ),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .flatten()
+    .and_then(|lock| lock.spec.holder)
+    .ok_or("exec never renewed the lock")?;
+    proxy.set(fault);
+    let stopped = tokio::time::timeout(StdDuration::from_secs(120), closed)
+        .await
+        .map_err(|_| "the command tree still runs 120 s after the partition")?
+        .map_err(|_| "the fifo's reader ended without a time")?;
+    let server_at_stop = clock.upper_bound(stopped);
+    let margin = (renewed.expires_at - server_at_stop)
+        .num_microseconds()
+        .unwrap_or(i64::MIN) as f64
+        / 1000.0;
+    let code = tokio::time::timeout(StdDuration::from_secs(30), exec.wait())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|status| status.code());
+    Ok((margin, code))
+}
+
+/// exec partitioned from the API server just after a renewal, three ways
+/// (all samples at once, on their own locks): the margin between the
+/// command's stop and the holding's expiresAt on the server's clock.
+async fn partition_margin(rows: &mut Vec<Row>) {
+    const PER_FAULT: usize = 4;
+    let cluster = cluster();
+    let namespace = cluster.namespace("bench-partition").await;
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let clock = deploylock::servertime::ServerClock::new(cluster.client(Identity::Admin).await)
+        .await
+        .unwrap_or_else(|err| panic!("cannot read the server's clock: {err}"));
+    let calibrating = tokio::spawn(clock.clone().keep_calibrated(StdDuration::from_secs(10)));
+    let faults = [
+        (Fault::Freeze, "frozen connection"),
+        (Fault::ResetThenStall, "reset, then a hung TLS handshake"),
+        (Fault::BlackHole, "black hole"),
+    ];
+    let runs = faults.iter().flat_map(|&(fault, _)| {
+        (0..PER_FAULT).map(move |i| (fault, format!("{fault:?}-{i}").to_lowercase()))
+    });
+    let results = futures::future::join_all(runs.map(|(fault, environment)| {
+        let (namespace, clock, dir) = (&namespace, &clock, temp.path());
+        async move {
+            let result = partitioned_exec(namespace, &environment, fault, clock, dir).await;
+            (fault, result)
+        }
+    }))
+    .await;
+    let uncertainty = clock.uncertainty(tokio::time::Instant::now());
+    calibrating.abort();
+    for (fault, name) in faults {
+        let mut samples = Vec::new();
+        let mut failures = Vec::new();
+        for (_, result) in results.iter().filter(|(f, _)| *f == fault) {
+            match result {
+                Ok((margin, Some(7))) => samples.push(*margin),
+                Ok((margin, code)) => {
+                    samples.push(*margin);
+                    failures.push(format!("exit {code:?}"));
+                }
+                Err(why) => failures.push(why.clone()),
+            }
+        }
+        let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+        let late = samples.iter().filter(|margin| **margin <= 0.0).count();
+        // A cut that swallows the renewal's answer leaves exec with the
+        // previous deadline: it stops a renewal interval (20 s) early.
+        let early = samples.iter().filter(|margin| **margin > 10_000.0).count();
+        let verdict = if late == 0 && failures.is_empty() {
+            format!("min {min:.1}, > 0 in every sample")
+        } else {
+            format!("min {min:.1}; NOT MET: {late} at or after expiresAt; {failures:?}")
+        };
+        let verdict = if early > 0 {
+            format!(
+                "{verdict}; {early} stopped 20 s early (the cut swallowed the renewal's answer: exec kept the previous deadline)"
+            )
+        } else {
+            verdict
+        };
+        rows.push(Row {
+            name: format!("lost lock: partition ({name}) → command tree gone, before expiresAt (ms)"),
+            samples,
+            unit: "ms",
+            baseline: None,
+            target: "> 0 in every sample".into(),
+            note: format!(
+                "{verdict}; exec --duration 1 --grace 3, cut after a renewal; server clock ±{:.1} ms",
+                uncertainty.as_secs_f64() * 1000.0
+            ),
+        });
+    }
+}
+
 fn rss_kib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -686,6 +991,8 @@ async fn main() {
     if runs("lost") {
         eprintln!("[bench] lost lock");
         lost_lock(&mut rows).await;
+        eprintln!("[bench] lost lock: partitioned exec (about 90 s)");
+        partition_margin(&mut rows).await;
     }
     if runs("scale") {
         eprintln!("[bench] controller scale (1,000 and 10,000 locks)");

@@ -316,7 +316,7 @@ impl Drop for Exec {
 
 /// Whether `pid` has a handler installed for `signal` (SigCgt in
 /// /proc/PID/status).
-fn catches(pid: Pid, signal: Signal) -> bool {
+pub(crate) fn catches(pid: Pid, signal: Signal) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -327,7 +327,7 @@ fn catches(pid: Pid, signal: Signal) -> bool {
 
 /// A bounded poll of /proc, for the one thing no event announces: checks
 /// every 50 ms, gives up after 30 s.
-async fn await_proc(what: &str, condition: impl Fn() -> bool) {
+pub(crate) async fn await_proc(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !condition() {
         assert!(Instant::now() < deadline, "not {what} after {WAIT:?}");
@@ -1565,9 +1565,49 @@ async fn read_with_server_time(ns: &str) -> deploylock::store::Observed {
 
 /// A shell command whose tree outlives a plain SIGTERM: a grandchild that
 /// ignores SIGTERM, and one that left the process group and the session.
-/// Every process of it holds exec's stdout.
+/// Every process of it holds exec's stdout and the write end of the fifo
+/// `$TREE` (see [`TreeEnd`]).
 const STUBBORN_TREE: &str =
-    r#"(trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+    r#"exec 3> "$TREE"; (trap '' TERM; exec sleep 300) & setsid sleep 300 & echo ready; wait"#;
+
+/// The end of a command tree, seen as the end of file of a fifo that only
+/// the tree holds open for writing (fd 3 of `STUBBORN_TREE`). exec and its
+/// watchdog never open it: exec's stdout closes only when exec exits, which
+/// may be much later (a release retried through a partition runs until the
+/// holding could expire).
+struct TreeEnd {
+    path: PathBuf,
+    gone: mpsc::Receiver<()>,
+}
+
+impl TreeEnd {
+    fn new(dir: &Path) -> TreeEnd {
+        let path = fifo(dir, "tree");
+        let reader = path.clone();
+        let (sender, gone) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            // Blocks until the command opens the write end.
+            if let Ok(mut fifo) = std::fs::File::open(&reader) {
+                let mut buffer = [0u8; 512];
+                while matches!(fifo.read(&mut buffer), Ok(n) if n > 0) {}
+                let _ = sender.send(());
+            }
+        });
+        TreeEnd { path, gone }
+    }
+
+    /// Waits until every process of the tree is gone.
+    fn await_gone(&self, limit: StdDuration, exec: &Exec) {
+        match self.gone.recv_timeout(limit) {
+            Ok(()) => {}
+            Err(_) => panic!(
+                "the command's tree still runs after {limit:?}\n--- stderr ---\n{}",
+                exec.stderr()
+            ),
+        }
+    }
+}
 
 /// exec's connection to the API server fails in the way `fault` says just
 /// after a renewal. The command (and its grandchildren) must be gone before
@@ -1579,6 +1619,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
     let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let tree = TreeEnd::new(dir.path());
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
     command
         .arg("--kubeconfig")
@@ -1599,7 +1640,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
             "-c",
             STUBBORN_TREE,
         ],
-        &[],
+        &[("TREE", &tree.path)],
         dir.path(),
     );
     exec.read_until("ready");
@@ -1636,7 +1677,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start bob's acquire: {err}"));
 
-    exec.await_stdout_closed(StdDuration::from_secs(120));
+    tree.await_gone(StdDuration::from_secs(120), &exec);
     let observed = read_with_server_time(&ns).await;
     eprintln!(
         "{fault:?}: the command's tree was gone at server time {} (truncated), expiresAt {expires_at}",
@@ -1709,6 +1750,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
     let ns = cluster.namespace("exec-killpg").await;
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
+    let tree = TreeEnd::new(dir.path());
     let mut command = cluster.deploylock_command(Identity::Alice, &ns);
     {
         use std::os::unix::process::CommandExt;
@@ -1729,7 +1771,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
             "-c",
             STUBBORN_TREE,
         ],
-        &[],
+        &[("TREE", &tree.path)],
         dir.path(),
     );
     exec.read_until("ready");
@@ -1739,6 +1781,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
     }
     let finished = exec.finish(WAIT).await;
     assert_eq!(finished.status.signal(), Some(9), "{:?}", finished.status);
+    tree.await_gone(WAIT, &exec);
     exec.await_stdout_closed(WAIT);
     let observed = read_with_server_time(&ns).await;
     assert!(
@@ -1756,7 +1799,7 @@ async fn sigkill_of_execs_process_group_takes_the_command_tree_down() {
 
 /// A listener that accepts connections and never answers; the connections
 /// it accepted are counted on `accepted`.
-fn silent_server() -> (u16, mpsc::Receiver<()>) {
+pub(crate) fn silent_server() -> (u16, mpsc::Receiver<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|err| panic!("cannot listen: {err}"));
     let port = listener
@@ -1777,7 +1820,7 @@ fn silent_server() -> (u16, mpsc::Receiver<()>) {
 }
 
 /// A deploylock command as alice whose server is `127.0.0.1:port`.
-fn deploylock_at(port: u16, ns: &str, dir: &Path) -> std::process::Command {
+pub(crate) fn deploylock_at(port: u16, ns: &str, dir: &Path) -> std::process::Command {
     let original = cluster().kubeconfig(Identity::Alice);
     let text = read_file(&original);
     let server = text
@@ -1849,4 +1892,445 @@ async fn acquire_against_a_silent_server_exits_6_and_honours_sigterm() {
         .unwrap_or_else(|_| panic!("acquire ignored SIGTERM against a silent server"))
         .unwrap_or_else(|err| panic!("cannot wait for acquire: {err}"));
     assert_eq!(status.code(), Some(130), "{status:?}");
+}
+
+// ---------------------------------------------------------------------------
+// A release the server cannot take, SIGHUP under nohup, Ctrl-C in every phase
+// ---------------------------------------------------------------------------
+
+/// A named pipe `name` in `dir`.
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let made = std::process::Command::new("mkfifo").arg(&path).status();
+    assert!(
+        matches!(made, Ok(status) if status.success()),
+        "mkfifo {}: {made:?}",
+        path.display()
+    );
+    path
+}
+
+/// Writes "go" into the fifo once the command has opened it for reading,
+/// which lets the command end. From a thread of its own, so that a command
+/// that never opens it fails the test instead of hanging it.
+fn let_go(fifo: &Path) {
+    let path = fifo.to_path_buf();
+    let (done, written) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut pipe| pipe.write_all(b"go\n"));
+        let _ = done.send(result);
+    });
+    match written.recv_timeout(WAIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => panic!("cannot write to {}: {err}", fifo.display()),
+        Err(_) => panic!("the command never opened {} after {WAIT:?}", fifo.display()),
+    }
+}
+
+/// A command waiting for `let_go` (on the fifo `$GO`): prints "ready", then
+/// "done go" at its end.
+const WAITS_FOR_GO: &str = r#"echo ready; read go < "$GO"; echo "done $go""#;
+
+/// A deploylock command as alice through `proxy`, in `ns`.
+fn deploylock_via(proxy: &FaultProxy, ns: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+    command
+        .arg("--kubeconfig")
+        .arg(proxy.kubeconfig())
+        .args(["-n", ns])
+        .env_remove("KUBECONFIG");
+    command
+}
+
+/// exec's command ends while exec cannot reach the API server, and the
+/// network stays down: exec retries the release until the holding could
+/// expire, then warns and exits 8. The lock is then what the README
+/// promises: still held by that holding (nobody released or took it) until
+/// it expires, when the controller marks it Expired and it can be taken over.
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_untaken() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-unreleased").await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let go = fifo(dir.path(), "go");
+    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let mut exec = Exec::start_command(
+        deploylock_via(&proxy, &ns),
+        &[
+            "--duration",
+            "1",
+            "--reason",
+            "unreleased",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ],
+        &[("GO", &go)],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = await_holding(&api, "production").await;
+
+    // The partition comes before the command ends (and before the first
+    // renewal, at 20 s): the release can only be attempted into it.
+    proxy.set(Fault::BlackHole);
+    let_go(&go);
+    exec.read_until("done go");
+    let ended = Instant::now();
+    let finished = exec.finish(StdDuration::from_secs(120)).await;
+    eprintln!(
+        "exec exited {:?} after its command; the holding expires at {}",
+        ended.elapsed(),
+        holding.expires_at
+    );
+    finished.expect_code(8, "exec whose release could not reach the server");
+    assert!(
+        finished.stderr.contains(
+            "warning: the command exited with 0 but the lock on production could not be released"
+        ) && finished.stderr.contains("it stays held until it expires"),
+        "the distinct warning is missing:\n{}",
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("release failed; retrying"),
+        "the release was not retried:\n{}",
+        finished.stderr
+    );
+
+    // exec gave up before the holding could expire, and wrote nothing.
+    let observed = read_with_server_time(&ns).await;
+    assert_eq!(
+        observed.holder().map(|h| h.lock_id.as_str()),
+        Some(holding.lock_id.as_str()),
+        "the holding changed after exec gave up: {:?}",
+        observed.lock
+    );
+    assert_eq!(
+        observed.holder().map(|h| h.expires_at),
+        Some(holding.expires_at)
+    );
+
+    // The network heals; exec is gone, so nothing releases it: the holding
+    // runs out, and the controller marks it Expired at its expiry.
+    proxy.set(Fault::None);
+    let _controller = cluster.spawn_controller(&ns, "exec-unreleased", &[]);
+    let expired = await_lock(
+        &api,
+        "production",
+        "Expired",
+        StdDuration::from_secs(150),
+        |lock| lock.status.as_ref().and_then(|status| status.state) == Some(LockState::Expired),
+    )
+    .await;
+    assert!(Utc::now() >= holding.expires_at);
+    assert_eq!(holder_of(&expired).lock_id, holding.lock_id);
+    // Held by nobody else meanwhile: one holding, acquired, nothing after.
+    let actions: Vec<(HistoryAction, &str)> = expired
+        .spec
+        .history
+        .iter()
+        .map(|entry| (entry.action, entry.lock_id.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [(HistoryAction::Acquired, holding.lock_id.as_str())],
+        "{:?}",
+        expired.spec.history
+    );
+    assert!(expired.spec.queue.is_empty(), "{:?}", expired.spec.queue);
+
+    let taken = cluster.deploylock(Identity::Bob, &ns, &["acquire", "--reason", "after"]);
+    expect_exit(&taken, 0, "bob takes over the expired holding");
+    assert_eq!(
+        last_history(&stored(&api, "production").await).action,
+        HistoryAction::TookOverExpired
+    );
+}
+
+/// The release meets a partition, and the network heals before the holding
+/// could expire: the retried release goes through and exec exits with the
+/// command's code.
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_retried_through_a_partition_succeeds_once_it_heals() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-release-retry").await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let go = fifo(dir.path(), "go");
+    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let mut exec = Exec::start_command(
+        deploylock_via(&proxy, &ns),
+        &[
+            "--duration",
+            "1",
+            "--reason",
+            "retried release",
+            "--",
+            "sh",
+            "-c",
+            &format!("{WAITS_FOR_GO}; exit 3"),
+        ],
+        &[("GO", &go)],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = await_holding(&api, "production").await;
+    proxy.set(Fault::BlackHole);
+    let_go(&go);
+    exec.read_until("done go");
+
+    // The warning of a failed attempt is in exec's stderr file, which no
+    // event announces: a bounded poll.
+    await_proc("a failed release attempt", || {
+        exec.stderr().contains("release failed; retrying")
+    })
+    .await;
+    proxy.set(Fault::None);
+    let finished = exec.finish(StdDuration::from_secs(60)).await;
+    finished.expect_code(3, "exec whose release succeeded once the network healed");
+    assert!(
+        !finished.stderr.contains("could not be released"),
+        "{}",
+        finished.stderr
+    );
+    let lock = stored(&api, "production").await;
+    assert_eq!(
+        expect_acquired_then_released(&lock, "retried release"),
+        holding.lock_id
+    );
+}
+
+/// SIGHUP to exec: forwarded to the command like SIGINT and SIGTERM (a
+/// command without a handler dies of it: 129). Under `nohup` (SIGHUP
+/// ignored when exec starts) it stays ignored by exec, its watchdog and the
+/// command, and the command runs to its end (exit 0).
+#[tokio::test]
+async fn sighup_is_forwarded_but_stays_ignored_under_nohup() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-nohup").await;
+    let api = locks_api(cluster, &ns).await;
+
+    // Without nohup: forwarded, the command dies of it. (SIGHUP's default
+    // action is restored first, in case these tests run under nohup.)
+    let dir = temp_dir();
+    let mut command = std::process::Command::new("env");
+    command
+        .arg("--default-signal=HUP")
+        .arg(env!("CARGO_BIN_EXE_deploylock"))
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig(Identity::Alice))
+        .args(["-n", &ns])
+        .env_remove("KUBECONFIG");
+    let mut exec = Exec::start_command(
+        command,
+        &[
+            "--reason",
+            "hangup",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 300",
+        ],
+        &[],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    assert!(!ignores(exec.pid, Signal::SIGHUP), "exec ignores SIGHUP");
+    await_proc("catching SIGHUP", || catches(exec.pid, Signal::SIGHUP)).await;
+    exec.signal(Signal::SIGHUP);
+    let finished = exec.finish(WAIT).await;
+    finished.expect_code(129, "SIGHUP to exec running sleep");
+    expect_acquired_then_released(&stored(&api, "production").await, "SIGHUP forwarded");
+
+    // Under nohup.
+    let dir = temp_dir();
+    let go = fifo(dir.path(), "go");
+    let mut command = std::process::Command::new("nohup");
+    command
+        .arg(env!("CARGO_BIN_EXE_deploylock"))
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig(Identity::Alice))
+        .args(["-n", &ns])
+        .env_remove("KUBECONFIG");
+    let mut exec = Exec::start_command(
+        command,
+        &["--reason", "nohup", "--", "sh", "-c", WAITS_FOR_GO],
+        &[("GO", &go)],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = holder_of(&stored(&api, "production").await).clone();
+    // nohup replaced itself with exec: the PID is exec's, which catches
+    // SIGINT (its handlers are in place) and ignores SIGHUP.
+    await_proc("catching SIGINT", || catches(exec.pid, Signal::SIGINT)).await;
+    let watchdog_and_command = exec.command_groups.clone();
+    assert!(
+        watchdog_and_command.len() >= 2,
+        "no watchdog and command under exec: {watchdog_and_command:?}"
+    );
+    for pid in std::iter::once(exec.pid).chain(watchdog_and_command.iter().copied()) {
+        assert!(
+            ignores(pid, Signal::SIGHUP) && !catches(pid, Signal::SIGHUP),
+            "process {pid} does not ignore SIGHUP under nohup"
+        );
+    }
+    // A hangup reaches exec, and the command's own process group too.
+    exec.signal(Signal::SIGHUP);
+    for &group in &watchdog_and_command {
+        let _ = killpg(group, Signal::SIGHUP);
+    }
+    // An ignored signal is discarded when it is sent: nothing is pending.
+    let_go(&go);
+    exec.read_until("done go");
+    let finished = exec.finish(WAIT).await;
+    finished.expect_code(0, "nohup exec after a SIGHUP");
+    let lock = stored(&api, "production").await;
+    assert_eq!(
+        expect_acquired_then_released(&lock, "nohup exec after a SIGHUP"),
+        holding.lock_id
+    );
+}
+
+/// Whether `pid` ignores `signal` (SigIgn in /proc/PID/status).
+fn ignores(pid: Pid, signal: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
+}
+
+/// Ctrl-C as a terminal sends it: SIGINT to the foreground process group,
+/// which is exec's own (started with `process_group(0)`; its watchdog and
+/// command have groups of their own).
+fn ctrl_c(pid: Pid) {
+    if let Err(err) = killpg(pid, Signal::SIGINT) {
+        panic!("cannot send SIGINT to the process group {pid}: {err}");
+    }
+}
+
+/// `command` in a process group of its own, as a shell's foreground job.
+fn foreground(mut command: std::process::Command) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    command
+}
+
+/// Ctrl-C during each phase of `exec --wait-timeout`: while connecting to a
+/// silent server, while queued behind another holder, and while the command
+/// runs (passed on to it: exec exits with the command's 130). Each time the
+/// queue keeps no place of exec's and no holding of exec's remains.
+#[tokio::test]
+async fn ctrl_c_in_every_phase_of_exec_wait_timeout_exits_130_and_leaves_nothing() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-ctrl-c").await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let marker = dir.path().join("ran");
+    let touch = ["--", "touch"];
+    let marker_arg = marker.display().to_string();
+
+    // Connecting: the server accepts and never answers.
+    let (port, accepted) = silent_server();
+    let mut args = vec!["--wait-timeout", "300", "--reason", "silence"];
+    args.extend(touch);
+    args.push(&marker_arg);
+    let mut exec = Exec::start_command(
+        foreground(deploylock_at(port, &ns, dir.path())),
+        &args,
+        &[],
+        dir.path(),
+    );
+    let connected = tokio::task::spawn_blocking(move || accepted.recv_timeout(WAIT)).await;
+    assert!(
+        matches!(connected, Ok(Ok(()))),
+        "exec never connected to the silent server"
+    );
+    await_proc("catching SIGINT", || catches(exec.pid, Signal::SIGINT)).await;
+    ctrl_c(exec.pid);
+    exec.finish(WAIT)
+        .await
+        .expect_code(130, "Ctrl-C while connecting");
+    assert!(!marker.exists(), "the command ran");
+
+    // Queued behind bob.
+    let held = cluster.deploylock(Identity::Bob, &ns, &["acquire", "--reason", "bob deploys"]);
+    expect_exit(&held, 0, "bob acquires");
+    let bob = holder_of(&stored(&api, "production").await).clone();
+    let mut args = vec!["--wait-timeout", "300", "--reason", "queued"];
+    args.extend(touch);
+    args.push(&marker_arg);
+    let mut exec = Exec::start_command(
+        foreground(cluster.deploylock_command(Identity::Alice, &ns)),
+        &args,
+        &[],
+        dir.path(),
+    );
+    await_lock(&api, "production", "queued for alice", WAIT, |lock| {
+        lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
+    })
+    .await;
+    ctrl_c(exec.pid);
+    exec.finish(WAIT)
+        .await
+        .expect_code(130, "Ctrl-C while queued");
+    assert!(!marker.exists(), "the command ran");
+    let lock = stored(&api, "production").await;
+    assert_eq!(holder_of(&lock).lock_id, bob.lock_id);
+    assert!(
+        lock.spec.queue.is_empty(),
+        "still queued: {:?}",
+        lock.spec.queue
+    );
+
+    // The command runs (after waiting its turn): Ctrl-C is passed on to it.
+    let mut exec = Exec::start_command(
+        foreground(cluster.deploylock_command(Identity::Alice, &ns)),
+        &[
+            "--wait-timeout",
+            "300",
+            "--reason",
+            "running",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 300",
+        ],
+        &[],
+        dir.path(),
+    );
+    await_lock(&api, "production", "queued for alice", WAIT, |lock| {
+        lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
+    })
+    .await;
+    let released = cluster.deploylock(Identity::Bob, &ns, &["release"]);
+    expect_exit(&released, 0, "bob releases");
+    exec.read_until("ready");
+    let holding = holder_of(&stored(&api, "production").await).clone();
+    assert_eq!(holding.user, "alice");
+    ctrl_c(exec.pid);
+    exec.finish(WAIT)
+        .await
+        .expect_code(130, "Ctrl-C while the command runs");
+    let lock = stored(&api, "production").await;
+    assert_eq!(
+        expect_acquired_then_released(&lock, "Ctrl-C while the command runs"),
+        holding.lock_id
+    );
+    assert!(
+        lock.spec.queue.is_empty(),
+        "still queued: {:?}",
+        lock.spec.queue
+    );
 }

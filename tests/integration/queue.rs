@@ -419,3 +419,269 @@ async fn waiters_keep_their_order_through_api_server_and_etcd_restarts() {
         Some("waiter-2")
     );
 }
+
+/// Waits (on a watch of the Lease) until one of `candidates` leads, and
+/// returns its identity.
+async fn await_leader(
+    namespace: &str,
+    lease: &str,
+    candidates: &[&crate::support::ControllerProcess],
+) -> String {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(cluster().client(Identity::Admin).await, namespace);
+    let identities: Vec<String> = candidates.iter().map(|c| c.identity()).collect();
+    let leads = move |lease: Option<&Lease>| {
+        lease
+            .and_then(|lease| lease.spec.as_ref())
+            .and_then(|spec| spec.holder_identity.as_ref())
+            .is_some_and(|holder| identities.contains(holder))
+    };
+    match tokio::time::timeout(WAIT, await_condition(leases, lease, leads)).await {
+        Ok(Ok(Some(lease))) => lease
+            .spec
+            .and_then(|spec| spec.holder_identity)
+            .unwrap_or_default(),
+        other => panic!("no leader of {lease} among the candidates: {other:?}"),
+    }
+}
+
+/// Waits (on a watch) until the controller's status names the holding of
+/// `owner` as Locked.
+async fn await_status_of(api: &Api<DeploymentLock>, owner: &str) -> DeploymentLock {
+    use deploylock::crd::LockState;
+    let owner = owner.to_string();
+    let reconciled = move |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| {
+            let holding = lock
+                .spec
+                .holder
+                .as_ref()
+                .filter(|holder| holder.owner == owner);
+            let status = lock.status.as_ref();
+            holding.is_some_and(|holder| {
+                status.and_then(|s| s.state) == Some(LockState::Locked)
+                    && status.and_then(|s| s.lock_id.as_deref()) == Some(holder.lock_id.as_str())
+            })
+        })
+    };
+    match tokio::time::timeout(WAIT, await_condition(api.clone(), "production", reconciled)).await {
+        Ok(Ok(Some(lock))) => lock,
+        other => panic!("the controller never reported the holding as Locked: {other:?}"),
+    }
+}
+
+/// Three waiters queue in an enforced namespace watched by two controllers
+/// sharing one Lease. The leader is killed (SIGKILL: no hand-over, the
+/// standby takes over once the Lease runs out, 15 s, as long as a waiter's
+/// heartbeat timeout); the holder releases while no controller leads. The
+/// waiters keep their places through the gap and are served in arrival
+/// order, and the new leader reconciles each hand-off.
+///
+/// The admission policy's clock here is the harness's own controller (in
+/// deploylock-system), so the fail-over does not stop it: what is covered
+/// is the waiters against the controllers' status writes and a leaderless
+/// gap, not a stopped clock.
+#[tokio::test]
+async fn waiters_keep_their_order_through_a_controller_failover() {
+    let cluster = cluster();
+    let namespace = cluster.enforced_namespace("queue-failover").await;
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let first = cluster.spawn_controller(&namespace, "failover", &[]);
+    let second = cluster.spawn_controller(&namespace, "failover", &[]);
+    let leader = await_leader(&namespace, "failover", &[&first, &second]).await;
+    let (leader, standby) = if leader == first.identity() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+
+    let held = cluster.deploylock(
+        Identity::Alice,
+        &namespace,
+        &["acquire", "--owner", "holder", "--reason", "holder"],
+    );
+    assert!(
+        held.status.success(),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    await_status_of(&api, "holder").await;
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        waiters.push(start_waiter(&api, &namespace, i, &[]).await);
+    }
+
+    leader.signal("KILL");
+    release(&namespace, Identity::Alice);
+    let mut waiters = waiters.into_iter();
+    let waiter = waiters.next().unwrap_or_else(|| panic!("three waiters"));
+    expect_acquired(waiter, "waiter-0");
+    assert_eq!(holder_owner(&api).await.as_deref(), Some("waiter-0"));
+
+    let new_leader = await_leader(&namespace, "failover", &[&standby]).await;
+    assert_eq!(new_leader, standby.identity());
+    await_status_of(&api, "waiter-0").await;
+    let mut waiters: Vec<Child> = waiters.collect();
+    for (i, waiter) in waiters.iter_mut().enumerate() {
+        assert!(
+            matches!(waiter.try_wait(), Ok(None)),
+            "waiter-{} gave up during the fail-over",
+            i + 1
+        );
+    }
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let queue: Vec<&str> = lock.spec.queue.iter().map(|w| w.owner.as_str()).collect();
+    assert_eq!(queue, ["waiter-1", "waiter-2"], "{:?}", lock.spec.queue);
+
+    for (i, waiter) in (1..).zip(waiters) {
+        release(&namespace, identity_of(i - 1));
+        let who = format!("waiter-{i}");
+        expect_acquired(waiter, &who);
+        assert_eq!(
+            holder_owner(&api).await.as_deref(),
+            Some(who.as_str()),
+            "served out of order"
+        );
+        await_status_of(&api, &who).await;
+    }
+    release(&namespace, identity_of(2));
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.holder.is_none(), "{:?}", lock.spec.holder);
+    assert!(lock.spec.queue.is_empty(), "{:?}", lock.spec.queue);
+}
+
+/// `command` in a process group of its own (a shell's foreground job),
+/// stdout and stderr piped.
+fn foreground(mut command: std::process::Command) -> tokio::process::Child {
+    use std::os::unix::process::CommandExt;
+    command
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match tokio::process::Command::from(command).spawn() {
+        Ok(child) => child,
+        Err(err) => panic!("cannot start deploylock: {err}"),
+    }
+}
+
+/// Ctrl-C as a terminal sends it (SIGINT to the foreground process group);
+/// the process must exit 130 soon after.
+async fn ctrl_c_exits_130(child: tokio::process::Child, what: &str) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or(0),
+    );
+    crate::exec::await_proc("catching SIGINT", || {
+        crate::exec::catches(pid, Signal::SIGINT)
+    })
+    .await;
+    if let Err(err) = killpg(pid, Signal::SIGINT) {
+        panic!("{what}: cannot send SIGINT: {err}");
+    }
+    let output = match tokio::time::timeout(WAIT, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(err)) => panic!("{what}: cannot wait: {err}"),
+        Err(_) => panic!("{what}: still running {WAIT:?} after Ctrl-C"),
+    };
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{what}: {:?} {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Ctrl-C during each phase of `acquire --wait-timeout`: while connecting to
+/// a silent server and while queued. It exits 130 each time and leaves no
+/// holding and no place in the queue: right after it, a client that did not
+/// queue takes the freed lock (a place left behind would refuse it).
+#[tokio::test]
+async fn ctrl_c_in_every_phase_of_acquire_wait_timeout_exits_130_and_leaves_nothing() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("queue-ctrl-c").await;
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+
+    // Connecting: the server accepts and never answers.
+    let (port, accepted) = crate::exec::silent_server();
+    let mut command = crate::exec::deploylock_at(port, &namespace, dir.path());
+    command.args(["acquire", "--wait-timeout", "300", "--reason", "silence"]);
+    let child = foreground(command);
+    let connected = tokio::task::spawn_blocking(move || accepted.recv_timeout(WAIT)).await;
+    assert!(
+        matches!(connected, Ok(Ok(()))),
+        "acquire never connected to the silent server"
+    );
+    ctrl_c_exits_130(child, "Ctrl-C while connecting").await;
+
+    // Queued behind alice.
+    let held = cluster.deploylock(
+        Identity::Alice,
+        &namespace,
+        &["acquire", "--reason", "holder"],
+    );
+    assert!(
+        held.status.success(),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    let mut command = cluster.deploylock_command(Identity::Bob, &namespace);
+    command.args([
+        "acquire",
+        "--wait-timeout",
+        "300",
+        "--owner",
+        "interrupted",
+        "--reason",
+        "queued",
+    ]);
+    let child = foreground(command);
+    let queued = |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == "interrupted"))
+    };
+    if let Err(err) =
+        tokio::time::timeout(WAIT, await_condition(api.clone(), "production", queued)).await
+    {
+        panic!("the waiter never joined the queue: {err}");
+    }
+    ctrl_c_exits_130(child, "Ctrl-C while queued").await;
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(
+        lock.spec.holder.as_ref().map(|h| h.user.as_str()),
+        Some("alice")
+    );
+    assert!(
+        lock.spec.queue.is_empty(),
+        "the interrupted waiter is still queued: {:?}",
+        lock.spec.queue
+    );
+
+    release(&namespace, Identity::Alice);
+    let again = cluster.deploylock(
+        Identity::Alice,
+        &namespace,
+        &["acquire", "--reason", "next"],
+    );
+    assert!(
+        again.status.success(),
+        "a client that did not queue cannot take the freed lock: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(holder_owner(&api).await.as_deref(), Some("alice"));
+}
