@@ -58,6 +58,7 @@ async fn main() -> ExitCode {
         pauses: true,
         hostile: 2,
         hostile_pause: Duration::from_millis(100),
+        hostile_at_least: 0,
         partitions: Some(torture::Partitions {
             gap: (Duration::from_secs(3), Duration::from_secs(20)),
             length: (Duration::from_secs(1), Duration::from_secs(15)),

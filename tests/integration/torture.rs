@@ -84,6 +84,9 @@ pub struct Plan {
     pub hostile: usize,
     /// Pause of a hostile client between two writes.
     pub hostile_pause: StdDuration,
+    /// Each hostile client carries on past the run's end (30 s at most)
+    /// until the server has judged this many of its writes.
+    pub hostile_at_least: usize,
     /// Each `deploylock` client's execs go through a fault proxy of their
     /// own; a fault is injected after a random gap in `partition_gap` and
     /// lasts a random time in `partition_length` (a quarter of the faults of
@@ -460,6 +463,7 @@ pub async fn run(target: &Target, plan: &Plan) -> RunLog {
             kubectl: target.kubectl.clone(),
             deadline,
             pause: plan.hostile_pause,
+            at_least: plan.hostile_at_least,
         };
         let rng = Rng((plan.seed ^ (n as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03)) | 1);
         tasks.push(tokio::spawn(hostile_client(hostile, rng, attempts.clone())));
@@ -780,6 +784,7 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
     let mut next_pause = Instant::now() + StdDuration::from_secs(20);
     // The first kill as soon as possible, then one per `kill_every`.
     let mut next_kill = worker.kill_every.map(|_| Instant::now());
+    let mut killed_once = false;
     let mut execs = 0u64;
     let (can_force, pauses) = (worker.can_force, worker.pauses);
     while Instant::now() < worker.deadline {
@@ -795,7 +800,11 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
                 next_pause = Instant::now() + StdDuration::from_secs(120);
                 OpKind::ExecPaused
             }
-            (false, r) if r < 60 && next_kill.is_some_and(|next| Instant::now() >= next) => {
+            // Until the first kill has happened, every exec is one.
+            (false, r)
+                if next_kill.is_some_and(|next| Instant::now() >= next)
+                    && (r < 25 || !killed_once) =>
+            {
                 OpKind::ExecKilled
             }
             (false, r) if r < 35 => OpKind::Exec,
@@ -831,6 +840,7 @@ async fn process_worker(worker: Worker, cli: Cli, mut rng: Rng) {
                 let end = exec(&worker, &cli, &environment, run).await;
                 if kind == OpKind::ExecKilled && end.held {
                     next_kill = worker.kill_every.map(|every| Instant::now() + every);
+                    killed_once = true;
                 }
                 let leave = worker.killed_left_to_expire && rng.below(2) == 0;
                 if let Some(lock_id) = end.killed_and_gone.filter(|_| !leave) {
@@ -956,7 +966,8 @@ struct ExecEnd {
     killed_and_gone: Option<String>,
 }
 
-/// One `deploylock exec` (through the client's fault proxy, if any). Its
+/// One `deploylock exec` (through the client's fault proxy, if any, unless
+/// it is to be killed). Its
 /// command writes its lock ID and the time to a file about ten times a
 /// second, prints the holding it runs under (lock ID and token from the
 /// environment exec sets, then `status -o json`) and carries on for its
@@ -964,7 +975,13 @@ struct ExecEnd {
 /// lock lasts, then resumed, and must report the lock lost; a killed exec
 /// gets SIGKILL of its process group.
 async fn exec(worker: &Worker, cli: &Cli, environment: &str, run: ExecRun) -> ExecEnd {
-    let command = cli.command_with(&cli.exec_kubeconfig, environment);
+    // A killed exec connects directly: its fault is the kill.
+    let kubeconfig = if run.kind == OpKind::ExecKilled {
+        &cli.kubeconfig
+    } else {
+        &cli.exec_kubeconfig
+    };
+    let command = cli.command_with(kubeconfig, environment);
     let (worker, kubeconfig, environment) = (
         worker.clone(),
         cli.kubeconfig.clone(),
@@ -996,7 +1013,8 @@ fn read_times(path: &Path) -> Vec<(String, DateTime<Utc>)> {
 /// The command run under exec: `$0` is deploylock, `$1` a kubeconfig that
 /// bypasses the proxy, `$2` the length in microseconds, `$3` the file to
 /// write times to. `EPOCHREALTIME` is this machine's clock, without a fork.
-const EXEC_SCRIPT: &str = r#"tick() { printf '%s %s\n' "$DEPLOYLOCK_LOCK_ID" "${EPOCHREALTIME/./}" >> "$3"; }
+const EXEC_SCRIPT: &str = r#"times=$3
+tick() { printf '%s %s\n' "$DEPLOYLOCK_LOCK_ID" "${EPOCHREALTIME/./}" >> "$times"; }
 tick
 end=$(( ${EPOCHREALTIME/./} + $2 ))
 echo "$DEPLOYLOCK_LOCK_ID $DEPLOYLOCK_FENCING_TOKEN"
@@ -1590,6 +1608,34 @@ pub fn command_report(run: &RunLog) -> String {
             "{:.3} s",
             m.num_milliseconds() as f64 / 1000.0
         )),
+    )
+}
+
+/// How the operations of one kind ended, with the first reason of each kind
+/// of failure (for the report).
+pub fn outcomes(ops: &[Op], kind: OpKind) -> String {
+    let of_kind: Vec<&Op> = ops.iter().filter(|op| op.kind == kind).collect();
+    let done = of_kind
+        .iter()
+        .filter(|op| matches!(op.result, OpResult::Done { .. }))
+        .count();
+    let first = |refused: bool| {
+        of_kind.iter().find_map(|op| match &op.result {
+            OpResult::Refused(why) if refused => Some(why.clone()),
+            OpResult::Ambiguous(why) if !refused => Some(why.clone()),
+            _ => None,
+        })
+    };
+    let refused = of_kind
+        .iter()
+        .filter(|op| matches!(op.result, OpResult::Refused(_)))
+        .count();
+    format!(
+        "{kind:?}: {} ({done} done, {refused} refused (first: {:?}), {} unknown (first: {:?}))",
+        of_kind.len(),
+        first(true),
+        of_kind.len() - done - refused,
+        first(false)
     )
 }
 

@@ -763,6 +763,9 @@ pub struct HostilePlan {
     pub deadline: Instant,
     /// Pause between two writes.
     pub pause: StdDuration,
+    /// Carry on past the deadline (30 s at most) until the server has
+    /// judged (refused or accepted) this many writes.
+    pub at_least: usize,
 }
 
 async fn client_for(kubeconfig: &PathBuf) -> Client {
@@ -787,13 +790,30 @@ async fn read(client: &Client, namespace: &str, name: &str) -> Option<Value> {
     client.request::<Value>(request).await.ok()
 }
 
-fn classify_status(code: u16, message: String) -> Answer {
-    match code {
+/// A JSON patch the server could not apply says why only in the status's
+/// causes ("the server rejected our request due to an error in our request").
+fn classify_status(status: &kube::core::Status) -> Answer {
+    let causes: Vec<&str> = status
+        .details
+        .iter()
+        .flat_map(|details| details.causes.iter())
+        .map(|cause| cause.message.as_str())
+        .collect();
+    let message = if causes.is_empty() {
+        status.message.clone()
+    } else {
+        format!("{} ({})", status.message, causes.join("; "))
+    };
+    match status.code {
         403 => Answer::Forbidden(message),
         409 | 404 => Answer::Stale(message),
-        422 if message.contains("test failed") => Answer::Stale(message),
+        // The server gives no cause for a patch it could not apply; with
+        // the resourceVersion test first, that is the lock having moved on.
+        422 if message.contains("test failed") || message.contains("an error in our request") => {
+            Answer::Stale(message)
+        }
         422 if message.contains("is invalid") => Answer::Invalid(message),
-        _ => Answer::Unknown(format!("{code}: {message}")),
+        code => Answer::Unknown(format!("{code}: {message}")),
     }
 }
 
@@ -852,7 +872,7 @@ async fn send_raw(client: &Client, namespace: &str, name: &str, write: &Write) -
                 .unwrap_or("(deleted)")
                 .to_string(),
         ),
-        Err(kube::Error::Api(status)) => classify_status(status.code, status.message),
+        Err(kube::Error::Api(status)) => classify_status(&status),
         Err(err) => Answer::Unknown(err.to_string()),
     }
 }
@@ -945,7 +965,9 @@ async fn send_kubectl(
     if output.status.success() {
         return Answer::Accepted(stdout);
     }
+    // See classify_status: a patch the server could not apply.
     if stderr.contains("test failed")
+        || stderr.contains("an error in our request")
         || stderr.contains("(Conflict)")
         || stderr.contains("the object has been modified")
         || stderr.contains("(NotFound)")
@@ -976,7 +998,9 @@ pub async fn hostile_client(plan: HostilePlan, mut rng: Rng, log: Arc<Mutex<Vec<
     let attacks = attacks();
     let creates = bad_creates();
     let mut created = 0u64;
-    while Instant::now() < plan.deadline {
+    let mut judged = 0usize;
+    let last_call = plan.deadline + StdDuration::from_secs(30);
+    while Instant::now() < plan.deadline || (judged < plan.at_least && Instant::now() < last_call) {
         tokio::time::sleep(plan.pause).await;
         let pick = rng.below(plan.identities.len() as u64) as usize;
         let (Some(me), Some(client)) = (plan.identities.get(pick), clients.get(pick)) else {
@@ -1037,6 +1061,9 @@ pub async fn hostile_client(plan: HostilePlan, mut rng: Rng, log: Arc<Mutex<Vec<
             Tool::Raw => send_raw(client, &plan.namespace, &name, &write).await,
             Tool::Kubectl => send_kubectl(&plan.kubectl, me, &plan.namespace, &name, &write).await,
         };
+        if !matches!(answer, Answer::Stale(_) | Answer::Unknown(_)) {
+            judged += 1;
+        }
         if let Ok(mut log) = log.lock() {
             log.push(Attempt {
                 attack,

@@ -12,7 +12,7 @@ use chrono::Utc;
 use crate::support::cluster;
 use crate::torture::{
     OpKind, OpResult, Partitions, Plan, Target, ambiguous, check, command_report, counts,
-    lost_refusals, run,
+    lost_refusals, outcomes, run,
 };
 use crate::torture_hostile::{Answer, summary};
 use deploylock::store::Outcome;
@@ -37,12 +37,10 @@ async fn short_torture_run_finds_no_violation() {
         pauses: false,
         hostile: 1,
         hostile_pause: StdDuration::from_millis(50),
+        hostile_at_least: 20,
         partitions: Some(Partitions {
-            gap: (StdDuration::from_millis(500), StdDuration::from_secs(2)),
-            length: (
-                StdDuration::from_millis(300),
-                StdDuration::from_millis(1500),
-            ),
+            gap: (StdDuration::from_millis(1500), StdDuration::from_secs(3)),
+            length: (StdDuration::from_millis(200), StdDuration::from_millis(800)),
             long_ones: false,
         }),
         kill_every: Some(StdDuration::from_secs(4)),
@@ -65,6 +63,9 @@ async fn short_torture_run_finds_no_violation() {
         violations.len()
     );
     eprintln!("torture: {}", counts(ops));
+    for kind in [OpKind::Exec, OpKind::ExecKilled] {
+        eprintln!("torture: {}", outcomes(ops, kind));
+    }
     eprintln!("torture: {}", summary(&log.attempts));
     eprintln!("torture: {}", command_report(&log));
     if let Some(unanswered) = log
@@ -111,7 +112,7 @@ async fn short_torture_run_finds_no_violation() {
         .filter(|attempt| matches!(attempt.answer, Answer::Forbidden(_) | Answer::Invalid(_)))
         .count();
     assert!(
-        refused >= 10,
+        refused >= 20,
         "too few hostile writes judged: {}",
         summary(&log.attempts)
     );
