@@ -1556,12 +1556,14 @@ pub fn command_report(run: &RunLog) -> String {
             *entry = (*entry).max(*expiry);
         }
     }
+    // Killed execs connect directly.
     let in_fault = |command: &CommandRun| {
-        run.faults.iter().any(|fault| {
-            fault.worker == command.worker
-                && fault.from < command.ended
-                && fault.to > command.started
-        })
+        command.kind != OpKind::ExecKilled
+            && run.faults.iter().any(|fault| {
+                fault.worker == command.worker
+                    && fault.from < command.ended
+                    && fault.to > command.started
+            })
     };
     let partitioned = run.commands.iter().filter(|c| in_fault(c)).count();
     let stopped = run.commands.iter().filter(|c| c.stopped_unrenewed).count();
