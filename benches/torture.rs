@@ -101,6 +101,7 @@ async fn main() -> ExitCode {
     );
     println!("operations: {}", torture::counts(ops));
     println!("hostile: {}", torture_hostile::summary(&log.attempts));
+    println!("{}", torture_hostile::by_attack(&log.attempts));
     println!("exec: {}", torture::command_report(&log));
     for violation in &violations {
         println!("VIOLATION {violation}");

@@ -886,6 +886,9 @@ async fn send_kubectl(
 ) -> Answer {
     let manager = format!("--field-manager={HOSTILE_MANAGER}");
     let rv = "jsonpath={.metadata.resourceVersion}";
+    // The server judges, not kubectl's own validation (which also needs the
+    // OpenAPI document, unavailable while the server restarts).
+    let validate = "--validate=false";
     let (args, input): (Vec<String>, Option<String>) = match write {
         Write::JsonPatch(patch) => (
             vec![
@@ -906,6 +909,7 @@ async fn send_kubectl(
                 "replace".into(),
                 "-f".into(),
                 "-".into(),
+                validate.into(),
                 manager,
                 "-o".into(),
                 rv.into(),
@@ -918,6 +922,7 @@ async fn send_kubectl(
                 "--subresource=status".into(),
                 "-f".into(),
                 "-".into(),
+                validate.into(),
                 manager,
                 "-o".into(),
                 rv.into(),
@@ -929,6 +934,7 @@ async fn send_kubectl(
                 "create".into(),
                 "-f".into(),
                 "-".into(),
+                validate.into(),
                 manager,
                 "-o".into(),
                 rv.into(),
@@ -1115,6 +1121,29 @@ pub fn summary(attempts: &[Attempt]) -> String {
         attempts.len(),
         classes.len()
     )
+}
+
+/// Answers per attack: refused (403 or 422) / stale / unanswered / accepted
+/// (for the long run's report).
+pub fn by_attack(attempts: &[Attempt]) -> String {
+    let mut table: std::collections::BTreeMap<&str, [usize; 4]> = Default::default();
+    for attempt in attempts {
+        let row = table.entry(attempt.attack).or_default();
+        let column = match attempt.answer {
+            Answer::Forbidden(_) | Answer::Invalid(_) => 0,
+            Answer::Stale(_) => 1,
+            Answer::Unknown(_) => 2,
+            Answer::Accepted(_) => 3,
+        };
+        row[column] += 1;
+    }
+    table
+        .iter()
+        .map(|(attack, [refused, stale, unknown, accepted])| {
+            format!("  {attack}: {refused} refused, {stale} stale, {unknown} unanswered, {accepted} accepted")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Every accepted hostile write, as a violation.

@@ -14,7 +14,7 @@ use crate::torture::{
     OpKind, OpResult, Partitions, Plan, Target, ambiguous, check, command_report, counts,
     lost_refusals, outcomes, run,
 };
-use crate::torture_hostile::{Answer, summary};
+use crate::torture_hostile::{Answer, by_attack, summary};
 use deploylock::store::Outcome;
 
 // The fault proxies run on the test's runtime while exec workers block
@@ -67,6 +67,7 @@ async fn short_torture_run_finds_no_violation() {
         eprintln!("torture: {}", outcomes(ops, kind));
     }
     eprintln!("torture: {}", summary(&log.attempts));
+    eprintln!("{}", by_attack(&log.attempts));
     eprintln!("torture: {}", command_report(&log));
     if let Some(unanswered) = log
         .attempts
