@@ -1032,6 +1032,18 @@ fn exec_blocking(
     let paused = kind == OpKind::ExecPaused;
     let killed = kind == OpKind::ExecKilled;
     let invoked = Instant::now();
+    // To place the command's times (this machine's clock) on the log's.
+    let base = (Instant::now(), Utc::now());
+    let instant_of = |time: DateTime<Utc>| {
+        let ahead = time - base.1;
+        match ahead.to_std() {
+            Ok(ahead) => base.0 + ahead,
+            Err(_) => base
+                .0
+                .checked_sub((-ahead).to_std().unwrap_or_default())
+                .unwrap_or(base.0),
+        }
+    };
     command.args([
         "exec",
         "--duration",
@@ -1180,6 +1192,16 @@ fn exec_blocking(
         Err(err) => (None, err.to_string()),
     };
     let times = read_times(&run.record);
+    // exec releases after its command ended, so after the command's last
+    // time: the release's invocation, for the log's real-time order (exec's
+    // own exit is seen later, possibly after another client took the lock).
+    let release_invoked = times
+        .iter()
+        .map(|(_, time)| *time)
+        .max()
+        .map(instant_of)
+        .unwrap_or(command_started)
+        .min(command_ended);
     if let Some(lock_id) = times.first().map(|(id, _)| id.clone()) {
         let run = CommandRun {
             worker: worker.id,
@@ -1254,7 +1276,7 @@ fn exec_blocking(
                 OpKind::Release,
                 lock_id,
                 None,
-                Instant::now(),
+                release_invoked,
                 result,
             );
         }
@@ -1384,8 +1406,10 @@ pub async fn check(target: &Target, run: &RunLog) -> (usize, Vec<String>) {
             let forced = b_action == HistoryAction::ForceAcquired;
             if !(released || force_released || expired_before || forced) {
                 violations.push(format!(
-                    "{environment}: holdings {} (token {}, {} worker {}) and {} (token {}, {} worker {}) overlap",
-                    a.lock_id, a.token, a.op.user, a.op.worker, b.lock_id, b.token, b.op.user, b.op.worker
+                    "{environment}: holdings {} (token {}, {:?} by {} worker {}) and {} (token {}, {:?} {b_action:?} by {} worker {}, completed {:?} after the first was granted) overlap; ops on the first: {:?}",
+                    a.lock_id, a.token, a.op.kind, a.op.user, a.op.worker, b.lock_id, b.token, b.op.kind, b.op.user, b.op.worker,
+                    b.op.completed.saturating_duration_since(a.op.completed),
+                    on_lock.get(a.lock_id.as_str()).map(|ops| ops.iter().map(|op| (op.kind, op.invoked.saturating_duration_since(a.op.completed), &op.result)).collect::<Vec<_>>())
                 ));
             }
         }
@@ -1419,8 +1443,8 @@ pub async fn check(target: &Target, run: &RunLog) -> (usize, Vec<String>) {
             });
             if let Some(op) = stale {
                 violations.push(format!(
-                    "{environment}: {:?} of overridden holding {} succeeded after a later holding was granted",
-                    op.kind, holding.lock_id
+                    "{environment}: {:?} of overridden holding {} (worker {}) succeeded, invoked {:?} after a later holding was granted: {:?}",
+                    op.kind, holding.lock_id, op.worker, op.invoked.saturating_duration_since(later), op.result
                 ));
             }
         }
