@@ -1,9 +1,14 @@
 //! `make torture`: the torture engine of tests/integration/torture.rs run for
-//! minutes on a control plane of its own, with faults injected: kube-apiserver
-//! and etcd restarted, the controller killed with SIGKILL and restarted, and
-//! holders paused past their expiry (in-process ones sleep; an exec process
-//! is stopped with SIGSTOP). Reports how many operations it checked;
-//! exits 1 on any violation. TORTURE_SECONDS sets the length (default 720).
+//! minutes on a control plane of its own, in a namespace where the admission
+//! policy is enforced, with faults injected: kube-apiserver and etcd
+//! restarted, the controller killed with SIGKILL and restarted, holders
+//! paused past their expiry (in-process ones sleep; an exec process is
+//! stopped with SIGSTOP), the execs' connections frozen, reset and
+//! black-holed (some for longer than a holding can go unrenewed), execs
+//! killed with SIGKILL of their process group mid-command, and hostile
+//! clients sending forbidden writes throughout. Reports how many operations
+//! it checked; exits 1 on any violation. TORTURE_SECONDS sets the length
+//! (default 720).
 
 #[allow(dead_code)]
 #[path = "../tests/integration/support.rs"]
@@ -11,6 +16,9 @@ mod support;
 #[allow(dead_code)]
 #[path = "../tests/integration/torture.rs"]
 mod torture;
+#[allow(dead_code)]
+#[path = "../tests/integration/torture_hostile.rs"]
+mod torture_hostile;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -37,7 +45,7 @@ async fn main() -> ExitCode {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| chrono::Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64);
     let cluster = cluster();
-    let namespace = cluster.namespace("torture-long").await;
+    let namespace = cluster.enforced_namespace("torture-long").await;
     let target = torture::Target::on(cluster, &namespace);
     eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
     let duration = Duration::from_secs(seconds);
@@ -48,6 +56,17 @@ async fn main() -> ExitCode {
         duration,
         seed,
         pauses: true,
+        hostile: 2,
+        hostile_pause: Duration::from_millis(100),
+        hostile_at_least: 0,
+        partitions: Some(torture::Partitions {
+            gap: (Duration::from_secs(3), Duration::from_secs(20)),
+            length: (Duration::from_secs(1), Duration::from_secs(15)),
+            long_ones: true,
+        }),
+        kill_every: Some(Duration::from_secs(30)),
+        longest_command: Duration::from_secs(100),
+        killed_left_to_expire: true,
     };
     let engine = torture::run(&target, &plan);
     let chaos = async {
@@ -69,17 +88,21 @@ async fn main() -> ExitCode {
         }
         round
     };
-    let (ops, faults) = tokio::join!(engine, chaos);
+    let (log, faults) = tokio::join!(engine, chaos);
     // Let the restarted servers settle before reading the final objects.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (checked, violations) = torture::check(&target, &ops).await;
-    let (unknown, first_unknown) = torture::ambiguous(&ops);
+    let (checked, violations) = torture::check(&target, &log).await;
+    let ops = &log.ops;
+    let (unknown, first_unknown) = torture::ambiguous(ops);
     println!(
-        "torture: {checked} operations checked in {seconds} s with {faults} faults; {} refusals to stale or overridden holders; {unknown} of unknown outcome during faults ({first_unknown:?}); {} violations",
-        torture::lost_refusals(&ops),
+        "torture: {checked} operations, hostile writes and commands checked in {seconds} s with {faults} server and controller faults; {} refusals to stale or overridden holders; {unknown} of unknown outcome during faults ({first_unknown:?}); {} violations",
+        torture::lost_refusals(ops),
         violations.len()
     );
-    println!("operations: {}", torture::counts(&ops));
+    println!("operations: {}", torture::counts(ops));
+    println!("hostile: {}", torture_hostile::summary(&log.attempts));
+    println!("{}", torture_hostile::by_attack(&log.attempts));
+    println!("exec: {}", torture::command_report(&log));
     for violation in &violations {
         println!("VIOLATION {violation}");
     }

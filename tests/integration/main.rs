@@ -13,4 +13,5 @@ mod hostile;
 mod queue;
 mod support;
 mod torture;
+mod torture_hostile;
 mod torture_short;

@@ -1,6 +1,9 @@
 //! The short torture run inside `make test` (the engine is in torture.rs;
-//! `make torture` runs it for minutes with faults): in-process clients and
-//! `deploylock` processes, the controller killed midway.
+//! `make torture` runs it for minutes with more faults): in-process clients
+//! and `deploylock` processes in a namespace where the admission policy is
+//! enforced, a hostile client sending forbidden writes, the execs' connections
+//! frozen, reset and black-holed by a proxy, execs killed with SIGKILL of
+//! their process group mid-command, the controller killed midway.
 
 use std::time::Duration as StdDuration;
 
@@ -8,14 +11,18 @@ use chrono::Utc;
 
 use crate::support::cluster;
 use crate::torture::{
-    OpKind, OpResult, Plan, Target, ambiguous, check, counts, lost_refusals, run,
+    OpKind, OpResult, Partitions, Plan, Target, ambiguous, check, command_report, counts,
+    lost_refusals, outcomes, run,
 };
+use crate::torture_hostile::{Answer, by_attack, summary};
 use deploylock::store::Outcome;
 
-#[tokio::test]
+// The fault proxies run on the test's runtime while exec workers block
+// threads of their own: a second worker thread keeps the proxies forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_torture_run_finds_no_violation() {
     let cluster = cluster();
-    let namespace = cluster.namespace("torture").await;
+    let namespace = cluster.enforced_namespace("torture").await;
     let target = Target::on(cluster, &namespace);
     let seed = Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64;
     eprintln!("torture seed {seed}");
@@ -28,6 +35,17 @@ async fn short_torture_run_finds_no_violation() {
         duration: StdDuration::from_secs(8),
         seed,
         pauses: false,
+        hostile: 1,
+        hostile_pause: StdDuration::from_millis(50),
+        hostile_at_least: 20,
+        partitions: Some(Partitions {
+            gap: (StdDuration::from_millis(1500), StdDuration::from_secs(3)),
+            length: (StdDuration::from_millis(200), StdDuration::from_millis(800)),
+            long_ones: false,
+        }),
+        kill_every: Some(StdDuration::from_secs(4)),
+        longest_command: StdDuration::from_secs(2),
+        killed_left_to_expire: false,
     };
     let engine = run(&target, &plan);
     let chaos = async {
@@ -35,16 +53,35 @@ async fn short_torture_run_finds_no_violation() {
         controller.signal("KILL");
         cluster.spawn_controller(&namespace, "torture", &[])
     };
-    let (ops, _restarted) = tokio::join!(engine, chaos);
-    let (checked, violations) = check(&target, &ops).await;
-    let (unknown, first_unknown) = ambiguous(&ops);
+    let (log, _restarted) = tokio::join!(engine, chaos);
+    let ops = &log.ops;
+    let (checked, violations) = check(&target, &log).await;
+    let (unknown, first_unknown) = ambiguous(ops);
     eprintln!(
-        "torture: {checked} operations checked, {} lost/refused as expected, {unknown} of unknown outcome ({first_unknown:?}), {} violations",
-        lost_refusals(&ops),
+        "torture: {checked} operations, hostile writes and commands checked, {} lost/refused as expected, {unknown} of unknown outcome ({first_unknown:?}), {} violations",
+        lost_refusals(ops),
         violations.len()
     );
-    eprintln!("torture: {}", counts(&ops));
-    assert!(checked > 50, "too few operations: {checked}");
+    eprintln!("torture: {}", counts(ops));
+    for kind in [OpKind::Exec, OpKind::ExecKilled] {
+        eprintln!("torture: {}", outcomes(ops, kind));
+    }
+    eprintln!("torture: {}", summary(&log.attempts));
+    eprintln!("{}", by_attack(&log.attempts));
+    eprintln!("torture: {}", command_report(&log));
+    if let Some(unanswered) = log
+        .attempts
+        .iter()
+        .find(|attempt| matches!(attempt.answer, Answer::Unknown(_)))
+    {
+        eprintln!("torture: first unanswered hostile write: {unanswered:?}");
+    }
+    assert!(
+        violations.is_empty(),
+        "violations:\n{}",
+        violations.join("\n")
+    );
+    assert!(ops.len() > 50, "too few operations: {}", ops.len());
     let by_processes = |kind: OpKind| {
         ops.iter()
             .filter(|op| op.process && op.kind == kind)
@@ -69,9 +106,27 @@ async fn short_torture_run_finds_no_violation() {
         })
         .count();
     assert!(acquisitions > 10, "too few transitions: {acquisitions}");
+    // The hostile client was answered, and refused.
+    let refused = log
+        .attempts
+        .iter()
+        .filter(|attempt| matches!(attempt.answer, Answer::Forbidden(_) | Answer::Invalid(_)))
+        .count();
     assert!(
-        violations.is_empty(),
-        "violations:\n{}",
-        violations.join("\n")
+        refused >= 20,
+        "too few hostile writes judged: {}",
+        summary(&log.attempts)
     );
+    // Commands were timed, and at least one exec was killed while its
+    // command ran (and the checker found its tree gone before the expiry).
+    assert!(
+        log.commands.iter().any(|command| command.ticks > 0),
+        "no exec command wrote its times"
+    );
+    assert!(
+        log.commands.iter().any(|command| command.killed.is_some()),
+        "no exec was killed while its command ran: {}",
+        counts(ops)
+    );
+    assert!(!log.faults.is_empty(), "no fault was injected");
 }
