@@ -169,7 +169,12 @@ fn await_admission_enforced(cluster: &TestCluster) -> Result<(), String> {
     let namespace = "admission-probe";
     for args in [
         vec!["create", "namespace", namespace],
-        vec!["label", "namespace", namespace, "deploylock.dev/enforce=true"],
+        vec![
+            "label",
+            "namespace",
+            namespace,
+            "deploylock.dev/enforce=true",
+        ],
     ] {
         let output = cluster.kubectl(Identity::Admin, &args);
         if !output.status.success() {
