@@ -20,7 +20,7 @@ use kube::runtime::wait::await_condition;
 use serde_json::json;
 
 use deploylock::crd::{DeploymentLock, LockState};
-use support::{Identity, cluster};
+use support::{Fault, FaultProxy, Identity, cluster};
 
 const SAMPLES: usize = 30;
 
@@ -447,124 +447,6 @@ async fn lost_lock(rows: &mut Vec<Row>) {
     });
 }
 
-/// What the partition proxy does to exec's traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
-    /// Forwards every byte.
-    None,
-    /// Open connections stop forwarding (not closed); new ones are accepted
-    /// and never answered (the TLS handshake hangs).
-    Freeze,
-    /// Open connections are reset (RST); new ones hang in the handshake.
-    ResetThenStall,
-    /// What clients send is swallowed; nothing is ever answered.
-    BlackHole,
-}
-
-/// A loopback TCP proxy in front of the API server (the same faults as the
-/// integration tests' FaultProxy), and a copy of a kubeconfig pointing at it.
-struct Partition {
-    mode: tokio::sync::watch::Sender<Fault>,
-    kubeconfig: std::path::PathBuf,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Partition {
-    async fn start(kubeconfig: &std::path::Path, copy: std::path::PathBuf) -> Partition {
-        let text = std::fs::read_to_string(kubeconfig).unwrap_or_else(|err| panic!("{err}"));
-        let server = text
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("server: https://"))
-            .unwrap_or_else(|| panic!("no server in {}", kubeconfig.display()))
-            .to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|err| panic!("{err}"));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|err| panic!("{err}"))
-            .port();
-        std::fs::write(&copy, text.replace(&server, &format!("127.0.0.1:{port}")))
-            .unwrap_or_else(|err| panic!("{err}"));
-        let (mode, modes) = tokio::sync::watch::channel(Fault::None);
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let modes = modes.clone();
-                let upstream = server.clone();
-                connections.spawn(async move {
-                    if *modes.borrow() != Fault::None {
-                        swallow(client).await;
-                    } else if let Ok(upstream) = tokio::net::TcpStream::connect(&upstream).await {
-                        forward(client, upstream, modes).await;
-                    }
-                });
-            }
-        });
-        Partition {
-            mode,
-            kubeconfig: copy,
-            task,
-        }
-    }
-
-    fn set(&self, fault: Fault) {
-        self.mode.send_replace(fault);
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads what a client sends and never answers.
-async fn swallow(mut client: tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let mut buffer = [0u8; 16384];
-    while matches!(client.read(&mut buffer).await, Ok(n) if n > 0) {}
-}
-
-async fn forward(
-    mut client: tokio::net::TcpStream,
-    mut upstream: tokio::net::TcpStream,
-    mut modes: tokio::sync::watch::Receiver<Fault>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
-    loop {
-        let fault = *modes.borrow_and_update();
-        match fault {
-            Fault::None => tokio::select! {
-                read = client.read(&mut up) => match read {
-                    Ok(n) if n > 0 => if upstream.write_all(&up[..n]).await.is_err() { return },
-                    _ => return,
-                },
-                read = upstream.read(&mut down) => match read {
-                    Ok(n) if n > 0 => if client.write_all(&down[..n]).await.is_err() { return },
-                    _ => return,
-                },
-                changed = modes.changed() => if changed.is_err() { return },
-            },
-            Fault::Freeze => {
-                if modes.changed().await.is_err() {
-                    return;
-                }
-            }
-            Fault::BlackHole => tokio::select! {
-                read = client.read(&mut up) => if !matches!(read, Ok(n) if n > 0) { return },
-                changed = modes.changed() => if changed.is_err() { return },
-            },
-            Fault::ResetThenStall => {
-                // SO_LINGER 0: the close sends RST, not FIN.
-                let _ = client.set_zero_linger();
-                return;
-            }
-        }
-    }
-}
-
 /// A command tree that outlives a plain SIGTERM: a grandchild ignoring it,
 /// one in a session of its own. Every process of it holds the write end of
 /// the fifo `$TREE` (fd 3), which neither exec nor its watchdog opens: the
@@ -587,11 +469,10 @@ async fn partitioned_exec(
     let cluster = cluster();
     let api: Api<DeploymentLock> =
         Api::namespaced(cluster.client(Identity::Admin).await, namespace);
-    let proxy = Partition::start(
-        &cluster.kubeconfig(Identity::Alice),
-        dir.join(format!("{environment}.kubeconfig")),
-    )
-    .await;
+    let proxy_dir = dir.join(environment);
+    std::fs::create_dir_all(&proxy_dir)
+        .map_err(|err| format!("cannot create {}: {err}", proxy_dir.display()))?;
+    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), &proxy_dir).await;
     let tree = dir.join(format!("{environment}.tree"));
     let made = Command::new("mkfifo").arg(&tree).status();
     if !matches!(made, Ok(status) if status.success()) {
@@ -613,7 +494,7 @@ async fn partitioned_exec(
     });
     let mut exec = tokio::process::Command::new(env!("CARGO_BIN_EXE_deploylock"))
         .arg("--kubeconfig")
-        .arg(&proxy.kubeconfig)
+        .arg(proxy.kubeconfig())
         .args(["-n", namespace, "-e", environment, "exec"])
         .args(["--duration", "1", "--grace", "3", "--reason", "partitioned"])
         .args(["--", "sh", "-c", STUBBORN_TREE])

@@ -48,9 +48,10 @@ pub const FENCING_TOKENS_PER_SECOND: i64 = 1 << 20;
 /// arrives a moment later.
 pub const FENCING_BASE_LEAD_SECONDS: i64 = 5;
 /// The only date-time form stored: RFC 3339 in UTC with a `Z`, optional
-/// fractional seconds. The schema and [`parse_time`] apply the same rule.
-pub const DATE_TIME_PATTERN: &str =
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
+/// fractional seconds, years 0001-9999 (the range of CEL's timestamps: a
+/// year 0000 would make the admission policy fail on every later write).
+/// The schema and [`parse_time`] apply the same rule.
+pub const DATE_TIME_PATTERN: &str = r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
 
 /// Desired lock for one environment.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -377,7 +378,7 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
         && bytes[16] == b':'
         && digits(17..19)
         && bytes[bytes.len() - 1] == b'Z';
-    if !shape {
+    if !shape || &bytes[0..4] == b"0000" {
         return None;
     }
     let fraction = &bytes[19..bytes.len() - 1];

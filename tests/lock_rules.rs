@@ -1952,9 +1952,9 @@ fn leaving_the_queue_gives_up_the_place() {
 // ---------------------------------------------------------------------------
 
 /// Instants anywhere in the range the schema's date-time pattern admits
-/// (years 0000-9999), including the edges.
+/// (years 0001-9999), including the edges.
 fn any_instant() -> impl Strategy<Value = DateTime<Utc>> {
-    let first = -62_167_219_200_i64; // 0000-01-01T00:00:00Z
+    let first = -62_135_596_800_i64; // 0001-01-01T00:00:00Z
     let last = 253_402_300_799_i64; // 9999-12-31T23:59:59Z
     prop_oneof![
         Just(first),
@@ -2094,5 +2094,6 @@ proptest! {
         prop_assert_eq!(deploylock::crd::parse_time(&written), Some(instant));
         let _ = deploylock::crd::parse_time(&junk);
         prop_assert_eq!(deploylock::crd::parse_time(&format!("{written}T")), None);
+        prop_assert_eq!(deploylock::crd::parse_time("0000-01-01T00:00:00Z"), None);
     }
 }

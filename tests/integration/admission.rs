@@ -604,9 +604,7 @@ fn new_lock(environment: &str, holder_user: &str, by: &str) -> Value {
         "metadata": { "name": environment },
         "spec": {
             "environment": environment,
-            "fencingToken": (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS)
-                * deploylock::crd::FENCING_TOKENS_PER_SECOND
-                + 1,
+            "fencingToken": crate::torture_hostile::first_token(now) + 1,
             "holder": holder,
             "history": [entry]
         }

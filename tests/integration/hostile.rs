@@ -5,21 +5,18 @@
 //! lock usable by its holder, an admin and the controller. Legitimate raw
 //! writes of each transition are accepted, so the refusals are not blanket.
 
-use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use chrono::{DateTime, Duration, Utc};
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
 
-use deploylock::crd::{DeploymentLock, FENCING_TOKENS_PER_SECOND, HistoryAction, LockState};
+use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
 use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of};
+use crate::torture_hostile::{entry_for, first_token, holding, new_lock, stamp};
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-
-fn stamp(time: DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
 
 /// One write, as both clients send it.
 #[derive(Clone, Debug)]
@@ -189,55 +186,6 @@ fn deploylock_ok(cluster: &TestCluster, identity: Identity, namespace: &str, arg
         0,
         &format!("{} deploylock {args:?}", identity.username()),
     );
-}
-
-/// A holding in `user`'s name starting now, as the CLI writes it.
-fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
-    json!({
-        "lockId": uuid::Uuid::new_v4().to_string(),
-        "user": user,
-        "owner": user,
-        "type": lock_type,
-        "reason": "hostile test",
-        "acquiredAt": stamp(now),
-        "expiresAt": stamp(now + Duration::minutes(30)),
-        "durationSeconds": 1800
-    })
-}
-
-fn entry_for(sequence: i64, action: &str, holder: &Value, by: &str, at: DateTime<Utc>) -> Value {
-    json!({
-        "sequence": sequence,
-        "action": action,
-        "at": stamp(at),
-        "lockId": holder["lockId"],
-        "by": by,
-        "owner": holder["owner"],
-        "reason": holder["reason"],
-        "expiresAt": holder["expiresAt"],
-    })
-}
-
-/// As the CLI takes it: a little ahead of the time read.
-fn first_token(now: DateTime<Utc>) -> i64 {
-    (now.timestamp() + deploylock::crd::FENCING_BASE_LEAD_SECONDS) * FENCING_TOKENS_PER_SECOND
-}
-
-/// A whole new lock held by `user`, as `deploylock acquire` creates it.
-fn new_lock(name: &str, user: &str, now: DateTime<Utc>) -> Value {
-    let holder = holding(user, "manual", now);
-    let entry = entry_for(1, "Acquired", &holder, user, now);
-    json!({
-        "apiVersion": "deploylock.dev/v1",
-        "kind": "DeploymentLock",
-        "metadata": { "name": name },
-        "spec": {
-            "environment": name,
-            "fencingToken": first_token(now) + 1,
-            "holder": holder,
-            "history": [entry]
-        }
-    })
 }
 
 fn history(object: &Value) -> Vec<Value> {
@@ -607,6 +555,14 @@ fn bad_creates() -> Vec<BadCreate> {
             object: |name, now| {
                 let mut lock = new_lock(name, "alice", now);
                 lock["spec"]["holder"]["acquiredAt"] = json!("2030-01-01T00:00:00ZT");
+                lock
+            },
+        },
+        BadCreate {
+            what: "history at 0000-01-01 (outside CEL's timestamps: would fail the policy on every later write)",
+            object: |name, now| {
+                let mut lock = new_lock(name, "alice", now);
+                lock["spec"]["history"][0]["at"] = json!("0000-01-01T00:00:00Z");
                 lock
             },
         },

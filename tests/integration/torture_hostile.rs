@@ -27,8 +27,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use deploylock::crd::{FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND};
-
 use crate::torture::Rng;
 
 /// The field manager of every hostile write.
@@ -223,12 +221,12 @@ impl Scene<'_> {
     }
 }
 
-fn stamp(time: DateTime<Utc>) -> String {
+pub(crate) fn stamp(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// A holding in `user`'s name starting at `now`, 30 minutes long.
-fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
+pub(crate) fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
     json!({
         "lockId": uuid::Uuid::new_v4().to_string(),
         "user": user,
@@ -241,7 +239,13 @@ fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
     })
 }
 
-fn entry_for(sequence: i64, action: &str, holder: &Value, by: &str, at: DateTime<Utc>) -> Value {
+pub(crate) fn entry_for(
+    sequence: i64,
+    action: &str,
+    holder: &Value,
+    by: &str,
+    at: DateTime<Utc>,
+) -> Value {
     json!({
         "sequence": sequence,
         "action": action,
@@ -263,15 +267,17 @@ fn place(user: &str, since: DateTime<Utc>, beat: DateTime<Utc>) -> Value {
     })
 }
 
+/// The token of a lock object created at `now`, as the CLI takes it
+/// (before its first holding adds one).
+pub(crate) fn first_token(now: DateTime<Utc>) -> i64 {
+    deploylock::rules::first_fencing_token(now).unwrap_or_else(|refusal| panic!("{refusal}"))
+}
+
 /// A whole new lock held by `user`, as `deploylock acquire` creates it.
-fn new_lock(name: &str, user: &str, now: DateTime<Utc>) -> Value {
+pub(crate) fn new_lock(name: &str, user: &str, now: DateTime<Utc>) -> Value {
     let holder = holding(user, "manual", now);
     let entry = entry_for(1, "Acquired", &holder, user, now);
-    let token = now
-        .timestamp()
-        .saturating_add(FENCING_BASE_LEAD_SECONDS)
-        .saturating_mul(FENCING_TOKENS_PER_SECOND)
-        .saturating_add(1);
+    let token = first_token(now) + 1;
     json!({
         "apiVersion": "deploylock.dev/v1",
         "kind": "DeploymentLock",
