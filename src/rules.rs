@@ -274,11 +274,8 @@ fn is_live(waiter: &Waiter, now: DateTime<Utc>) -> bool {
 /// Whether a waiter's place may be removed by someone else: it stopped
 /// renewing it a while ago (see [`WAITER_PRUNE_GRACE_SECONDS`]).
 fn is_prunable(waiter: &Waiter, now: DateTime<Utc>) -> bool {
-    waiter
-        .heartbeat_at
-        .checked_add_signed(Duration::seconds(
-            WAITER_TIMEOUT_SECONDS + WAITER_PRUNE_GRACE_SECONDS,
-        ))
+    waiter_deadline(waiter)
+        .checked_add_signed(Duration::seconds(WAITER_PRUNE_GRACE_SECONDS))
         .is_some_and(|deadline| deadline <= now)
 }
 

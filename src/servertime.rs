@@ -288,7 +288,7 @@ impl Calibration {
 }
 
 /// The `Date` header of a response (one-second resolution).
-fn date_header(headers: &http::HeaderMap) -> Option<DateTime<Utc>> {
+pub(crate) fn date_header(headers: &http::HeaderMap) -> Option<DateTime<Utc>> {
     headers
         .get(http::header::DATE)
         .and_then(|value| value.to_str().ok())

@@ -127,45 +127,6 @@ pub fn client_from(config: Config) -> Result<Client, kube::Error> {
     Ok(Client::new(service, config.default_namespace))
 }
 
-/// The `Date` header of an API server response (one-second resolution).
-fn server_date(headers: &http::HeaderMap) -> Option<DateTime<Utc>> {
-    headers
-        .get(http::header::DATE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| DateTime::parse_from_rfc2822(value).ok())
-        .map(|time| time.with_timezone(&Utc))
-}
-
-/// The API server's clock minus the local clock, from the `Date` header of a
-/// `/version` request. The header has one-second resolution, so offsets
-/// under two seconds are treated as zero rather than adding up to a second
-/// of error to every expiry.
-pub async fn server_clock_offset(client: &Client) -> Result<chrono::Duration, Error> {
-    let request = http::Request::get("/version")
-        .body(Body::empty())
-        .map_err(|err| Error::Api(err.to_string()))?;
-    let before = Utc::now();
-    let response = client
-        .send(request)
-        .await
-        .map_err(|err| Error::from_kube(err, ""))?;
-    let after = Utc::now();
-    let Some(server) = server_date(response.headers()) else {
-        return Ok(chrono::Duration::zero());
-    };
-    let local = before + (after - before) / 2;
-    let offset = server - local;
-    if offset.num_milliseconds().abs() < 2000 {
-        Ok(chrono::Duration::zero())
-    } else {
-        tracing::warn!(
-            offset_ms = offset.num_milliseconds(),
-            "local clock differs from the API server's; using the server's"
-        );
-        Ok(offset)
-    }
-}
-
 /// Whether an admission refusal depends only on the policy's clock trailing
 /// the API server's (an expiry or a waiter's drop-out not yet reached).
 fn is_clock_refusal(message: &str) -> bool {
@@ -229,12 +190,6 @@ impl Observed {
             .to_std()
             .unwrap_or_default();
         self.sent + ahead
-    }
-
-    /// The server's clock now, as estimated from this answer.
-    pub fn server_now(&self) -> DateTime<Utc> {
-        let elapsed = chrono::Duration::from_std(self.local_instant.elapsed()).unwrap_or_default();
-        self.server_time + elapsed
     }
 }
 
@@ -309,7 +264,8 @@ pub fn decode_lock(object: serde_json::Value) -> Result<DeploymentLock, Box<Malf
             .to_string()
     };
     let (namespace, name) = (text("/metadata/namespace"), text("/metadata/name"));
-    let (location, source) = match serde_json::from_value::<DeploymentLock>(object.clone()) {
+    // From a reference: no copy of the object on this path (every read).
+    let (location, source) = match <DeploymentLock as serde::Deserialize>::deserialize(&object) {
         Ok(lock) => return Ok(lock),
         Err(err) => locate_error(&object).unwrap_or_else(|| ("object".to_string(), err)),
     };
@@ -569,7 +525,8 @@ impl LockStore {
         let local_instant = Instant::now();
         // Every Kubernetes API server sends Date; a proxy that strips it
         // leaves us only the local clock.
-        let server_time = server_date(response.headers()).unwrap_or_else(Utc::now);
+        let server_time =
+            crate::servertime::date_header(response.headers()).unwrap_or_else(Utc::now);
         self.clock.record(server_time, local_instant);
         let timing = Some((server_time, local_instant));
         let status = response.status();

@@ -46,6 +46,7 @@ use tokio::time::Instant;
 use crate::crd::{DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockState};
 use crate::rules::{self, Actor, Decision, Request};
 use crate::servertime::ServerClock;
+use crate::store::{MalformedLock, decode_lock};
 
 use clock::ClockHandle;
 use metrics::{LockLabels, Metrics, ObjectLabels};
@@ -275,8 +276,18 @@ fn placeholder(object: &DynamicObject) -> DeploymentLock {
     }
 }
 
-fn typed(object: &DynamicObject) -> Result<DeploymentLock, serde_json::Error> {
-    serde_json::to_value(object).and_then(serde_json::from_value)
+/// The lock an object holds, decoded by the store's one decoder, which names
+/// the part that does not decode (e.g. `spec.history[0].at`).
+fn typed(object: &DynamicObject) -> Result<DeploymentLock, Box<MalformedLock>> {
+    let value = serde_json::to_value(object).map_err(|source| {
+        Box::new(MalformedLock {
+            namespace: object.namespace().unwrap_or_default(),
+            name: object.name_any(),
+            location: "object".into(),
+            source,
+        })
+    })?;
+    decode_lock(value)
 }
 
 /// One watch event as typed locks. A malformed lock is reported once per
@@ -359,7 +370,7 @@ fn well_formed(object: &DynamicObject, context: &Context) {
 }
 
 /// Reports a lock the types cannot read: once per version, with its name.
-fn report_malformed(object: &DynamicObject, err: &serde_json::Error, context: &Arc<Context>) {
+fn report_malformed(object: &DynamicObject, err: &MalformedLock, context: &Arc<Context>) {
     let key = object_key(object);
     let version = object.resource_version().unwrap_or_default();
     {
@@ -400,8 +411,8 @@ fn report_malformed(object: &DynamicObject, err: &serde_json::Error, context: &A
         short_id(&version)
     );
     let note = format!(
-        "DeploymentLock {} cannot be read and is not reconciled: {err}",
-        key.1
+        "DeploymentLock {} cannot be read at {} and is not reconciled: {}",
+        key.1, err.location, err.source
     );
     let context = context.clone();
     tokio::spawn(async move {
