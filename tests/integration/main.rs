@@ -10,6 +10,7 @@ mod crd_api;
 mod examples;
 mod exec;
 mod hostile;
+mod install;
 mod queue;
 mod support;
 mod torture;
