@@ -23,7 +23,7 @@ use deploylock::crd::{DeploymentLock, HistoryEntry, LockHolder};
 use serde_json::Value;
 
 /// The identities the local control plane authenticates (see hack/cluster.sh).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Identity {
     Admin,
     Alice,
