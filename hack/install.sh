@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make install`: everything the chart installs except the controller's
-# Deployment — the CRD, the ClusterRoles, the namespace deploylock-system and
-# the admission policy with its binding. Enforcement is ON from here: the API
+# Deployment — the CRD, the ClusterRoles, the namespace deploylock-system,
+# the admission policy with its binding, and the workload gate's policy (inert
+# until an environment is bound to namespaces). Enforcement is ON from here: the API
 # server refuses every DeploymentLock write that is not one whole, legitimate
 # transition. The policy reads its clock from the Lease deploylock-clock that a
 # running deploylock-controller keeps in deploylock-system; until one runs,
@@ -20,7 +21,8 @@ cd "$repo_root"
 "$kubectl" apply --server-side \
   -f config/rbac/clusterroles.yaml \
   -f config/admission/policy.yaml \
-  -f config/admission/binding.yaml
+  -f config/admission/binding.yaml \
+  -f config/admission/workload-gate.yaml
 
 cat <<'NOTE'
 
@@ -32,5 +34,7 @@ Writes to DeploymentLocks are refused until a controller keeps the policy's cloc
 Then give people the roles (ClusterRoles deploylock-viewer, deploylock-user, deploylock-admin):
   kubectl create namespace my-app --dry-run=client -o yaml | kubectl apply -f -
   kubectl create rolebinding deploylock-users -n my-app --clusterrole deploylock-user --group my-team
+To gate workloads while a lock is held (README "Freezing an environment"), bind
+environments to their namespaces: config/admission/workload-gate-binding.example.yaml
 To remove enforcement: kubectl delete validatingadmissionpolicybinding deploylock.dev
 NOTE

@@ -74,6 +74,8 @@ async fn make_install_enforces_the_policy_from_the_first_lock() {
         "clusterrole/deploylock-controller",
         "validatingadmissionpolicy/deploylock.dev",
         "validatingadmissionpolicybinding/deploylock.dev",
+        "validatingadmissionpolicy/deploylock.dev-workload-gate",
+        "clusterrole/deploylock-deployer",
     ] {
         expect_exit(&kubectl(&admin, &["get", object]), 0, object);
     }
