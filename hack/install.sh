@@ -22,6 +22,7 @@ cd "$repo_root"
   -f config/rbac/clusterroles.yaml \
   -f config/admission/policy.yaml \
   -f config/admission/binding.yaml \
+  -f config/admission/stop-the-line.yaml \
   -f config/admission/workload-gate.yaml
 
 cat <<'NOTE'

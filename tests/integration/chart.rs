@@ -157,8 +157,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
             .iter()
             .filter(|k| *k == "ValidatingAdmissionPolicyBinding")
             .count(),
-        3,
-        "the lock policy's binding and one workload gate binding per environment"
+        4,
+        "the lock policy's and stop-the-line's bindings, and one workload gate binding per environment"
     );
     assert!(all_kinds.iter().any(|k| k == "ServiceMonitor"));
     assert!(all_kinds.iter().any(|k| k == "PrometheusRule"));
@@ -221,6 +221,8 @@ async fn helm_install_creates_everything_and_uninstall_removes_it() {
         "clusterrolebinding/deploylock-controller",
         "validatingadmissionpolicy/deploylock.dev",
         "validatingadmissionpolicybinding/deploylock.dev",
+        "validatingadmissionpolicy/deploylock.dev-stop-the-line",
+        "validatingadmissionpolicybinding/deploylock.dev-stop-the-line",
     ] {
         ok(&kubectl(&["get", object]), object);
     }

@@ -74,6 +74,8 @@ async fn make_install_enforces_the_policy_from_the_first_lock() {
         "clusterrole/deploylock-controller",
         "validatingadmissionpolicy/deploylock.dev",
         "validatingadmissionpolicybinding/deploylock.dev",
+        "validatingadmissionpolicy/deploylock.dev-stop-the-line",
+        "validatingadmissionpolicybinding/deploylock.dev-stop-the-line",
         "validatingadmissionpolicy/deploylock.dev-workload-gate",
         "clusterrole/deploylock-deployer",
     ] {

@@ -9,6 +9,7 @@ mod controller;
 mod crd_api;
 mod examples;
 mod exec;
+mod freeze;
 mod gate;
 mod hostile;
 mod install;

@@ -141,6 +141,11 @@ fn start_cluster() -> Result<TestCluster, String> {
                 .to_string(),
             "-f",
             &repo_root()
+                .join("config/admission/stop-the-line.yaml")
+                .display()
+                .to_string(),
+            "-f",
+            &repo_root()
                 .join("tests/integration/admission-binding.yaml")
                 .display()
                 .to_string(),
