@@ -7,7 +7,7 @@
 //! Time is the API server's: each read takes the `Date` header of its response.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -31,7 +31,7 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
 use crate::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, LockHolder, LockState};
-use crate::error::Error;
+use crate::error::{ApiFailure, ConfigError, Error};
 use crate::rules::{self, Decision, NoChange, Refusal, Request};
 
 /// Writes attempted before giving up under contention. Each conflict means
@@ -54,34 +54,41 @@ pub struct ConnectOptions {
     pub namespace: Option<String>,
 }
 
+/// Reads the configuration the way kubectl would: `kubeconfig` if given,
+/// else $KUBECONFIG or ~/.kube/config (with `context`), else in-cluster.
+/// Shared by the CLI and the controller.
+pub async fn load_config(
+    kubeconfig: Option<&Path>,
+    context: Option<String>,
+) -> Result<Config, ConfigError> {
+    let has_context = context.is_some();
+    let kube_options = KubeConfigOptions {
+        context,
+        ..KubeConfigOptions::default()
+    };
+    Ok(match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)?;
+            Config::from_custom_kubeconfig(file, &kube_options).await?
+        }
+        None if has_context => Config::from_kubeconfig(&kube_options).await?,
+        None => Config::infer().await?,
+    })
+}
+
 /// Builds a client the way kubectl would (KUBECONFIG, ~/.kube/config or
 /// in-cluster), and returns it with the namespace to use.
 pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error> {
-    let kube_options = KubeConfigOptions {
-        context: options.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &options.kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path).map_err(|err| Error::Config(err.to_string()))?;
-            Config::from_custom_kubeconfig(file, &kube_options)
-                .await
-                .map_err(|err| Error::Config(err.to_string()))?
-        }
-        None if options.context.is_some() => Config::from_kubeconfig(&kube_options)
-            .await
-            .map_err(|err| Error::Config(err.to_string()))?,
-        None => Config::infer()
-            .await
-            .map_err(|err| Error::Config(err.to_string()))?,
-    };
+    let mut config = load_config(options.kubeconfig.as_deref(), options.context.clone())
+        .await
+        .map_err(Error::Config)?;
     // An unreachable cluster should fail in seconds, not minutes.
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     let namespace = options
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = client_from(config).map_err(|err| Error::Config(err.to_string()))?;
+    let client = client_from(config).map_err(|err| Error::Config(err.into()))?;
     Ok((client, namespace))
 }
 
@@ -393,9 +400,9 @@ async fn bounded<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
         Ok(result) => result,
-        Err(_) => Err(Error::Unreachable(format!(
-            "no answer to {what} within {} s",
-            REQUEST_TIMEOUT.as_secs()
+        Err(elapsed) => Err(Error::Unreachable(ApiFailure::caused_by(
+            format!("no answer to {what} within {} s", REQUEST_TIMEOUT.as_secs()),
+            kube::Error::Service(Box::new(elapsed)),
         ))),
     }
 }
@@ -447,7 +454,7 @@ impl LockStore {
     pub async fn read(&self, environment: &str) -> Result<Observed, Error> {
         let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
             .get(environment, &Default::default())
-            .map_err(|err| Error::Api(err.to_string()))?;
+            .map_err(|err| self.kube_error(kube::Error::BuildRequest(err)))?;
         let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
             Ok((object, time, instant)) => (Some(decode_lock(object)?), time, instant),
@@ -479,7 +486,7 @@ impl LockStore {
         let namespace = (!all_namespaces).then_some(self.namespace.as_str());
         let request = KubeRequest::new(DeploymentLock::url_path(&(), namespace))
             .list(&Default::default())
-            .map_err(|err| Error::Api(err.to_string()))?;
+            .map_err(|err| self.kube_error(kube::Error::BuildRequest(err)))?;
         let (list, server_time, _): (RawList, _, _) = self
             .send_with_time(request)
             .await

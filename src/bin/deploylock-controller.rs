@@ -17,16 +17,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use deploylock::controller::clock::ClockWriter;
 use deploylock::controller::leader::{self, Elector, Leadership, Timing};
 use deploylock::controller::{self, Context, Settings, metrics::Metrics, server};
+use deploylock::error::ConfigError;
 use deploylock::servertime::ServerClock;
-use deploylock::store::{LockStore, client_from};
+use deploylock::store::{LockStore, client_from, load_config};
 
 /// From SIGTERM/SIGINT to the end of the process, at the latest.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
@@ -145,17 +145,13 @@ fn default_identity() -> String {
 async fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    if let Err(message) = args.timing().validate() {
-        tracing::error!("{message}");
-        return ExitCode::from(2);
-    }
     let (stop_sender, stop) = watch::channel(false);
     tokio::spawn(on_signals(stop_sender));
     match run(args, stop).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            tracing::error!("{message}");
-            ExitCode::FAILURE
+        Err(err) => {
+            tracing::error!("{err}");
+            err.exit_code()
         }
     }
 }
@@ -190,30 +186,39 @@ async fn on_signals(stop: watch::Sender<bool>) {
     std::process::exit(1);
 }
 
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+enum ControllerError {
+    #[error("invalid leader-election timing: {0}")]
+    Timing(String),
+    #[error("cannot load the Kubernetes configuration: {0}")]
+    Config(#[source] ConfigError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ControllerError {
+    /// 2 for a bad setting (like a usage error), 1 for the rest.
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            ControllerError::Timing(_) => ExitCode::from(2),
+            ControllerError::Config(_) | ControllerError::Listen { .. } => ExitCode::FAILURE,
+        }
+    }
+}
+
 /// The client, with every connection's silence bounded (kube's default has
 /// no read timeout: a dead connection would hang a watch for ever).
-async fn build_client(args: &Args) -> Result<Client, String> {
-    let options = KubeConfigOptions {
-        context: args.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &options)
-                .await
-                .map_err(|err| err.to_string())?
-        }
-        None if args.context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|err| err.to_string())?,
-        None => Config::infer().await.map_err(|err| err.to_string())?,
-    };
+async fn build_client(args: &Args) -> Result<Client, ConfigError> {
+    let mut config = load_config(args.kubeconfig.as_deref(), args.context.clone()).await?;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(controller::READ_TIMEOUT);
     config.write_timeout = Some(Duration::from_secs(10));
-    client_from(config).map_err(|err| err.to_string())
+    Ok(client_from(config)?)
 }
 
 /// Retries `attempt` (with a short backoff) until it succeeds or a stop is
@@ -241,8 +246,9 @@ async fn until_stopped<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>
     }
 }
 
-async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> {
-    let client = build_client(&args).await?;
+async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+    args.timing().validate().map_err(ControllerError::Timing)?;
+    let client = build_client(&args).await.map_err(ControllerError::Config)?;
     let metrics = Metrics::shared();
     let ready = Arc::new(AtomicBool::new(false));
     let bound = server::serve(
@@ -253,7 +259,10 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
         },
     )
     .await
-    .map_err(|err| format!("cannot listen on {}: {err}", args.metrics_addr))?;
+    .map_err(|source| ControllerError::Listen {
+        address: args.metrics_addr,
+        source,
+    })?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
 
     let store = LockStore::new(client.clone(), "default");

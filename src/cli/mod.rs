@@ -38,11 +38,11 @@ use crate::store::{
 };
 
 use render::{LockView, OutputFormat};
-use report::{EXIT_CODES_HELP, Exit};
+use report::{Exit, exit_codes_help};
 
 /// A Kubernetes-native deployment lock: one DeploymentLock per environment.
 #[derive(Parser, Debug)]
-#[command(name = "deploylock", version, about, after_help = EXIT_CODES_HELP)]
+#[command(name = "deploylock", version, about, after_help = exit_codes_help())]
 pub struct Cli {
     #[command(subcommand)]
     pub action: Action,
