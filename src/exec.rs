@@ -38,14 +38,17 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::crd::LockHolder;
+use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::{Actor, Refusal, Request};
 use crate::store::{LockStore, Observed};
+
+/// Moved to [`crate::signals`]; named here too for existing callers.
+pub use crate::signals::Signals;
 
 /// Time allowed, besides the clock uncertainty, for the kill to land:
 /// scheduling, signal delivery, the kernel tearing processes down.
@@ -98,7 +101,7 @@ impl StopDeadlines {
 /// What `exec` needs besides the store.
 #[derive(Clone, Debug)]
 pub struct ExecPlan {
-    pub environment: String,
+    pub environment: Environment,
     pub actor: Actor,
     /// The holding taken for the command.
     pub holding: LockHolder,
@@ -161,7 +164,7 @@ pub async fn run_while_holding(
         ));
     }
     let env: BTreeMap<&str, String> = BTreeMap::from([
-        ("DEPLOYLOCK_ENVIRONMENT", plan.environment.clone()),
+        ("DEPLOYLOCK_ENVIRONMENT", plan.environment.to_string()),
         ("DEPLOYLOCK_NAMESPACE", store.namespace().to_string()),
         ("DEPLOYLOCK_LOCK_ID", plan.holding.lock_id.clone()),
         ("DEPLOYLOCK_HOLDER", plan.holding.user.clone()),
@@ -850,64 +853,4 @@ fn descendants(root: Pid) -> Vec<Pid> {
         }
     }
     found
-}
-
-// ---------------------------------------------------------------------------
-// Signals
-// ---------------------------------------------------------------------------
-
-/// SIGINT, SIGTERM and SIGHUP received by this process: while waiting they
-/// mean "give up", while a command runs they are passed on to it. Once this
-/// exists, those signals no longer end the process by themselves.
-///
-/// A SIGHUP that is ignored when this starts (`nohup`) stays ignored, and
-/// the command inherits that.
-pub struct Signals {
-    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
-}
-
-/// Whether `signal` is ignored (SIG_IGN) in this process, from the SigIgn
-/// mask in /proc/self/status.
-fn is_ignored(signal: Signal) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("SigIgn:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
-}
-
-impl Signals {
-    pub fn new() -> Self {
-        let hup_ignored = is_ignored(Signal::SIGHUP);
-        let kinds = [
-            (Signal::SIGINT, SignalKind::interrupt()),
-            (Signal::SIGTERM, SignalKind::terminate()),
-            (Signal::SIGHUP, SignalKind::hangup()),
-        ];
-        let streams = kinds
-            .into_iter()
-            .filter(|(signal_, _)| !(*signal_ == Signal::SIGHUP && hup_ignored))
-            .filter_map(|(signal_, kind)| signal(kind).ok().map(|stream| (signal_, stream)))
-            .collect();
-        Signals { streams }
-    }
-
-    /// The next signal received.
-    pub async fn next(&mut self) -> Option<Signal> {
-        if self.streams.is_empty() {
-            return std::future::pending().await;
-        }
-        let futures = self.streams.iter_mut().map(|(signal_, stream)| {
-            Box::pin(async move { stream.recv().await.map(|_| *signal_) })
-        });
-        let (received, _, _) = futures::future::select_all(futures).await;
-        received
-    }
-}
-
-impl Default for Signals {
-    fn default() -> Self {
-        Self::new()
-    }
 }

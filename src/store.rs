@@ -31,6 +31,7 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
 use crate::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, LockHolder, LockState};
+use crate::environment::Environment;
 use crate::error::{ApiFailure, ConfigError, Error};
 use crate::rules::{self, Decision, NoChange, Refusal, Request};
 
@@ -147,7 +148,7 @@ fn is_clock_refusal(message: &str) -> bool {
 #[derive(Clone, Debug)]
 pub struct Observed {
     pub namespace: String,
-    pub environment: String,
+    pub environment: Environment,
     /// `None` when no object exists for the environment yet.
     pub lock: Option<DeploymentLock>,
     /// The API server's clock when it answered.
@@ -451,9 +452,9 @@ impl LockStore {
     }
 
     /// Reads the lock of `environment` with the server's time.
-    pub async fn read(&self, environment: &str) -> Result<Observed, Error> {
+    pub async fn read(&self, environment: &Environment) -> Result<Observed, Error> {
         let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
-            .get(environment, &Default::default())
+            .get(environment.as_str(), &Default::default())
             .map_err(|err| self.kube_error(kube::Error::BuildRequest(err)))?;
         let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
@@ -463,7 +464,7 @@ impl LockStore {
                     && status
                         .details
                         .as_ref()
-                        .is_some_and(|d| d.name == environment) =>
+                        .is_some_and(|d| d.name == environment.as_str()) =>
             {
                 (None, time, instant)
             }
@@ -471,7 +472,7 @@ impl LockStore {
         };
         Ok(Observed {
             namespace: self.namespace.clone(),
-            environment: environment.to_string(),
+            environment: environment.clone(),
             lock,
             server_time,
             local_instant,
@@ -557,7 +558,11 @@ impl LockStore {
     /// Decides `request` on the current lock and writes the result under the
     /// read `resourceVersion`, again and again while other clients win the
     /// race. A refusal from the rules is returned as is.
-    pub async fn apply(&self, environment: &str, request: &Request) -> Result<Applied, Error> {
+    pub async fn apply(
+        &self,
+        environment: &Environment,
+        request: &Request,
+    ) -> Result<Applied, Error> {
         self.try_apply(environment, request)
             .await?
             .map_err(|refused| Error::Refused(refused.refusal))
@@ -566,16 +571,20 @@ impl LockStore {
     /// `apply`, with a refusal returned beside the lock it was decided on.
     pub async fn try_apply(
         &self,
-        environment: &str,
+        environment: &Environment,
         request: &Request,
     ) -> Result<Result<Applied, Refused>, Error> {
         for attempt in 1..=MAX_WRITE_ATTEMPTS {
             let observed = self.read(environment).await?;
-            let decision =
-                match rules::decide(environment, observed.spec(), observed.server_time, request) {
-                    Ok(decision) => decision,
-                    Err(refusal) => return Ok(Err(Refused { refusal, observed })),
-                };
+            let decision = match rules::decide(
+                environment.as_str(),
+                observed.spec(),
+                observed.server_time,
+                request,
+            ) {
+                Ok(decision) => decision,
+                Err(refusal) => return Ok(Err(Refused { refusal, observed })),
+            };
             let (next, outcome) = match decision {
                 Decision::Unchanged(why) => {
                     return Ok(Ok(Applied {
@@ -589,7 +598,7 @@ impl LockStore {
             let write = async {
                 match &observed.lock {
                     None => {
-                        let lock = DeploymentLock::new(environment, next);
+                        let lock = DeploymentLock::new(environment.as_str(), next);
                         self.api.create(&PostParams::default(), &lock).await
                     }
                     Some(current) => {
@@ -598,7 +607,7 @@ impl LockStore {
                         // `lock` carries the resourceVersion that was read: the
                         // API server refuses the replace if anything changed since.
                         self.api
-                            .replace(environment, &PostParams::default(), &lock)
+                            .replace(environment.as_str(), &PostParams::default(), &lock)
                             .await
                     }
                 }
@@ -612,7 +621,7 @@ impl LockStore {
             };
             match written {
                 Ok(lock) => {
-                    tracing::debug!(environment, ?outcome, attempt, "lock written");
+                    tracing::debug!(%environment, ?outcome, attempt, "lock written");
                     return Ok(Ok(Applied {
                         observed: Observed {
                             lock: Some(lock),
@@ -622,7 +631,7 @@ impl LockStore {
                     }));
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
+                    tracing::debug!(%environment, attempt, reason = %status.reason, "write conflict, deciding again");
                 }
                 // The admission policy's clock is the controller's clock
                 // Lease, a lower bound of the API server's time that the
@@ -643,7 +652,7 @@ impl LockStore {
                         && attempt < 6 =>
                 {
                     tracing::debug!(
-                        environment,
+                        %environment,
                         attempt,
                         message = %status.message,
                         "refused until the deploylock clock catches up"
@@ -678,7 +687,7 @@ impl LockStore {
     /// first). The API server ends a watch after a few minutes.
     pub async fn watch(
         &self,
-        environment: &str,
+        environment: &Environment,
         resource_version: &str,
     ) -> Result<BoxStream<'static, Result<WatchEvent<DeploymentLock>, kube::Error>>, Error> {
         let params = WatchParams::default()
@@ -702,7 +711,7 @@ impl LockStore {
     /// `on_held` is called each time a different holder is seen.
     pub async fn wait_until_free(
         &self,
-        environment: &str,
+        environment: &Environment,
         deadline: Option<Instant>,
         mut on_held: impl FnMut(&Observed),
     ) -> Result<Observed, Error> {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 
 use crate::crd::LockHolder;
+use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::Refusal;
 use crate::store::MalformedLock;
@@ -146,7 +147,7 @@ pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
 /// The message (one or two lines) and exit code for an error. Every line is
 /// escaped as a whole: owners, reasons and names come from other clients or
 /// from the API server, and none may drive the reader's terminal.
-pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, Exit) {
+pub fn describe(err: &Error, environment: &Environment, now: DateTime<Utc>) -> (String, Exit) {
     let lines = describe_lines(err, environment, now);
     (safe_lines(&lines), exit_for(err))
 }
@@ -225,7 +226,7 @@ fn held_since(holder: &LockHolder, now: DateTime<Utc>) -> String {
 /// A refusal's lines: its one wording (`Refusal`'s Display) for the
 /// environment, what the refusal names (relative to the server's now), and
 /// what to do next.
-fn refusal_lines(refusal: &Refusal, env: &str, now: DateTime<Utc>) -> Vec<String> {
+fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Vec<String> {
     let headline = format!("{env}: {refusal}");
     match refusal {
         Refusal::HeldByOther(holder) => vec![
@@ -311,7 +312,7 @@ fn refusal_lines(refusal: &Refusal, env: &str, now: DateTime<Utc>) -> Vec<String
     }
 }
 
-fn describe_lines(err: &Error, environment: &str, now: DateTime<Utc>) -> Vec<String> {
+fn describe_lines(err: &Error, environment: &Environment, now: DateTime<Utc>) -> Vec<String> {
     let env = environment;
     match err {
         Error::Refused(refusal) => refusal_lines(refusal, env, now),
@@ -401,6 +402,10 @@ mod tests {
         }))
     }
 
+    fn production() -> Environment {
+        "production".parse().unwrap_or_else(|err| panic!("{err}"))
+    }
+
     fn now() -> DateTime<Utc> {
         match DateTime::parse_from_rfc3339("2030-01-01T00:10:00Z") {
             Ok(time) => time.with_timezone(&Utc),
@@ -448,7 +453,7 @@ mod tests {
             },
         ];
         for err in &errors {
-            let (message, _) = describe(err, "production", now());
+            let (message, _) = describe(err, &production(), now());
             let lines: Vec<&str> = message.split('\n').collect();
             assert!(!lines.is_empty() && lines.len() <= 2, "{err:?}: {message}");
             assert!(
@@ -601,7 +606,7 @@ mod tests {
             warning.contains("\"production\"") && warning.contains("\"team-a\""),
             "{warning}"
         );
-        let (message, exit) = describe(&Error::Malformed(malformed), "production", now());
+        let (message, exit) = describe(&Error::Malformed(malformed), &production(), now());
         assert_eq!(exit, Exit::Failure);
         assert!(
             message.contains("is malformed") && message.contains("spec.history[0]"),
