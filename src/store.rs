@@ -595,30 +595,10 @@ impl LockStore {
                 Decision::Change { next, action } => (next, Outcome::Transition(action)),
                 Decision::Queue { next } => (next, Outcome::QueueUpdated),
             };
-            let write = async {
-                match &observed.lock {
-                    None => {
-                        let lock = DeploymentLock::new(environment.as_str(), next);
-                        self.api.create(&PostParams::default(), &lock).await
-                    }
-                    Some(current) => {
-                        let mut lock = current.clone();
-                        lock.spec = next;
-                        // `lock` carries the resourceVersion that was read: the
-                        // API server refuses the replace if anything changed since.
-                        self.api
-                            .replace(environment.as_str(), &PostParams::default(), &lock)
-                            .await
-                    }
-                }
-            };
             // A write without an answer may or may not have happened: the
             // caller decides again on a fresh read (a retried acquire finds
             // its own holding, a retried release finds the lock free).
-            let written = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
-                Ok(written) => written,
-                Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
-            };
+            let written = self.write(environment, observed.lock.as_ref(), next).await;
             match written {
                 Ok(lock) => {
                     tracing::debug!(%environment, ?outcome, attempt, "lock written");
@@ -664,6 +644,38 @@ impl LockStore {
             }
         }
         Err(Error::Contention(MAX_WRITE_ATTEMPTS))
+    }
+
+    /// The one conditional write of a lock: creates it when `current` is
+    /// `None` (refused with 409 AlreadyExists if another client created it
+    /// first), else replaces `current`'s spec with `next` under the
+    /// `resourceVersion` `current` was read at (409 Conflict if anything
+    /// changed since). Bounded by [`REQUEST_TIMEOUT`].
+    pub async fn write(
+        &self,
+        environment: &Environment,
+        current: Option<&DeploymentLock>,
+        next: DeploymentLockSpec,
+    ) -> Result<DeploymentLock, kube::Error> {
+        let write = async {
+            match current {
+                None => {
+                    let lock = DeploymentLock::new(environment.as_str(), next);
+                    self.api.create(&PostParams::default(), &lock).await
+                }
+                Some(current) => {
+                    let mut lock = current.clone();
+                    lock.spec = next;
+                    self.api
+                        .replace(environment.as_str(), &PostParams::default(), &lock)
+                        .await
+                }
+            }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+            Ok(written) => written,
+            Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
+        }
     }
 
     /// Returns at the first change of the lock after `observed`, or at
