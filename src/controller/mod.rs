@@ -26,6 +26,7 @@ pub mod clock;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod replica;
 pub mod server;
 
 use std::collections::HashMap;
