@@ -230,13 +230,26 @@ pub async fn run_while_holding(
     keeper.abort();
     watcher.abort();
     drop(watchdog);
+    Ok(conclude(store, &plan, deadlines, stopping, code, signals).await)
+}
+
+/// After the command ended: release the holding (unless it was lost to
+/// someone else) and say how it went.
+async fn conclude(
+    store: &LockStore,
+    plan: &ExecPlan,
+    deadlines: StopDeadlines,
+    stopping: Option<Loss>,
+    code: i32,
+    signals: &mut Signals,
+) -> ExecOutcome {
     match stopping {
         None => {
-            let release_error = release(store, &plan, deadlines.expiry, signals).await.err();
-            Ok(ExecOutcome::Exited {
+            let release_error = release(store, plan, deadlines.expiry, signals).await.err();
+            ExecOutcome::Exited {
                 code,
                 release_error,
-            })
+            }
         }
         Some(loss) => {
             let (now_held_by, renewal_error) = match loss {
@@ -244,15 +257,15 @@ pub async fn run_while_holding(
                 Loss::RenewalFailed(why) => {
                     // The holding may still be valid for a moment: free it
                     // for the next one if the server can be reached.
-                    let _ = release(store, &plan, deadlines.expiry, signals).await;
+                    let _ = release(store, plan, deadlines.expiry, signals).await;
                     (None, Some(why))
                 }
             };
-            Ok(ExecOutcome::LockLost {
+            ExecOutcome::LockLost {
                 now_held_by,
                 renewal_error,
                 child_code: code,
-            })
+            }
         }
     }
 }
@@ -609,6 +622,10 @@ impl WatchdogArgs {
 /// watchdog dies), forwards exec's signals to it, and stops the command's
 /// whole tree at the deadlines, on exec's "stop", or when exec disappears.
 /// Exits with the command's exit code (128 + N for signal N).
+///
+/// Longer than most functions on purpose: one poll loop over the control
+/// socket, the signalfd and the deadlines, whose every branch must keep the
+/// same kill-the-tree guarantees; split up, those would be hard to check.
 fn watchdog(args: WatchdogArgs) -> i32 {
     use std::os::linux::net::SocketAddrExt as _;
     let connected =

@@ -205,21 +205,17 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         Action::Completion { .. } | Action::Man => Ok(Exit::Success),
         Action::Release(args) => {
             let actor = Actor::new(store.whoami().await?, None);
-            let request = Request::Release {
-                actor,
-                lock_id: args.lock_id.clone(),
-            };
-            let applied = store.apply(env, &request).await?;
+            let lock_id = args.lock_id.clone();
+            let applied = store
+                .apply(env, &Request::Release { actor, lock_id })
+                .await?;
             show::applied(global, &applied, "released")
         }
         Action::ForceRelease(args) => {
             let actor = Actor::new(store.whoami().await?, None);
-            let request = Request::ForceRelease {
-                actor,
-                reason: args.reason.clone(),
-            };
-            let applied = store.apply(env, &request).await?;
-            show::applied(global, &applied, "force-released")
+            let reason = args.reason.clone();
+            let request = Request::ForceRelease { actor, reason };
+            show::applied(global, &store.apply(env, &request).await?, "force-released")
         }
         Action::Extend(args) => {
             extend(store, global, args.duration, args.holding.lock_id.clone()).await

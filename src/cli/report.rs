@@ -223,9 +223,20 @@ fn held_since(holder: &LockHolder, now: DateTime<Utc>) -> String {
     )
 }
 
+/// "owner (user U) since … until …, reason: …" of a holding.
+fn holding(holder: &LockHolder, now: DateTime<Utc>) -> String {
+    format!(
+        "{}{} {}",
+        holder.owner,
+        user_note(holder),
+        held_since(holder, now)
+    )
+}
+
 /// A refusal's lines: its one wording (`Refusal`'s Display) for the
 /// environment, what the refusal names (relative to the server's now), and
-/// what to do next.
+/// what to do next. One arm per refusal, side by side on purpose (so it is
+/// a little over the usual length).
 fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Vec<String> {
     let headline = format!("{env}: {refusal}");
     match refusal {
@@ -270,12 +281,7 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
         ],
         Refusal::LockLost { current, .. } => {
             let now_held = match current {
-                Some(holder) => format!(
-                    "it is now held by {}{} {}",
-                    holder.owner,
-                    user_note(holder),
-                    held_since(holder, now)
-                ),
+                Some(holder) => format!("it is now held by {}", holding(holder, now)),
                 None => "it is now available".to_string(),
             };
             vec![format!("{headline}: {now_held}")]
@@ -346,12 +352,7 @@ fn describe_lines(err: &Error, environment: &Environment, now: DateTime<Utc>) ->
         )],
         Error::WaitTimedOut(holder) => {
             let held = match holder {
-                Some(holder) => format!(
-                    ": still held by {}{} {}",
-                    holder.owner,
-                    user_note(holder),
-                    held_since(holder, now)
-                ),
+                Some(holder) => format!(": still held by {}", holding(holder, now)),
                 None => String::new(),
             };
             vec![format!("timed out waiting for {env}{held}")]

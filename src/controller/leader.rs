@@ -281,6 +281,10 @@ impl Elector {
 
     /// Runs the election until `stop` turns true; then releases the Lease
     /// if this replica may hold it, so a standby takes over at once.
+    ///
+    /// One loop on purpose (longer than most functions): `may_hold` and the
+    /// view of the Lease change together at each step, and the release at a
+    /// stop depends on both.
     pub async fn run(self, leadership: watch::Sender<Leadership>, mut stop: watch::Receiver<bool>) {
         let mut view = View::Unknown;
         let mut current: Option<Lease> = None;

@@ -45,9 +45,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
-use crate::crd::{
-    DeploymentLock, DeploymentLockSpec, DeploymentLockStatus, HistoryAction, HistoryEntry,
-};
+use crate::crd::{DeploymentLock, DeploymentLockSpec, DeploymentLockStatus, HistoryAction};
 use crate::environment::{Environment, InvalidEnvironment};
 use crate::servertime::ServerClock;
 use crate::store::{LockStore, MalformedLock, decode_lock};
@@ -570,7 +568,9 @@ async fn clear(
 ) -> Result<Action, Error> {
     let namespace = labels.namespace.as_str();
     // The Expired Event should exist before the holding disappears.
-    if let Err(err) = announce_expiry(lock, context, labels).await {
+    if let Some(holder) = &lock.spec.holder
+        && let Err(err) = announce(lock, &Announcement::Expiry(holder), context, labels).await
+    {
         tracing::warn!(namespace, environment = %lock.spec.environment, error = %err, "cannot record the Expired Event before clearing");
     }
     let environment: Environment = name.parse()?;
@@ -630,11 +630,7 @@ impl Announcing<'_> {
         let mut last_sequence = announced;
         let mut failure = None;
         for event in events {
-            let published = match event {
-                Announcement::Entry(entry) => announce_entry(lock, entry, context, labels).await,
-                Announcement::Expiry(_) => announce_expiry(lock, context, labels).await,
-            };
-            match (published, event) {
+            match (announce(lock, event, context, labels).await, event) {
                 (Ok(()), Announcement::Entry(entry)) => {
                     last_sequence = last_sequence.max(entry.sequence)
                 }
@@ -678,63 +674,56 @@ fn reference(lock: &DeploymentLock) -> ObjectReference {
     lock.object_ref(&())
 }
 
-/// Publishes one history entry as an Event, once. A refused Event is logged
-/// and skipped; only a transient failure is an error (retried).
-async fn announce_entry(
+/// Publishes one Event, once: a history entry's (its name is unique per
+/// entry), or the expiry of the current holding (per process not even tried
+/// twice; across processes its name makes it unique). A refused Event is
+/// logged and skipped; only a transient failure is an error (retried).
+async fn announce(
     lock: &DeploymentLock,
-    entry: &HistoryEntry,
+    event: &Announcement<'_>,
     context: &Context,
     labels: &LockLabels,
 ) -> Result<(), Error> {
-    let text = Announcement::Entry(entry).text();
-    let published = publish(lock, context, &text).await?;
-    if let Published::Done(true) = published {
-        match entry.action {
-            HistoryAction::ForceAcquired => context.metrics.force_acquired(labels),
-            HistoryAction::ForceReleased => context.metrics.force_released(labels),
-            _ => {}
-        }
-        tracing::info!(
-            namespace = %labels.namespace,
-            environment = %labels.environment,
-            action = text.reason,
-            owner = %entry.owner,
-            by = %entry.by,
-            reason = %entry.reason,
-            "lock transition"
-        );
+    let uid = lock.meta().uid.clone().unwrap_or_default();
+    let expired = match event {
+        Announcement::Expiry(holder) => Some(holder.lock_id.as_str()),
+        Announcement::Entry(_) => None,
+    };
+    if expired.is_some() && locked(&context.expiries).get(&uid).map(String::as_str) == expired {
+        return Ok(());
     }
-    Ok(())
-}
-
-/// Publishes the Expired event of the current holding, once (per process
-/// it is not even tried twice; across processes its name makes it unique).
-async fn announce_expiry(
-    lock: &DeploymentLock,
-    context: &Context,
-    labels: &LockLabels,
-) -> Result<(), Error> {
-    let Some(holder) = &lock.spec.holder else {
+    let text = event.text();
+    let published = publish(lock, context, &text).await?;
+    if let Some(lock_id) = expired {
+        locked(&context.expiries).insert(uid, lock_id.to_string());
+    }
+    let Published::Done(true) = published else {
         return Ok(());
     };
-    let uid = lock.meta().uid.clone().unwrap_or_default();
-    if locked(&context.expiries).get(&uid) == Some(&holder.lock_id) {
-        return Ok(());
-    }
-    let published = publish(lock, context, &Announcement::Expiry(holder).text()).await?;
-    locked(&context.expiries).insert(uid, holder.lock_id.clone());
-    if let Published::Done(true) = published {
-        context.metrics.expired(labels);
-        tracing::info!(
-            namespace = %labels.namespace,
-            environment = %labels.environment,
-            action = "Expired",
-            owner = %holder.owner,
-            reason = %holder.reason,
-            expires_at = %holder.expires_at,
-            "lock transition"
-        );
-    }
+    let (owner, reason, by, expires_at) = match event {
+        Announcement::Entry(entry) => {
+            match entry.action {
+                HistoryAction::ForceAcquired => context.metrics.force_acquired(labels),
+                HistoryAction::ForceReleased => context.metrics.force_released(labels),
+                _ => {}
+            }
+            (&entry.owner, &entry.reason, Some(entry.by.as_str()), None)
+        }
+        Announcement::Expiry(holder) => {
+            context.metrics.expired(labels);
+            (&holder.owner, &holder.reason, None, Some(holder.expires_at))
+        }
+    };
+    tracing::info!(
+        namespace = %labels.namespace,
+        environment = %labels.environment,
+        action = text.reason,
+        %owner,
+        by,
+        %reason,
+        expires_at = expires_at.map(tracing::field::display),
+        "lock transition"
+    );
     Ok(())
 }
 
