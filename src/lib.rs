@@ -21,3 +21,5 @@ pub mod rules;
 pub mod servertime;
 pub mod signals;
 pub mod store;
+#[cfg(test)]
+mod testdata;

@@ -770,34 +770,9 @@ mod tests {
             "spec": {
                 "environment": name,
                 "fencingToken": 1,
-                "holder": {
-                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
-                    "user": "alice",
-                    "owner": "alice",
-                    "type": "manual",
-                    "reason": "Deploying version 1.0.0",
-                    "acquiredAt": "2030-01-01T00:00:00Z",
-                    "expiresAt": "2030-01-01T00:30:00Z",
-                    "durationSeconds": 1800
-                },
-                "queue": [{
-                    "id": "w1",
-                    "user": "bob",
-                    "owner": "bob",
-                    "reason": "next",
-                    "since": "2030-01-01T00:01:00Z",
-                    "heartbeatAt": "2030-01-01T00:01:00Z"
-                }],
-                "history": [{
-                    "sequence": 1,
-                    "action": "Acquired",
-                    "at": "2030-01-01T00:00:00Z",
-                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
-                    "by": "alice",
-                    "owner": "alice",
-                    "reason": "Deploying version 1.0.0",
-                    "expiresAt": "2030-01-01T00:30:00Z"
-                }]
+                "holder": crate::testdata::holder(""),
+                "queue": [crate::testdata::waiter("")],
+                "history": [crate::testdata::acquired_entry("")]
             },
             "status": {
                 "state": "Locked",

@@ -391,16 +391,7 @@ mod tests {
     }
 
     fn holder() -> Box<LockHolder> {
-        decoded(json!({
-            "lockId": format!("id{EVIL}"),
-            "user": format!("user{EVIL}"),
-            "owner": format!("owner{EVIL}"),
-            "type": "manual",
-            "reason": format!("reason{EVIL}"),
-            "acquiredAt": "2030-01-01T00:00:00Z",
-            "expiresAt": "2030-01-01T00:30:00Z",
-            "durationSeconds": 1800
-        }))
+        decoded(crate::testdata::holder(EVIL))
     }
 
     fn production() -> Environment {
@@ -418,14 +409,7 @@ mod tests {
     /// terminal only prints.
     #[test]
     fn every_message_is_escaped() {
-        let waiter: Box<Waiter> = decoded(json!({
-            "id": "w1",
-            "user": "carol",
-            "owner": format!("waiter{EVIL}"),
-            "reason": format!("waiting{EVIL}"),
-            "since": "2030-01-01T00:01:00Z",
-            "heartbeatAt": "2030-01-01T00:01:00Z"
-        }));
+        let waiter: Box<Waiter> = decoded(crate::testdata::waiter(EVIL));
         let malformed = crate::store::decode_lock(json!({
             "metadata": { "name": format!("bad{EVIL}"), "namespace": format!("ns{EVIL}") },
             "spec": { "environment": format!("{EVIL}"), "history": [{ "at": format!("x{EVIL}") }] }
