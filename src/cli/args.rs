@@ -223,3 +223,34 @@ pub fn parse() -> Result<Cli, ExitCode> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    /// A missing --reason is clap's own error, naming the argument.
+    #[test]
+    fn a_missing_reason_names_the_argument() {
+        for args in [
+            &["deploylock", "force-release"][..],
+            &["deploylock", "acquire"],
+            &["deploylock", "exec", "--", "true"],
+        ] {
+            let err = match Cli::try_parse_from(args) {
+                Ok(cli) => panic!("{args:?} parsed: {cli:?}"),
+                Err(err) => err,
+            };
+            assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{args:?}");
+            let rendered = err.render().to_string();
+            assert!(rendered.contains("--reason"), "{args:?}: {rendered}");
+        }
+        // Extending needs no reason.
+        let extend = Cli::try_parse_from(["deploylock", "acquire", "--extend"]);
+        assert!(extend.is_ok(), "{extend:?}");
+        let environment = Cli::try_parse_from(["deploylock", "-e", "staging", "status"])
+            .map(|cli| cli.global.environment.to_string());
+        assert_eq!(environment.ok().as_deref(), Some("staging"));
+    }
+}
