@@ -12,6 +12,7 @@ use deploylock::crd::{
     DeploymentLock, DeploymentLockSpec, DeploymentLockStatus, HistoryAction, LockState, LockType,
 };
 use deploylock::rules::{AcquireRequest, Actor, Decision, Request, decide};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 const ENV: &str = "production";
 const CONTROLLER_USER: &str = "system:serviceaccount:deploylock:controller";
@@ -66,6 +67,16 @@ fn held_lock(status: Option<DeploymentLockStatus>) -> DeploymentLock {
     lock
 }
 
+/// When the holding of `lock` expires.
+#[track_caller]
+fn expiry_of(lock: &DeploymentLock) -> DateTime<Utc> {
+    lock.spec
+        .holder
+        .as_ref()
+        .map(|h| h.expires_at)
+        .expect("held")
+}
+
 fn planned(lock: &DeploymentLock, now: DateTime<Utc>) -> Plan<'_> {
     plan(lock, ENV, now, &settings(), CONTROLLER_USER)
 }
@@ -87,6 +98,14 @@ fn keep<'a>(
         } => (status, events, *announced, *wake_at),
         Step::Clear { spec } => panic!("cleared: {spec:?}"),
     }
+}
+
+/// The `Locked` condition's transition time in the status `plan` writes.
+#[track_caller]
+fn written_transition(plan: &Plan<'_>) -> Time {
+    let (status, _, _, _) = keep(plan);
+    let status = status.as_ref().expect("a status to write");
+    status.conditions[0].last_transition_time.clone()
 }
 
 #[test]
@@ -146,12 +165,7 @@ fn an_up_to_date_status_is_not_written_and_announced_entries_are_not_announced_a
 #[test]
 fn an_expired_holding_moves_the_clock_then_is_marked_and_announced() {
     let lock = held_lock(None);
-    let expires_at = lock
-        .spec
-        .holder
-        .as_ref()
-        .map(|h| h.expires_at)
-        .expect("held");
+    let expires_at = expiry_of(&lock);
     let now = expires_at + Duration::seconds(1);
     let plan = planned(&lock, now);
     assert_eq!(plan.state, LockState::Expired);
@@ -175,12 +189,7 @@ fn an_expired_holding_moves_the_clock_then_is_marked_and_announced() {
 #[test]
 fn not_expired_until_the_instant_passes() {
     let lock = held_lock(None);
-    let expires_at = lock
-        .spec
-        .holder
-        .as_ref()
-        .map(|h| h.expires_at)
-        .expect("held");
+    let expires_at = expiry_of(&lock);
     let plan = planned(&lock, expires_at - Duration::nanoseconds(1));
     assert_eq!(plan.state, LockState::Locked);
     assert_eq!(plan.advance_clock_to, None);
@@ -189,12 +198,7 @@ fn not_expired_until_the_instant_passes() {
 #[test]
 fn a_holding_expired_for_the_retention_is_cleared_by_the_controller() {
     let lock = held_lock(None);
-    let expires_at = lock
-        .spec
-        .holder
-        .as_ref()
-        .map(|h| h.expires_at)
-        .expect("held");
+    let expires_at = expiry_of(&lock);
     let now = expires_at + settings().retention + Duration::seconds(1);
     let plan = planned(&lock, now);
     assert_eq!(plan.advance_clock_to, Some(expires_at));
@@ -262,44 +266,25 @@ fn the_condition_keeps_its_transition_time_while_its_value_holds() {
         panic!("no status written");
     };
     let lock = held_lock(Some(written.clone()));
-    let expires_at = lock
-        .spec
-        .holder
-        .as_ref()
-        .map(|h| h.expires_at)
-        .expect("held");
+    let expires_at = expiry_of(&lock);
     // Expired: the value turns False, so the transition time moves.
     let later = planned(&lock, expires_at + Duration::seconds(1));
-    let (status, _, _, _) = keep(&later);
-    let status = status.as_ref().expect("a status");
-    assert_ne!(
-        status.conditions[0].last_transition_time,
-        written.conditions[0].last_transition_time
-    );
+    let before = &written.conditions[0].last_transition_time;
+    assert_ne!(&written_transition(&later), before);
     // Still locked, another message would keep the time: same value.
     let mut extended = lock.clone();
     if let Some(holder) = extended.spec.holder.as_mut() {
         holder.expires_at += Duration::minutes(10);
     }
     let plan = planned(&extended, start + Duration::minutes(1));
-    let (status, _, _, _) = keep(&plan);
-    let status = status.as_ref().expect("a new message to write");
-    assert_eq!(
-        status.conditions[0].last_transition_time,
-        written.conditions[0].last_transition_time
-    );
+    assert_eq!(&written_transition(&plan), before);
 }
 
 #[test]
 fn clearing_needs_the_holding_it_was_decided_on() {
     // A holding taken over after the expiry is a new one: not cleared.
     let lock = held_lock(None);
-    let expires_at = lock
-        .spec
-        .holder
-        .as_ref()
-        .map(|h| h.expires_at)
-        .expect("held");
+    let expires_at = expiry_of(&lock);
     let taken = after(
         Some(&lock.spec),
         expires_at + Duration::minutes(1),
