@@ -382,6 +382,9 @@ fn decide_clear(
     )
 }
 
+/// Every case of an acquire, in the order the admission policy checks
+/// them: one table on purpose (longer than most functions), so that it can
+/// be read against the policy line by line.
 fn decide_acquire(
     spec: &DeploymentLockSpec,
     now: DateTime<Utc>,
