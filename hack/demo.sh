@@ -27,7 +27,7 @@ deploylock() { target/debug/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1
 
 step "Installing the ClusterRoles and the admission policy; binding alice and bob to deploylock-user, carol to deploylock-admin"
 kubectl create namespace deploylock-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply -f config/rbac/clusterroles.yaml -f config/admission/policy.yaml -f config/admission/binding.yaml -f tests/integration/test-bindings.yaml
+kubectl apply -f config/rbac/clusterroles.yaml -f config/admission/policy.yaml -f config/admission/binding.yaml -f config/dev/bindings.yaml
 hack/await-admission.sh "$bin_dir/kubectl" "$cluster_dir/kubeconfigs/admin.kubeconfig" default
 
 step "Starting deploylock-controller (logs in $cluster_dir/logs/controller.log)"

@@ -146,7 +146,7 @@ fn start_cluster() -> Result<TestCluster, String> {
                 .to_string(),
             "-f",
             &repo_root()
-                .join("tests/integration/test-bindings.yaml")
+                .join("config/dev/bindings.yaml")
                 .display()
                 .to_string(),
         ],
