@@ -319,6 +319,17 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
             clock: clock.clone(),
         }
         .spawn(term.clone());
+        // Team notifications: a task of its own, never in the lock path.
+        let notifications = tokio::spawn(controller::notify::run(
+            controller::notify::Notifier {
+                client: client.clone(),
+                namespace: args.namespace.clone(),
+                clock: clock.clone(),
+                metrics: metrics.notify.clone(),
+                instance: identity.clone(),
+            },
+            term.clone(),
+        ));
         let context = Arc::new(Context::new(
             client.clone(),
             metrics.clone(),
@@ -342,6 +353,7 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);
+        notifications.abort();
         if *stop.borrow() {
             break;
         }

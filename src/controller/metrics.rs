@@ -53,6 +53,8 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
     malformed_locks: Family<ObjectLabels, Gauge>,
+    /// Team notifications (see `controller::notify`).
+    pub notify: super::notify::NotifyMetrics,
 }
 
 impl Default for Metrics {
@@ -105,8 +107,10 @@ impl Default for Metrics {
             "1 for each DeploymentLock that cannot be read and is skipped",
             malformed_locks.clone(),
         );
+        let notify = super::notify::NotifyMetrics::register(&mut registry);
         Metrics {
             registry,
+            notify,
             malformed_locks,
             lock_state,
             held_seconds,
