@@ -40,6 +40,9 @@ pub const DEFAULT_RETRY_FOR_SECONDS: i64 = 3600;
 pub const DEFAULT_MAX_BACKOFF_SECONDS: i64 = 60;
 
 /// Where and which lock transitions to announce.
+// rustfmt splits the printcolumns over lines, where clippy takes their
+// repeated keys for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "deploylock.dev",

@@ -65,7 +65,7 @@ impl ConfigError {
 /// Why one attempt failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("{0}")]
+    #[error("{}", chain(.0))]
     Transport(#[source] reqwest::Error),
     #[error("the receiver answered {status}: {body}")]
     Status { status: u16, body: String },
@@ -87,6 +87,22 @@ impl SendError {
             SendError::Status { status, .. } => format!("http_{status}"),
         }
     }
+}
+
+/// An error with its causes ("error sending request: ... : invalid peer
+/// certificate: UnknownIssuer"): reqwest's own message omits them.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A receiver ready to take messages.
