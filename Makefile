@@ -26,8 +26,7 @@ crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
 	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
 	$(CARGO) run --quiet --bin crdgen notificationsubscriptions > crds/notificationsubscriptions.deploylock.dev.yaml
-	cp crds/notificationsubscriptions.deploylock.dev.yaml charts/deploylock/crds/
-	@echo "wrote crds/notificationsubscriptions.deploylock.dev.yaml (and the chart's copy)"
+	@echo "wrote crds/notificationsubscriptions.deploylock.dev.yaml (the chart links to it)"
 
 .PHONY: completions
 completions: ## Generate shell completions and the man page into dist/

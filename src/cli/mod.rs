@@ -94,6 +94,9 @@ pub enum Action {
     /// Hold the lock while a command runs: deploylock exec --reason "..." -- COMMAND [ARGS...]
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// Team notifications: `notify test NAME` sends a test message.
+    #[command(subcommand)]
+    Notify(crate::notify::cli::NotifyAction),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completion {
         #[arg(value_enum)]
@@ -464,7 +467,29 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         Action::Status => {
             let observed = store.read(env).await?;
             print_view(global, &observed, true);
+            if global.verbose && global.output == OutputFormat::Table {
+                let covering =
+                    crate::notify::cli::covering(store.client(), store.namespace(), env).await;
+                let names = if covering.is_empty() {
+                    "none".to_string()
+                } else {
+                    covering.join(", ")
+                };
+                outln!("Notifications: {names}");
+            }
             Ok(Exit::Success)
+        }
+        Action::Notify(crate::notify::cli::NotifyAction::Test { name }) => {
+            match crate::notify::cli::test(store.client(), store.namespace(), env, name).await {
+                Ok(line) => {
+                    outln!("{line}");
+                    Ok(Exit::Success)
+                }
+                Err(err) => {
+                    eprintln!("deploylock: {err}");
+                    Ok(Exit::Failure)
+                }
+            }
         }
         Action::History => {
             let observed = store.read(env).await?;

@@ -12,6 +12,7 @@
 //! delivery and the cursor write repeats one message, with the same
 //! idempotency key (`<lock UID>-<sequence>`), so a receiver can drop it.
 
+pub mod cli;
 pub mod payload;
 pub mod plan;
 pub mod send;
@@ -97,8 +98,7 @@ pub struct NotificationSubscriptionSpec {
     /// Environments (DeploymentLock names) whose transitions are sent; empty
     /// means every lock in the namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("self.all(e, e.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && e.size() <= 63)").message("spec.environments must be DeploymentLock names (DNS-1123 labels)"))]
+    #[schemars(schema_with = "environments_schema")]
     pub environments: Vec<String>,
 
     /// Transitions sent; empty means all of them (Acquired, TookOverExpired,
@@ -209,7 +209,8 @@ impl ProviderType {
 /// key and any proxy come only from Secrets.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.type != 'generic-hmac' || has(self.secretRef)").message("generic-hmac needs a secretRef with a token key"))]
+#[x_kube(validation = Rule::new("!has(self.channel) || self.type in ['slack', 'mattermost']").message("provider.channel applies to slack and mattermost only (other webhooks post to a fixed channel)"))]
+#[x_kube(validation = Rule::new("!has(self.username) || self.type in ['slack', 'discord', 'mattermost']").message("provider.username applies to slack, discord and mattermost only"))]
 pub struct Provider {
     /// slack, msteams, discord, googlechat, mattermost, generic,
     /// generic-hmac or cloudevents.
@@ -323,6 +324,21 @@ pub struct DeliveryCursor {
     pub reminder_lock_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder_count: Option<i64>,
+}
+
+/// DeploymentLock names: DNS-1123 labels (bounded, so the API server's CEL
+/// cost estimate of any later rule stays small).
+fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 64,
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": crate::crd::MAX_ENVIRONMENT_LEN,
+            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        },
+    })
 }
 
 impl NotificationSubscriptionSpec {

@@ -492,7 +492,7 @@ mod tests {
             body["text"]
                 .as_str()
                 .unwrap()
-                .contains("production FORCE-locked by carol")
+                .contains("production FORCE-locked (emergency) by carol")
         );
         assert!(
             body["text"]

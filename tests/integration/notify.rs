@@ -228,16 +228,17 @@ async fn every_provider_gets_its_documented_format() {
                 ],
             )
             .await;
-        setup
-            .subscription(
-                &format!("to-{provider}"),
-                json!({
-                    "environments": ["production"],
-                    "provider": {"type": provider, "secretRef": {"name": secret},
-                                 "channel": "#deploys", "username": "deploylock"}
-                }),
-            )
-            .await;
+        let mut spec = json!({
+            "environments": ["production"],
+            "provider": {"type": provider, "secretRef": {"name": secret}}
+        });
+        if ["slack", "mattermost"].contains(&provider) {
+            spec["provider"]["channel"] = json!("#deploys");
+        }
+        if ["slack", "discord", "mattermost"].contains(&provider) {
+            spec["provider"]["username"] = json!("deploylock");
+        }
+        setup.subscription(&format!("to-{provider}"), spec).await;
     }
     let _controller = cluster().spawn_controller(&setup.namespace, "notify-formats", &[]);
     for provider in providers {
@@ -808,4 +809,73 @@ async fn failing_receiver_is_given_up_loudly_and_a_stalled_one_retried() {
         .await;
     let stalled = requests.iter().find(|r| r.answered.is_none()).unwrap();
     assert_eq!(key_of(stalled), keys[1], "the retry carries the same key");
+}
+
+#[tokio::test]
+async fn example_subscriptions_pass_a_server_side_dry_run() {
+    install_subscription_crd();
+    let cluster = cluster();
+    let created = cluster.kubectl(Identity::Admin, &["create", "namespace", "payments"]);
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(
+        created.status.success() || stderr.contains("AlreadyExists"),
+        "{stderr}"
+    );
+    let dir = crate::support::repo_root().join("examples/notifications");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        let output = cluster.kubectl(
+            Identity::Admin,
+            &[
+                "apply",
+                "--dry-run=server",
+                "-f",
+                &file.display().to_string(),
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The schema refuses what the controller could not use.
+    let bad = r#"{"apiVersion":"deploylock.dev/v1","kind":"NotificationSubscription",
+        "metadata":{"name":"bad","namespace":"payments"},
+        "spec":{"environments":["Not A Name"],"provider":{"type":"telegram","secretRef":{"name":"x"}}}}"#;
+    let output = cluster.kubectl_with_input(
+        Identity::Admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        bad,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a bad subscription was accepted");
+    assert!(
+        stderr.contains("telegram") || stderr.contains("provider.type"),
+        "{stderr}"
+    );
+    let bad = r##"{"apiVersion":"deploylock.dev/v1","kind":"NotificationSubscription",
+        "metadata":{"name":"bad","namespace":"payments"},
+        "spec":{"provider":{"type":"msteams","channel":"#x","secretRef":{"name":"x"}}}}"##;
+    let output = cluster.kubectl_with_input(
+        Identity::Admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        bad,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a channel for msteams was accepted"
+    );
+    assert!(
+        stderr.contains("provider.channel applies to slack and mattermost only"),
+        "{stderr}"
+    );
 }
