@@ -705,7 +705,13 @@ async fn reminder_fires_for_a_long_held_lock_and_not_after_release() {
             reminders(r, "production").len() >= 2
         })
         .await;
-    let first = receiver.delivered()[0].json();
+    let first = receiver
+        .delivered()
+        .iter()
+        .map(Request::json)
+        .find(|b| b["environment"] == "production")
+        .expect("a production reminder");
+    assert_eq!(first["reminder"], 1);
     assert_eq!(first["by"], "alice");
     assert_eq!(first["reason"], "long deploy");
     setup.cli(Identity::Alice, &["release", "-e", "production"]);
@@ -792,6 +798,20 @@ async fn failing_receiver_is_given_up_loudly_and_a_stalled_one_retried() {
     );
     // A receiver that never answers is given up per attempt (bounded
     // request time) and retried; lock operations go on meanwhile.
+    // A longer retry period than the request time limit (10 s).
+    let patch = json!({"spec": {"retry": {"forSeconds": 120, "maxBackoffSeconds": 1}}});
+    setup
+        .subscriptions()
+        .patch("team", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch the subscription");
+    setup
+        .await_subscription("team", "the new spec observed", |sub| {
+            sub.metadata.generation.is_some()
+                && sub.status.as_ref().and_then(|s| s.observed_generation)
+                    == sub.metadata.generation
+        })
+        .await;
     receiver.set_mode(Mode::Stall);
     setup.cli(Identity::Alice, &["release"]);
     let keys = setup.history_keys("production").await;
