@@ -470,12 +470,7 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             if global.verbose && global.output == OutputFormat::Table {
                 let covering =
                     crate::notify::cli::covering(store.client(), store.namespace(), env).await;
-                let names = if covering.is_empty() {
-                    "none".to_string()
-                } else {
-                    covering.join(", ")
-                };
-                outln!("Notifications: {names}");
+                outln!("Notifications: {covering}");
             }
             Ok(Exit::Success)
         }

@@ -100,22 +100,32 @@ pub async fn test(
     ))
 }
 
-/// Names of the subscriptions in `namespace` that cover `environment`
-/// (none when the CRD is absent or the caller may not list them).
-pub async fn covering(client: &Client, namespace: &str, environment: &str) -> Vec<String> {
+/// What `status -v` says about the subscriptions in `namespace` that cover
+/// `environment`: their names and providers, "none", or why it cannot tell.
+pub async fn covering(client: &Client, namespace: &str, environment: &str) -> String {
     let subscriptions: Api<NotificationSubscription> = Api::namespaced(client.clone(), namespace);
-    let Ok(list) = subscriptions.list(&Default::default()).await else {
-        return Vec::new();
-    };
-    list.items
-        .iter()
-        .filter(|sub| sub.spec.covers(environment))
-        .map(|sub| {
-            format!(
-                "{} ({})",
-                sub.name_any(),
-                sub.spec.provider.provider_type.as_str()
-            )
-        })
-        .collect()
+    match subscriptions.list(&Default::default()).await {
+        Ok(list) => {
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter(|sub| sub.spec.covers(environment))
+                .map(|sub| {
+                    format!(
+                        "{} ({})",
+                        sub.name_any(),
+                        sub.spec.provider.provider_type.as_str()
+                    )
+                })
+                .collect();
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
+        }
+        // The CRD is not installed: nothing can subscribe.
+        Err(kube::Error::Api(status)) if status.code == 404 => "none".into(),
+        Err(err) => format!("unknown (cannot list NotificationSubscriptions: {err})"),
+    }
 }

@@ -899,3 +899,66 @@ async fn example_subscriptions_pass_a_server_side_dry_run() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_test_command_and_status_line() {
+    let setup = setup("notify-cli").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup
+        .secret("broken", &[("address", &receiver.url("/broken"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    setup
+        .subscription(
+            "staging-only",
+            json!({"environments": ["staging"], "provider": {"type": "slack", "secretRef": {"name": "broken"}}}),
+        )
+        .await;
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "--reason", "testing the hook"],
+    );
+    // No controller here: the CLI sends the test message itself. Reading the
+    // Secret needs its RBAC (the admin here).
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "team"],
+    );
+    expect_exit(&output, 0, "notify test team");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("answered 200"), "{stdout}");
+    let requests = receiver
+        .wait_for("the test message", WAIT, |r| !r.is_empty())
+        .await;
+    let body = requests[0].json();
+    assert_eq!(body["event"], "Test");
+    assert_eq!(body["environment"], "production");
+    assert_eq!(body["owner"], "alice");
+    assert!(key_of(&requests[0]).starts_with("test-"));
+    // The receiver's refusal is reported, exit 1.
+    receiver.set_mode(Mode::Fail(404));
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "team"],
+    );
+    expect_exit(&output, 1, "notify test team (refused)");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("404"));
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "absent"],
+    );
+    expect_exit(&output, 1, "notify test absent");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("\"absent\" not found"));
+    // status -v names the subscriptions covering the lock.
+    let output = cluster().deploylock(Identity::Alice, &setup.namespace, &["status", "-v"]);
+    expect_exit(&output, 0, "status -v");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("Notifications: team (generic)"), "{stdout}");
+    assert!(!stdout.contains("staging-only"), "{stdout}");
+}
