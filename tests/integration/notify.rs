@@ -962,3 +962,108 @@ async fn notify_test_command_and_status_line() {
     assert!(stdout.contains("Notifications: team (generic)"), "{stdout}");
     assert!(!stdout.contains("staging-only"), "{stdout}");
 }
+
+/// Writes a one-minute holding by alice that ends `expires_in` from now,
+/// straight through the API (the CLI's shortest duration is a minute).
+async fn put_expiring_lock(
+    setup: &Setup,
+    environment: &str,
+    expires_in: chrono::Duration,
+) -> String {
+    use deploylock::crd::{DeploymentLockSpec, HistoryEntry, LockHolder, LockType};
+    let expires_at = chrono::Utc::now() + expires_in;
+    let acquired_at = expires_at - chrono::Duration::minutes(1);
+    let lock_id = uuid::Uuid::new_v4().to_string();
+    let spec = DeploymentLockSpec {
+        environment: environment.to_string(),
+        holder: Some(LockHolder {
+            lock_id: lock_id.clone(),
+            user: "alice".into(),
+            owner: "alice".into(),
+            lock_type: LockType::Manual,
+            reason: "short deploy".into(),
+            acquired_at,
+            expires_at,
+            duration_seconds: 60,
+            deployment_id: Some("run-7".into()),
+            metadata: Default::default(),
+            overrode: None,
+        }),
+        fencing_token: 1,
+        queue: vec![],
+        history: vec![HistoryEntry {
+            sequence: 1,
+            action: HistoryAction::Acquired,
+            // Now, after the subscription was created: announced.
+            at: chrono::Utc::now(),
+            lock_id: lock_id.clone(),
+            by: "alice".into(),
+            owner: "alice".into(),
+            reason: "short deploy".into(),
+            expires_at: Some(expires_at),
+        }],
+    };
+    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let patch = json!({
+        "apiVersion": "deploylock.dev/v1",
+        "kind": "DeploymentLock",
+        "metadata": {"name": environment},
+        "spec": spec,
+    });
+    if let Err(err) = api
+        .patch(
+            environment,
+            &PatchParams::apply("deploylock-tests").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        panic!("cannot write {environment}: {err}");
+    }
+    lock_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_announced_once_with_a_stable_key() {
+    let setup = setup("notify-expiry").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    let _controller =
+        cluster().spawn_controller(&setup.namespace, "notify-expiry", &["--retention", "2s"]);
+    setup.await_ready("team", "True", None).await;
+    let lock_id = put_expiring_lock(&setup, "production", chrono::Duration::seconds(3)).await;
+    let uid = setup.lock("production").await.uid().expect("a UID");
+    let expired_key = format!("{uid}-expired-{lock_id}");
+    // Acquired, then Expired (observed by the controller), then Cleared
+    // after the 2 s retention.
+    let requests = receiver
+        .wait_for("the Cleared", WAIT, |r| {
+            r.iter()
+                .any(|r| r.delivered() && r.json()["event"] == "Cleared")
+        })
+        .await;
+    let events: Vec<(String, String)> = requests
+        .iter()
+        .filter(|r| r.delivered())
+        .map(|r| {
+            (
+                r.json()["event"].as_str().unwrap_or_default().to_string(),
+                key_of(r),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(event, _)| event.as_str()).collect();
+    assert_eq!(names, ["Acquired", "Expired", "Cleared"], "{events:?}");
+    assert_eq!(events[1].1, expired_key);
+    let expired = requests
+        .iter()
+        .find(|r| key_of(r) == expired_key)
+        .unwrap()
+        .json();
+    assert_eq!(expired["state"], "Expired");
+    assert_eq!(expired["deploymentId"], "run-7");
+    assert_eq!(expired["idempotencyKey"], expired_key.as_str());
+}
