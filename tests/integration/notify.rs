@@ -519,6 +519,7 @@ async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
     assert!(receiver.requests().is_empty());
     // The scenario itself: the receiver stays down for 30 s.
     tokio::time::sleep_until(down_at + Duration::from_secs(30)).await;
+    let up_at = std::time::Instant::now();
     receiver.up().await;
     let production = setup.history_keys("production").await;
     let staging = setup.history_keys("staging").await;
@@ -539,6 +540,7 @@ async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
         .map(key_of)
         .collect();
     assert_eq!(got.len(), 5, "each delivered once: {got:?}");
+    assert!(requests.iter().all(|r| r.arrived >= up_at));
     for keys in [&production, &staging] {
         let order: Vec<&String> = got.iter().filter(|k| keys.contains(k)).collect();
         assert_eq!(order, keys.iter().collect::<Vec<_>>(), "in order per lock");

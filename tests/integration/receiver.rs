@@ -34,6 +34,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The status it was answered with (None: stalled).
     pub answered: Option<u16>,
+    /// When it was read (for the benchmark's latency).
+    pub arrived: std::time::Instant,
 }
 
 impl Request {
@@ -298,6 +300,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         headers,
         body,
         answered,
+        arrived: std::time::Instant::now(),
     });
     match answered {
         Some(status) => {
