@@ -160,6 +160,20 @@ pub async fn notifications(rows: &mut Vec<Row>) {
     for (n, receiver) in receivers.iter().enumerate() {
         subscribe(&quiet, &format!("sub-{n}"), &receiver.url("/hook"));
     }
+    // Measured once every subscription is served (Ready), not while the
+    // controller takes them up.
+    kubectl_ok(
+        &[
+            "-n",
+            &quiet,
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=120s",
+            "notificationsubscriptions",
+            "--all",
+        ],
+        None,
+    );
     let with: Vec<f64> = (0..ACQUIRES)
         .map(|i| {
             cli(

@@ -289,8 +289,13 @@ async fn watch_subscriptions(shared: Arc<Shared>) {
             }
             Ok(watcher::Event::Apply(sub)) => {
                 if let Some(uid) = sub.uid() {
-                    shared.with(|known| known.subscriptions.insert(uid, sub));
-                    shared.bump();
+                    // Workers keep their own status: a status write (one
+                    // per message) wakes nobody, a spec change wakes all.
+                    let generation = sub.metadata.generation;
+                    let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
+                    if previous.is_none_or(|old| old.metadata.generation != generation) {
+                        shared.bump();
+                    }
                 }
             }
             Ok(watcher::Event::Delete(sub)) => {
