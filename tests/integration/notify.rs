@@ -586,14 +586,36 @@ async fn controller_killed_mid_burst_loses_nothing() {
                 == wanted
         })
         .await;
-    // Duplicates only carry the same key and the same body.
-    let mut bodies: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Duplicates carry the same key and describe the same transition (the
+    // holding's details, such as acquiredAt, are added only while that
+    // holding is still the lock's, so a later copy may lack them).
+    let identity = |request: &Request| {
+        let body = request.json();
+        [
+            "idempotencyKey",
+            "event",
+            "sequence",
+            "at",
+            "by",
+            "owner",
+            "reason",
+            "lockId",
+            "lockUid",
+        ]
+        .map(|field| body[field].clone())
+    };
+    let mut first: BTreeMap<String, [Value; 9]> = BTreeMap::new();
     for request in requests.iter().filter(|r| r.delivered()) {
         let key = key_of(request);
-        let body = bodies
+        assert_eq!(request.json()["idempotencyKey"], key.as_str());
+        let seen = first
             .entry(key.clone())
-            .or_insert_with(|| request.body.clone());
-        assert_eq!(*body, request.body, "a repeated {key} differs");
+            .or_insert_with(|| identity(request));
+        assert_eq!(
+            *seen,
+            identity(request),
+            "a repeated {key} describes another transition"
+        );
     }
     let mut first_seen: Vec<String> = Vec::new();
     for request in requests.iter().filter(|r| r.delivered()) {
