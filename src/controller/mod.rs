@@ -25,6 +25,7 @@
 pub mod clock;
 pub mod leader;
 pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod replica;
 pub mod server;

@@ -157,6 +157,17 @@ impl Replica {
             clock: clock.clone(),
         }
         .spawn(term.clone());
+        // Team notifications: a task of its own, never in the lock path.
+        let notifications = tokio::spawn(super::notify::run(
+            super::notify::Notifier {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                clock: clock.clone(),
+                metrics: self.metrics.notify.clone(),
+                instance: identity.to_string(),
+            },
+            term.clone(),
+        ));
         let context = Arc::new(Context::new(
             self.client.clone(),
             self.metrics.clone(),
@@ -180,5 +191,6 @@ impl Replica {
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);
+        notifications.abort();
     }
 }
