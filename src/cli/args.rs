@@ -57,7 +57,8 @@ pub enum Action {
     Status,
     /// Release a lock you do not hold (emergency; the reason is recorded).
     ForceRelease(ForceReleaseArgs),
-    /// List the locks of a namespace (or of all namespaces).
+    /// List the active locks (Locked, ForceLocked, Expired) of a namespace
+    /// (or of all namespaces); --all adds the Available ones.
     List(ListArgs),
     /// Wait until the lock is Available or Expired.
     Wait(WaitArgs),
@@ -138,7 +139,9 @@ pub struct AcquireArgs {
     /// ID of the deployment this lock protects.
     #[arg(long, value_parser = |s: &str| input::label("--deployment-id", s))]
     pub deployment_id: Option<String>,
-    /// Extend the lock you already hold instead (same as `extend`).
+    /// Extend the lock you hold instead; unlike `extend`, also renews your
+    /// own expired holding (same lock ID and fencing token) if nobody took
+    /// it over and nobody waits for it.
     #[arg(long)]
     pub extend: bool,
     /// With --wait-timeout: the order waiters are served in.
@@ -174,6 +177,9 @@ pub struct ListArgs {
     /// List the locks of every namespace.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
+    /// Also list the Available locks (nobody holds them).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]

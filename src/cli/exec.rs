@@ -117,7 +117,9 @@ fn report_loss(
     let now_held = match now_held_by {
         Some(holder) => report::safe_line(&format!(
             "now held by {} ({}), reason: \"{}\"",
-            holder.owner, holder.lock_type, holder.reason
+            report::holder_name(holder),
+            holder.lock_type,
+            holder.reason
         )),
         None => "someone else released it, or it expired (see `deploylock history`)".to_string(),
     };

@@ -35,10 +35,10 @@ use chrono::Utc;
 use clap::CommandFactory;
 use tokio::time::Instant;
 
-use crate::crd::LockType;
+use crate::crd::{LockState, LockType};
 use crate::error::Error;
 use crate::queue::{self, TakeRequest, interruptible};
-use crate::rules::{Actor, Request};
+use crate::rules::{self, Actor, Request};
 use crate::signals::Signals;
 use crate::store::{Applied, ConnectOptions, LockStore, ServerClock, connect};
 
@@ -199,7 +199,7 @@ async fn execute(
 async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Result<Exit, Error> {
     let env = &global.environment;
     match action {
-        Action::Acquire(args) => extend(store, global, args.duration, None).await,
+        Action::Acquire(args) => renew(store, global, args.duration).await,
         Action::Exec(_) | Action::Wait(_) => Err(Error::Api("not a one-shot action".into())),
         // Answered by `main` without a cluster.
         Action::Completion { .. } | Action::Man => Ok(Exit::Success),
@@ -221,8 +221,10 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             extend(store, global, args.duration, args.holding.lock_id.clone()).await
         }
         Action::Status => {
-            show::view(global, &store.read(env).await?, true);
+            let observed = store.read(env).await?;
+            show::view(global, &observed, true);
             if global.verbose && global.output == OutputFormat::Table {
+                show::caller_holding(store, &observed).await;
                 let covering =
                     crate::notify::cli::covering(store.client(), store.namespace(), env).await;
                 outln!("Notifications: {covering}");
@@ -246,7 +248,14 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             Ok(Exit::Success)
         }
         Action::List(args) => {
-            let listing = store.list(args.all_namespaces).await?;
+            let mut listing = store.list(args.all_namespaces).await?;
+            // Active locks only, unless --all: what the seed's `list` shows.
+            if !args.all {
+                let now = listing.server_time;
+                listing
+                    .locks
+                    .retain(|lock| rules::state_at(&lock.spec, now) != LockState::Available);
+            }
             Ok(show::list(global, store, &listing, args.all_namespaces))
         }
     }
@@ -265,6 +274,25 @@ async fn extend(
         lock_id,
     };
     let applied = store.apply(&global.environment, &request).await?;
+    show::applied(global, &applied, "extended")
+}
+
+/// `acquire --extend`: extends one's holding, or renews it if it expired and
+/// is still the lock's holding (the rules refuse it otherwise: exit 5 if
+/// someone else holds it or it was cleared, 3 if someone waits for it).
+async fn renew(
+    store: &LockStore,
+    global: &GlobalArgs,
+    duration: chrono::Duration,
+) -> Result<Exit, Error> {
+    let actor = Actor::new(store.whoami().await?, None);
+    let request = Request::Renew { actor, duration };
+    let applied = store.apply(&global.environment, &request).await?;
+    if let Some(spec) = applied.observed.spec()
+        && let Some(gap) = show::renewal_gap(spec)
+    {
+        eprintln!("deploylock: warning: {}", report::safe_line(&gap));
+    }
     show::applied(global, &applied, "extended")
 }
 

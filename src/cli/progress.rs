@@ -60,7 +60,7 @@ impl Progress for WaitProgress {
         let line = format!(
             "waiting for {}: held by {} since {} until {}, reason: \"{}\"",
             self.environment,
-            holder.owner,
+            report::holder_name(holder),
             holder.acquired_at.format("%H:%M:%SZ"),
             report::when(holder.expires_at, observed.server_time),
             holder.reason
@@ -72,7 +72,7 @@ impl Progress for WaitProgress {
         let line = format!(
             "waiting for {}: {waiting} in the queue, next is {} (since {})",
             self.environment,
-            next.owner,
+            report::shown_name(&next.user, &next.owner),
             report::when(next.since, observed.server_time)
         );
         self.show(line);

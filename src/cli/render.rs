@@ -172,8 +172,9 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
         ("State", view.state.to_string()),
     ];
     if let Some(holder) = &view.holder {
+        // The authenticated identity first; `--owner` is only a label.
+        lines.push(("Holder", holder.user.clone()));
         lines.push(("Owner", holder.owner.clone()));
-        lines.push(("User", holder.user.clone()));
         lines.push(("Reason", holder.reason.clone()));
         lines.push(("Type", holder.lock_type.to_string()));
         lines.push(("Lock ID", holder.lock_id.clone()));
@@ -204,7 +205,7 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
                 "Waiting",
                 format!(
                     "{} since {}: \"{}\"",
-                    waiter.owner,
+                    super::report::shown_name(&waiter.user, &waiter.owner),
                     when(waiter.since, now),
                     waiter.reason
                 ),
@@ -225,9 +226,40 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
     out
 }
 
+/// `status -v`'s plain answer to "do I hold this lock?" for `caller` (the
+/// identity the API server authenticated).
+pub fn caller_holding(view: &LockView, caller: &str) -> String {
+    let Some(holder) = &view.holder else {
+        return "Nobody holds this lock.".to_string();
+    };
+    let name = super::report::holder_name(holder);
+    let expired = rules::is_expired(holder, view.server_time);
+    let line = match (holder.user == caller, expired) {
+        (true, false) => "You hold this lock.".to_string(),
+        (false, false) => format!("You do not hold this lock; {name} does."),
+        (true, true) => format!(
+            "You do not hold this lock: your holding expired at {} (renew it with `deploylock acquire --extend` while nobody else takes it).",
+            when(holder.expires_at, view.server_time)
+        ),
+        (false, true) => format!(
+            "Nobody holds this lock: {name}'s holding expired at {}.",
+            when(holder.expires_at, view.server_time)
+        ),
+    };
+    escape(&line).into_owned()
+}
+
 /// `list` as kubectl prints `get`.
 pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: bool) -> String {
-    let mut header = vec!["ENVIRONMENT", "STATE", "OWNER", "REASON", "EXPIRES", "AGE"];
+    let mut header = vec![
+        "ENVIRONMENT",
+        "STATE",
+        "HOLDER",
+        "OWNER",
+        "REASON",
+        "EXPIRES",
+        "AGE",
+    ];
     if all_namespaces {
         header.insert(0, "NAMESPACE");
     }
@@ -244,6 +276,7 @@ pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: 
         let mut row = vec![
             lock.spec.environment.clone(),
             rules::state_at(&lock.spec, now).to_string(),
+            holder.map(|h| h.user.clone()).unwrap_or_else(|| "-".into()),
             holder
                 .map(|h| h.owner.clone())
                 .unwrap_or_else(|| "-".into()),
@@ -444,6 +477,54 @@ mod tests {
         );
         assert!(text.contains("second line"), "{text}");
         assert!(text.contains("\\nsecond line"), "{text}");
+    }
+
+    /// `status -v` answers "do I hold it?" for each case in words.
+    #[test]
+    fn status_says_whether_the_caller_holds_the_lock() {
+        let lock = |holder: Option<serde_json::Value>| -> DeploymentLock {
+            let object = serde_json::json!({
+                "apiVersion": "deploylock.dev/v1",
+                "kind": "DeploymentLock",
+                "metadata": { "name": "production", "namespace": "team-a" },
+                "spec": { "environment": "production", "fencingToken": 3, "holder": holder }
+            });
+            serde_json::from_value(object).unwrap_or_else(|err| panic!("{err}"))
+        };
+        let held = lock(Some(testdata::holder("")));
+        let free = lock(None);
+        let at = |time: &str| -> DateTime<Utc> {
+            DateTime::parse_from_rfc3339(time)
+                .unwrap_or_else(|err| panic!("{err}"))
+                .with_timezone(&Utc)
+        };
+        let live = LockView::new("team-a", "production", Some(&held), now());
+        assert_eq!(caller_holding(&live, "user"), "You hold this lock.");
+        assert_eq!(
+            caller_holding(&live, "bob"),
+            "You do not hold this lock; user (owner label: owner) does."
+        );
+        let expired = LockView::new(
+            "team-a",
+            "production",
+            Some(&held),
+            at("2030-01-01T00:34:00Z"),
+        );
+        let mine = caller_holding(&expired, "user");
+        assert!(
+            mine.starts_with(
+                "You do not hold this lock: your holding expired at 2030-01-01T00:30:00Z (4m ago)"
+            ) && mine.contains("acquire --extend"),
+            "{mine}"
+        );
+        let theirs = caller_holding(&expired, "bob");
+        assert!(
+            theirs
+                .starts_with("Nobody holds this lock: user (owner label: owner)'s holding expired"),
+            "{theirs}"
+        );
+        let view = LockView::new("team-a", "production", Some(&free), now());
+        assert_eq!(caller_holding(&view, "bob"), "Nobody holds this lock.");
     }
 
     #[test]

@@ -204,12 +204,19 @@ pub fn exit_for(err: &Error) -> Exit {
     }
 }
 
-/// " (user U)" when the holder's label is not its identity.
-fn user_note(holder: &LockHolder) -> String {
-    if holder.owner == holder.user {
-        String::new()
+/// Who holds a lock, as people should read it: the identity the API
+/// server authenticated first, the `--owner` display label beside it when it
+/// differs ("bob (owner label: alice)").
+pub fn holder_name(holder: &LockHolder) -> String {
+    shown_name(&holder.user, &holder.owner)
+}
+
+/// A user and their display label, as [`holder_name`] shows a holder.
+pub fn shown_name(user: &str, owner: &str) -> String {
+    if owner == user {
+        user.to_string()
     } else {
-        format!(" (user {})", holder.user)
+        format!("{user} (owner label: {owner})")
     }
 }
 
@@ -223,14 +230,9 @@ fn held_since(holder: &LockHolder, now: DateTime<Utc>) -> String {
     )
 }
 
-/// "owner (user U) since … until …, reason: …" of a holding.
+/// "user (owner label: L) since … until …, reason: …" of a holding.
 fn holding(holder: &LockHolder, now: DateTime<Utc>) -> String {
-    format!(
-        "{}{} {}",
-        holder.owner,
-        user_note(holder),
-        held_since(holder, now)
-    )
+    format!("{} {}", holder_name(holder), held_since(holder, now))
 }
 
 /// A refusal's lines: its one wording (`Refusal`'s Display) for the
@@ -240,21 +242,18 @@ fn holding(holder: &LockHolder, now: DateTime<Utc>) -> String {
 fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Vec<String> {
     let headline = format!("{env}: {refusal}");
     match refusal {
+        // The holder is named by identity first, not by the refusal's
+        // Display (which names the display label).
         Refusal::HeldByOther(holder) => vec![
-            format!(
-                "{headline}{} {}",
-                user_note(holder),
-                held_since(holder, now)
-            ),
+            format!("{env}: the lock is held by {}", holding(holder, now)),
             format!(
                 "wait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`"
             ),
         ],
         Refusal::AlreadyHeldByYou(holder) => vec![
             format!(
-                "{headline} as {} (user {}, lock ID {}) until {}, reason: \"{}\"",
-                holder.owner,
-                holder.user,
+                "{headline} as {} (lock ID {}) until {}, reason: \"{}\"",
+                holder_name(holder),
                 holder.lock_id,
                 when(holder.expires_at, now),
                 holder.reason
@@ -265,17 +264,15 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
         ],
         Refusal::EmergencyLockInForce(holder) => vec![
             format!(
-                "{headline}{} {}",
-                user_note(holder),
-                held_since(holder, now)
+                "{env}: an emergency lock held by {} is in force",
+                holding(holder, now)
             ),
             format!("it must be released first: `deploylock force-release -e {env} --reason ...`"),
         ],
         Refusal::NotHolder(holder) => vec![
             format!(
-                "{headline}{} {}: only the holder can release or extend it",
-                user_note(holder),
-                held_since(holder, now)
+                "{env}: the lock is held by {}, not by you: only the holder can release or extend it",
+                holding(holder, now)
             ),
             format!("to take it away use `deploylock force-release -e {env} --reason ...`"),
         ],
@@ -298,9 +295,10 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
             format!("acquire it again with `deploylock acquire -e {env} --reason ...`"),
         ],
         Refusal::ReasonRequired => vec![format!("{refusal}: add --reason \"...\"")],
-        Refusal::QueuedBehind { next, .. } => vec![
+        Refusal::QueuedBehind { next, waiting } => vec![
             format!(
-                "{headline} (waiting since {}), reason: \"{}\"",
+                "{env}: {waiting} client(s) are waiting for the lock; {} is next (waiting since {}), reason: \"{}\"",
+                shown_name(&next.user, &next.owner),
                 when(next.since, now),
                 next.reason
             ),

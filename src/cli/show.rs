@@ -1,6 +1,6 @@
 //! What the successful actions print on stdout.
 
-use crate::crd::HistoryAction;
+use crate::crd::{DeploymentLockSpec, HistoryAction};
 use crate::error::Error;
 use crate::rules::NoChange;
 use crate::store::{Applied, Listing, LockStore, Observed, Outcome};
@@ -25,6 +25,52 @@ pub fn view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
         OutputFormat::Table => {}
         format => out!("{}", render::structured(&view, format)),
     }
+}
+
+/// `status -v`: whether the caller holds the lock, in words. Without an
+/// answer to "who am I" the line says so instead of guessing.
+pub async fn caller_holding(store: &LockStore, observed: &Observed) {
+    let view = LockView::new(
+        &observed.namespace,
+        observed.environment.as_str(),
+        observed.lock.as_ref(),
+        observed.server_time,
+    );
+    match store.whoami().await {
+        Ok(me) => outln!("{}", render::caller_holding(&view, &me)),
+        Err(err) => outln!(
+            "Whether you hold this lock: unknown ({})",
+            render::Safe(&err.to_string())
+        ),
+    }
+}
+
+/// After `acquire --extend`: if the `Extended` entry just written renewed a
+/// holding that had expired, how long the lock was unprotected, from the
+/// history (the entry before it for the same holding has the old expiry).
+pub fn renewal_gap(spec: &DeploymentLockSpec) -> Option<String> {
+    let holder = spec.holder.as_ref()?;
+    let (renewal, earlier) = spec.history.split_last()?;
+    if renewal.action != HistoryAction::Extended || renewal.lock_id != holder.lock_id {
+        return None;
+    }
+    let expired_at = earlier
+        .iter()
+        .rev()
+        .find(|entry| entry.lock_id == holder.lock_id)?
+        .expires_at?;
+    let unprotected = (renewal.at - expired_at).to_std().ok()?;
+    if unprotected.is_zero() {
+        return None;
+    }
+    Some(format!(
+        "your holding of {} had expired at {}; renewed after {} unprotected; nobody took it over (same lock ID {}, fencing token {})",
+        spec.environment,
+        expired_at.format("%Y-%m-%dT%H:%M:%SZ"),
+        humantime::format_duration(unprotected),
+        holder.lock_id,
+        spec.fencing_token
+    ))
 }
 
 /// The history of a lock.
@@ -91,7 +137,7 @@ pub fn applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<Exi
             };
             outln!(
                 "{env} {verb} by {} until {}{takeover}",
-                render::Safe(&holder.owner),
+                render::Safe(&report::holder_name(holder)),
                 report::when(holder.expires_at, observed.server_time)
             );
             outln!(
@@ -103,4 +149,56 @@ pub fn applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<Exi
         (Outcome::Transition(_), None) => outln!("{env} {verb}"),
     }
     Ok(Exit::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata;
+
+    fn spec(history: serde_json::Value) -> DeploymentLockSpec {
+        let object = serde_json::json!({
+            "environment": "production",
+            "fencingToken": 3,
+            "holder": testdata::holder(""),
+            "history": history
+        });
+        serde_json::from_value(object).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    fn extended(at: &str, expires_at: &str) -> serde_json::Value {
+        serde_json::json!({
+            "sequence": 2,
+            "action": "Extended",
+            "at": at,
+            "lockId": "id",
+            "by": "user",
+            "owner": "owner",
+            "reason": "reason",
+            "expiresAt": expires_at
+        })
+    }
+
+    /// The renewal of an expired holding says how long it was unprotected;
+    /// an extension of a live one says nothing.
+    #[test]
+    fn renewal_gap_is_the_time_between_expiry_and_renewal() {
+        let renewed = spec(serde_json::json!([
+            testdata::acquired_entry(""),
+            extended("2030-01-01T00:34:12Z", "2030-01-01T01:04:12Z")
+        ]));
+        let gap = renewal_gap(&renewed).unwrap_or_else(|| panic!("no gap"));
+        assert!(
+            gap.contains("had expired at 2030-01-01T00:30:00Z; renewed after 4m 12s unprotected; nobody took it over")
+                && gap.contains("lock ID id, fencing token 3"),
+            "{gap}"
+        );
+        let extended_live = spec(serde_json::json!([
+            testdata::acquired_entry(""),
+            extended("2030-01-01T00:20:00Z", "2030-01-01T00:50:00Z")
+        ]));
+        assert_eq!(renewal_gap(&extended_live), None);
+        let only_acquired = spec(serde_json::json!([testdata::acquired_entry("")]));
+        assert_eq!(renewal_gap(&only_acquired), None);
+    }
 }

@@ -270,6 +270,86 @@ async fn deployment_cycle_between_two_people() {
     assert_eq!(holdings_since_creation(lock.spec.fencing_token), 2);
 }
 
+/// `--owner` is a display label: every line names the authenticated holder
+/// first and the label beside it.
+#[tokio::test]
+async fn the_holder_is_named_before_the_owner_label() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cli-holder").await;
+    let acquired = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["acquire", "--owner", "alice", "--reason", "Deploying 2.1.0"],
+    );
+    expect_exit(&acquired, 0, "bob acquires as alice");
+    let stdout = stdout_of(&acquired);
+    assert!(
+        stdout.contains("production acquired by bob (owner label: alice) until "),
+        "{stdout}"
+    );
+
+    let refused = cluster.deploylock(Identity::Alice, &ns, &["acquire", "--reason", "mine"]);
+    expect_exit(&refused, 3, "alice is refused");
+    assert!(
+        stderr_of(&refused)
+            .contains("production: the lock is held by bob (owner label: alice) since "),
+        "{}",
+        stderr_of(&refused)
+    );
+    let not_holder = cluster.deploylock(Identity::Alice, &ns, &["release"]);
+    expect_exit(&not_holder, 5, "alice releases bob's lock");
+    assert!(
+        stderr_of(&not_holder).contains("held by bob (owner label: alice), not by you"),
+        "{}",
+        stderr_of(&not_holder)
+    );
+    let waited = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &["acquire", "--reason", "mine", "--wait-timeout", "1"],
+    );
+    expect_exit(&waited, 4, "alice waits 1 s");
+    assert!(
+        stderr_of(&waited).contains("held by bob (owner label: alice)"),
+        "{}",
+        stderr_of(&waited)
+    );
+
+    let list = cluster.deploylock(Identity::Viewer, &ns, &["list"]);
+    expect_exit(&list, 0, "list");
+    let text = stdout_of(&list);
+    assert_eq!(
+        header_of(&text)[..4],
+        ["ENVIRONMENT", "STATE", "HOLDER", "OWNER"],
+        "{text}"
+    );
+    let row: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..4], ["production", "Locked", "bob", "alice"], "{text}");
+
+    for (identity, expected) in [
+        (Identity::Bob, "You hold this lock."),
+        (
+            Identity::Alice,
+            "You do not hold this lock; bob (owner label: alice) does.",
+        ),
+    ] {
+        let status = cluster.deploylock(identity, &ns, &["status", "-v"]);
+        expect_exit(&status, 0, "status -v");
+        let text = stdout_of(&status);
+        assert!(text.contains(expected), "{identity:?}: {text}");
+        let holder_line = text
+            .lines()
+            .find(|line| line.starts_with("Holder:"))
+            .unwrap_or_default();
+        assert!(holder_line.ends_with(" bob"), "{text}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 2. Races between real processes
 // ---------------------------------------------------------------------------
@@ -333,7 +413,8 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
         let label = format!("runner-{winner}");
         let winner_user = if winner % 2 == 0 { "alice" } else { "bob" };
         assert!(
-            stdout_of(&outputs[winner]).contains(&format!("acquired by {label}")),
+            stdout_of(&outputs[winner])
+                .contains(&format!("acquired by {winner_user} (owner label: {label})")),
             "{}",
             stdout_of(&outputs[winner])
         );
@@ -577,6 +658,124 @@ async fn holder_extends_and_others_cannot() {
         holdings_since_creation(third["fencingToken"].as_i64().unwrap_or(0)),
         1
     );
+}
+
+/// `acquire --extend` renews one's own expired holding (same lock ID and
+/// fencing token, an Extended entry, a warning saying how long it was
+/// unprotected) while plain `extend` exits 7; it is refused when someone
+/// waits for the lock or took it over.
+#[tokio::test]
+async fn acquire_extend_renews_an_expired_holding() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cli-renew").await;
+    let api = locks_api(cluster, &ns).await;
+
+    let acquired = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &["acquire", "--duration", "1m", "--reason", "short deploy"],
+    );
+    expect_exit(&acquired, 0, "alice acquires for a minute");
+    let before = stored(&api, "production").await;
+    let lock_id = holder_of(&before).lock_id.clone();
+    // `wait` returns when the lock is Expired on the API server's clock
+    // (a watch and the holder's expiry, not a sleep).
+    let waited = cluster.deploylock(Identity::Viewer, &ns, &["wait", "--wait-timeout", "120"]);
+    expect_exit(&waited, 0, "the holding expires");
+    assert_eq!(
+        status_json(cluster, Identity::Viewer, &ns, "production")["state"],
+        "Expired"
+    );
+
+    let extend = cluster.deploylock(Identity::Alice, &ns, &["extend"]);
+    expect_exit(&extend, 7, "plain extend of an expired holding");
+    assert_eq!(
+        stored(&api, "production").await.spec,
+        before.spec,
+        "a refused extend changes nothing"
+    );
+
+    let renewed = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &["acquire", "--extend", "--duration", "5"],
+    );
+    expect_exit(&renewed, 0, "alice renews with acquire --extend");
+    let warning = stderr_of(&renewed);
+    let expired_at = holder_of(&before)
+        .expires_at
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    assert!(
+        warning.starts_with("deploylock: warning: your holding of production had expired at ")
+            && warning.contains(&expired_at)
+            && warning.contains(" unprotected; nobody took it over"),
+        "{warning}"
+    );
+    assert!(
+        stdout_of(&renewed).contains("production extended by alice until "),
+        "{}",
+        stdout_of(&renewed)
+    );
+    let after = stored(&api, "production").await;
+    let holder = holder_of(&after);
+    assert_eq!(holder.lock_id, lock_id, "the same holding");
+    assert_eq!(after.spec.fencing_token, before.spec.fencing_token);
+    assert!(holder.expires_at > Utc::now() + Duration::minutes(4));
+    let entry = last_history(&after);
+    assert_eq!(entry.action, HistoryAction::Extended);
+    assert_eq!(entry.lock_id, lock_id);
+    assert_eq!(
+        status_json(cluster, Identity::Viewer, &ns, "production")["state"],
+        "Locked"
+    );
+
+    // Someone waits for an expired holding: they go first.
+    let expired = Utc::now() - Duration::minutes(1);
+    let mut staging = create_expired_lock(&api, "staging", "alice", expired, 7).await;
+    let waiter = json!({
+        "id": "carol-waiter",
+        "user": "carol",
+        "owner": "carol",
+        "reason": "next deploy",
+        "since": Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        "heartbeatAt": Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    });
+    staging
+        .spec
+        .queue
+        .push(serde_json::from_value(waiter).unwrap_or_else(|err| panic!("not a waiter: {err}")));
+    let staging = match api
+        .replace("staging", &PostParams::default(), &staging)
+        .await
+    {
+        Ok(lock) => lock,
+        Err(err) => panic!("cannot queue carol: {err}"),
+    };
+    let queued = cluster.deploylock(
+        Identity::Alice,
+        &ns,
+        &["-e", "staging", "acquire", "--extend"],
+    );
+    expect_exit(&queued, 3, "renewal with a live waiter");
+    assert!(
+        stderr_of(&queued).contains("carol is next"),
+        "{}",
+        stderr_of(&queued)
+    );
+    assert_eq!(stored(&api, "staging").await.spec, staging.spec);
+
+    // Someone else took it over: not alice's to renew.
+    create_expired_lock(&api, "qa", "alice", expired, 7).await;
+    let taken = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["-e", "qa", "acquire", "--reason", "taking over"],
+    );
+    expect_exit(&taken, 0, "bob takes over qa");
+    let refused = cluster.deploylock(Identity::Alice, &ns, &["-e", "qa", "acquire", "--extend"]);
+    expect_exit(&refused, 5, "renewal of a holding taken over");
+    assert_eq!(holder_of(&stored(&api, "qa").await).user, "bob");
 }
 
 // ---------------------------------------------------------------------------
@@ -869,13 +1068,22 @@ async fn status_list_and_history_outputs() {
         &["-e", "staging", "acquire", "--reason", "Testing 3.0.0-rc1"],
     );
     expect_exit(&staging, 0, "bob acquires staging");
+    // qa was held and given back: Available, listed only with --all.
+    for args in [
+        &["-e", "qa", "acquire", "--reason", "Testing"][..],
+        &["-e", "qa", "release"],
+    ] {
+        let output = cluster.deploylock(Identity::Bob, &ns, args);
+        expect_exit(&output, 0, &format!("bob {args:?}"));
+    }
 
     // status, as a table.
     let status = cluster.deploylock(Identity::Viewer, &ns, &["status"]);
     expect_exit(&status, 0, "status");
     let text = stdout_of(&status);
     assert!(text.contains("State:") && text.contains("Locked"), "{text}");
-    assert!(text.contains("Owner:") && text.contains("alice"), "{text}");
+    assert!(text.contains("Holder:") && text.contains("alice"), "{text}");
+    assert!(text.contains("Owner:"), "{text}");
     assert!(text.contains("Deploying version 2.1.0"), "{text}");
 
     // status -v: metadata and deployment ID.
@@ -884,6 +1092,24 @@ async fn status_list_and_history_outputs() {
     let text = stdout_of(&verbose);
     assert!(text.contains("version=2.1.0"), "{text}");
     assert!(text.contains("pipeline-42"), "{text}");
+    assert!(
+        text.contains("You do not hold this lock; alice does."),
+        "{text}"
+    );
+    let own = cluster.deploylock(Identity::Alice, &ns, &["status", "-v"]);
+    expect_exit(&own, 0, "alice's status -v");
+    assert!(
+        stdout_of(&own).contains("You hold this lock."),
+        "{}",
+        stdout_of(&own)
+    );
+    let free = cluster.deploylock(Identity::Alice, &ns, &["-e", "qa", "status", "-v"]);
+    expect_exit(&free, 0, "status -v of qa");
+    assert!(
+        stdout_of(&free).contains("Nobody holds this lock."),
+        "{}",
+        stdout_of(&free)
+    );
 
     // status -o yaml.
     let yaml = cluster.deploylock(Identity::Viewer, &ns, &["status", "-o", "yaml"]);
@@ -921,11 +1147,21 @@ async fn status_list_and_history_outputs() {
         .collect();
     assert_eq!(
         header,
-        ["ENVIRONMENT", "STATE", "OWNER", "REASON", "EXPIRES", "AGE"],
+        [
+            "ENVIRONMENT",
+            "STATE",
+            "HOLDER",
+            "OWNER",
+            "REASON",
+            "EXPIRES",
+            "AGE"
+        ],
         "{text}"
     );
     let rows: Vec<&str> = lines.collect();
+    // The active locks only: qa is Available.
     assert_eq!(rows.len(), 2, "{text}");
+    assert!(!rows.iter().any(|row| row.starts_with("qa ")), "{text}");
     let production = rows
         .iter()
         .find(|row| row.starts_with("production "))
@@ -945,6 +1181,25 @@ async fn status_list_and_history_outputs() {
         "{text}"
     );
 
+    // list --all adds the Available ones.
+    let every = cluster.deploylock(Identity::Viewer, &ns, &["list", "--all"]);
+    expect_exit(&every, 0, "list --all");
+    let text = stdout_of(&every);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    let qa = text
+        .lines()
+        .find(|row| row.starts_with("qa "))
+        .unwrap_or_else(|| panic!("no qa row with --all:\n{text}"));
+    assert_eq!(
+        qa.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["qa", "Available", "-"],
+        "{text}"
+    );
+    let active_json = cluster.deploylock(Identity::Viewer, &ns, &["list", "-o", "json"]);
+    expect_exit(&active_json, 0, "list -o json");
+    let parsed: Value = serde_json::from_slice(&active_json.stdout).unwrap_or_default();
+    assert_eq!(parsed.as_array().map(Vec::len), Some(2), "{parsed}");
+
     // list -A: a NAMESPACE column, and this namespace's rows.
     let all = cluster.deploylock(Identity::Viewer, &ns, &["list", "-A"]);
     expect_list_all_exit(&all, &ns);
@@ -956,6 +1211,7 @@ async fn status_list_and_history_outputs() {
             "NAMESPACE",
             "ENVIRONMENT",
             "STATE",
+            "HOLDER",
             "OWNER",
             "REASON",
             "EXPIRES",
