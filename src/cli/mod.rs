@@ -140,8 +140,19 @@ pub async fn run(cli: Cli) -> ExitCode {
                 .as_ref()
                 .and_then(ServerClock::now)
                 .unwrap_or_else(Utc::now);
-            let (message, exit) = report::describe(&err, &cli.global.environment, now);
+            let global = &cli.global;
+            let scope = report::scope_flags(
+                global.namespace.as_deref(),
+                global.context.as_deref(),
+                global.kubeconfig.as_deref(),
+            );
+            let env = &global.environment;
+            let (message, exit) = report::describe_for(&err, env, &scope, now);
             eprintln!("deploylock: {message}");
+            if global.output != OutputFormat::Table {
+                let report = report::ErrorReport::new(&err, env, &scope, now);
+                out!("{}", render::structured(&report, global.output));
+            }
             exit.into()
         }
     }
@@ -321,7 +332,7 @@ async fn take_lock(
     let env = &global.environment;
     match deadline {
         Some(_) => {
-            let mut progress = WaitProgress::new(env);
+            let mut progress = WaitProgress::acquiring(env);
             queue::take(store, env, &request, deadline, signals, &mut progress).await
         }
         None => queue::take(store, env, &request, None, signals, &mut ()).await,

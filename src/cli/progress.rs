@@ -22,6 +22,8 @@ pub struct WaitProgress {
     started: Instant,
     announced: bool,
     last: String,
+    /// Waiting to take the lock (not only for it to be free).
+    acquiring: bool,
 }
 
 impl WaitProgress {
@@ -37,7 +39,16 @@ impl WaitProgress {
             started: Instant::now(),
             announced: false,
             last: String::new(),
+            acquiring: false,
         }
+    }
+
+    /// For a waiter that takes the lock at its turn: its last line says
+    /// who acquired it.
+    pub fn acquiring(environment: &Environment) -> Self {
+        let mut progress = WaitProgress::new(environment);
+        progress.acquiring = true;
+        progress
     }
 
     fn show(&mut self, line: String) {
@@ -82,13 +93,24 @@ impl Progress for WaitProgress {
         if let Some(bar) = self.spinner.take() {
             bar.finish_and_clear();
         }
-        if self.announced {
-            eprintln!(
-                "deploylock: {} is {} (waited {}s)",
+        if !self.announced {
+            return;
+        }
+        let waited = self.started.elapsed().as_secs();
+        match observed.holder() {
+            Some(holder) if self.acquiring => eprintln!(
+                "deploylock: {}",
+                report::safe_line(&format!(
+                    "{} acquired by {} (waited {waited}s)",
+                    self.environment,
+                    report::holder_name(holder)
+                ))
+            ),
+            _ => eprintln!(
+                "deploylock: {} is {} (waited {waited}s)",
                 self.environment,
-                observed.state(),
-                self.started.elapsed().as_secs()
-            );
+                observed.state()
+            ),
         }
     }
 }

@@ -148,8 +148,138 @@ pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
 /// escaped as a whole: owners, reasons and names come from other clients or
 /// from the API server, and none may drive the reader's terminal.
 pub fn describe(err: &Error, environment: &Environment, now: DateTime<Utc>) -> (String, Exit) {
-    let lines = describe_lines(err, environment, now);
+    describe_for(err, environment, "", now)
+}
+
+/// [`describe`], with the hints naming `scope` after the environment: the
+/// flags the user gave to pick the cluster and namespace ([`scope_flags`]),
+/// so that a suggested command pasted as is acts on the same lock.
+pub fn describe_for(
+    err: &Error,
+    environment: &Environment,
+    scope: &str,
+    now: DateTime<Utc>,
+) -> (String, Exit) {
+    let lines = describe_lines(err, environment, scope, now);
     (safe_lines(&lines), exit_for(err))
+}
+
+/// The flags that chose the lock's cluster and namespace, as the user gave
+/// them, quoted for a POSIX shell: " -n team-a --context ci --kubeconfig '/my dir/k'".
+pub fn scope_flags(
+    namespace: Option<&str>,
+    context: Option<&str>,
+    kubeconfig: Option<&std::path::Path>,
+) -> String {
+    let mut flags = String::new();
+    if let Some(namespace) = namespace {
+        flags.push_str(&format!(" -n {}", shell_quoted(namespace)));
+    }
+    if let Some(context) = context {
+        flags.push_str(&format!(" --context {}", shell_quoted(context)));
+    }
+    if let Some(kubeconfig) = kubeconfig {
+        flags.push_str(&format!(
+            " --kubeconfig {}",
+            shell_quoted(&kubeconfig.to_string_lossy())
+        ));
+    }
+    flags
+}
+
+/// `word` as one word of a POSIX shell: as is when it needs no quoting,
+/// else in single quotes.
+fn shell_quoted(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// With `-o json|yaml`, an error is also an object on stdout for scripts:
+/// `{"error": {"code", "reason", "message", "holder"}}` (exact text, not
+/// escaped: the serialiser escapes what it must).
+#[derive(serde::Serialize, Debug)]
+pub struct ErrorReport {
+    pub error: ErrorBody,
+}
+
+#[derive(serde::Serialize, Debug)]
+pub struct ErrorBody {
+    /// The exit code.
+    pub code: u8,
+    /// A stable word for the kind of error, e.g. `HeldByOther`.
+    pub reason: &'static str,
+    pub message: String,
+    /// The holding the error names, if any.
+    pub holder: Option<LockHolder>,
+}
+
+impl ErrorReport {
+    pub fn new(err: &Error, environment: &Environment, scope: &str, now: DateTime<Utc>) -> Self {
+        ErrorReport {
+            error: ErrorBody {
+                code: exit_for(err).code(),
+                reason: error_reason(err),
+                message: describe_lines(err, environment, scope, now).join("\n"),
+                holder: named_holder(err).cloned(),
+            },
+        }
+    }
+}
+
+/// The kind of an error, one stable word.
+fn error_reason(err: &Error) -> &'static str {
+    match err {
+        Error::Refused(refusal) => match refusal {
+            Refusal::HeldByOther(_) => "HeldByOther",
+            Refusal::AlreadyHeldByYou(_) => "AlreadyHeldByYou",
+            Refusal::EmergencyLockInForce(_) => "EmergencyLockInForce",
+            Refusal::NotHolder(_) => "NotHolder",
+            Refusal::LockLost { .. } => "LockLost",
+            Refusal::NotHeld => "NotHeld",
+            Refusal::ExpiredCannotExtend(_) => "ExpiredCannotExtend",
+            Refusal::ReasonRequired => "ReasonRequired",
+            Refusal::DurationOutOfRange => "DurationOutOfRange",
+            Refusal::QueuedBehind { .. } => "QueuedBehind",
+            Refusal::QueueFull => "QueueFull",
+            Refusal::CounterExhausted => "CounterExhausted",
+        },
+        Error::InvalidInput(_) => "InvalidInput",
+        Error::Rejected(_) => "Rejected",
+        Error::NamespaceNotFound { .. } => "NamespaceNotFound",
+        Error::Config(_) => "Config",
+        Error::Unreachable(_) => "Unreachable",
+        Error::CrdNotInstalled(_) => "CrdNotInstalled",
+        Error::Unauthorized(_) => "Unauthorized",
+        Error::Forbidden(_) => "Forbidden",
+        Error::Contention(_) => "Contention",
+        Error::WaitTimedOut(_) => "WaitTimedOut",
+        Error::Malformed(_) => "Malformed",
+        Error::Api(_) => "Api",
+        Error::Interrupted => "Interrupted",
+    }
+}
+
+/// The holding an error names (who holds the lock), if any.
+fn named_holder(err: &Error) -> Option<&LockHolder> {
+    match err {
+        Error::Refused(
+            Refusal::HeldByOther(holder)
+            | Refusal::AlreadyHeldByYou(holder)
+            | Refusal::EmergencyLockInForce(holder)
+            | Refusal::NotHolder(holder)
+            | Refusal::ExpiredCannotExtend(holder),
+        ) => Some(holder),
+        Error::Refused(Refusal::LockLost { current, .. }) => current.as_deref(),
+        Error::WaitTimedOut(holder) => holder.as_deref(),
+        _ => None,
+    }
 }
 
 /// Lines escaped one by one, then joined: the only line breaks are ours.
@@ -239,15 +369,22 @@ fn holding(holder: &LockHolder, now: DateTime<Utc>) -> String {
 /// environment, what the refusal names (relative to the server's now), and
 /// what to do next. One arm per refusal, side by side on purpose (so it is
 /// a little over the usual length).
-fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Vec<String> {
+fn refusal_lines(
+    refusal: &Refusal,
+    env: &Environment,
+    scope: &str,
+    now: DateTime<Utc>,
+) -> Vec<String> {
     let headline = format!("{env}: {refusal}");
+    // What hints name: this lock, in the namespace and cluster the user chose.
+    let target = format!("-e {env}{scope}");
     match refusal {
         // The holder is named by identity first, not by the refusal's
         // Display (which names the display label).
         Refusal::HeldByOther(holder) => vec![
             format!("{env}: the lock is held by {}", holding(holder, now)),
             format!(
-                "wait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`"
+                "wait for it with `deploylock wait {target}`, or override with `deploylock force-release {target} --reason ...`"
             ),
         ],
         Refusal::AlreadyHeldByYou(holder) => vec![
@@ -259,7 +396,7 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
                 holder.reason
             ),
             format!(
-                "extend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`"
+                "extend it with `deploylock extend {target}` or release it with `deploylock release {target}`"
             ),
         ],
         Refusal::EmergencyLockInForce(holder) => vec![
@@ -267,14 +404,14 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
                 "{env}: an emergency lock held by {} is in force",
                 holding(holder, now)
             ),
-            format!("it must be released first: `deploylock force-release -e {env} --reason ...`"),
+            format!("it must be released first: `deploylock force-release {target} --reason ...`"),
         ],
         Refusal::NotHolder(holder) => vec![
             format!(
                 "{env}: the lock is held by {}, not by you: only the holder can release or extend it",
                 holding(holder, now)
             ),
-            format!("to take it away use `deploylock force-release -e {env} --reason ...`"),
+            format!("to take it away use `deploylock force-release {target} --reason ...`"),
         ],
         Refusal::LockLost { current, .. } => {
             let now_held = match current {
@@ -285,14 +422,16 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
         }
         Refusal::NotHeld => vec![
             format!("{headline}: nothing to extend"),
-            format!("acquire it with `deploylock acquire -e {env} --reason ...`"),
+            format!("acquire it with `deploylock acquire {target} --reason ...`"),
         ],
         Refusal::ExpiredCannotExtend(holder) => vec![
             format!(
                 "{headline} ({}): it can no longer be extended",
                 when(holder.expires_at, now)
             ),
-            format!("acquire it again with `deploylock acquire -e {env} --reason ...`"),
+            format!(
+                "renew it with `deploylock acquire {target} --extend` (if nobody took it over or waits for it), or acquire it again with `deploylock acquire {target} --reason ...`"
+            ),
         ],
         Refusal::ReasonRequired => vec![format!("{refusal}: add --reason \"...\"")],
         Refusal::QueuedBehind { next, waiting } => vec![
@@ -303,7 +442,7 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
                 next.reason
             ),
             format!(
-                "join the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`"
+                "join the queue with `deploylock acquire {target} --wait-timeout SECONDS --reason ...`"
             ),
         ],
         Refusal::QueueFull => vec![format!("{headline}: try again later")],
@@ -316,10 +455,15 @@ fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Ve
     }
 }
 
-fn describe_lines(err: &Error, environment: &Environment, now: DateTime<Utc>) -> Vec<String> {
+fn describe_lines(
+    err: &Error,
+    environment: &Environment,
+    scope: &str,
+    now: DateTime<Utc>,
+) -> Vec<String> {
     let env = environment;
     match err {
-        Error::Refused(refusal) => refusal_lines(refusal, env, now),
+        Error::Refused(refusal) => refusal_lines(refusal, env, scope, now),
         Error::InvalidInput(message) => vec![message.clone()],
         Error::Rejected(failure) => {
             vec![format!("the API server rejected the lock: {failure}")]
@@ -500,6 +644,61 @@ mod tests {
                 "{help}"
             );
         }
+    }
+
+    /// Hints repeat the flags that chose the lock, quoted for a shell, so
+    /// that a pasted hint acts on the same lock.
+    #[test]
+    fn hints_repeat_the_namespace_context_and_kubeconfig() {
+        let scope = scope_flags(
+            Some("team-a"),
+            Some("ci"),
+            Some(std::path::Path::new("/home/me/my dir/it's.yaml")),
+        );
+        assert_eq!(
+            scope,
+            " -n team-a --context ci --kubeconfig '/home/me/my dir/it'\\''s.yaml'"
+        );
+        assert_eq!(scope_flags(None, None, None), "");
+        let err = Error::Refused(Refusal::HeldByOther(decoded(crate::testdata::holder(""))));
+        let (message, _) = describe_for(&err, &production(), " -n team-a", now());
+        assert!(
+            message.contains("`deploylock wait -e production -n team-a`")
+                && message
+                    .contains("`deploylock force-release -e production -n team-a --reason ...`"),
+            "{message}"
+        );
+        assert!(
+            message.starts_with("production: the lock is held by user (owner label: owner) since "),
+            "{message}"
+        );
+    }
+
+    /// `-o json`'s error object: the exit code, a stable reason, the
+    /// message and the holder it names.
+    #[test]
+    fn error_report_names_code_reason_and_holder() {
+        let err = Error::Refused(Refusal::HeldByOther(decoded(crate::testdata::holder(""))));
+        let report = serde_json::to_value(ErrorReport::new(&err, &production(), "", now()))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(report["error"]["code"], 3);
+        assert_eq!(report["error"]["reason"], "HeldByOther");
+        assert_eq!(report["error"]["holder"]["user"], "user");
+        assert!(
+            report["error"]["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("production: the lock is held by user")),
+            "{report}"
+        );
+        let none = serde_json::to_value(ErrorReport::new(
+            &Error::WaitTimedOut(None),
+            &production(),
+            "",
+            now(),
+        ))
+        .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(none["error"]["code"], 4);
+        assert!(none["error"]["holder"].is_null(), "{none}");
     }
 
     /// Each error's exit code, decided by `exit_for` alone.

@@ -660,6 +660,81 @@ async fn holder_extends_and_others_cannot() {
     );
 }
 
+/// A refusal's hint, pasted as is (no -n, no --kubeconfig added, no
+/// KUBECONFIG), acts on the same lock; with `-o json` the refusal is also a
+/// JSON error object on stdout.
+#[tokio::test]
+async fn refusal_hints_work_when_pasted_and_json_errors() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cli-hints").await;
+    let held = cluster.deploylock(Identity::Alice, &ns, &["acquire", "--reason", "deploying"]);
+    expect_exit(&held, 0, "alice acquires");
+
+    let refused = cluster.deploylock(Identity::Bob, &ns, &["acquire", "--reason", "mine"]);
+    expect_exit(&refused, 3, "bob is refused");
+    let stderr = stderr_of(&refused);
+    let kubeconfig = cluster.kubeconfig(Identity::Bob);
+    let hint = stderr
+        .split('`')
+        .find(|part| part.starts_with("deploylock wait "))
+        .unwrap_or_else(|| panic!("no wait hint in:\n{stderr}"));
+    assert_eq!(
+        hint,
+        format!(
+            "deploylock wait -e production -n {ns} --kubeconfig {}",
+            kubeconfig.display()
+        ),
+        "{stderr}"
+    );
+    // The hint as a shell would run it, from another directory, with no
+    // KUBECONFIG: it waits for alice's lock, not another namespace's.
+    let words: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let pasted = Command::new(env!("CARGO_BIN_EXE_deploylock"))
+        .args(&words)
+        .args(["--wait-timeout", "1"])
+        .env_remove("KUBECONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run the pasted hint: {err}"));
+    expect_exit(&pasted, 4, "the pasted wait hint");
+    assert!(
+        stderr_of(&pasted).contains("timed out waiting for production: still held by alice"),
+        "{}",
+        stderr_of(&pasted)
+    );
+
+    let json = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["acquire", "--reason", "mine", "-o", "json"],
+    );
+    expect_exit(&json, 3, "bob is refused, -o json");
+    assert_eq!(stderr_of(&json), stderr, "stderr is the same with -o json");
+    let parsed: Value = serde_json::from_slice(&json.stdout)
+        .unwrap_or_else(|err| panic!("the refusal is not JSON ({err}):\n{}", stdout_of(&json)));
+    let error = &parsed["error"];
+    assert_eq!(error["code"], 3, "{parsed}");
+    assert_eq!(error["reason"], "HeldByOther", "{parsed}");
+    assert_eq!(error["holder"]["user"], "alice", "{parsed}");
+    assert!(
+        error["message"].as_str().is_some_and(
+            |message| message.starts_with("production: the lock is held by alice since ")
+        ),
+        "{parsed}"
+    );
+    let free = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["-e", "staging", "release", "-o", "json"],
+    );
+    expect_exit(&free, 0, "release of a free lock, -o json");
+    let not_holder = cluster.deploylock(Identity::Bob, &ns, &["release", "-o", "json"]);
+    expect_exit(&not_holder, 5, "bob releases alice's lock, -o json");
+    let parsed: Value = serde_json::from_slice(&not_holder.stdout).unwrap_or_default();
+    assert_eq!(parsed["error"]["code"], 5, "{}", stdout_of(&not_holder));
+    assert_eq!(parsed["error"]["reason"], "NotHolder");
+}
+
 /// `acquire --extend` renews one's own expired holding (same lock ID and
 /// fencing token, an Extended entry, a warning saying how long it was
 /// unprotected) while plain `extend` exits 7; it is refused when someone
@@ -1027,6 +1102,12 @@ async fn wait_and_acquire_wait_follow_the_release() {
         stdout_of(&acquired).contains("acquired by bob"),
         "{}",
         stdout_of(&acquired)
+    );
+    // The waiter's last progress line says it acquired the lock.
+    assert!(
+        stderr_of(&acquired).contains("deploylock: production acquired by bob (waited "),
+        "{}",
+        stderr_of(&acquired)
     );
     let lock = stored(&api, "production").await;
     let holder = holder_of(&lock);
