@@ -35,8 +35,8 @@ completions: ## Generate shell completions and the man page into dist/
 	target/debug/deploylock completion bash > dist/completions/deploylock.bash
 	target/debug/deploylock completion zsh > dist/completions/_deploylock
 	target/debug/deploylock completion fish > dist/completions/deploylock.fish
-	target/debug/deploylock man > dist/man/deploylock.1
-	@echo "wrote dist/completions and dist/man/deploylock.1"
+	target/debug/deploylock man --dir dist/man
+	@echo "wrote dist/completions and dist/man (deploylock.1 and one page per action)"
 
 .PHONY: plugin-install
 plugin-install: ## Install deploylock and the kubectl plugin (kubectl deploylock) into ~/.cargo/bin

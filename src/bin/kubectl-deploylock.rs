@@ -6,5 +6,6 @@ use std::process::ExitCode;
 use deploylock::cli;
 
 fn main() -> ExitCode {
-    cli::main()
+    // Help and usage read as the user types it: `kubectl deploylock`.
+    cli::main_as("kubectl deploylock")
 }

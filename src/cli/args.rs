@@ -77,9 +77,13 @@ pub enum Action {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
+    /// Print the man page (roff), or with --dir write one page per action.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write deploylock.1 and deploylock-ACTION.1 pages into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 const EXEC_HELP: &str = "\
@@ -191,7 +195,17 @@ pub struct WaitArgs {
 
 /// Parses the command line; a usage error is one line and exit code 2.
 pub fn parse() -> Result<Cli, ExitCode> {
-    match Cli::try_parse() {
+    parse_as("deploylock")
+}
+
+/// [`parse`], with `bin_name` in help and usage (`kubectl deploylock`).
+pub fn parse_as(bin_name: &'static str) -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .bin_name(bin_name)
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    match parsed {
         Ok(cli) => Ok(cli),
         Err(err) => {
             use clap::error::ErrorKind;
@@ -225,7 +239,7 @@ pub fn parse() -> Result<Cli, ExitCode> {
                 message
             };
             eprintln!(
-                "deploylock: {} (see `deploylock --help`)",
+                "deploylock: {} (see `{bin_name} --help`)",
                 report::safe_line(message)
             );
             Err(Exit::InvalidInput.into())

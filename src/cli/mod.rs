@@ -53,11 +53,17 @@ use report::Exit;
 /// The whole program: parse, log setup, run. Shared by `deploylock` and the
 /// kubectl plugin `kubectl-deploylock`.
 pub fn main() -> ExitCode {
+    main_as("deploylock")
+}
+
+/// [`main`], with `bin_name` as help and usage name the program
+/// (`kubectl deploylock` for the plugin).
+pub fn main_as(bin_name: &'static str) -> ExitCode {
     // exec's watchdog is this binary run again with a hidden argument.
     if let Some(code) = crate::exec::watchdog_main_if_requested() {
         return code;
     }
-    let cli = match parse() {
+    let cli = match args::parse_as(bin_name) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -87,7 +93,19 @@ fn print_generated(action: &Action) -> Option<ExitCode> {
             clap_complete::generate(*shell, &mut Cli::command(), "deploylock", &mut buffer);
             Ok(buffer)
         }
-        Action::Man => {
+        Action::Man { dir: Some(dir) } => {
+            return Some(match write_man_pages(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!(
+                        "deploylock: cannot write the man pages into {}: {err}",
+                        dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            });
+        }
+        Action::Man { dir: None } => {
             let mut buffer = Vec::new();
             clap_mangen::Man::new(Cli::command())
                 .render(&mut buffer)
@@ -105,6 +123,13 @@ fn print_generated(action: &Action) -> Option<ExitCode> {
             ExitCode::FAILURE
         }
     })
+}
+
+/// deploylock.1 and one page per action (deploylock-acquire.1, …: the
+/// pages the main page's SEE ALSO names), each with its options.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)
 }
 
 /// Only deploylock's own logs: every failure reaches the user as one
@@ -213,7 +238,7 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         Action::Acquire(args) => renew(store, global, args.duration).await,
         Action::Exec(_) | Action::Wait(_) => Err(Error::Api("not a one-shot action".into())),
         // Answered by `main` without a cluster.
-        Action::Completion { .. } | Action::Man => Ok(Exit::Success),
+        Action::Completion { .. } | Action::Man { .. } => Ok(Exit::Success),
         Action::Release(args) => {
             let actor = Actor::new(store.whoami().await?, None);
             let lock_id = args.lock_id.clone();

@@ -1946,3 +1946,105 @@ fn a_missing_required_argument_is_named() {
         "the error must name --reason on one line: {stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Papercuts: the plugin's name, the man pages, the controller's log
+// ---------------------------------------------------------------------------
+
+/// `kubectl deploylock --help` names the command as the user types it.
+#[test]
+fn kubectl_plugin_help_reads_kubectl_deploylock() {
+    for (args, usage) in [
+        (&["--help"][..], "Usage: kubectl deploylock "),
+        (&["acquire", "--help"], "Usage: kubectl deploylock acquire "),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kubectl-deploylock"))
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run kubectl-deploylock: {err}"));
+        expect_exit(&output, 0, "kubectl-deploylock --help");
+        let text = stdout_of(&output);
+        assert!(text.contains(usage), "{args:?}: {text}");
+        assert!(!text.contains("kubectl-deploylock"), "{args:?}: {text}");
+    }
+    let usage_error = Command::new(env!("CARGO_BIN_EXE_kubectl-deploylock"))
+        .args(["acquire", "--bogus"])
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run kubectl-deploylock: {err}"));
+    expect_exit(&usage_error, 2, "a usage error");
+    assert!(
+        stderr_of(&usage_error).contains("(see `kubectl deploylock --help`)"),
+        "{}",
+        stderr_of(&usage_error)
+    );
+}
+
+/// `deploylock man --dir` (what `make completions` runs) writes the main
+/// page and every page its SEE ALSO names, each with an OPTIONS section.
+#[test]
+fn man_pages_exist_for_every_action_with_options() {
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("no temp dir: {err}"));
+    let output = Command::new(env!("CARGO_BIN_EXE_deploylock"))
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run deploylock man: {err}"));
+    expect_exit(&output, 0, "deploylock man --dir");
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_else(|err| panic!("{name} was not written: {err}"))
+    };
+    let main_page = read("deploylock.1");
+    let see_also = main_page
+        .split(".SH \"SEE ALSO\"")
+        .nth(1)
+        .or_else(|| main_page.split(".SH SEE ALSO").nth(1))
+        .unwrap_or_else(|| panic!("no SEE ALSO in deploylock.1:\n{main_page}"));
+    // roff spells the hyphen `\-`.
+    let named: Vec<String> = see_also
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter_map(|word| word.strip_suffix("(1)"))
+        .map(|name| {
+            name.replace("\\-", "-")
+                .replace("\\fB", "")
+                .replace("\\fR", "")
+        })
+        .collect();
+    for action in [
+        "acquire",
+        "release",
+        "status",
+        "force-release",
+        "list",
+        "wait",
+        "extend",
+        "history",
+        "exec",
+        "notify",
+        "completion",
+    ] {
+        let name = format!("deploylock-{action}");
+        assert!(named.contains(&name), "{name} not in SEE ALSO: {named:?}");
+    }
+    assert!(main_page.contains(".SH OPTIONS"), "deploylock.1");
+    for name in &named {
+        let page = read(&format!("{name}.1"));
+        assert!(
+            page.contains(".SH OPTIONS"),
+            "{name}.1 has no OPTIONS:\n{page}"
+        );
+    }
+    let acquire = read("deploylock-acquire.1");
+    for option in [
+        "\\-\\-reason",
+        "\\-\\-duration",
+        "\\-\\-extend",
+        "\\-\\-environment",
+    ] {
+        assert!(
+            acquire.contains(option),
+            "{option} not documented:\n{acquire}"
+        );
+    }
+}

@@ -1751,3 +1751,48 @@ async fn a_ten_second_outage_neither_stops_nor_deposes_the_leader() {
     assert_pending_expiry_marked(&namespace, &namespace).await;
     assert!(matches!(leader.child.try_wait(), Ok(None)));
 }
+
+/// The controller's text log has colour only on a terminal: its stderr in
+/// a file or a pipe gets no escape codes.
+#[tokio::test]
+async fn text_log_has_no_colour_codes_off_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let cluster = cluster();
+    let namespace = cluster.namespace("controller-log-text").await;
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(env!("CARGO_BIN_EXE_deploylock-controller"))
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig(Identity::Controller))
+        .args(["--namespace", &namespace])
+        .args(["--lease-namespace", &namespace])
+        .args(["--lease-name", "log-text"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--log-format", "text"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start deploylock-controller: {err}"));
+    let stderr = child
+        .stderr
+        .take()
+        .unwrap_or_else(|| panic!("stderr not piped"));
+    // The first lines it logs (a blocking read: no sleep).
+    let lines: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .take(2)
+        .map(|line| line.unwrap_or_else(|err| panic!("cannot read the log: {err}")))
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!lines.is_empty(), "the controller logged nothing");
+    for line in &lines {
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour codes in the log: {line:?}"
+        );
+        assert!(line.contains("INFO") || line.contains("WARN"), "{line}");
+    }
+}
