@@ -43,7 +43,8 @@ build: ## Build the deploylock binaries
 crds: ## Regenerate crds/ from the Rust types
 	@mkdir -p crds
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
-	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
+	@cp crds/deploymentlocks.deploylock.dev.yaml charts/deploylock/crds/
+	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml and its copy in charts/deploylock/crds/"
 
 .PHONY: completions
 completions: ## Generate shell completions and the man page into dist/

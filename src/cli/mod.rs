@@ -78,7 +78,7 @@ pub enum Action {
     /// Take the lock; exits 3 if someone else holds it (see --wait-timeout).
     Acquire(AcquireArgs),
     /// Give back a lock you hold.
-    Release(HoldingArgs),
+    Release(ReleaseArgs),
     /// Show the lock: state, holder, reason, expiry.
     Status,
     /// Release a lock you do not hold (emergency; the reason is recorded).
@@ -183,6 +183,17 @@ pub struct HoldingArgs {
     /// Act only on this holding (as printed by acquire); refused if it is over.
     #[arg(long)]
     pub lock_id: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub holding: HoldingArgs,
+    /// Act only on a holding taken with this --deployment-id: when the lock is
+    /// free or held under another deployment ID (another run of a pipeline that
+    /// shares your identity), nothing is released and the exit code is 0.
+    #[arg(long, conflicts_with = "lock_id")]
+    pub deployment_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -441,11 +452,33 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         // Answered by `main` without a cluster.
         Action::Completion { .. } | Action::Man => Ok(Exit::Success),
         Action::Release(args) => {
-            let actor = Actor::new(store.whoami().await?, None);
-            let request = Request::Release {
-                actor,
-                lock_id: args.lock_id.clone(),
+            let lock_id = match &args.deployment_id {
+                None => args.holding.lock_id.clone(),
+                // The holding's lock ID, so that the release is refused if
+                // that holding ends before it lands.
+                Some(deployment_id) => {
+                    let observed = store.read(env).await?;
+                    let mine = observed
+                        .holder()
+                        .filter(|holder| holder.deployment_id.as_deref() == Some(deployment_id));
+                    match mine {
+                        Some(holder) => Some(holder.lock_id.clone()),
+                        None if global.output != OutputFormat::Table => {
+                            print_view(global, &observed, false);
+                            return Ok(Exit::Success);
+                        }
+                        None => {
+                            outln!(
+                                "{env} is not held by deployment {}: nothing to release",
+                                render::Safe(deployment_id)
+                            );
+                            return Ok(Exit::Success);
+                        }
+                    }
+                }
             };
+            let actor = Actor::new(store.whoami().await?, None);
+            let request = Request::Release { actor, lock_id };
             let applied = store.apply(env, &request).await?;
             report_applied(global, &applied, "released")
         }

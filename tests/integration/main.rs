@@ -4,12 +4,14 @@
 
 mod admission;
 mod chart;
+mod chart_on_node;
 mod cli;
 mod controller;
 mod crd_api;
 mod examples;
 mod exec;
 mod hostile;
+mod node;
 mod queue;
 mod support;
 mod torture;
