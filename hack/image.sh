@@ -25,6 +25,14 @@ DEPLOYLOCK_IMAGE="ghcr.io/deploylock/deploylock:0.1.0"
 PAUSE_IMAGE="registry.k8s.io/pause:3.10.1"
 SHELL_IMAGE="ghcr.io/deploylock/deploylock-shell:0.1.0"
 
+mkdir -p "$cache_root"
+# One build at a time (the tests build images from several threads; the build
+# contexts and buildah's storage are shared).
+if [[ "${1:-}" != name ]]; then
+  exec 9>"$cache_root/.image.lock"
+  flock 9
+fi
+
 log() { echo "[image] $*" >&2; }
 die() {
   log "ERROR: $*"

@@ -9,6 +9,7 @@ mod cli;
 mod controller;
 mod crd_api;
 mod examples;
+mod examples_on_node;
 mod exec;
 mod hostile;
 mod node;

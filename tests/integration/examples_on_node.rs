@@ -1,0 +1,280 @@
+//! The examples run the way their tools run them, on the cluster with nodes,
+//! with the image built by `make image` and the chart installed.
+//!
+//! Argo CD: the test does what Argo CD's sync does with `examples/argocd`:
+//! the PreSync hooks in wave order (the ServiceAccount and RoleBinding in
+//! wave -1, then the PreSync Job), the sync, then the PostSync Job, or the
+//! SyncFail Job when the sync failed; each hook Job runs to completion
+//! before the next phase, as Argo CD waits for it.
+
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
+
+use deploylock::crd::{DeploymentLock, HistoryAction};
+
+use crate::node::{CHART_INSTALLED, NodeCluster, node_cluster, ok};
+use crate::support::repo_root;
+
+const WAIT: Duration = Duration::from_secs(180);
+const HOOKS_ACCOUNT: &str = "system:serviceaccount:my-app:deploylock-hooks";
+
+fn yaml_documents(relative: &str) -> Vec<serde_yaml::Value> {
+    let path = repo_root().join("examples").join(relative);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    text.split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        })
+        .map(|doc| {
+            serde_yaml::from_str(doc)
+                .unwrap_or_else(|err| panic!("{} is not YAML: {err}", path.display()))
+        })
+        .collect()
+}
+
+fn hook_of(doc: &serde_yaml::Value) -> &str {
+    doc["metadata"]["annotations"]["argocd.argoproj.io/hook"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+fn wave_of(doc: &serde_yaml::Value) -> i64 {
+    doc["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]
+        .as_str()
+        .and_then(|wave| wave.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Installs the chart (CRD, roles, admission policy, one controller).
+fn install_chart(node: &NodeCluster) {
+    let chart = repo_root().join("charts/deploylock").display().to_string();
+    ok(
+        &node.helm(&[
+            "install",
+            "deploylock",
+            &chart,
+            "--namespace",
+            "deploylock-system",
+            "--create-namespace",
+            "--set",
+            "replicaCount=1",
+            "--set",
+            "controller.metricsBindAddress=$(POD_IP)",
+            "--wait",
+            "--timeout",
+            "180s",
+        ]),
+        "helm install",
+    );
+}
+
+fn uninstall_chart(node: &NodeCluster) {
+    ok(
+        &node.helm(&[
+            "uninstall",
+            "deploylock",
+            "--namespace",
+            "deploylock-system",
+            "--wait",
+        ]),
+        "helm uninstall",
+    );
+}
+
+/// Runs one hook as Argo CD does: BeforeHookCreation deletes the previous
+/// object of that name, then it is created; a Job is waited for until it
+/// completes or fails. Returns whether the Job succeeded.
+fn run_hook(node: &NodeCluster, doc: &serde_yaml::Value) -> bool {
+    let kind = doc["kind"].as_str().unwrap_or_default().to_lowercase();
+    let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+    let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("my-app");
+    let policy = doc["metadata"]["annotations"]["argocd.argoproj.io/hook-delete-policy"]
+        .as_str()
+        .unwrap_or_default();
+    if policy.contains("BeforeHookCreation") {
+        ok(
+            &node.kubectl(&[
+                "delete",
+                &format!("{kind}/{name}"),
+                "-n",
+                namespace,
+                "--ignore-not-found",
+                "--wait=true",
+            ]),
+            "delete the previous hook",
+        );
+    }
+    let manifest = serde_yaml::to_string(doc).unwrap_or_default();
+    node.kubectl_ok_with_input(&["create", "-f", "-"], Some(&manifest));
+    if kind != "job" {
+        return true;
+    }
+    // Complete or Failed, whichever comes first: the Job's first condition
+    // (SuccessCriteriaMet or FailureTarget, then Complete or Failed).
+    let job = format!("job/{name}");
+    ok(
+        &node.kubectl(&[
+            "wait",
+            &job,
+            "-n",
+            namespace,
+            "--for=jsonpath={.status.conditions[0].status}=True",
+            "--timeout=300s",
+        ]),
+        &format!("{job} did not finish"),
+    );
+    let first = node.kubectl_ok(&[
+        "get",
+        &job,
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.status.conditions[0].type}",
+    ]);
+    let succeeded = matches!(first.as_str(), "SuccessCriteriaMet" | "Complete");
+    let condition = if succeeded { "Complete" } else { "Failed" };
+    ok(
+        &node.kubectl(&[
+            "wait",
+            &job,
+            "-n",
+            namespace,
+            &format!("--for=condition={condition}"),
+            "--timeout=60s",
+        ]),
+        &format!("{job} did not reach {condition}"),
+    );
+    succeeded
+}
+
+/// The PreSync phase: hooks in wave order.
+fn presync(node: &NodeCluster, hooks: &[serde_yaml::Value]) -> bool {
+    let mut presync: Vec<&serde_yaml::Value> = hooks
+        .iter()
+        .filter(|doc| hook_of(doc) == "PreSync")
+        .collect();
+    presync.sort_by_key(|doc| wave_of(doc));
+    presync.into_iter().all(|doc| run_hook(node, doc))
+}
+
+fn hook(hooks: &[serde_yaml::Value], phase: &str) -> serde_yaml::Value {
+    hooks
+        .iter()
+        .find(|doc| hook_of(doc) == phase)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {phase} hook in examples/argocd"))
+}
+
+async fn lock(api: &Api<DeploymentLock>) -> DeploymentLock {
+    api.get("production")
+        .await
+        .unwrap_or_else(|err| panic!("production: {err}"))
+}
+
+#[tokio::test]
+async fn argocd_hooks_run_as_jobs_on_the_node() {
+    let node = node_cluster();
+    let _installed = CHART_INSTALLED.lock().await;
+    install_chart(node);
+    node.ensure_namespace("my-app");
+    let client = node.client().await;
+    let api: Api<DeploymentLock> = Api::namespaced(client, "my-app");
+    let mut hooks = yaml_documents("argocd/rbac.yaml");
+    hooks.extend(yaml_documents("argocd/hooks.yaml"));
+    for doc in &hooks {
+        assert!(
+            !hook_of(doc).is_empty(),
+            "{}: every object is a hook, so it exists on the first sync",
+            doc["metadata"]["name"].as_str().unwrap_or_default()
+        );
+    }
+
+    // Someone holds production: the PreSync Job waits in the queue, then takes it.
+    ok(
+        &node.deploylock(
+            "my-app",
+            &["acquire", "-e", "production", "--reason", "before the sync"],
+        ),
+        "acquire",
+    );
+    let sync = {
+        let node_hooks = hooks.clone();
+        std::thread::spawn(move || presync(node_cluster(), &node_hooks))
+    };
+    let queued = |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.user == HOOKS_ACCOUNT))
+    };
+    let waited =
+        tokio::time::timeout(WAIT, await_condition(api.clone(), "production", queued)).await;
+    assert!(
+        matches!(waited, Ok(Ok(_))),
+        "the PreSync Job did not queue: {waited:?}"
+    );
+    ok(
+        &node.deploylock("my-app", &["release", "-e", "production"]),
+        "release",
+    );
+    let presync_ok = sync.join().unwrap_or_else(|_| panic!("the sync panicked"));
+    assert!(presync_ok, "the PreSync Job failed");
+    let held = lock(&api).await;
+    let holder = held.spec.holder.as_ref();
+    assert_eq!(holder.map(|h| h.user.as_str()), Some(HOOKS_ACCOUNT));
+    assert_eq!(
+        holder.and_then(|h| h.deployment_id.as_deref()),
+        Some("my-app")
+    );
+
+    // The sync succeeded: PostSync releases.
+    assert!(run_hook(node, &hook(&hooks, "PostSync")), "PostSync failed");
+    let released = lock(&api).await;
+    assert!(released.spec.holder.is_none(), "PostSync released the lock");
+    let last = released.spec.history.last();
+    assert_eq!(last.map(|e| e.action), Some(HistoryAction::Released));
+    assert_eq!(last.map(|e| e.by.as_str()), Some(HOOKS_ACCOUNT));
+
+    // A second sync that fails: SyncFail releases.
+    assert!(presync(node, &hooks), "the second PreSync failed");
+    assert!(lock(&api).await.spec.holder.is_some());
+    assert!(run_hook(node, &hook(&hooks, "SyncFail")), "SyncFail failed");
+    assert!(lock(&api).await.spec.holder.is_none(), "SyncFail released");
+
+    // Shared identity: sync A (my-app) holds the lock; another Application's
+    // hooks (same ServiceAccount, its own --deployment-id) fail and clean up.
+    // Its SyncFail Job succeeds and leaves A's lock alone.
+    assert!(presync(node, &hooks), "sync A's PreSync failed");
+    let a_holding = lock(&api).await.spec.holder.map(|h| h.lock_id);
+    assert!(a_holding.is_some());
+    let mut other = hook(&hooks, "SyncFail");
+    other["metadata"]["name"] = "other-app-release-on-failure".into();
+    let command =
+        serde_yaml::to_string(&other["spec"]["template"]["spec"]["containers"][0]["command"])
+            .unwrap_or_default();
+    assert!(command.contains("my-app"), "{command}");
+    if let Some(args) =
+        other["spec"]["template"]["spec"]["containers"][0]["command"].as_sequence_mut()
+    {
+        for arg in args.iter_mut() {
+            if arg.as_str() == Some("my-app") {
+                *arg = "other-app".into();
+            }
+        }
+    }
+    assert!(run_hook(node, &other), "B's SyncFail Job failed");
+    let after = lock(&api).await;
+    assert_eq!(
+        after.spec.holder.map(|h| h.lock_id),
+        a_holding,
+        "B's cleanup released A's lock"
+    );
+    assert!(
+        run_hook(node, &hook(&hooks, "PostSync")),
+        "A's PostSync failed"
+    );
+    assert!(lock(&api).await.spec.holder.is_none());
+
+    uninstall_chart(node);
+}
