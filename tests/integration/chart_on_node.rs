@@ -65,20 +65,22 @@ fn await_rollout(node: &NodeCluster) {
     );
 }
 
-async fn await_leader_other_than(leases: &Api<Lease>, previous: Option<&str>) -> String {
-    let previous = previous.map(str::to_string);
+/// Waits (on a watch) until the Lease is held by one of `candidates` (the
+/// Lease outlives a release: it may still name a pod of an earlier install).
+async fn await_leader_among(leases: &Api<Lease>, candidates: &[String]) -> String {
+    let wanted = candidates.to_vec();
     let condition = move |lease: Option<&Lease>| {
         lease
             .and_then(|lease| lease.spec.as_ref())
-            .and_then(|spec| spec.holder_identity.as_deref())
-            .is_some_and(|holder| !holder.is_empty() && Some(holder) != previous.as_deref())
+            .and_then(|spec| spec.holder_identity.as_ref())
+            .is_some_and(|holder| wanted.contains(holder))
     };
     match tokio::time::timeout(WAIT, await_condition(leases.clone(), RELEASE, condition)).await {
         Ok(Ok(Some(lease))) => lease
             .spec
             .and_then(|spec| spec.holder_identity)
             .unwrap_or_default(),
-        other => panic!("no (new) leader in the Lease: {other:?}"),
+        other => panic!("no leader among {candidates:?}: {other:?}"),
     }
 }
 
@@ -196,15 +198,11 @@ async fn chart_runs_the_controller_on_the_node() {
     // Exactly one leader.
     let client = node.client().await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let leader = await_leader_other_than(&leases, None).await;
-    let names: Vec<&str> = pods
+    let names: Vec<String> = pods
         .iter()
-        .filter_map(|pod| pod["metadata"]["name"].as_str())
+        .filter_map(|pod| pod["metadata"]["name"].as_str().map(str::to_string))
         .collect();
-    assert!(
-        names.contains(&leader.as_str()),
-        "{leader} not in {names:?}"
-    );
+    let leader = await_leader_among(&leases, &names).await;
     assert_eq!(leaders_in_logs(node, &pods), std::slice::from_ref(&leader));
 
     // /metrics of both replicas, at the pod's address (the API server's pod
@@ -232,11 +230,9 @@ async fn chart_runs_the_controller_on_the_node() {
         &node.kubectl(&["delete", "pod", "-n", NAMESPACE, &leader, "--wait=false"]),
         "kubectl delete pod",
     );
-    let new_leader = await_leader_other_than(&leases, Some(&leader)).await;
-    assert!(
-        names.contains(&new_leader.as_str()),
-        "the standby {new_leader} took over"
-    );
+    let standby: Vec<String> = names.iter().filter(|n| **n != leader).cloned().collect();
+    let new_leader = await_leader_among(&leases, &standby).await;
+    assert_ne!(new_leader, leader, "the standby took over");
     let observed = await_expired(&locks, "second").await;
     assert!(observed >= second_expiry, "Expired before its instant");
     await_rollout(node);

@@ -278,3 +278,103 @@ async fn argocd_hooks_run_as_jobs_on_the_node() {
 
     uninstall_chart(node);
 }
+
+/// GitLab CI: the job's script, run as GitLab's Kubernetes executor runs it:
+/// in a pod of the job's image, line after line in its shell, stopping at the
+/// first failure, with the CI variables set and the project checked out (its
+/// `scripts/deploy.sh` comes from a ConfigMap).
+#[tokio::test]
+async fn gitlab_ci_job_runs_in_a_pod_of_its_image() {
+    let node = node_cluster();
+    let _installed = CHART_INSTALLED.lock().await;
+    install_chart(node);
+    let namespace = "gitlab-ci";
+    node.ensure_namespace(namespace);
+    let job = &yaml_documents("gitlab-ci/.gitlab-ci.yml")[0]["deploy"];
+    let image = job["image"]["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the job names its image: {job:?}"));
+    let script: Vec<&str> = job["script"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_yaml::Value::as_str)
+        .collect();
+    assert!(script.iter().any(|line| line.contains("deploylock exec")));
+    let account = "gitlab-deployer";
+    let setup = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": account, "namespace": namespace}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": account, "namespace": namespace},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "deploylock-user"},
+             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+            {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "project-scripts", "namespace": namespace},
+             "data": {"deploy.sh": "#!/bin/sh\nset -e\necho \"deploying $1\"\n"}},
+            {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "deploy-job", "namespace": namespace},
+             "spec": {
+                 "serviceAccountName": account,
+                 "restartPolicy": "Never",
+                 "securityContext": {"runAsNonRoot": true},
+                 "containers": [{
+                     "name": "build",
+                     "image": image,
+                     "imagePullPolicy": "IfNotPresent",
+                     "workingDir": "/builds/group/project",
+                     "command": ["sh", "-ec", script.join("\n")],
+                     "env": [
+                         {"name": "CI_COMMIT_SHA", "value": "0123456789abcdef0123456789abcdef01234567"},
+                         {"name": "CI_COMMIT_SHORT_SHA", "value": "01234567"},
+                         {"name": "CI_PIPELINE_ID", "value": "4242"},
+                         {"name": "CI_PROJECT_PATH", "value": "group/project"},
+                         {"name": "GITLAB_USER_LOGIN", "value": "alice"}
+                     ],
+                     "volumeMounts": [{"name": "scripts", "mountPath": "/builds/group/project/scripts"}]
+                 }],
+                 "volumes": [{"name": "scripts", "configMap": {"name": "project-scripts", "defaultMode": 365}}]
+             }}
+        ]
+    });
+    node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&setup.to_string()));
+    ok(
+        &node.kubectl(&[
+            "wait",
+            "pod/deploy-job",
+            "-n",
+            namespace,
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "--timeout=180s",
+        ]),
+        "the GitLab job's pod did not succeed",
+    );
+    let logs = node.kubectl_ok(&["logs", "-n", namespace, "pod/deploy-job"]);
+    assert!(
+        logs.contains("deploying 0123456789abcdef0123456789abcdef01234567"),
+        "{logs}"
+    );
+    let api: Api<DeploymentLock> = Api::namespaced(node.client().await, namespace);
+    let locked = lock(&api).await;
+    assert!(locked.spec.holder.is_none(), "exec released the lock");
+    let holder = format!("system:serviceaccount:{namespace}:{account}");
+    let actions: Vec<(HistoryAction, &str)> = locked
+        .spec
+        .history
+        .iter()
+        .map(|entry| (entry.action, entry.by.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (HistoryAction::Acquired, holder.as_str()),
+            (HistoryAction::Released, holder.as_str())
+        ]
+    );
+    let reason = &locked.spec.history[0].reason;
+    assert_eq!(reason, "Deploying 01234567 (pipeline 4242)");
+    uninstall_chart(node);
+}
