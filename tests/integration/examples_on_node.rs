@@ -378,3 +378,136 @@ async fn gitlab_ci_job_runs_in_a_pod_of_its_image() {
     assert_eq!(reason, "Deploying 01234567 (pipeline 4242)");
     uninstall_chart(node);
 }
+
+/// Replaces Argo's `{{workflow.name}}` and `{{workflow.parameters.NAME}}`.
+fn argo_substitute(text: &str, workflow: &str, parameters: &[(String, String)]) -> String {
+    let mut out = text.replace("{{workflow.name}}", workflow);
+    for (name, value) in parameters {
+        out = out.replace(&format!("{{{{workflow.parameters.{name}}}}}"), value);
+    }
+    out
+}
+
+/// Runs one template's container as a pod, as Argo's workflow controller does
+/// for a step (image, command, args, the workflow's ServiceAccount), and
+/// waits until it succeeds.
+fn run_argo_step(
+    node: &NodeCluster,
+    template: &serde_yaml::Value,
+    account: &str,
+    workflow: &str,
+    parameters: &[(String, String)],
+) {
+    let step = template["name"].as_str().unwrap_or_default();
+    let container = serde_json::to_value(&template["container"]).unwrap_or_default();
+    let rendered = argo_substitute(&container.to_string(), workflow, parameters);
+    let mut container: serde_json::Value = serde_json::from_str(&rendered).unwrap_or_default();
+    container["name"] = "main".into();
+    let pod_name = format!("{workflow}-{step}");
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": "my-app",
+                     "labels": {"workflows.argoproj.io/workflow": workflow}},
+        "spec": {"serviceAccountName": account, "restartPolicy": "Never",
+                 "securityContext": {"runAsNonRoot": true},
+                 "containers": [container]}
+    });
+    node.kubectl_ok_with_input(&["create", "-f", "-"], Some(&pod.to_string()));
+    ok(
+        &node.kubectl(&[
+            "wait",
+            &format!("pod/{pod_name}"),
+            "-n",
+            "my-app",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "--timeout=180s",
+        ]),
+        &format!("the {step} step of {workflow} did not succeed"),
+    );
+}
+
+/// Argo Workflows: the WorkflowTemplate's steps (acquire, deploy) and its
+/// onExit handler (release) run as pods of their images under the template's
+/// ServiceAccount, in the order the workflow controller runs them. Two
+/// workflows share that ServiceAccount: the second one's exit handler leaves
+/// the first one's lock alone.
+#[tokio::test]
+async fn argo_workflow_steps_run_as_pods() {
+    let node = node_cluster();
+    let _installed = CHART_INSTALLED.lock().await;
+    install_chart(node);
+    node.ensure_namespace("my-app");
+    for doc in yaml_documents("argo-workflows/rbac.yaml") {
+        let manifest = serde_yaml::to_string(&doc).unwrap_or_default();
+        node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&manifest));
+    }
+    let template = &yaml_documents("argo-workflows/workflowtemplate.yaml")[0];
+    let spec = &template["spec"];
+    let account = spec["serviceAccountName"].as_str().unwrap_or_default();
+    let parameters: Vec<(String, String)> = spec["arguments"]["parameters"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let templates = spec["templates"].as_sequence().cloned().unwrap_or_default();
+    let template_named = |name: &str| -> serde_yaml::Value {
+        templates
+            .iter()
+            .find(|t| t["name"].as_str() == Some(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no template {name}"))
+    };
+    let entry = template_named(spec["entrypoint"].as_str().unwrap_or_default());
+    let steps: Vec<String> = entry["steps"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| group.as_sequence().cloned().unwrap_or_default())
+        .filter_map(|step| step["template"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(steps, ["acquire", "deploy"]);
+    let on_exit = template_named(spec["onExit"].as_str().unwrap_or_default());
+
+    // Workflow A: acquire, deploy (its lock stays held until its exit handler).
+    let a = "locked-deploy-a1b2c";
+    for step in &steps {
+        run_argo_step(node, &template_named(step), account, a, &parameters);
+    }
+    let logs = node.kubectl_ok(&["logs", "-n", "my-app", &format!("pod/{a}-deploy")]);
+    assert!(logs.contains("deploying 2.1.0"), "{logs}");
+    let api: Api<DeploymentLock> = Api::namespaced(node.client().await, "my-app");
+    let held = lock(&api).await.spec.holder;
+    let holder = "system:serviceaccount:my-app:deploylock-workflows";
+    assert_eq!(held.as_ref().map(|h| h.user.as_str()), Some(holder));
+    assert_eq!(
+        held.as_ref().and_then(|h| h.deployment_id.as_deref()),
+        Some(a)
+    );
+
+    // Workflow B (same ServiceAccount) ends: its exit handler releases
+    // nothing of A's.
+    let b = "locked-deploy-d3e4f";
+    run_argo_step(node, &on_exit, account, b, &parameters);
+    let still = lock(&api).await.spec.holder;
+    assert_eq!(
+        still.map(|h| h.lock_id),
+        held.map(|h| h.lock_id),
+        "B's exit handler released A's lock"
+    );
+
+    // A's exit handler releases A's lock.
+    run_argo_step(node, &on_exit, account, a, &parameters);
+    let released = lock(&api).await;
+    assert!(released.spec.holder.is_none());
+    let last = released.spec.history.last();
+    assert_eq!(last.map(|e| e.action), Some(HistoryAction::Released));
+    assert_eq!(last.map(|e| e.by.as_str()), Some(holder));
+    uninstall_chart(node);
+}
