@@ -292,7 +292,12 @@ $(tail -n 20 "$dir/logs/kube-apiserver.log" 2>/dev/null)"
   done
   log "control plane ready in $((SECONDS - start))s"
   if ((node_count > 0)); then
-    await_node
+    # A node that does not come up takes the whole cluster down with it.
+    if ! (await_node); then
+      log "stopping the cluster"
+      stop_cluster
+      exit 1
+    fi
   fi
   print_env
 }
