@@ -87,10 +87,8 @@ cluster-down: ## Stop the local cluster (its nodes' containers, mounts and proce
 	@hack/cluster.sh down --dir $(CLUSTER_DIR)
 
 .PHONY: install
-install: ## Install the CRDs into the current kubeconfig's cluster
-	@kubectl=$$(command -v kubectl || echo "$(TOOLS_BIN)/kubectl"); \
-	"$$kubectl" apply --server-side -f crds/ && \
-	"$$kubectl" wait --for condition=established --timeout=60s -f crds/
+install: ## Install the CRD, ClusterRoles and the admission policy (enforcement on) into the current kubeconfig's cluster
+	@kubectl=$$(command -v kubectl || echo "$(TOOLS_BIN)/kubectl"); hack/install.sh "$$kubectl"
 
 .PHONY: demo
 demo: ## The main job: build what is missing, start the control plane, install the CRD, take a lock and show it

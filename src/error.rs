@@ -73,10 +73,13 @@ impl Error {
                 401 => Error::Unauthorized(status.message),
                 // The admission policy's clock Lease does not exist: the
                 // controller has never run (or the binding names another).
-                403 if status.message.contains("no params found") => Error::Forbidden(format!(
-                    "{}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?",
-                    status.message
-                )),
+                // The API server answers 403 or, on create, 422.
+                403 | 422 if status.message.contains("no params found") => {
+                    Error::Forbidden(format!(
+                        "{}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?",
+                        status.message
+                    ))
+                }
                 403 => Error::Forbidden(status.message),
                 404 if status.message.contains("namespaces") => {
                     Error::NamespaceNotFound(namespace.to_string())

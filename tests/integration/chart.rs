@@ -151,6 +151,10 @@ async fn chart_lints_and_refuses_bad_values() {
             "serviceMonitor.enabled=true",
             "--set",
             "prometheusRule.enabled=true",
+            "--set",
+            "workloadGate.enabled=true",
+            "--set",
+            "workloadGate.environments[0].name=production",
         ],
     );
     ok(&all_on, "helm lint with every option on");
@@ -159,6 +163,8 @@ async fn chart_lints_and_refuses_bad_values() {
         "controller.logFormat=xml",
         "image.pullPolicy=Sometimes",
         "typo=1",
+        "workloadGate.environments[0].name=Not_A_Name",
+        "workloadGate.environments[0].namespaces={shop}",
     ] {
         let output = helm(None, &["lint", &chart_dir(), "--set", bad]);
         assert!(
@@ -221,8 +227,24 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "serviceMonitor.enabled=true",
         "--set",
         "prometheusRule.enabled=true",
+        "--set",
+        "workloadGate.enabled=true",
+        "--set",
+        "workloadGate.environments[0].name=production",
+        "--set",
+        "workloadGate.environments[0].namespaces={shop,payments}",
+        "--set",
+        "workloadGate.environments[1].name=staging",
     ]);
     let all_kinds = kinds(&all_on);
+    assert_eq!(
+        all_kinds
+            .iter()
+            .filter(|k| *k == "ValidatingAdmissionPolicyBinding")
+            .count(),
+        4,
+        "the lock policy's and stop-the-line's bindings, and one workload gate binding per environment"
+    );
     assert!(all_kinds.iter().any(|k| k == "ServiceMonitor"));
     assert!(all_kinds.iter().any(|k| k == "PrometheusRule"));
     // This control plane has no Prometheus operator CRDs: those two objects
@@ -284,6 +306,8 @@ async fn helm_install_creates_everything_and_uninstall_removes_it() {
         "clusterrolebinding/deploylock-controller",
         "validatingadmissionpolicy/deploylock.dev",
         "validatingadmissionpolicybinding/deploylock.dev",
+        "validatingadmissionpolicy/deploylock.dev-stop-the-line",
+        "validatingadmissionpolicybinding/deploylock.dev-stop-the-line",
     ] {
         ok(&kubectl(&["get", object]), object);
     }

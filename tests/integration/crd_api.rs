@@ -311,13 +311,7 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
     assert_eq!(
         header,
         [
-            "NAME",
-            "ENVIRONMENT",
-            "STATE",
-            "OWNER",
-            "REASON",
-            "EXPIRES",
-            "AGE"
+            "NAME", "STATE", "HOLDER", "OWNER", "REASON", "EXPIRES", "AGE"
         ]
     );
     assert!(stdout.contains("Deploying version 2.1.0"), "{stdout}");

@@ -23,7 +23,7 @@ use deploylock::crd::{DeploymentLock, HistoryEntry, LockHolder};
 use serde_json::Value;
 
 /// The identities the local control plane authenticates (see hack/cluster.sh).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Identity {
     Admin,
     Alice,
@@ -141,12 +141,17 @@ fn start_cluster() -> Result<TestCluster, String> {
                 .to_string(),
             "-f",
             &repo_root()
+                .join("config/admission/stop-the-line.yaml")
+                .display()
+                .to_string(),
+            "-f",
+            &repo_root()
                 .join("tests/integration/admission-binding.yaml")
                 .display()
                 .to_string(),
             "-f",
             &repo_root()
-                .join("tests/integration/test-bindings.yaml")
+                .join("config/dev/bindings.yaml")
                 .display()
                 .to_string(),
         ],

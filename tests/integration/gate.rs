@@ -1,0 +1,634 @@
+//! The workload gate (config/admission/workload-gate.yaml, rendered by the
+//! chart's workloadGate values): while an environment's lock is held, its
+//! namespaces' workloads change only by the holder, deployers, admins and
+//! Kubernetes' own controllers. Matrix of identity x workload write x lock
+//! state, then the whole story with the CLI and the controller.
+
+use std::process::Output;
+
+use serde_json::{Value, json};
+
+use crate::support::{Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of};
+
+const ENVIRONMENT: &str = "production";
+const KUBE_SYSTEM_CONTROLLER: &str = "system:serviceaccount:kube-system:deployment-controller";
+
+/// Who writes: a test identity, or a ServiceAccount the admin impersonates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Writer {
+    User(Identity),
+    As(&'static str),
+}
+
+struct Gate {
+    lock_namespace: String,
+    workloads: String,
+    unbound: String,
+    deployer: String,
+}
+
+fn kubectl_as(cluster: &TestCluster, writer: Writer, deployer: &str, args: &[&str]) -> Output {
+    match writer {
+        Writer::User(identity) => cluster.kubectl(identity, args),
+        Writer::As(name) => {
+            let name = if name == "deployer" { deployer } else { name };
+            let mut full = vec!["--as", name];
+            full.extend_from_slice(args);
+            cluster.kubectl(Identity::Admin, &full)
+        }
+    }
+}
+
+fn ok(output: &Output, what: &str) {
+    expect_exit(output, 0, what);
+}
+
+fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
+    let text = manifest.to_string();
+    ok(
+        &cluster.kubectl_with_input(
+            Identity::Admin,
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &text,
+        ),
+        what,
+    );
+}
+
+/// The gate's policy, and the chart's binding of `production` (lock in
+/// `lock_namespace`) to the namespace `workloads`; RBAC so that every writer
+/// may change workloads there and in `unbound`.
+async fn set_up(test: &str) -> Gate {
+    let cluster = cluster();
+    let lock_namespace = cluster.namespace(&format!("{test}-locks")).await;
+    let workloads = cluster.namespace(&format!("{test}-shop")).await;
+    let unbound = cluster.namespace(&format!("{test}-other")).await;
+    let deployer = format!("system:serviceaccount:{lock_namespace}:deployer");
+    // Cluster-scoped and shared by the tests: applied once.
+    static POLICY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let policy = repo_root().join("config/admission/workload-gate.yaml");
+        ok(
+            &cluster.kubectl(
+                Identity::Admin,
+                &["apply", "-f", &policy.display().to_string()],
+            ),
+            "apply the workload gate policy",
+        );
+    });
+    let rendered = match std::process::Command::new(cluster.bin_dir().join("helm"))
+        .args(["template", "deploylock"])
+        .arg(repo_root().join("charts/deploylock"))
+        .args([
+            "--namespace",
+            "deploylock-system",
+            "--kube-version",
+            "1.35.0",
+        ])
+        .args(["--show-only", "templates/workload-gate.yaml"])
+        .args(["--set", "workloadGate.enabled=true"])
+        .args([
+            "--set",
+            &format!("workloadGate.environments[0].name={ENVIRONMENT}"),
+        ])
+        .args([
+            "--set",
+            &format!("workloadGate.environments[0].lockNamespace={lock_namespace}"),
+        ])
+        .args([
+            "--set",
+            &format!("workloadGate.environments[0].namespaces={{{workloads}}}"),
+        ])
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) => panic!("cannot run helm: {err}"),
+    };
+    ok(&rendered, "helm template of the workload gate");
+    let bindings: String = String::from_utf8_lossy(&rendered.stdout)
+        .split("\n---")
+        .filter(|doc| doc.contains("kind: ValidatingAdmissionPolicyBinding"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    assert!(
+        bindings.contains(&workloads),
+        "the chart bound no namespace: {bindings}"
+    );
+    ok(
+        &cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &bindings),
+        "apply the chart's binding",
+    );
+    for namespace in [&workloads, &unbound] {
+        apply(
+            cluster,
+            &json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": "workloads", "namespace": namespace},
+                "rules": [
+                    {"apiGroups": ["apps"], "verbs": ["*"],
+                     "resources": ["deployments", "deployments/scale", "statefulsets", "daemonsets"]},
+                    {"apiGroups": ["batch"], "verbs": ["*"], "resources": ["jobs", "cronjobs"]}
+                ]
+            }),
+            "workload Role",
+        );
+        apply(
+            cluster,
+            &json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "workloads", "namespace": namespace},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "workloads"},
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"},
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:admins"},
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": deployer},
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBE_SYSTEM_CONTROLLER}
+                ]
+            }),
+            "workload RoleBinding",
+        );
+    }
+    // The deployer may deploy while someone else holds the lock.
+    apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "deployer", "namespace": lock_namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "deploylock-deployer"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": deployer}]
+        }),
+        "deployer RoleBinding",
+    );
+    // Workloads to update, scale and delete (by the cluster admin, before any lock).
+    for namespace in [&workloads, &unbound] {
+        for manifest in [
+            deployment("web", namespace, 1),
+            cron_job("nightly", namespace),
+        ] {
+            apply(cluster, &manifest, "workload");
+        }
+    }
+    Gate {
+        lock_namespace,
+        workloads,
+        unbound,
+        deployer,
+    }
+}
+
+fn deployment(name: &str, namespace: &str, replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}}
+        }
+    })
+}
+
+fn cron_job(name: &str, namespace: &str) -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "job", "image": "example.invalid/job:1"}]}}}}}
+    })
+}
+
+/// A write to a workload, as server-side dry runs (admission runs, nothing
+/// is stored) so the matrix leaves the objects as they were.
+#[derive(Clone, Copy, Debug)]
+enum Write {
+    CreateDeployment,
+    UpdateDeployment,
+    ScaleDeployment,
+    DeleteDeployment,
+    CreateJob,
+    UpdateCronJob,
+    CreateStatefulSet,
+}
+
+const WRITES: [Write; 7] = [
+    Write::CreateDeployment,
+    Write::UpdateDeployment,
+    Write::ScaleDeployment,
+    Write::DeleteDeployment,
+    Write::CreateJob,
+    Write::UpdateCronJob,
+    Write::CreateStatefulSet,
+];
+
+fn attempt(
+    cluster: &TestCluster,
+    gate: &Gate,
+    writer: Writer,
+    write: Write,
+    namespace: &str,
+) -> Output {
+    let run = |args: &[&str]| kubectl_as(cluster, writer, &gate.deployer, args);
+    let create = |manifest: Value| {
+        let text = manifest.to_string();
+        match writer {
+            Writer::User(identity) => cluster.kubectl_with_input(
+                identity,
+                &["create", "--dry-run=server", "-f", "-"],
+                &text,
+            ),
+            Writer::As(name) => {
+                let name = if name == "deployer" {
+                    gate.deployer.as_str()
+                } else {
+                    name
+                };
+                cluster.kubectl_with_input(
+                    Identity::Admin,
+                    &["--as", name, "create", "--dry-run=server", "-f", "-"],
+                    &text,
+                )
+            }
+        }
+    };
+    match write {
+        Write::CreateDeployment => create(deployment("new-web", namespace, 1)),
+        Write::UpdateDeployment => run(&[
+            "label",
+            "deployment",
+            "web",
+            "-n",
+            namespace,
+            "release=2",
+            "--overwrite",
+            "--dry-run=server",
+        ]),
+        Write::ScaleDeployment => run(&[
+            "scale",
+            "deployment",
+            "web",
+            "-n",
+            namespace,
+            "--replicas",
+            "0",
+            "--dry-run=server",
+        ]),
+        Write::DeleteDeployment => run(&[
+            "delete",
+            "deployment",
+            "web",
+            "-n",
+            namespace,
+            "--dry-run=server",
+        ]),
+        Write::CreateJob => create(json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": namespace},
+            "spec": {"template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "job", "image": "example.invalid/job:1"}]}}}
+        })),
+        Write::UpdateCronJob => run(&[
+            "annotate",
+            "cronjob",
+            "nightly",
+            "-n",
+            namespace,
+            "release=2",
+            "--overwrite",
+            "--dry-run=server",
+        ]),
+        Write::CreateStatefulSet => create(json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": namespace},
+            "spec": {"serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                     "template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"name": "db", "image": "example.invalid/db:1"}]}}}
+        })),
+    }
+}
+
+/// The lock's state, written directly by the cluster admin (the lock's
+/// namespace is not under the lock policy): what the gate reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LockState {
+    NoLock,
+    Available,
+    LockedByAlice,
+    ExpiredAlice,
+    ForceLockedByCarol,
+    /// alice's holding, with a status the controller computed for an
+    /// earlier one: counts as held.
+    StaleStatusAlice,
+}
+
+fn holder(user: &str, lock_id: &str, lock_type: &str) -> Value {
+    json!({
+        "lockId": lock_id, "user": user, "owner": format!("{user}'s team"), "type": lock_type,
+        "reason": "Migrating the orders table", "acquiredAt": "2026-11-27T10:00:00Z",
+        "expiresAt": "2026-11-27T10:30:00Z", "durationSeconds": 1800
+    })
+}
+
+fn set_state(cluster: &TestCluster, gate: &Gate, state: LockState) {
+    let ns = gate.lock_namespace.as_str();
+    let _ = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "delete",
+            "deploymentlock",
+            ENVIRONMENT,
+            "-n",
+            ns,
+            "--ignore-not-found",
+            "--wait",
+        ],
+    );
+    let (spec_holder, status) = match state {
+        LockState::NoLock => return,
+        LockState::Available => (Value::Null, json!({"state": "Available"})),
+        LockState::LockedByAlice => (
+            holder("alice", "a-1", "manual"),
+            json!({"state": "Locked", "lockId": "a-1"}),
+        ),
+        LockState::ExpiredAlice => (
+            holder("alice", "a-1", "manual"),
+            json!({"state": "Expired", "lockId": "a-1"}),
+        ),
+        LockState::ForceLockedByCarol => (
+            holder("carol", "c-1", "emergency"),
+            json!({"state": "ForceLocked", "lockId": "c-1"}),
+        ),
+        LockState::StaleStatusAlice => (
+            holder("alice", "a-2", "manual"),
+            json!({"state": "Expired", "lockId": "a-1"}),
+        ),
+    };
+    let mut spec = json!({"environment": ENVIRONMENT, "fencingToken": 1});
+    if !spec_holder.is_null() {
+        spec["holder"] = spec_holder;
+    }
+    apply(
+        cluster,
+        &json!({"apiVersion": "deploylock.dev/v1", "kind": "DeploymentLock",
+                "metadata": {"name": ENVIRONMENT, "namespace": ns}, "spec": spec}),
+        "the lock",
+    );
+    let generation = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "get",
+            "deploymentlock",
+            ENVIRONMENT,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ],
+    );
+    ok(&generation, "the lock's generation");
+    let generation: i64 = match String::from_utf8_lossy(&generation.stdout).trim().parse() {
+        Ok(generation) => generation,
+        Err(err) => panic!("generation: {err}"),
+    };
+    let mut status = status;
+    status["observedGeneration"] = json!(generation);
+    ok(
+        &cluster.kubectl(
+            Identity::Admin,
+            &[
+                "patch",
+                "deploymentlock",
+                ENVIRONMENT,
+                "-n",
+                ns,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &json!({"status": status}).to_string(),
+            ],
+        ),
+        "the lock's status",
+    );
+}
+
+fn gated(state: LockState) -> bool {
+    matches!(
+        state,
+        LockState::LockedByAlice | LockState::ForceLockedByCarol | LockState::StaleStatusAlice
+    )
+}
+
+fn may_write_while_held(state: LockState, writer: Writer) -> bool {
+    let holder = match state {
+        LockState::ForceLockedByCarol => Identity::Carol,
+        _ => Identity::Alice,
+    };
+    match writer {
+        Writer::User(identity) => identity == holder || identity == Identity::Carol,
+        Writer::As(_) => true,
+    }
+}
+
+/// Waits until the API server's view of the lock (the policy's parameter,
+/// served from an informer) matches `state`, probing with bob's create.
+fn await_gate(cluster: &TestCluster, gate: &Gate, state: LockState) {
+    let expect_refused = gated(state);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let probe = attempt(
+            cluster,
+            gate,
+            Writer::User(Identity::Bob),
+            Write::CreateDeployment,
+            &gate.workloads,
+        );
+        if probe.status.success() != expect_refused {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate did not follow the lock to {state:?} within 30 s: {}",
+            stderr_of(&probe)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn gate_matrix_identity_by_write_by_lock_state() {
+    let cluster = cluster();
+    let gate = set_up("gate-matrix").await;
+    let writers = [
+        Writer::User(Identity::Alice),
+        Writer::User(Identity::Bob),
+        Writer::User(Identity::Carol),
+        Writer::As("deployer"),
+        Writer::As(KUBE_SYSTEM_CONTROLLER),
+    ];
+    let mut wrong = Vec::new();
+    for state in [
+        LockState::NoLock,
+        LockState::Available,
+        LockState::LockedByAlice,
+        LockState::ExpiredAlice,
+        LockState::ForceLockedByCarol,
+        LockState::StaleStatusAlice,
+    ] {
+        set_state(cluster, &gate, state);
+        await_gate(cluster, &gate, state);
+        for writer in writers {
+            for write in WRITES {
+                let expected = !gated(state) || may_write_while_held(state, writer);
+                let output = attempt(cluster, &gate, writer, write, &gate.workloads);
+                if output.status.success() != expected {
+                    wrong.push(format!(
+                        "{state:?} {writer:?} {write:?}: expected {}, got {}",
+                        if expected { "admitted" } else { "refused" },
+                        stderr_of(&output).trim()
+                    ));
+                }
+                if !expected && !output.status.success() {
+                    let said = stderr_of(&output);
+                    let holder = if state == LockState::ForceLockedByCarol {
+                        "carol"
+                    } else {
+                        "alice"
+                    };
+                    for part in [
+                        format!("{ENVIRONMENT} is locked by {holder} ({holder}'s team)"),
+                        "until 2026-11-27T10:30:00Z".to_string(),
+                        "Migrating the orders table".to_string(),
+                        format!(
+                            "deploylock wait -e {ENVIRONMENT} -n {}",
+                            gate.lock_namespace
+                        ),
+                    ] {
+                        if !said.contains(&part) {
+                            wrong.push(format!(
+                                "{state:?} {writer:?} {write:?}: refusal lacks {part:?}: {said}"
+                            ));
+                        }
+                    }
+                }
+            }
+            // A namespace not bound to the environment is never gated.
+            let elsewhere = attempt(
+                cluster,
+                &gate,
+                writer,
+                Write::UpdateDeployment,
+                &gate.unbound,
+            );
+            if !elsewhere.status.success() {
+                wrong.push(format!(
+                    "{state:?} {writer:?}: unbound namespace gated: {}",
+                    stderr_of(&elsewhere)
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// The acceptance story: bob holds production through the CLI, alice's real
+/// apply is refused with bob's name, reason and expiry; after bob's release
+/// it goes through.
+#[tokio::test]
+async fn a_held_lock_refuses_other_deploys_until_released() {
+    let cluster = cluster();
+    let gate = set_up("gate-story").await;
+    let _controller = cluster.spawn_controller(&gate.lock_namespace, "gate-story", &[]);
+    let acquired = cluster.deploylock(
+        Identity::Bob,
+        &gate.lock_namespace,
+        &[
+            "acquire",
+            "-e",
+            ENVIRONMENT,
+            "--reason",
+            "Database migration",
+        ],
+    );
+    ok(&acquired, "bob acquires");
+    let change = deployment("web", &gate.workloads, 3).to_string();
+    let refused = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let output =
+                cluster.kubectl_with_input(Identity::Alice, &["apply", "-f", "-"], &change);
+            if !output.status.success() || std::time::Instant::now() > deadline {
+                break output;
+            }
+            // Admitted before the API server saw the lock: undo and retry.
+            ok(
+                &cluster.kubectl_with_input(
+                    Identity::Admin,
+                    &["apply", "-f", "-"],
+                    &deployment("web", &gate.workloads, 1).to_string(),
+                ),
+                "undo",
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    assert!(
+        !refused.status.success(),
+        "alice's apply went through while bob held the lock"
+    );
+    let said = stderr_of(&refused);
+    assert!(
+        said.contains("production is locked by bob")
+            && said.contains("Database migration")
+            && said.contains(" until "),
+        "the refusal must name the holder, the reason and the expiry: {said}"
+    );
+    let job_delete = cluster.kubectl(
+        Identity::Alice,
+        &["delete", "cronjob", "nightly", "-n", &gate.workloads],
+    );
+    assert!(
+        !job_delete.status.success(),
+        "alice deleted a CronJob while bob held the lock"
+    );
+
+    ok(
+        &cluster.deploylock(
+            Identity::Bob,
+            &gate.lock_namespace,
+            &["release", "-e", ENVIRONMENT],
+        ),
+        "bob releases",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let output = cluster.kubectl_with_input(Identity::Alice, &["apply", "-f", "-"], &change);
+        if output.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's apply is still refused 30 s after the release: {}",
+            stderr_of(&output)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let replicas = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "get",
+            "deployment",
+            "web",
+            "-n",
+            &gate.workloads,
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&replicas.stdout), "3");
+}
