@@ -14,7 +14,7 @@ use kube::runtime::wait::await_condition;
 
 use deploylock::crd::{DeploymentLock, HistoryAction};
 
-use crate::node::{CHART_INSTALLED, NodeCluster, node_cluster, ok};
+use crate::node::{CHART_INSTALLED, ChartRelease, NodeCluster, node_cluster, ok};
 use crate::support::repo_root;
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -50,7 +50,7 @@ fn wave_of(doc: &serde_yaml::Value) -> i64 {
 }
 
 /// Installs the chart (CRD, roles, admission policy, one controller).
-fn install_chart(node: &NodeCluster) {
+fn install_chart(node: &NodeCluster) -> ChartRelease<'_> {
     let chart = repo_root().join("charts/deploylock").display().to_string();
     ok(
         &node.helm(&[
@@ -70,19 +70,7 @@ fn install_chart(node: &NodeCluster) {
         ]),
         "helm install",
     );
-}
-
-fn uninstall_chart(node: &NodeCluster) {
-    ok(
-        &node.helm(&[
-            "uninstall",
-            "deploylock",
-            "--namespace",
-            "deploylock-system",
-            "--wait",
-        ]),
-        "helm uninstall",
-    );
+    ChartRelease::installed(node, "deploylock", "deploylock-system")
 }
 
 /// Runs one hook as Argo CD does: BeforeHookCreation deletes the previous
@@ -179,7 +167,7 @@ async fn lock(api: &Api<DeploymentLock>) -> DeploymentLock {
 async fn argocd_hooks_run_as_jobs_on_the_node() {
     let node = node_cluster();
     let _installed = CHART_INSTALLED.lock().await;
-    install_chart(node);
+    let release = install_chart(node);
     node.ensure_namespace("my-app");
     let client = node.client().await;
     let api: Api<DeploymentLock> = Api::namespaced(client, "my-app");
@@ -276,7 +264,7 @@ async fn argocd_hooks_run_as_jobs_on_the_node() {
     );
     assert!(lock(&api).await.spec.holder.is_none());
 
-    uninstall_chart(node);
+    ok(&release.uninstall(), "helm uninstall");
 }
 
 /// GitLab CI: the job's script, run as GitLab's Kubernetes executor runs it:
@@ -287,7 +275,7 @@ async fn argocd_hooks_run_as_jobs_on_the_node() {
 async fn gitlab_ci_job_runs_in_a_pod_of_its_image() {
     let node = node_cluster();
     let _installed = CHART_INSTALLED.lock().await;
-    install_chart(node);
+    let release = install_chart(node);
     let namespace = "gitlab-ci";
     node.ensure_namespace(namespace);
     let job = &yaml_documents("gitlab-ci/.gitlab-ci.yml")[0]["deploy"];
@@ -376,7 +364,7 @@ async fn gitlab_ci_job_runs_in_a_pod_of_its_image() {
     );
     let reason = &locked.spec.history[0].reason;
     assert_eq!(reason, "Deploying 01234567 (pipeline 4242)");
-    uninstall_chart(node);
+    ok(&release.uninstall(), "helm uninstall");
 }
 
 /// Replaces Argo's `{{workflow.name}}` and `{{workflow.parameters.NAME}}`.
@@ -436,7 +424,7 @@ fn run_argo_step(
 async fn argo_workflow_steps_run_as_pods() {
     let node = node_cluster();
     let _installed = CHART_INSTALLED.lock().await;
-    install_chart(node);
+    let release = install_chart(node);
     node.ensure_namespace("my-app");
     for doc in yaml_documents("argo-workflows/rbac.yaml") {
         let manifest = serde_yaml::to_string(&doc).unwrap_or_default();
@@ -509,5 +497,5 @@ async fn argo_workflow_steps_run_as_pods() {
     let last = released.spec.history.last();
     assert_eq!(last.map(|e| e.action), Some(HistoryAction::Released));
     assert_eq!(last.map(|e| e.by.as_str()), Some(holder));
-    uninstall_chart(node);
+    ok(&release.uninstall(), "helm uninstall");
 }

@@ -283,3 +283,49 @@ async fn node_cluster_down_leaves_nothing_behind() {
         }
     }
 }
+
+/// A helm release of the chart, uninstalled when dropped: a test that fails
+/// half-way leaves no release behind for the next one.
+pub struct ChartRelease<'a> {
+    node: &'a NodeCluster,
+    name: &'static str,
+    namespace: &'static str,
+    uninstalled: bool,
+}
+
+impl<'a> ChartRelease<'a> {
+    pub fn installed(node: &'a NodeCluster, name: &'static str, namespace: &'static str) -> Self {
+        ChartRelease {
+            node,
+            name,
+            namespace,
+            uninstalled: false,
+        }
+    }
+
+    /// `helm uninstall --wait`, now; its output.
+    pub fn uninstall(mut self) -> Output {
+        self.uninstalled = true;
+        self.node.helm(&[
+            "uninstall",
+            self.name,
+            "--namespace",
+            self.namespace,
+            "--wait",
+        ])
+    }
+}
+
+impl Drop for ChartRelease<'_> {
+    fn drop(&mut self) {
+        if !self.uninstalled {
+            let _ = self.node.helm(&[
+                "uninstall",
+                self.name,
+                "--namespace",
+                self.namespace,
+                "--wait",
+            ]);
+        }
+    }
+}
