@@ -408,8 +408,9 @@ fn refusal_lines(
         ],
         Refusal::NotHolder(holder) => vec![
             format!(
-                "{env}: the lock is held by {}, not by you: only the holder can release or extend it",
-                holding(holder, now)
+                "{env}: the lock is held by {}, not by you {}: only the holder can release or extend it",
+                holder_name(holder),
+                held_since(holder, now)
             ),
             format!("to take it away use `deploylock force-release {target} --reason ...`"),
         ],
