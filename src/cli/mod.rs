@@ -107,7 +107,8 @@ fn print_generated(action: &Action) -> Option<ExitCode> {
         }
         Action::Man { dir: None } => {
             let mut buffer = Vec::new();
-            clap_mangen::Man::new(Cli::command())
+            // As `man --dir` writes it: no page for `help` to name.
+            clap_mangen::Man::new(Cli::command().disable_help_subcommand(true))
                 .render(&mut buffer)
                 .map(|()| buffer)
         }
@@ -174,7 +175,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             let env = &global.environment;
             let (message, exit) = report::describe_for(&err, env, &scope, now);
             eprintln!("deploylock: {message}");
-            if global.output != OutputFormat::Table {
+            if global.output != OutputFormat::Table && report::is_refusal(&err) {
                 let report = report::ErrorReport::new(&err, env, &scope, now);
                 out!("{}", render::structured(&report, global.output));
             }

@@ -233,6 +233,12 @@ impl ErrorReport {
     }
 }
 
+/// A refusal of the lock (held, not yours, over, timed out waiting): what
+/// `-o json|yaml` also reports as an object on stdout.
+pub fn is_refusal(err: &Error) -> bool {
+    matches!(err, Error::Refused(_) | Error::WaitTimedOut(_))
+}
+
 /// The kind of an error, one stable word.
 fn error_reason(err: &Error) -> &'static str {
     match err {
