@@ -59,15 +59,18 @@ pub fn renewal_gap(spec: &DeploymentLockSpec) -> Option<String> {
         .rev()
         .find(|entry| entry.lock_id == holder.lock_id)?
         .expires_at?;
+    // Expired means now >= expiresAt (rules::is_expired): a renewal in the
+    // very second of the expiry was unprotected for under a second.
     let unprotected = (renewal.at - expired_at).to_std().ok()?;
-    if unprotected.is_zero() {
-        return None;
-    }
+    let span = if unprotected.is_zero() {
+        "under a second".to_string()
+    } else {
+        humantime::format_duration(unprotected).to_string()
+    };
     Some(format!(
-        "your holding of {} had expired at {}; renewed after {} unprotected; nobody took it over (same lock ID {}, fencing token {})",
+        "your holding of {} had expired at {}; renewed after {span} unprotected; nobody took it over (same lock ID {}, fencing token {})",
         spec.environment,
         expired_at.format("%Y-%m-%dT%H:%M:%SZ"),
-        humantime::format_duration(unprotected),
         holder.lock_id,
         spec.fencing_token
     ))
@@ -222,6 +225,15 @@ mod tests {
             extended("2030-01-01T00:20:00Z", "2030-01-01T00:50:00Z")
         ]));
         assert_eq!(renewal_gap(&extended_live), None);
+        let at_expiry = spec(serde_json::json!([
+            testdata::acquired_entry(""),
+            extended("2030-01-01T00:30:00Z", "2030-01-01T01:00:00Z")
+        ]));
+        let gap = renewal_gap(&at_expiry).unwrap_or_else(|| panic!("no gap at the expiry"));
+        assert!(
+            gap.contains("renewed after under a second unprotected"),
+            "{gap}"
+        );
         let only_acquired = spec(serde_json::json!([testdata::acquired_entry("")]));
         assert_eq!(renewal_gap(&only_acquired), None);
     }
