@@ -13,6 +13,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod error;
 pub mod exec;
+pub mod gitops;
 pub mod rules;
 pub mod servertime;
 pub mod store;

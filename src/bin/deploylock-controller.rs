@@ -97,6 +97,10 @@ struct Args {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Suspend Flux Kustomizations/HelmReleases and stop Argo CD auto-sync of the objects
+    /// bound to an environment (label deploylock.dev/environment) while its lock is held.
+    #[arg(long, env = "DEPLOYLOCK_GITOPS_GATING")]
+    gitops_gating: bool,
     /// Path to a kubeconfig (default: in-cluster, $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -319,6 +323,15 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
             clock: clock.clone(),
         }
         .spawn(term.clone());
+        if args.gitops_gating {
+            let gating = controller::gitops::GitOpsGating {
+                client: client.clone(),
+                namespace: args.namespace.clone(),
+                instance: identity.clone(),
+                clock: clock.clone(),
+            };
+            tokio::spawn(gating.run(term.clone()));
+        }
         let context = Arc::new(Context::new(
             client.clone(),
             metrics.clone(),
