@@ -11,6 +11,7 @@ mod examples;
 mod exec;
 mod freeze;
 mod gate;
+mod gitops;
 mod hostile;
 mod install;
 mod queue;
