@@ -501,8 +501,29 @@ async fn a_controller_killed_while_gated_restores_exactly_once_after_restart() {
             case.name
         );
     }
+    let versions_before: Vec<String> = {
+        let mut versions = Vec::new();
+        for case in &cases {
+            let object = api(&client, case.kind, &case.namespace)
+                .get(case.name)
+                .await
+                .unwrap_or_else(|err| panic!("{err}"));
+            versions.push(object.resource_version().unwrap_or_default());
+        }
+        versions
+    };
     let _restarted = spawn(cluster, &lock_namespace);
     await_all_restored(&client, &cases).await;
+    // Exactly one write per object since the kill (the restore): replayed
+    // from the API server's watch history.
+    for (case, version) in cases.iter().zip(&versions_before) {
+        let writes = writes_since(&client, case, version).await;
+        assert_eq!(
+            writes, 1,
+            "{} {}: {writes} writes after the restart instead of one restore",
+            case.kind, case.name
+        );
+    }
     for case in &cases {
         let reason = match case.kind {
             GitOpsKind::Application => "AutoSyncRestored",
@@ -634,6 +655,166 @@ async fn the_deployers_own_holding_does_not_gate_and_objects_without_the_label_a
         unbound.resource_version(),
         "an unbound HelmRelease was written"
     );
+}
+
+/// How many times the object was modified after `version`, up to the
+/// write that removed the saved annotation (the restore), on a watch.
+async fn writes_since(client: &Client, case: &Case, version: &str) -> usize {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+    let params = WatchParams::default()
+        .fields(&format!("metadata.name={}", case.name))
+        .timeout(10);
+    let stream = api(client, case.kind, &case.namespace)
+        .watch(&params, version)
+        .await
+        .unwrap_or_else(|err| panic!("cannot watch {}: {err}", case.name));
+    let mut stream = stream.boxed();
+    let mut writes = 0;
+    while let Some(event) = stream
+        .try_next()
+        .await
+        .unwrap_or_else(|err| panic!("watch of {}: {err}", case.name))
+    {
+        match event {
+            WatchEvent::Modified(object) => {
+                writes += 1;
+                if !object.annotations().contains_key(SAVED_ANNOTATION) {
+                    return writes;
+                }
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected watch event for {}: {other:?}", case.name),
+        }
+    }
+    panic!("{}: the restore was not seen on the watch", case.name)
+}
+
+/// A person who turns auto-sync back on (or resumes a Kustomization) while
+/// the lock is held is not overwritten: the edit is kept for after the lock,
+/// and the object gated again.
+#[tokio::test]
+async fn a_persons_edit_while_gated_is_kept_for_after_the_lock() {
+    let cluster = cluster();
+    install_gitops_crds(cluster);
+    let client = cluster.client(Identity::Admin).await;
+    let lock_namespace = cluster.namespace("gitops-edit").await;
+    create(
+        &client,
+        GitOpsKind::Application,
+        &manifest(GitOpsKind::Application, "web", &lock_namespace, &lock_namespace, true, json!({"syncPolicy": {"automated": {"prune": true}, "syncOptions": ["Validate=false"]}})),
+    )
+    .await;
+    create(
+        &client,
+        GitOpsKind::Kustomization,
+        &manifest(
+            GitOpsKind::Kustomization,
+            "shop",
+            &lock_namespace,
+            &lock_namespace,
+            true,
+            json!({}),
+        ),
+    )
+    .await;
+    let _controller = spawn(cluster, &lock_namespace);
+    acquire(cluster, Identity::Bob, &lock_namespace);
+    for kind in [GitOpsKind::Application, GitOpsKind::Kustomization] {
+        let name = if kind == GitOpsKind::Application {
+            "web"
+        } else {
+            "shop"
+        };
+        await_object(
+            &client,
+            kind,
+            &lock_namespace,
+            name,
+            "gating",
+            move |object| is_gated(kind, object),
+        )
+        .await;
+    }
+
+    let edited_policy = json!({"prune": false, "selfHeal": true});
+    let person = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..PatchParams::default()
+    };
+    api(&client, GitOpsKind::Application, &lock_namespace)
+        .patch(
+            "web",
+            &person,
+            &Patch::Merge(&json!({"spec": {"syncPolicy": {"automated": edited_policy}}})),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    api(&client, GitOpsKind::Kustomization, &lock_namespace)
+        .patch(
+            "shop",
+            &person,
+            &Patch::Merge(&json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let saved_value = |object: &DynamicObject| -> Option<Value> {
+        let text = object.annotations().get(SAVED_ANNOTATION)?;
+        serde_json::from_str::<Value>(text)
+            .ok()?
+            .get("value")
+            .cloned()
+    };
+    let expected = edited_policy.clone();
+    await_object(
+        &client,
+        GitOpsKind::Application,
+        &lock_namespace,
+        "web",
+        "gating again",
+        move |object| {
+            is_gated(GitOpsKind::Application, object)
+                && saved_value(object) == Some(expected.clone())
+        },
+    )
+    .await;
+    await_object(
+        &client,
+        GitOpsKind::Kustomization,
+        &lock_namespace,
+        "shop",
+        "suspending again",
+        move |object| {
+            is_gated(GitOpsKind::Kustomization, object) && saved_value(object) == Some(json!(false))
+        },
+    )
+    .await;
+    await_event(&client, &lock_namespace, "web", "AutoSyncDisabledAgain").await;
+
+    release(cluster, Identity::Bob, &lock_namespace);
+    let web = await_object(
+        &client,
+        GitOpsKind::Application,
+        &lock_namespace,
+        "web",
+        "restoration",
+        |object| !object.annotations().contains_key(SAVED_ANNOTATION),
+    )
+    .await;
+    assert_eq!(
+        spec_of(&web)["syncPolicy"],
+        json!({"automated": edited_policy, "syncOptions": ["Validate=false"]})
+    );
+    let shop = await_object(
+        &client,
+        GitOpsKind::Kustomization,
+        &lock_namespace,
+        "shop",
+        "restoration",
+        |object| !object.annotations().contains_key(SAVED_ANNOTATION),
+    )
+    .await;
+    assert_eq!(spec_of(&shop)["suspend"], json!(false));
 }
 
 #[test]
