@@ -39,8 +39,7 @@ fn install_gitops_crds(cluster: &TestCluster) {
         expect_exit(&applied, 0, "apply the Flux and Argo CD CRDs");
         for kind in GitOpsKind::ALL {
             let crd = format!("crd/{}.{}", kind.plural(), kind.group());
-            let waited = cluster.kubectl(Identity::Admin, &["wait", "--for=condition=Established", &crd, "--timeout=60s"]);
-            expect_exit(&waited, 0, &format!("{crd} Established"));
+            established(|args| cluster.kubectl(Identity::Admin, args), &crd);
         }
         let rbac = repo_root().join("config/rbac/gitops.yaml");
         expect_exit(
@@ -60,6 +59,22 @@ fn install_gitops_crds(cluster: &TestCluster) {
             "bind deploylock-controller-gitops",
         );
     });
+}
+
+/// Waits until a CRD is Established. `kubectl wait` fails at once while the
+/// new CRD has no conditions yet: retried.
+fn established(kubectl: impl Fn(&[&str]) -> std::process::Output, crd: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waited = kubectl(&["wait", "--for=condition=Established", crd, "--timeout=30s"]);
+        if waited.status.success() {
+            return;
+        }
+        if Instant::now() > deadline {
+            expect_exit(&waited, 0, &format!("{crd} Established"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn resource(kind: GitOpsKind) -> ApiResource {
@@ -827,4 +842,338 @@ fn the_charts_copy_of_the_gitops_role_is_the_shipped_one() {
         read("charts/deploylock/files/gitops-clusterrole.yaml"),
         read("config/rbac/gitops.yaml")
     );
+}
+
+/// Kinds whose CRDs are not installed are skipped, and the others gated: a
+/// control plane of its own with only Flux's Kustomization CRD.
+#[tokio::test]
+async fn kinds_without_their_crd_are_skipped_and_the_others_gated() {
+    let main = cluster();
+    // The CRD files, fetched once.
+    let fetched = std::process::Command::new(repo_root().join("hack/gitops-crds.sh"))
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run hack/gitops-crds.sh: {err}"));
+    expect_exit(&fetched, 0, "hack/gitops-crds.sh");
+    let dir = stdout_of(&fetched)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let extra = crate::support::ExtraCluster::start("gitops-partial");
+    let kubeconfig = extra.admin_kubeconfig();
+    let client = crate::support::client_from(&kubeconfig)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    crate::support::install_crd(&client)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let kubectl = |args: &[&str]| {
+        std::process::Command::new(main.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run kubectl: {err}"))
+    };
+    let crd = format!("{dir}/kustomize.toolkit.fluxcd.io_kustomizations.yaml");
+    expect_exit(
+        &kubectl(&["apply", "--server-side", "-f", &crd]),
+        0,
+        "apply the Kustomization CRD only",
+    );
+    established(kubectl, "crd/kustomizations.kustomize.toolkit.fluxcd.io");
+    expect_exit(
+        &kubectl(&["create", "namespace", "team"]),
+        0,
+        "create namespace team",
+    );
+    let lock = json!({
+        "apiVersion": "deploylock.dev/v1", "kind": "DeploymentLock",
+        "metadata": {"name": ENVIRONMENT, "namespace": "team"},
+        "spec": {"environment": ENVIRONMENT, "fencingToken": 1, "holder": {
+            "lockId": "b-1", "user": "bob", "owner": "bob", "type": "manual", "reason": "Database migration",
+            "acquiredAt": "2026-11-27T10:00:00Z", "expiresAt": "2126-11-27T10:00:00Z", "durationSeconds": 3600}}
+    });
+    // The CRDs may not be served for a moment after Established.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = std::process::Command::new(main.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(lock.to_string().as_bytes())?;
+                }
+                child.wait_with_output()
+            })
+            .unwrap_or_else(|err| panic!("cannot run kubectl: {err}"));
+        if output.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot write the lock: {}",
+            crate::support::stderr_of(&output)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let created = create(
+        &client,
+        GitOpsKind::Kustomization,
+        &manifest(
+            GitOpsKind::Kustomization,
+            "shop",
+            "team",
+            "team",
+            true,
+            json!({}),
+        ),
+    )
+    .await;
+
+    let log = std::env::temp_dir().join(format!(
+        "deploylock-gitops-partial-{}.log",
+        std::process::id()
+    ));
+    let log_file = std::fs::File::create(&log).unwrap_or_else(|err| panic!("{err}"));
+    let child = std::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(env!("CARGO_BIN_EXE_deploylock-controller"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--namespace",
+            "team",
+            "--lease-namespace",
+            "team",
+            "--clock-lease-namespace",
+            "team",
+        ])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--gitops-gating",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start the controller: {err}"));
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _controller = Killed(child);
+
+    let gated = await_object(
+        &client,
+        GitOpsKind::Kustomization,
+        "team",
+        "shop",
+        "gating",
+        |object| is_gated(GitOpsKind::Kustomization, object),
+    )
+    .await;
+    let mut expected = spec_of(&created);
+    expected["suspend"] = json!(true);
+    assert_eq!(spec_of(&gated), expected);
+    // The log says which kinds are skipped (polled: the file has no watch).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let skipped = |kind: &str| {
+            said.lines()
+                .any(|line| line.contains("CRD not installed") && line.contains(kind))
+        };
+        if skipped("HelmRelease") && skipped("Application") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the controller did not say it skips HelmRelease and Application:\n{said}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
+/// The chart adds the flag and the RBAC on the GitOps kinds only when
+/// gitopsGating.enabled is set.
+#[test]
+fn the_chart_grants_gitops_rights_only_when_enabled() {
+    let cluster = cluster();
+    let render = |extra: &[&str]| {
+        let output = std::process::Command::new(cluster.bin_dir().join("helm"))
+            .args(["template", "deploylock"])
+            .arg(repo_root().join("charts/deploylock"))
+            .args([
+                "--namespace",
+                "deploylock-system",
+                "--kube-version",
+                "1.35.0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run helm: {err}"));
+        expect_exit(&output, 0, "helm template");
+        stdout_of(&output)
+    };
+    let off = render(&[]);
+    assert!(
+        !off.contains("--gitops-gating")
+            && !off.contains("fluxcd.io")
+            && !off.contains("argoproj.io"),
+        "{off}"
+    );
+    let on = render(&["--set", "gitopsGating.enabled=true"]);
+    assert!(on.contains("- --gitops-gating"), "no --gitops-gating flag");
+    assert!(
+        on.contains("name: deploylock-deploylock-controller-gitops")
+            || on.contains("-controller-gitops\n"),
+        "no ClusterRoleBinding"
+    );
+    for resource in ["kustomizations", "helmreleases", "applications"] {
+        assert!(
+            on.contains(&format!("resources: [\"{resource}\"]")),
+            "no rights on {resource}"
+        );
+    }
+    // Validated by the chart's schema.
+    let output = std::process::Command::new(cluster.bin_dir().join("helm"))
+        .args(["template", "deploylock"])
+        .arg(repo_root().join("charts/deploylock"))
+        .args(["--set", "gitopsGating.enable=true"])
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run helm: {err}"));
+    assert!(
+        !output.status.success(),
+        "a misspelt gitopsGating value was accepted"
+    );
+}
+
+/// The workload gate may also gate Flux kinds (extraResourceRules): the
+/// controller's suspend must still pass while the lock is held (its
+/// ClusterRole has `deploy`), while a person's write is refused.
+#[tokio::test]
+async fn the_workload_gate_over_flux_kinds_does_not_stop_the_suspend() {
+    let cluster = cluster();
+    install_gitops_crds(cluster);
+    let client = cluster.client(Identity::Admin).await;
+    let lock_namespace = cluster.namespace("gitops-gate-locks").await;
+    let flux_namespace = cluster.namespace("gitops-gate-flux").await;
+    // The shipped policy, under a name of this test's own, over Kustomizations
+    // (what the chart's workloadGate.extraResourceRules renders).
+    let shipped = std::fs::read_to_string(repo_root().join("config/admission/workload-gate.yaml"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let policy_text = shipped.split("\n---\n").next().unwrap_or_default();
+    let mut policy: Value = serde_yaml::from_str(policy_text).unwrap_or_else(|err| panic!("{err}"));
+    let policy_name = format!("deploylock.dev-workload-gate-{flux_namespace}");
+    policy["metadata"]["name"] = json!(policy_name);
+    policy["spec"]["matchConstraints"]["resourceRules"] = json!([{
+        "apiGroups": ["kustomize.toolkit.fluxcd.io"], "apiVersions": ["*"],
+        "resources": ["kustomizations"], "operations": ["CREATE", "UPDATE", "DELETE"]}]);
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy_name},
+        "spec": {"policyName": policy_name, "validationActions": ["Deny"],
+                 "paramRef": {"name": ENVIRONMENT, "namespace": lock_namespace, "parameterNotFoundAction": "Allow"},
+                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": flux_namespace}}}}
+    });
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "flux-editors", "namespace": flux_namespace},
+        "rules": [{"apiGroups": ["kustomize.toolkit.fluxcd.io"], "resources": ["kustomizations"], "verbs": ["get", "patch"]}]
+    });
+    let role_binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "flux-editors", "namespace": flux_namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "flux-editors"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": Identity::Alice.username()}]
+    });
+    for manifest in [&policy, &binding, &role, &role_binding] {
+        expect_exit(
+            &cluster.kubectl_with_input(
+                Identity::Admin,
+                &["apply", "-f", "-"],
+                &manifest.to_string(),
+            ),
+            0,
+            "apply the gate over Kustomizations",
+        );
+    }
+    let created = create(
+        &client,
+        GitOpsKind::Kustomization,
+        &manifest(
+            GitOpsKind::Kustomization,
+            "shop",
+            &flux_namespace,
+            &lock_namespace,
+            true,
+            json!({}),
+        ),
+    )
+    .await;
+
+    // bob holds production; no controller yet. Wait until the gate refuses
+    // alice's write, so that it is surely in force before the controller's.
+    acquire(cluster, Identity::Bob, &lock_namespace);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = cluster.kubectl(
+            Identity::Alice,
+            &[
+                "annotate",
+                "kustomization",
+                "shop",
+                "-n",
+                &flux_namespace,
+                "--overwrite",
+                "example/touched=yes",
+            ],
+        );
+        if !output.status.success() {
+            let said = crate::support::stderr_of(&output);
+            assert!(said.contains("production is locked by bob"), "{said}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gate over Kustomizations is not in force after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let _controller = spawn(cluster, &lock_namespace);
+    let gated = await_object(
+        &client,
+        GitOpsKind::Kustomization,
+        &flux_namespace,
+        "shop",
+        "gating through the workload gate",
+        |object| is_gated(GitOpsKind::Kustomization, object),
+    )
+    .await;
+    assert_eq!(gated.data["spec"]["suspend"], json!(true));
+    release(cluster, Identity::Bob, &lock_namespace);
+    let restored = await_object(
+        &client,
+        GitOpsKind::Kustomization,
+        &flux_namespace,
+        "shop",
+        "restoration",
+        |object| !object.annotations().contains_key(SAVED_ANNOTATION),
+    )
+    .await;
+    assert_eq!(spec_of(&restored), spec_of(&created));
 }
