@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 /// API group of the DeploymentLock resource.
 pub const GROUP: &str = "deploylock.dev";
 /// Longest environment name: a DNS-1123 label, since it is the object's name.
-pub const MAX_ENVIRONMENT_LEN: usize = 63;
+pub const MAX_ENVIRONMENT_LEN: usize = crate::environment::MAX_DNS_LABEL_LEN;
 /// Longest reason accepted.
 pub const MAX_REASON_LEN: usize = 1024;
 /// Longest owner label, deployment ID or identity accepted.
 pub const MAX_NAME_LEN: usize = 253;
+/// Longest lock ID or waiter ID.
+pub const MAX_ID_LEN: usize = 64;
 /// Shortest lock duration: one minute.
 pub const MIN_DURATION_SECONDS: i64 = 60;
 /// Longest lock duration: seven days (a long maintenance window).
@@ -83,8 +85,8 @@ pub struct DeploymentLockSpec {
     /// Environment this lock guards (for example `production`). Equal to the
     /// object's name: a DNS-1123 label of at most 63 characters.
     #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        length(min = 1, max = MAX_ENVIRONMENT_LEN),
+        regex(pattern = crate::environment::DNS_LABEL_PATTERN)
     )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.environment is immutable"))]
     pub environment: String,
@@ -103,13 +105,13 @@ pub struct DeploymentLockSpec {
 
     /// Clients waiting for the lock, in arrival order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = MAX_QUEUE_ENTRIES))]
     pub queue: Vec<Waiter>,
 
     /// Past transitions of this lock, oldest first, at most 20 (the oldest is
     /// dropped first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 20))]
+    #[schemars(length(max = MAX_HISTORY_ENTRIES))]
     pub history: Vec<HistoryEntry>,
 }
 
@@ -132,17 +134,17 @@ pub enum LockType {
 #[x_kube(validation = Rule::new("self.expiresAt > self.acquiredAt").message("spec.holder.expiresAt must be after spec.holder.acquiredAt"))]
 pub struct LockHolder {
     /// Unique ID of this holding; a new one is issued at every acquisition.
-    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    #[schemars(length(min = 1, max = MAX_ID_LEN), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub lock_id: String,
 
     /// Identity the API server authenticated for the client that took the
     /// lock (its username). Only this identity may release or extend it.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub user: String,
 
     /// Display label of the holder (a person, a bot, a team); defaults to
     /// `user`.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub owner: String,
 
     /// manual, automatic or emergency.
@@ -150,7 +152,7 @@ pub struct LockHolder {
     pub lock_type: LockType,
 
     /// Why the lock is held, for example "Deploying version 2.1.0".
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = MAX_REASON_LEN))]
     #[x_kube(validation = Rule::new("self.trim().size() > 0").message("spec.holder.reason must not be blank"))]
     pub reason: String,
 
@@ -165,12 +167,12 @@ pub struct LockHolder {
     pub expires_at: DateTime<Utc>,
 
     /// Duration requested at acquisition, in seconds (60 to 604800).
-    #[schemars(range(min = 60, max = 604800))]
+    #[schemars(range(min = MIN_DURATION_SECONDS, max = MAX_DURATION_SECONDS))]
     pub duration_seconds: i64,
 
     /// ID of the deployment this lock protects (a pipeline run, a release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub deployment_id: Option<String>,
 
     /// Free-form context, like annotations: at most 32 keys of at most 63
@@ -190,16 +192,16 @@ pub struct LockHolder {
 #[serde(rename_all = "camelCase")]
 pub struct OverriddenHolding {
     /// ID of the overridden holding.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = MAX_ID_LEN))]
     pub lock_id: String,
     /// Authenticated identity of the overridden holder.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub user: String,
     /// Display label of the overridden holder.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub owner: String,
     /// Reason the overridden holder gave.
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_REASON_LEN))]
     pub reason: String,
 }
 
@@ -208,16 +210,16 @@ pub struct OverriddenHolding {
 #[serde(rename_all = "camelCase")]
 pub struct Waiter {
     /// Unique ID of this wait.
-    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    #[schemars(length(min = 1, max = MAX_ID_LEN), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub id: String,
     /// Authenticated identity of the waiting client.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub user: String,
     /// Display label of the waiting client.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub owner: String,
     /// Why the client wants the lock.
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = MAX_REASON_LEN))]
     pub reason: String,
     /// When the client started waiting.
     #[schemars(schema_with = "date_time_schema")]
@@ -270,16 +272,16 @@ pub struct HistoryEntry {
     #[serde(with = "strict_time")]
     pub at: DateTime<Utc>,
     /// ID of the holding concerned.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = MAX_ID_LEN))]
     pub lock_id: String,
     /// Authenticated identity that made the change.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub by: String,
     /// Display label of the holder concerned.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub owner: String,
     /// Reason given for the change (or the holding's reason).
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_REASON_LEN))]
     pub reason: String,
     /// Expiry of the holding after the change, when there is one.
     #[serde(

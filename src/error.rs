@@ -1,8 +1,61 @@
-//! The library's errors. The CLI turns each into one message and one exit code
-//! in a single place (`cli::report`).
+//! The library's errors. Each keeps the failure it came from as its
+//! `source()` (a `kube::Error`, a kubeconfig error); the CLI turns each into
+//! one message ([`crate::cli::report::describe`]) and one exit code
+//! ([`crate::cli::report::exit_for`]).
 
 use crate::crd::LockHolder;
 use crate::rules::Refusal;
+
+/// What the API server (or the way to it) answered, in the words shown to
+/// the user, with the kube error behind it when there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiFailure {
+    pub message: String,
+    #[source]
+    pub source: Option<kube::Error>,
+}
+
+impl ApiFailure {
+    /// A failure with no kube error behind it (an answer that makes no sense).
+    pub fn new(message: impl Into<String>) -> Self {
+        ApiFailure {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn caused_by(message: impl Into<String>, source: kube::Error) -> Self {
+        ApiFailure {
+            message: message.into(),
+            source: Some(source),
+        }
+    }
+}
+
+impl From<String> for ApiFailure {
+    fn from(message: String) -> Self {
+        ApiFailure::new(message)
+    }
+}
+
+impl From<&str> for ApiFailure {
+    fn from(message: &str) -> Self {
+        ApiFailure::new(message)
+    }
+}
+
+/// No usable kubeconfig, context or client.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error(transparent)]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The configuration was read but no client could be built from it.
+    #[error(transparent)]
+    Client(#[from] kube::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,33 +69,37 @@ pub enum Error {
 
     /// No usable kubeconfig or context.
     #[error("cannot load the Kubernetes configuration: {0}")]
-    Config(String),
+    Config(#[source] ConfigError),
 
     /// The API server could not be reached.
     #[error("cannot reach the Kubernetes API server: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] ApiFailure),
 
     /// The DeploymentLock CRD is not installed in the cluster.
     #[error(
         "the DeploymentLock CRD (deploymentlocks.deploylock.dev) is not installed in this cluster"
     )]
-    CrdNotInstalled,
+    CrdNotInstalled(#[source] kube::Error),
 
     /// The namespace does not exist.
-    #[error("namespace {0:?} not found")]
-    NamespaceNotFound(String),
+    #[error("namespace {namespace:?} not found")]
+    NamespaceNotFound {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
 
     /// The API server did not accept the caller's credentials.
     #[error("the API server did not accept your credentials: {0}")]
-    Unauthorized(String),
+    Unauthorized(#[source] ApiFailure),
 
     /// RBAC or admission refused the request.
     #[error("the API server refused: {0}")]
-    Forbidden(String),
+    Forbidden(#[source] ApiFailure),
 
     /// The API server's validation refused the object.
     #[error("the API server rejected the lock: {0}")]
-    Rejected(String),
+    Rejected(#[source] ApiFailure),
 
     /// Too many concurrent writers; every attempt met a conflict.
     #[error("gave up after {0} conflicting writes from other clients")]
@@ -62,45 +119,57 @@ pub enum Error {
 
     /// Any other API failure.
     #[error("Kubernetes API error: {0}")]
-    Api(String),
+    Api(#[source] ApiFailure),
 }
 
 impl Error {
     /// Classifies a kube error from a request on DeploymentLocks in `namespace`.
     pub fn from_kube(err: kube::Error, namespace: &str) -> Self {
-        match err {
-            kube::Error::Api(status) => match status.code {
-                401 => Error::Unauthorized(status.message),
-                // The admission policy's clock Lease does not exist: the
-                // controller has never run (or the binding names another).
-                // The API server answers 403 or, on create, 422.
-                403 | 422 if status.message.contains("no params found") => {
-                    Error::Forbidden(format!(
-                        "{}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?",
-                        status.message
-                    ))
-                }
-                403 => Error::Forbidden(status.message),
-                404 if status.message.contains("namespaces") => {
-                    Error::NamespaceNotFound(namespace.to_string())
-                }
-                404 => Error::CrdNotInstalled,
-                422 => Error::Rejected(status.message),
-                // Overload and a server or etcd that is restarting: the
-                // server is there but cannot answer now.
-                429 | 500 | 502 | 503 | 504 => {
-                    Error::Unreachable(format!("HTTP {}: {}", status.code, status.message))
-                }
-                _ => Error::Api(status.message),
-            },
-            kube::Error::HyperError(err) => Error::Unreachable(root_cause(&err)),
-            kube::Error::Service(err) if is_timeout(err.as_ref()) => Error::Unreachable(format!(
+        let message = match &err {
+            kube::Error::Api(status) => status.message.clone(),
+            kube::Error::HyperError(inner) => root_cause(inner),
+            kube::Error::Service(inner) if is_timeout(inner.as_ref()) => format!(
                 "no answer in time ({} s to connect, {} s for a request)",
                 crate::store::CONNECT_TIMEOUT.as_secs(),
                 crate::store::REQUEST_TIMEOUT.as_secs()
-            )),
-            kube::Error::Service(err) => Error::Unreachable(root_cause(err.as_ref())),
-            other => Error::Api(other.to_string()),
+            ),
+            kube::Error::Service(inner) => root_cause(inner.as_ref()),
+            other => other.to_string(),
+        };
+        let code = match &err {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        };
+        match code {
+            Some(401) => Error::Unauthorized(ApiFailure::caused_by(message, err)),
+            // The admission policy's clock Lease does not exist: the
+            // controller has never run (or the binding names another).
+            // The API server answers 403 or, on create, 422.
+            Some(403 | 422) if message.contains("no params found") => {
+                Error::Forbidden(ApiFailure::caused_by(
+                    format!(
+                        "{message}: the deploylock controller's clock Lease (deploylock-clock) is missing; is the deploylock controller installed and running?"
+                    ),
+                    err,
+                ))
+            }
+            Some(403) => Error::Forbidden(ApiFailure::caused_by(message, err)),
+            Some(404) if message.contains("namespaces") => Error::NamespaceNotFound {
+                namespace: namespace.to_string(),
+                source: err,
+            },
+            Some(404) => Error::CrdNotInstalled(err),
+            Some(422) => Error::Rejected(ApiFailure::caused_by(message, err)),
+            // Overload and a server or etcd that is restarting: the
+            // server is there but cannot answer now.
+            Some(code @ (429 | 500 | 502 | 503 | 504)) => Error::Unreachable(
+                ApiFailure::caused_by(format!("HTTP {code}: {message}"), err),
+            ),
+            Some(_) => Error::Api(ApiFailure::caused_by(message, err)),
+            None if matches!(err, kube::Error::HyperError(_) | kube::Error::Service(_)) => {
+                Error::Unreachable(ApiFailure::caused_by(message, err))
+            }
+            None => Error::Api(ApiFailure::caused_by(message, err)),
         }
     }
 
@@ -117,7 +186,7 @@ impl Error {
     /// retries this for a short while; the policy's refusal is final.
     pub fn is_authorization_refusal(&self) -> bool {
         match self {
-            Error::Forbidden(message) => {
+            Error::Forbidden(ApiFailure { message, .. }) => {
                 !message.contains("denied request")
                     && !message.contains("ValidatingAdmissionPolicy")
                     && !message.contains("admission webhook")

@@ -38,14 +38,17 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::crd::LockHolder;
+use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::{Actor, Refusal, Request};
 use crate::store::{LockStore, Observed};
+
+/// Moved to [`crate::signals`]; named here too for existing callers.
+pub use crate::signals::Signals;
 
 /// Time allowed, besides the clock uncertainty, for the kill to land:
 /// scheduling, signal delivery, the kernel tearing processes down.
@@ -98,7 +101,7 @@ impl StopDeadlines {
 /// What `exec` needs besides the store.
 #[derive(Clone, Debug)]
 pub struct ExecPlan {
-    pub environment: String,
+    pub environment: Environment,
     pub actor: Actor,
     /// The holding taken for the command.
     pub holding: LockHolder,
@@ -161,7 +164,7 @@ pub async fn run_while_holding(
         ));
     }
     let env: BTreeMap<&str, String> = BTreeMap::from([
-        ("DEPLOYLOCK_ENVIRONMENT", plan.environment.clone()),
+        ("DEPLOYLOCK_ENVIRONMENT", plan.environment.to_string()),
         ("DEPLOYLOCK_NAMESPACE", store.namespace().to_string()),
         ("DEPLOYLOCK_LOCK_ID", plan.holding.lock_id.clone()),
         ("DEPLOYLOCK_HOLDER", plan.holding.user.clone()),
@@ -227,13 +230,26 @@ pub async fn run_while_holding(
     keeper.abort();
     watcher.abort();
     drop(watchdog);
+    Ok(conclude(store, &plan, deadlines, stopping, code, signals).await)
+}
+
+/// After the command ended: release the holding (unless it was lost to
+/// someone else) and say how it went.
+async fn conclude(
+    store: &LockStore,
+    plan: &ExecPlan,
+    deadlines: StopDeadlines,
+    stopping: Option<Loss>,
+    code: i32,
+    signals: &mut Signals,
+) -> ExecOutcome {
     match stopping {
         None => {
-            let release_error = release(store, &plan, deadlines.expiry, signals).await.err();
-            Ok(ExecOutcome::Exited {
+            let release_error = release(store, plan, deadlines.expiry, signals).await.err();
+            ExecOutcome::Exited {
                 code,
                 release_error,
-            })
+            }
         }
         Some(loss) => {
             let (now_held_by, renewal_error) = match loss {
@@ -241,15 +257,15 @@ pub async fn run_while_holding(
                 Loss::RenewalFailed(why) => {
                     // The holding may still be valid for a moment: free it
                     // for the next one if the server can be reached.
-                    let _ = release(store, &plan, deadlines.expiry, signals).await;
+                    let _ = release(store, plan, deadlines.expiry, signals).await;
                     (None, Some(why))
                 }
             };
-            Ok(ExecOutcome::LockLost {
+            ExecOutcome::LockLost {
                 now_held_by,
                 renewal_error,
                 child_code: code,
-            })
+            }
         }
     }
 }
@@ -606,6 +622,10 @@ impl WatchdogArgs {
 /// watchdog dies), forwards exec's signals to it, and stops the command's
 /// whole tree at the deadlines, on exec's "stop", or when exec disappears.
 /// Exits with the command's exit code (128 + N for signal N).
+///
+/// Longer than most functions on purpose: one poll loop over the control
+/// socket, the signalfd and the deadlines, whose every branch must keep the
+/// same kill-the-tree guarantees; split up, those would be hard to check.
 fn watchdog(args: WatchdogArgs) -> i32 {
     use std::os::linux::net::SocketAddrExt as _;
     let connected =
@@ -850,64 +870,4 @@ fn descendants(root: Pid) -> Vec<Pid> {
         }
     }
     found
-}
-
-// ---------------------------------------------------------------------------
-// Signals
-// ---------------------------------------------------------------------------
-
-/// SIGINT, SIGTERM and SIGHUP received by this process: while waiting they
-/// mean "give up", while a command runs they are passed on to it. Once this
-/// exists, those signals no longer end the process by themselves.
-///
-/// A SIGHUP that is ignored when this starts (`nohup`) stays ignored, and
-/// the command inherits that.
-pub struct Signals {
-    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
-}
-
-/// Whether `signal` is ignored (SIG_IGN) in this process, from the SigIgn
-/// mask in /proc/self/status.
-fn is_ignored(signal: Signal) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("SigIgn:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
-}
-
-impl Signals {
-    pub fn new() -> Self {
-        let hup_ignored = is_ignored(Signal::SIGHUP);
-        let kinds = [
-            (Signal::SIGINT, SignalKind::interrupt()),
-            (Signal::SIGTERM, SignalKind::terminate()),
-            (Signal::SIGHUP, SignalKind::hangup()),
-        ];
-        let streams = kinds
-            .into_iter()
-            .filter(|(signal_, _)| !(*signal_ == Signal::SIGHUP && hup_ignored))
-            .filter_map(|(signal_, kind)| signal(kind).ok().map(|stream| (signal_, stream)))
-            .collect();
-        Signals { streams }
-    }
-
-    /// The next signal received.
-    pub async fn next(&mut self) -> Option<Signal> {
-        if self.streams.is_empty() {
-            return std::future::pending().await;
-        }
-        let futures = self.streams.iter_mut().map(|(signal_, stream)| {
-            Box::pin(async move { stream.recv().await.map(|_| *signal_) })
-        });
-        let (received, _, _) = futures::future::select_all(futures).await;
-        received
-    }
-}
-
-impl Default for Signals {
-    fn default() -> Self {
-        Self::new()
-    }
 }

@@ -83,6 +83,15 @@ pub enum Request {
         duration: Duration,
         lock_id: Option<String>,
     },
+    /// `acquire --extend`: extend one's holding like `Extend`, or, when it
+    /// expired and is still the lock's holding (nobody took it over, the
+    /// controller did not clear it) and nobody waits for the lock, renew it:
+    /// same lock ID and fencing token, `expiresAt = now + duration`, an
+    /// `Extended` history entry.
+    Renew {
+        actor: Actor,
+        duration: Duration,
+    },
     /// Join the wait queue, or renew one's heartbeat in it.
     JoinQueue {
         actor: Actor,
@@ -219,6 +228,7 @@ pub fn decide(
             duration,
             lock_id,
         } => decide_extend(spec, now, actor, *duration, lock_id.as_deref()),
+        Request::Renew { actor, duration } => decide_renew(spec, now, actor, *duration),
         Request::Clear {
             actor,
             lock_id,
@@ -372,6 +382,9 @@ fn decide_clear(
     )
 }
 
+/// Every case of an acquire, in the order the admission policy checks
+/// them: one table on purpose (longer than most functions), so that it can
+/// be read against the policy line by line.
 fn decide_acquire(
     spec: &DeploymentLockSpec,
     now: DateTime<Utc>,
@@ -548,6 +561,53 @@ fn decide_extend(
         now.checked_add_signed(duration)
             .ok_or(Refusal::DurationOutOfRange)?,
     );
+    let mut next = spec.clone();
+    record(
+        &mut next,
+        now,
+        HistoryAction::Extended,
+        actor,
+        holder,
+        &holder.reason,
+        Some(expires_at),
+    )?;
+    if let Some(next_holder) = next.holder.as_mut() {
+        next_holder.expires_at = expires_at;
+    }
+    Ok(Decision::Change {
+        next,
+        action: HistoryAction::Extended,
+    })
+}
+
+fn decide_renew(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    duration: Duration,
+) -> Result<Decision, Refusal> {
+    let expired_holding = spec
+        .holder
+        .as_ref()
+        .filter(|holder| is_expired(holder, now));
+    let Some(holder) = expired_holding else {
+        return decide_extend(spec, now, actor, duration, None);
+    };
+    if !duration_in_range(duration) {
+        return Err(Refusal::DurationOutOfRange);
+    }
+    check_holding(holder, actor, None)?;
+    // Waiters were promised the lock once it is free: they go first.
+    let waiting = live_waiters(spec, now);
+    if let Some(next) = choose_next(&waiting) {
+        return Err(Refusal::QueuedBehind {
+            next: Box::new(next.clone()),
+            waiting: waiting.len(),
+        });
+    }
+    let expires_at = now
+        .checked_add_signed(duration)
+        .ok_or(Refusal::DurationOutOfRange)?;
     let mut next = spec.clone();
     record(
         &mut next,

@@ -458,6 +458,17 @@ mod tests {
         }
     }
 
+    /// A calibration (drift allowance `ppm`) from one probe sent at a local
+    /// `origin` to a server whose clock then read `server`, answering after
+    /// `delay_ms` each way.
+    fn calibrated(ppm: u32, server: &str, delay_ms: u64) -> (Instant, DateTime<Utc>, Calibration) {
+        let origin = Instant::now();
+        let mut calibration = Calibration::new(origin, ppm);
+        let server = time(server);
+        assert_eq!(calibration.add(&probe(origin, server, 0, delay_ms)), Ok(()));
+        (origin, server, calibration)
+    }
+
     /// A server whose clock reads `server_at_origin` at local `origin`,
     /// answering after `delay_ms` each way.
     fn probe(
@@ -531,10 +542,7 @@ mod tests {
 
     #[test]
     fn drift_widens_the_bounds_with_time_since_the_measurement() {
-        let origin = Instant::now();
-        let mut calibration = Calibration::new(origin, 500);
-        let server = time("2030-01-01T12:00:00.500Z");
-        assert_eq!(calibration.add(&probe(origin, server, 0, 0)), Ok(()));
+        let (origin, _, mut calibration) = calibrated(500, "2030-01-01T12:00:00.500Z", 0);
         let soon = calibration.uncertainty(at(origin, 0));
         let later = calibration.uncertainty(at(origin, 100_000));
         // 100 s at 500 ppm: 50 ms on each side.
@@ -550,10 +558,7 @@ mod tests {
 
     #[test]
     fn a_stepped_server_clock_restarts_the_bounds_but_the_lower_bound_never_goes_back() {
-        let origin = Instant::now();
-        let mut calibration = Calibration::new(origin, 0);
-        let server = time("2030-01-01T12:00:00.500Z");
-        assert_eq!(calibration.add(&probe(origin, server, 0, 1)), Ok(()));
+        let (origin, server, mut calibration) = calibrated(0, "2030-01-01T12:00:00.500Z", 1);
         let before = calibration.lower_bound(at(origin, 1_000));
         // The server's clock went back 10 s.
         let stepped = server - chrono::Duration::seconds(10);
@@ -573,10 +578,7 @@ mod tests {
 
     #[test]
     fn reached_at_is_the_first_instant_the_lower_bound_passes_a_time() {
-        let origin = Instant::now();
-        let mut calibration = Calibration::new(origin, 300);
-        let server = time("2030-01-01T12:00:00.250Z");
-        assert_eq!(calibration.add(&probe(origin, server, 0, 2)), Ok(()));
+        let (origin, _, calibration) = calibrated(300, "2030-01-01T12:00:00.250Z", 2);
         for target in [
             "2030-01-01T12:00:03Z",
             "2030-01-01T12:00:00.100Z",
@@ -604,10 +606,7 @@ mod tests {
 
     #[test]
     fn the_upper_bound_reaches_a_time_first() {
-        let origin = Instant::now();
-        let mut calibration = Calibration::new(origin, 300);
-        let server = time("2030-01-01T12:00:00.250Z");
-        assert_eq!(calibration.add(&probe(origin, server, 0, 2)), Ok(()));
+        let (_, _, calibration) = calibrated(300, "2030-01-01T12:00:00.250Z", 2);
         let target = time("2030-01-01T12:00:05Z");
         let (Some(earliest), Some(certain)) = (
             calibration.upper_reached_at(target),

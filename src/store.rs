@@ -7,7 +7,7 @@
 //! Time is the API server's: each read takes the `Date` header of its response.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -31,7 +31,8 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
 use crate::crd::{DeploymentLock, DeploymentLockSpec, HistoryAction, LockHolder, LockState};
-use crate::error::Error;
+use crate::environment::Environment;
+use crate::error::{ApiFailure, ConfigError, Error};
 use crate::rules::{self, Decision, NoChange, Refusal, Request};
 
 /// Writes attempted before giving up under contention. Each conflict means
@@ -54,34 +55,41 @@ pub struct ConnectOptions {
     pub namespace: Option<String>,
 }
 
+/// Reads the configuration the way kubectl would: `kubeconfig` if given,
+/// else $KUBECONFIG or ~/.kube/config (with `context`), else in-cluster.
+/// Shared by the CLI and the controller.
+pub async fn load_config(
+    kubeconfig: Option<&Path>,
+    context: Option<String>,
+) -> Result<Config, ConfigError> {
+    let has_context = context.is_some();
+    let kube_options = KubeConfigOptions {
+        context,
+        ..KubeConfigOptions::default()
+    };
+    Ok(match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)?;
+            Config::from_custom_kubeconfig(file, &kube_options).await?
+        }
+        None if has_context => Config::from_kubeconfig(&kube_options).await?,
+        None => Config::infer().await?,
+    })
+}
+
 /// Builds a client the way kubectl would (KUBECONFIG, ~/.kube/config or
 /// in-cluster), and returns it with the namespace to use.
 pub async fn connect(options: &ConnectOptions) -> Result<(Client, String), Error> {
-    let kube_options = KubeConfigOptions {
-        context: options.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &options.kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path).map_err(|err| Error::Config(err.to_string()))?;
-            Config::from_custom_kubeconfig(file, &kube_options)
-                .await
-                .map_err(|err| Error::Config(err.to_string()))?
-        }
-        None if options.context.is_some() => Config::from_kubeconfig(&kube_options)
-            .await
-            .map_err(|err| Error::Config(err.to_string()))?,
-        None => Config::infer()
-            .await
-            .map_err(|err| Error::Config(err.to_string()))?,
-    };
+    let mut config = load_config(options.kubeconfig.as_deref(), options.context.clone())
+        .await
+        .map_err(Error::Config)?;
     // An unreachable cluster should fail in seconds, not minutes.
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     let namespace = options
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = client_from(config).map_err(|err| Error::Config(err.to_string()))?;
+    let client = client_from(config).map_err(|err| Error::Config(err.into()))?;
     Ok((client, namespace))
 }
 
@@ -140,7 +148,7 @@ fn is_clock_refusal(message: &str) -> bool {
 #[derive(Clone, Debug)]
 pub struct Observed {
     pub namespace: String,
-    pub environment: String,
+    pub environment: Environment,
     /// `None` when no object exists for the environment yet.
     pub lock: Option<DeploymentLock>,
     /// The API server's clock when it answered.
@@ -393,9 +401,9 @@ async fn bounded<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
         Ok(result) => result,
-        Err(_) => Err(Error::Unreachable(format!(
-            "no answer to {what} within {} s",
-            REQUEST_TIMEOUT.as_secs()
+        Err(elapsed) => Err(Error::Unreachable(ApiFailure::caused_by(
+            format!("no answer to {what} within {} s", REQUEST_TIMEOUT.as_secs()),
+            kube::Error::Service(Box::new(elapsed)),
         ))),
     }
 }
@@ -444,10 +452,10 @@ impl LockStore {
     }
 
     /// Reads the lock of `environment` with the server's time.
-    pub async fn read(&self, environment: &str) -> Result<Observed, Error> {
+    pub async fn read(&self, environment: &Environment) -> Result<Observed, Error> {
         let request = KubeRequest::new(DeploymentLock::url_path(&(), Some(&self.namespace)))
-            .get(environment, &Default::default())
-            .map_err(|err| Error::Api(err.to_string()))?;
+            .get(environment.as_str(), &Default::default())
+            .map_err(|err| self.kube_error(kube::Error::BuildRequest(err)))?;
         let sent = Instant::now();
         let (lock, server_time, local_instant) = match self.send_with_time(request).await {
             Ok((object, time, instant)) => (Some(decode_lock(object)?), time, instant),
@@ -456,7 +464,7 @@ impl LockStore {
                     && status
                         .details
                         .as_ref()
-                        .is_some_and(|d| d.name == environment) =>
+                        .is_some_and(|d| d.name == environment.as_str()) =>
             {
                 (None, time, instant)
             }
@@ -464,7 +472,7 @@ impl LockStore {
         };
         Ok(Observed {
             namespace: self.namespace.clone(),
-            environment: environment.to_string(),
+            environment: environment.clone(),
             lock,
             server_time,
             local_instant,
@@ -479,7 +487,7 @@ impl LockStore {
         let namespace = (!all_namespaces).then_some(self.namespace.as_str());
         let request = KubeRequest::new(DeploymentLock::url_path(&(), namespace))
             .list(&Default::default())
-            .map_err(|err| Error::Api(err.to_string()))?;
+            .map_err(|err| self.kube_error(kube::Error::BuildRequest(err)))?;
         let (list, server_time, _): (RawList, _, _) = self
             .send_with_time(request)
             .await
@@ -550,7 +558,11 @@ impl LockStore {
     /// Decides `request` on the current lock and writes the result under the
     /// read `resourceVersion`, again and again while other clients win the
     /// race. A refusal from the rules is returned as is.
-    pub async fn apply(&self, environment: &str, request: &Request) -> Result<Applied, Error> {
+    pub async fn apply(
+        &self,
+        environment: &Environment,
+        request: &Request,
+    ) -> Result<Applied, Error> {
         self.try_apply(environment, request)
             .await?
             .map_err(|refused| Error::Refused(refused.refusal))
@@ -559,16 +571,20 @@ impl LockStore {
     /// `apply`, with a refusal returned beside the lock it was decided on.
     pub async fn try_apply(
         &self,
-        environment: &str,
+        environment: &Environment,
         request: &Request,
     ) -> Result<Result<Applied, Refused>, Error> {
         for attempt in 1..=MAX_WRITE_ATTEMPTS {
             let observed = self.read(environment).await?;
-            let decision =
-                match rules::decide(environment, observed.spec(), observed.server_time, request) {
-                    Ok(decision) => decision,
-                    Err(refusal) => return Ok(Err(Refused { refusal, observed })),
-                };
+            let decision = match rules::decide(
+                environment.as_str(),
+                observed.spec(),
+                observed.server_time,
+                request,
+            ) {
+                Ok(decision) => decision,
+                Err(refusal) => return Ok(Err(Refused { refusal, observed })),
+            };
             let (next, outcome) = match decision {
                 Decision::Unchanged(why) => {
                     return Ok(Ok(Applied {
@@ -579,33 +595,13 @@ impl LockStore {
                 Decision::Change { next, action } => (next, Outcome::Transition(action)),
                 Decision::Queue { next } => (next, Outcome::QueueUpdated),
             };
-            let write = async {
-                match &observed.lock {
-                    None => {
-                        let lock = DeploymentLock::new(environment, next);
-                        self.api.create(&PostParams::default(), &lock).await
-                    }
-                    Some(current) => {
-                        let mut lock = current.clone();
-                        lock.spec = next;
-                        // `lock` carries the resourceVersion that was read: the
-                        // API server refuses the replace if anything changed since.
-                        self.api
-                            .replace(environment, &PostParams::default(), &lock)
-                            .await
-                    }
-                }
-            };
             // A write without an answer may or may not have happened: the
             // caller decides again on a fresh read (a retried acquire finds
             // its own holding, a retried release finds the lock free).
-            let written = match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
-                Ok(written) => written,
-                Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
-            };
+            let written = self.write(environment, observed.lock.as_ref(), next).await;
             match written {
                 Ok(lock) => {
-                    tracing::debug!(environment, ?outcome, attempt, "lock written");
+                    tracing::debug!(%environment, ?outcome, attempt, "lock written");
                     return Ok(Ok(Applied {
                         observed: Observed {
                             lock: Some(lock),
@@ -615,7 +611,7 @@ impl LockStore {
                     }));
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    tracing::debug!(environment, attempt, reason = %status.reason, "write conflict, deciding again");
+                    tracing::debug!(%environment, attempt, reason = %status.reason, "write conflict, deciding again");
                 }
                 // The admission policy's clock is the controller's clock
                 // Lease, a lower bound of the API server's time that the
@@ -636,7 +632,7 @@ impl LockStore {
                         && attempt < 6 =>
                 {
                     tracing::debug!(
-                        environment,
+                        %environment,
                         attempt,
                         message = %status.message,
                         "refused until the deploylock clock catches up"
@@ -648,6 +644,38 @@ impl LockStore {
             }
         }
         Err(Error::Contention(MAX_WRITE_ATTEMPTS))
+    }
+
+    /// The one conditional write of a lock: creates it when `current` is
+    /// `None` (refused with 409 AlreadyExists if another client created it
+    /// first), else replaces `current`'s spec with `next` under the
+    /// `resourceVersion` `current` was read at (409 Conflict if anything
+    /// changed since). Bounded by [`REQUEST_TIMEOUT`].
+    pub async fn write(
+        &self,
+        environment: &Environment,
+        current: Option<&DeploymentLock>,
+        next: DeploymentLockSpec,
+    ) -> Result<DeploymentLock, kube::Error> {
+        let write = async {
+            match current {
+                None => {
+                    let lock = DeploymentLock::new(environment.as_str(), next);
+                    self.api.create(&PostParams::default(), &lock).await
+                }
+                Some(current) => {
+                    let mut lock = current.clone();
+                    lock.spec = next;
+                    self.api
+                        .replace(environment.as_str(), &PostParams::default(), &lock)
+                        .await
+                }
+            }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, write).await {
+            Ok(written) => written,
+            Err(elapsed) => Err(kube::Error::Service(Box::new(elapsed))),
+        }
     }
 
     /// Returns at the first change of the lock after `observed`, or at
@@ -671,7 +699,7 @@ impl LockStore {
     /// first). The API server ends a watch after a few minutes.
     pub async fn watch(
         &self,
-        environment: &str,
+        environment: &Environment,
         resource_version: &str,
     ) -> Result<BoxStream<'static, Result<WatchEvent<DeploymentLock>, kube::Error>>, Error> {
         let params = WatchParams::default()
@@ -695,7 +723,7 @@ impl LockStore {
     /// `on_held` is called each time a different holder is seen.
     pub async fn wait_until_free(
         &self,
-        environment: &str,
+        environment: &Environment,
         deadline: Option<Instant>,
         mut on_held: impl FnMut(&Observed),
     ) -> Result<Observed, Error> {
@@ -742,34 +770,9 @@ mod tests {
             "spec": {
                 "environment": name,
                 "fencingToken": 1,
-                "holder": {
-                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
-                    "user": "alice",
-                    "owner": "alice",
-                    "type": "manual",
-                    "reason": "Deploying version 1.0.0",
-                    "acquiredAt": "2030-01-01T00:00:00Z",
-                    "expiresAt": "2030-01-01T00:30:00Z",
-                    "durationSeconds": 1800
-                },
-                "queue": [{
-                    "id": "w1",
-                    "user": "bob",
-                    "owner": "bob",
-                    "reason": "next",
-                    "since": "2030-01-01T00:01:00Z",
-                    "heartbeatAt": "2030-01-01T00:01:00Z"
-                }],
-                "history": [{
-                    "sequence": 1,
-                    "action": "Acquired",
-                    "at": "2030-01-01T00:00:00Z",
-                    "lockId": "5f0c2c1e-1111-4222-8333-944455556666",
-                    "by": "alice",
-                    "owner": "alice",
-                    "reason": "Deploying version 1.0.0",
-                    "expiresAt": "2030-01-01T00:30:00Z"
-                }]
+                "holder": crate::testdata::holder(""),
+                "queue": [crate::testdata::waiter("")],
+                "history": [crate::testdata::acquired_entry("")]
             },
             "status": {
                 "state": "Locked",

@@ -15,3 +15,106 @@ fn committed_crd_matches_the_rust_types() {
         CRD_MANIFEST_PATH
     );
 }
+
+/// The schema's bounds are the Rust constants the CLI checks input against:
+/// a bound changed on one side only fails here.
+#[test]
+fn schema_bounds_are_the_rust_constants() {
+    use deploylock::crd::{
+        DeploymentLock, MAX_DURATION_SECONDS, MAX_ENVIRONMENT_LEN, MAX_HISTORY_ENTRIES, MAX_ID_LEN,
+        MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN, MAX_NAME_LEN,
+        MAX_QUEUE_ENTRIES, MAX_REASON_LEN, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS,
+    };
+    use deploylock::environment::{DNS_LABEL_PATTERN, MAX_DNS_LABEL_LEN};
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    let crd = serde_json::to_value(DeploymentLock::crd())
+        .unwrap_or_else(|err| panic!("cannot serialize the CRD: {err}"));
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let at = |pointer: &str| -> &Value {
+        spec.pointer(pointer)
+            .unwrap_or_else(|| panic!("the schema has no {pointer}"))
+    };
+    let holder = "/properties/holder/properties";
+    let waiter = "/properties/queue/items/properties";
+    let entry = "/properties/history/items/properties";
+    let overrode = "/properties/holder/properties/overrode/properties";
+    let bounds: Vec<(String, Value)> = vec![
+        (
+            "/properties/environment/maxLength".into(),
+            json!(MAX_ENVIRONMENT_LEN),
+        ),
+        (
+            "/properties/environment/pattern".into(),
+            json!(DNS_LABEL_PATTERN),
+        ),
+        (
+            "/properties/fencingToken/maximum".into(),
+            json!(MAX_SAFE_INTEGER),
+        ),
+        (
+            "/properties/queue/maxItems".into(),
+            json!(MAX_QUEUE_ENTRIES),
+        ),
+        (
+            "/properties/history/maxItems".into(),
+            json!(MAX_HISTORY_ENTRIES),
+        ),
+        (format!("{holder}/lockId/maxLength"), json!(MAX_ID_LEN)),
+        (format!("{holder}/user/maxLength"), json!(MAX_NAME_LEN)),
+        (format!("{holder}/owner/maxLength"), json!(MAX_NAME_LEN)),
+        (
+            format!("{holder}/deploymentId/maxLength"),
+            json!(MAX_NAME_LEN),
+        ),
+        (format!("{holder}/reason/maxLength"), json!(MAX_REASON_LEN)),
+        (
+            format!("{holder}/durationSeconds/minimum"),
+            json!(MIN_DURATION_SECONDS),
+        ),
+        (
+            format!("{holder}/durationSeconds/maximum"),
+            json!(MAX_DURATION_SECONDS),
+        ),
+        (
+            format!("{holder}/metadata/maxProperties"),
+            json!(MAX_METADATA_ENTRIES),
+        ),
+        (
+            format!("{holder}/metadata/additionalProperties/maxLength"),
+            json!(MAX_METADATA_VALUE_LEN),
+        ),
+        (format!("{overrode}/lockId/maxLength"), json!(MAX_ID_LEN)),
+        (
+            format!("{overrode}/reason/maxLength"),
+            json!(MAX_REASON_LEN),
+        ),
+        (format!("{waiter}/id/maxLength"), json!(MAX_ID_LEN)),
+        (format!("{waiter}/owner/maxLength"), json!(MAX_NAME_LEN)),
+        (format!("{waiter}/reason/maxLength"), json!(MAX_REASON_LEN)),
+        (format!("{entry}/lockId/maxLength"), json!(MAX_ID_LEN)),
+        (format!("{entry}/by/maxLength"), json!(MAX_NAME_LEN)),
+        (format!("{entry}/reason/maxLength"), json!(MAX_REASON_LEN)),
+        (format!("{entry}/sequence/maximum"), json!(MAX_SAFE_INTEGER)),
+    ];
+    for (pointer, expected) in &bounds {
+        let found = at(pointer);
+        // schemars writes integer bounds as floats (2^53-1 is exact in both).
+        match (found.as_f64(), expected.as_f64()) {
+            (Some(found), Some(expected)) => assert_eq!(found, expected, "schema {pointer}"),
+            _ => assert_eq!(found, expected, "schema {pointer}"),
+        }
+    }
+    // The CEL rule on metadata keys spells its bound as a literal.
+    let rule = at(&format!(
+        "{holder}/metadata/x-kubernetes-validations/0/rule"
+    ));
+    let rule = rule.as_str().unwrap_or_default();
+    assert!(
+        rule.contains(&format!("k.size() <= {MAX_METADATA_KEY_LEN} ")),
+        "metadata key rule: {rule}"
+    );
+    // An environment is the object's name: a DNS-1123 label.
+    assert_eq!(MAX_ENVIRONMENT_LEN, MAX_DNS_LABEL_LEN);
+}

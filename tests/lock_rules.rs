@@ -355,6 +355,105 @@ fn maintenance_window_cannot_be_extended_after_it_expired() {
     );
 }
 
+fn renew(actor: &Actor, duration: Duration) -> Request {
+    Request::Renew {
+        actor: actor.clone(),
+        duration,
+    }
+}
+
+/// The seed's recovery for "lock expired during operation": `acquire
+/// --extend` renews one's own expired holding while it is still the lock's.
+#[test]
+fn an_expired_holding_nobody_took_over_is_renewed_by_its_holder() {
+    let ops = platform_team();
+    let spec = maintenance_window(&ops);
+    let expiry = holder(&spec).expires_at;
+    let later = expiry + Duration::minutes(10);
+
+    let (renewed, action) = change(Some(&spec), later, &renew(&ops, Duration::hours(1)));
+    assert_eq!(action, HistoryAction::Extended);
+    assert_eq!(holder(&renewed).lock_id, holder(&spec).lock_id);
+    assert_eq!(renewed.fencing_token, spec.fencing_token);
+    assert_eq!(holder(&renewed).expires_at, later + Duration::hours(1));
+    assert_eq!(
+        last_entry(&renewed).expires_at,
+        Some(later + Duration::hours(1))
+    );
+    assert_eq!(last_entry(&renewed).action, HistoryAction::Extended);
+
+    // Someone else cannot renew it, and plain extend still refuses.
+    let bob = person("bob");
+    assert!(matches!(
+        refusal(Some(&spec), later, &renew(&bob, Duration::hours(1))),
+        Refusal::NotHolder(_)
+    ));
+    assert_eq!(
+        refusal(Some(&spec), later, &extend(&ops, Duration::hours(1), None)),
+        Refusal::ExpiredCannotExtend(Box::new(holder(&spec).clone()))
+    );
+    // While in force, renew is extend.
+    let (extended, _) = change(
+        Some(&spec),
+        expiry - nanos(1),
+        &renew(&ops, Duration::hours(2)),
+    );
+    assert_eq!(
+        holder(&extended).expires_at,
+        expiry - nanos(1) + Duration::hours(2)
+    );
+}
+
+#[test]
+fn an_expired_holding_is_not_renewed_past_waiters_or_after_a_takeover() {
+    let ops = platform_team();
+    let spec = maintenance_window(&ops);
+    let expiry = holder(&spec).expires_at;
+    let bob = person("bob");
+    let queued = queue_change(
+        &spec,
+        expiry - Duration::seconds(1),
+        &join(&bob, "bob-waits", false),
+    );
+    assert!(matches!(
+        refusal(
+            Some(&queued),
+            expiry + Duration::seconds(1),
+            &renew(&ops, Duration::hours(1))
+        ),
+        Refusal::QueuedBehind { waiting: 1, .. }
+    ));
+
+    // Taken over: the holding is no longer the caller's.
+    let (taken, _) = change(
+        Some(&spec),
+        expiry + Duration::minutes(1),
+        &acquire(&bob, "lock-b", Duration::minutes(30)),
+    );
+    assert!(matches!(
+        refusal(
+            Some(&taken),
+            expiry + Duration::minutes(2),
+            &renew(&ops, Duration::hours(1))
+        ),
+        Refusal::NotHolder(_)
+    ));
+    // Cleared by the controller: nothing to renew.
+    let (cleared, _) = change(
+        Some(&spec),
+        expiry + Duration::hours(2),
+        &clear(&holder(&spec).lock_id.clone(), Duration::hours(1)),
+    );
+    assert_eq!(
+        refusal(
+            Some(&cleared),
+            expiry + Duration::hours(2),
+            &renew(&ops, Duration::hours(1))
+        ),
+        Refusal::NotHeld
+    );
+}
+
 #[test]
 fn extend_never_shortens_the_expiry() {
     let ops = platform_team();
@@ -1265,6 +1364,7 @@ fn requester(request: &Request) -> &Actor {
         Request::Release { actor, .. }
         | Request::ForceRelease { actor, .. }
         | Request::Extend { actor, .. }
+        | Request::Renew { actor, .. }
         | Request::Clear { actor, .. }
         | Request::JoinQueue { actor, .. } => actor,
         Request::LeaveQueue { .. } => panic!("no queue requests are generated here"),
@@ -1378,8 +1478,8 @@ fn expected_outcomes(
             }
             Some(_) => Ok(Outcome::Change(HistoryAction::Cleared)),
         }],
-        Request::JoinQueue { .. } | Request::LeaveQueue { .. } => {
-            panic!("no queue requests are generated here")
+        Request::JoinQueue { .. } | Request::LeaveQueue { .. } | Request::Renew { .. } => {
+            panic!("no queue or renew requests are generated here")
         }
     }
 }

@@ -5,7 +5,8 @@
 //! reconciles and writes the clock.
 //!
 //! SIGTERM or SIGINT stop it within [`SHUTDOWN_BOUND`] in every state
-//! (typically well under a second): reconciles get [`DRAIN`] to finish, the
+//! (typically well under a second): reconciles get
+//! [`deploylock::controller::replica::DRAIN`] to finish, the
 //! Lease is released meanwhile (so a standby takes over at once), and a
 //! watchdog thread ends the process at the bound whatever the rest does.
 
@@ -13,30 +14,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::Client;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use deploylock::controller::clock::ClockWriter;
-use deploylock::controller::leader::{self, Elector, Leadership, Timing};
-use deploylock::controller::{self, Context, Settings, metrics::Metrics, server};
-use deploylock::servertime::ServerClock;
-use deploylock::store::{LockStore, client_from};
+use deploylock::controller::leader::Timing;
+use deploylock::controller::replica::Replica;
+use deploylock::controller::{self, metrics::Metrics, server};
+use deploylock::error::ConfigError;
+use deploylock::store::{client_from, load_config};
 
 /// From SIGTERM/SIGINT to the end of the process, at the latest.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(10);
-/// How long in-flight reconciles may go on after a stop.
-const DRAIN: Duration = Duration::from_secs(3);
-/// How long the Lease release may take after a stop.
-const RELEASE_BOUND: Duration = Duration::from_secs(5);
-/// How often the API server's clock is measured again.
-const RECALIBRATE_EVERY: Duration = Duration::from_secs(30);
-
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -149,17 +142,13 @@ fn default_identity() -> String {
 async fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    if let Err(message) = args.timing().validate() {
-        tracing::error!("{message}");
-        return ExitCode::from(2);
-    }
     let (stop_sender, stop) = watch::channel(false);
     tokio::spawn(on_signals(stop_sender));
     match run(args, stop).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            tracing::error!("{message}");
-            ExitCode::FAILURE
+        Err(err) => {
+            tracing::error!("{err}");
+            err.exit_code()
         }
     }
 }
@@ -194,59 +183,44 @@ async fn on_signals(stop: watch::Sender<bool>) {
     std::process::exit(1);
 }
 
-/// The client, with every connection's silence bounded (kube's default has
-/// no read timeout: a dead connection would hang a watch for ever).
-async fn build_client(args: &Args) -> Result<Client, String> {
-    let options = KubeConfigOptions {
-        context: args.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(path)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &options)
-                .await
-                .map_err(|err| err.to_string())?
-        }
-        None if args.context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|err| err.to_string())?,
-        None => Config::infer().await.map_err(|err| err.to_string())?,
-    };
-    config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(controller::READ_TIMEOUT);
-    config.write_timeout = Some(Duration::from_secs(10));
-    client_from(config).map_err(|err| err.to_string())
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+enum ControllerError {
+    #[error("invalid leader-election timing: {0}")]
+    Timing(String),
+    #[error("cannot load the Kubernetes configuration: {0}")]
+    Config(#[source] ConfigError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Retries `attempt` (with a short backoff) until it succeeds or a stop is
-/// requested (`None`).
-async fn until_stopped<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
-    what: &str,
-    stop: &mut watch::Receiver<bool>,
-    mut attempt: impl FnMut() -> F,
-) -> Option<T> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        tokio::select! {
-            result = tokio::time::timeout(Duration::from_secs(10), attempt()) => match result {
-                Ok(Ok(value)) => return Some(value),
-                Ok(Err(err)) => tracing::warn!(error = %err, "{what} failed; retrying"),
-                Err(_) => tracing::warn!("{what} timed out; retrying"),
-            },
-            _ = stop.wait_for(|stopped| *stopped) => return None,
+impl ControllerError {
+    /// 2 for a bad setting (like a usage error), 1 for the rest.
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            ControllerError::Timing(_) => ExitCode::from(2),
+            ControllerError::Config(_) | ControllerError::Listen { .. } => ExitCode::FAILURE,
         }
-        tokio::select! {
-            _ = tokio::time::sleep(leader::jitter(delay)) => {}
-            _ = stop.wait_for(|stopped| *stopped) => return None,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> {
-    let client = build_client(&args).await?;
+/// The client, with every connection's silence bounded (kube's default has
+/// no read timeout: a dead connection would hang a watch for ever).
+async fn build_client(args: &Args) -> Result<Client, ConfigError> {
+    let mut config = load_config(args.kubeconfig.as_deref(), args.context.clone()).await?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(controller::READ_TIMEOUT);
+    config.write_timeout = Some(Duration::from_secs(10));
+    Ok(client_from(config)?)
+}
+
+async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
+    args.timing().validate().map_err(ControllerError::Timing)?;
+    let client = build_client(&args).await.map_err(ControllerError::Config)?;
     let metrics = Metrics::shared();
     let ready = Arc::new(AtomicBool::new(false));
     let bound = server::serve(
@@ -257,118 +231,29 @@ async fn run(args: Args, mut stop: watch::Receiver<bool>) -> Result<(), String> 
         },
     )
     .await
-    .map_err(|err| format!("cannot listen on {}: {err}", args.metrics_addr))?;
+    .map_err(|source| ControllerError::Listen {
+        address: args.metrics_addr,
+        source,
+    })?;
     tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz");
 
-    let store = LockStore::new(client.clone(), "default");
-    let Some(user) = until_stopped("asking the API server who I am", &mut stop, || {
-        store.whoami()
-    })
-    .await
-    else {
-        tracing::info!("stopped before starting");
-        return Ok(());
-    };
-    let Some(clock) = until_stopped("reading the API server's clock", &mut stop, || {
-        ServerClock::new(client.clone())
-    })
-    .await
-    else {
-        tracing::info!("stopped before starting");
-        return Ok(());
-    };
-    let calibration = tokio::spawn(clock.clone().keep_calibrated(RECALIBRATE_EVERY));
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
-    ready.store(true, Ordering::Relaxed);
-
-    let (leadership_sender, mut leadership) = watch::channel(Leadership::Follower);
-    let elector = Elector {
-        api: Api::namespaced(client.clone(), &args.lease_namespace),
-        name: args.lease_name.clone(),
-        identity: identity.clone(),
+    let replica = Replica {
+        client,
+        metrics,
+        ready,
+        identity: args.identity.clone().unwrap_or_else(default_identity),
+        namespace: args.namespace.clone(),
+        lease_name: args.lease_name.clone(),
         timing: args.timing(),
-        clock: clock.clone(),
+        clock_lease_name: args.clock_lease_name.clone(),
+        clock_lease_namespace: args
+            .clock_lease_namespace
+            .clone()
+            .unwrap_or_else(|| args.lease_namespace.clone()),
+        lease_namespace: args.lease_namespace,
+        retention: args.retention,
+        gitops_gating: args.gitops_gating,
     };
-    let mut election = tokio::spawn(elector.run(leadership_sender, stop.clone()));
-    let clock_namespace = args
-        .clock_lease_namespace
-        .clone()
-        .unwrap_or_else(|| args.lease_namespace.clone());
-
-    loop {
-        tokio::select! {
-            gained = leader::gained(&mut leadership) => if !gained { break },
-            _ = stop.wait_for(|stopped| *stopped) => break,
-        }
-        tracing::info!(identity, "leading; reconciling");
-        // This term ends on a stop or when leadership is lost.
-        let (term_sender, term) = watch::channel(false);
-        {
-            let mut stop = stop.clone();
-            let leadership = leadership.clone();
-            let term_sender = term_sender.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.wait_for(|stopped| *stopped) => {}
-                    _ = leader::lost(leadership) => {}
-                    _ = term_sender.closed() => {}
-                }
-                let _ = term_sender.send(true);
-            });
-        }
-        let clock_lease = ClockWriter {
-            api: Api::namespaced(client.clone(), &clock_namespace),
-            name: args.clock_lease_name.clone(),
-            identity: identity.clone(),
-            clock: clock.clone(),
-        }
-        .spawn(term.clone());
-        if args.gitops_gating {
-            let gating = controller::gitops::GitOpsGating {
-                client: client.clone(),
-                namespace: args.namespace.clone(),
-                instance: identity.clone(),
-                clock: clock.clone(),
-            };
-            tokio::spawn(gating.run(term.clone()));
-        }
-        let context = Arc::new(Context::new(
-            client.clone(),
-            metrics.clone(),
-            Settings {
-                retention: args.retention,
-                instance: identity.clone(),
-            },
-            clock.clone(),
-            clock_lease,
-            user.clone(),
-        ));
-        let drained = {
-            let mut term = term.clone();
-            async move {
-                let _ = term.wait_for(|ended| *ended).await;
-                tokio::time::sleep(DRAIN).await;
-            }
-        };
-        tokio::select! {
-            _ = controller::run(args.namespace.clone(), context, term.clone()) => {}
-            _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
-        }
-        let _ = term_sender.send(true);
-        if *stop.borrow() {
-            break;
-        }
-        tracing::warn!("lost leadership: stopped reconciling; rejoining the election");
-    }
-
-    // The elector releases the Lease on the stop (in parallel with the drain).
-    match tokio::time::timeout(RELEASE_BOUND, &mut election).await {
-        Ok(_) => tracing::info!("stopped"),
-        Err(_) => {
-            election.abort();
-            tracing::warn!("stopped without confirming the Lease release");
-        }
-    }
-    calibration.abort();
+    replica.run(stop).await;
     Ok(())
 }

@@ -7,46 +7,27 @@ use chrono::Duration;
 use serde_json::Value;
 
 use crate::crd::{
-    MAX_DURATION_SECONDS, MAX_ENVIRONMENT_LEN, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN,
-    MAX_METADATA_VALUE_LEN, MAX_NAME_LEN, MAX_REASON_LEN, MIN_DURATION_SECONDS,
+    MAX_DURATION_SECONDS, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN,
+    MAX_NAME_LEN, MAX_REASON_LEN, MIN_DURATION_SECONDS,
 };
-
-/// Longest DNS-1123 label (a namespace name).
-const MAX_LABEL_LEN: usize = 63;
-
-/// A DNS-1123 label of at most `max` characters: lowercase letters, digits
-/// and '-', starting and ending with a letter or digit.
-fn is_dns_label(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
+use crate::environment::{Environment, InvalidEnvironment, MAX_DNS_LABEL_LEN, is_dns_label};
 
 /// A namespace is a DNS-1123 label. It becomes part of every request's path,
 /// so anything else (`../kube-system`, `BAD NS`) is refused before a request.
 pub fn namespace(name: &str) -> Result<String, String> {
-    if is_dns_label(name, MAX_LABEL_LEN) {
+    if is_dns_label(name) {
         Ok(name.to_string())
     } else {
         Err(format!(
-            "invalid namespace {name:?}: a namespace is a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most {MAX_LABEL_LEN} characters"
+            "invalid namespace {name:?}: a namespace is a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most {MAX_DNS_LABEL_LEN} characters"
         ))
     }
 }
 
 /// An environment name must be a DNS-1123 label: it is the object's name.
-pub fn environment(name: &str) -> Result<String, String> {
-    if is_dns_label(name, MAX_ENVIRONMENT_LEN) {
-        Ok(name.to_string())
-    } else {
-        Err(format!(
-            "invalid environment {name:?}: use lowercase letters, digits and '-', starting and ending with a letter or digit, at most {MAX_ENVIRONMENT_LEN} characters (e.g. production)"
-        ))
-    }
+pub fn environment(name: &str) -> Result<Environment, String> {
+    name.parse()
+        .map_err(|err: InvalidEnvironment| err.to_string())
 }
 
 /// `--duration`: a bare number is minutes (the seed's unit); `90m`, `2h`,
@@ -183,8 +164,9 @@ mod tests {
 
     #[test]
     fn environments_are_dns_labels() {
-        assert_eq!(environment("production"), Ok("production".into()));
-        assert_eq!(environment("eu-west-1"), Ok("eu-west-1".into()));
+        let parsed = |name: &str| environment(name).map(|env| env.to_string());
+        assert_eq!(parsed("production"), Ok("production".into()));
+        assert_eq!(parsed("eu-west-1"), Ok("eu-west-1".into()));
         for bad in [
             "Bad Name!",
             "",

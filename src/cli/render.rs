@@ -306,11 +306,22 @@ fn short_span(span: chrono::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdata;
 
     /// A lock as a hostile client could store it: every user-written string
     /// carries terminal escapes or bidi overrides.
     fn hostile_lock() -> DeploymentLock {
         let evil = "\u{1b}]8;;http://evil\u{7}click\u{1b}]8;;\u{7}\u{1b}[2J\u{202e}txt.exe";
+        let mut holder = testdata::holder(evil);
+        holder["reason"] = format!("reason{evil}\nsecond line").into();
+        holder["deploymentId"] = format!("deploy{evil}").into();
+        holder["metadata"] = serde_json::json!({ "key": format!("value{evil}") });
+        holder["overrode"] = serde_json::json!({
+            "lockId": format!("old{evil}"),
+            "user": "u",
+            "owner": format!("oldowner{evil}"),
+            "reason": format!("oldreason{evil}")
+        });
         let object = serde_json::json!({
             "apiVersion": "deploylock.dev/v1",
             "kind": "DeploymentLock",
@@ -318,42 +329,9 @@ mod tests {
             "spec": {
                 "environment": "production",
                 "fencingToken": 3,
-                "holder": {
-                    "lockId": format!("id{evil}"),
-                    "user": format!("user{evil}"),
-                    "owner": format!("owner{evil}"),
-                    "type": "manual",
-                    "reason": format!("reason{evil}\nsecond line"),
-                    "acquiredAt": "2030-01-01T00:00:00Z",
-                    "expiresAt": "2030-01-01T00:30:00Z",
-                    "durationSeconds": 1800,
-                    "deploymentId": format!("deploy{evil}"),
-                    "metadata": { "key": format!("value{evil}") },
-                    "overrode": {
-                        "lockId": format!("old{evil}"),
-                        "user": "u",
-                        "owner": format!("oldowner{evil}"),
-                        "reason": format!("oldreason{evil}")
-                    }
-                },
-                "queue": [{
-                    "id": "w1",
-                    "user": "carol",
-                    "owner": format!("waiter{evil}"),
-                    "reason": format!("waiting{evil}"),
-                    "since": "2030-01-01T00:01:00Z",
-                    "heartbeatAt": "2030-01-01T00:01:00Z"
-                }],
-                "history": [{
-                    "sequence": 1,
-                    "action": "Acquired",
-                    "at": "2030-01-01T00:00:00Z",
-                    "lockId": format!("id{evil}"),
-                    "by": format!("by{evil}"),
-                    "owner": format!("owner{evil}"),
-                    "reason": format!("reason{evil}"),
-                    "expiresAt": "2030-01-01T00:30:00Z"
-                }]
+                "holder": holder,
+                "queue": [testdata::waiter(evil)],
+                "history": [testdata::acquired_entry(evil)]
             }
         });
         match serde_json::from_value(object) {

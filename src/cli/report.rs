@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 
 use crate::crd::LockHolder;
+use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::Refusal;
 use crate::store::MalformedLock;
@@ -66,21 +67,66 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// The exit code table shown in `--help` and the README.
-pub const EXIT_CODES_HELP: &str = "\
-Exit codes:
-  0  success
-  1  unexpected failure, or a malformed lock (list: one was skipped)
-  2  invalid input (nothing was changed)
-  3  the lock is held by someone else
-  4  --wait-timeout passed before the lock became free
-  5  not the holder, or forbidden by the API server
-  6  cluster unreachable or not configured, the CRD is not installed, or no
-     answer from the API server within 10 s (waiting actions retry until --wait-timeout)
-  7  your holding is over (taken over, force-released or expired)
-  8  exec: the command ended but the lock could not be released (it expires on its own)
-  130  interrupted (SIGINT, SIGTERM, SIGHUP) before the command ran, or any other action interrupted
-exec exits with the command's own code once the lock is held.";
+/// Every exit code and its meaning, in order: `--help` shows them
+/// ([`exit_codes_help`]) and a test holds the README's table to them.
+pub const EXIT_CODES: &[(Exit, &str)] = &[
+    (Exit::Success, "success"),
+    (
+        Exit::Failure,
+        "unexpected failure; also: the lock is malformed (stored, but undecodable), or `list` skipped a malformed lock",
+    ),
+    (
+        Exit::InvalidInput,
+        "invalid input: bad flag, name, namespace, duration, metadata; nothing was changed",
+    ),
+    (
+        Exit::Held,
+        "the lock is held by someone else (the message says who, since when, until when, why)",
+    ),
+    (
+        Exit::WaitTimeout,
+        "`--wait-timeout` passed before the lock became free",
+    ),
+    (
+        Exit::Forbidden,
+        "not the holder, or the API server forbade the request",
+    ),
+    (
+        Exit::Unreachable,
+        "cluster unreachable or not configured, the CRD is not installed, or no answer from the API server within 10 s (waiters: a fault that outlasted `--wait-timeout`)",
+    ),
+    (
+        Exit::LockLost,
+        "your holding is over (taken over, force-released or expired); `exec`: lost while the command ran, or stopped because no renewal succeeded before the holding could expire",
+    ),
+    (
+        Exit::NotReleased,
+        "`exec`: the command ended but the lock could not be released; it stays held until it expires",
+    ),
+    (
+        Exit::Interrupted,
+        "interrupted (Ctrl-C, SIGTERM, SIGHUP) while connecting, acquiring or waiting, or any other action interrupted",
+    ),
+];
+
+/// The exit code table shown after `deploylock --help`.
+pub fn exit_codes_help() -> String {
+    let mut help = String::from("Exit codes:\n");
+    for (exit, meaning) in EXIT_CODES {
+        help.push_str(&format!("  {:>3}  {meaning}\n", exit.code()));
+    }
+    help.push_str("exec exits with the command's own code once the lock is held.");
+    help
+}
+
+/// The README's exit code table, as [`EXIT_CODES`] makes it.
+pub fn exit_codes_markdown() -> String {
+    let mut table = String::from("| code | meaning |\n|---|---|\n");
+    for (exit, meaning) in EXIT_CODES {
+        table.push_str(&format!("| {} | {meaning} |\n", exit.code()));
+    }
+    table
+}
 
 /// Formats a time with how far it is from the server's now.
 pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
@@ -98,26 +144,12 @@ pub fn when(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
     }
 }
 
-fn describe_holder(holder: &LockHolder, now: DateTime<Utc>) -> String {
-    let who = if holder.owner == holder.user {
-        holder.owner.clone()
-    } else {
-        format!("{} (user {})", holder.owner, holder.user)
-    };
-    format!(
-        "{who} since {} until {}, reason: \"{}\"",
-        holder.acquired_at.format("%Y-%m-%dT%H:%M:%SZ"),
-        when(holder.expires_at, now),
-        holder.reason
-    )
-}
-
 /// The message (one or two lines) and exit code for an error. Every line is
 /// escaped as a whole: owners, reasons and names come from other clients or
 /// from the API server, and none may drive the reader's terminal.
-pub fn describe(err: &Error, environment: &str, now: DateTime<Utc>) -> (String, Exit) {
-    let (lines, exit) = describe_lines(err, environment, now);
-    (safe_lines(&lines), exit)
+pub fn describe(err: &Error, environment: &Environment, now: DateTime<Utc>) -> (String, Exit) {
+    let lines = describe_lines(err, environment, now);
+    (safe_lines(&lines), exit_for(err))
 }
 
 /// Lines escaped one by one, then joined: the only line breaks are ours.
@@ -147,206 +179,198 @@ pub fn skipped_malformed(malformed: &MalformedLock) -> String {
     ))
 }
 
-fn describe_lines(err: &Error, environment: &str, now: DateTime<Utc>) -> (Vec<String>, Exit) {
-    let env = environment;
+/// The exit code of an error: the one place that decides it.
+pub fn exit_for(err: &Error) -> Exit {
     match err {
         Error::Refused(refusal) => match refusal {
-            Refusal::HeldByOther(holder) => (
-                vec![
-                    format!("{env} is locked by {}", describe_holder(holder, now)),
-                    format!(
-                        "wait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`"
-                    ),
-                ],
-                Exit::Held,
-            ),
-            Refusal::AlreadyHeldByYou(holder) => (
-                vec![
-                    format!(
-                        "you already hold {env} as {} (user {}, lock ID {}) until {}, reason: \"{}\"",
-                        holder.owner,
-                        holder.user,
-                        holder.lock_id,
-                        when(holder.expires_at, now),
-                        holder.reason
-                    ),
-                    format!(
-                        "extend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`"
-                    ),
-                ],
-                Exit::Held,
-            ),
-            Refusal::EmergencyLockInForce(holder) => (
-                vec![
-                    format!(
-                        "{env} is force-locked (emergency) by {}",
-                        describe_holder(holder, now)
-                    ),
-                    format!(
-                        "it must be released first: `deploylock force-release -e {env} --reason ...`"
-                    ),
-                ],
-                Exit::Held,
-            ),
-            Refusal::NotHolder(holder) => (
-                vec![
-                    format!(
-                        "{env} is held by {}, not by you: only the holder can release or extend it",
-                        describe_holder(holder, now)
-                    ),
-                    format!(
-                        "to take it away use `deploylock force-release -e {env} --reason ...`"
-                    ),
-                ],
-                Exit::Forbidden,
-            ),
-            Refusal::LockLost {
-                expected_lock_id,
-                current,
-            } => {
-                let now_held = match current {
-                    Some(holder) => format!("it is now held by {}", describe_holder(holder, now)),
-                    None => "it is now available".to_string(),
-                };
-                (
-                    vec![format!(
-                        "your holding {expected_lock_id} of {env} is over: {now_held}"
-                    )],
-                    Exit::LockLost,
-                )
-            }
-            Refusal::NotHeld => (
-                vec![
-                    format!("{env} is not locked: nothing to extend"),
-                    format!("acquire it with `deploylock acquire -e {env} --reason ...`"),
-                ],
-                Exit::Forbidden,
-            ),
-            Refusal::ExpiredCannotExtend(holder) => (
-                vec![
-                    format!(
-                        "your lock on {env} expired at {}: it can no longer be extended",
-                        when(holder.expires_at, now)
-                    ),
-                    format!("acquire it again with `deploylock acquire -e {env} --reason ...`"),
-                ],
-                Exit::LockLost,
-            ),
-            Refusal::ReasonRequired => (
-                vec!["a reason is required: add --reason \"...\"".to_string()],
-                Exit::InvalidInput,
-            ),
-            Refusal::QueuedBehind { next, waiting } => (
-                vec![
-                    format!(
-                        "{env} is free but {waiting} client(s) are waiting for it; next is {} (waiting since {}), reason: \"{}\"",
-                        next.owner,
-                        when(next.since, now),
-                        next.reason
-                    ),
-                    format!(
-                        "join the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`"
-                    ),
-                ],
-                Exit::Held,
-            ),
-            Refusal::QueueFull => (
-                vec![format!("the wait queue of {env} is full: try again later")],
-                Exit::Held,
-            ),
-            Refusal::CounterExhausted => (
-                vec![format!(
-                    "the fencing token or history sequence of {env} reached its maximum (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"
-                )],
-                Exit::Failure,
-            ),
-            Refusal::DurationOutOfRange => (
-                vec!["duration is out of range: a lock lasts from 1 minute to 7 days".to_string()],
-                Exit::InvalidInput,
-            ),
+            Refusal::HeldByOther(_)
+            | Refusal::AlreadyHeldByYou(_)
+            | Refusal::EmergencyLockInForce(_)
+            | Refusal::QueuedBehind { .. }
+            | Refusal::QueueFull => Exit::Held,
+            Refusal::NotHolder(_) | Refusal::NotHeld => Exit::Forbidden,
+            Refusal::LockLost { .. } | Refusal::ExpiredCannotExtend(_) => Exit::LockLost,
+            Refusal::ReasonRequired | Refusal::DurationOutOfRange => Exit::InvalidInput,
+            Refusal::CounterExhausted => Exit::Failure,
         },
-        Error::InvalidInput(message) => (vec![message.clone()], Exit::InvalidInput),
-        Error::Rejected(message) => (
-            vec![format!("the API server rejected the lock: {message}")],
-            Exit::InvalidInput,
-        ),
-        Error::NamespaceNotFound(namespace) => (
-            vec![format!(
-                "namespace {namespace:?} does not exist: pick another with -n/--namespace"
-            )],
-            Exit::InvalidInput,
-        ),
-        Error::Config(message) => (
-            vec![format!(
-                "no usable Kubernetes configuration ({message}): set KUBECONFIG or pass --kubeconfig/--context"
-            )],
-            Exit::Unreachable,
-        ),
-        Error::Unreachable(message) => (
-            vec![format!(
-                "cannot reach the Kubernetes API server ({message}): check --kubeconfig/--context and that the cluster is up"
-            )],
-            Exit::Unreachable,
-        ),
-        Error::CrdNotInstalled => (
-            vec!["the DeploymentLock CRD is not installed in this cluster: install it with `make install` or `kubectl apply -f crds/`".to_string()],
-            Exit::Unreachable,
-        ),
-        Error::Unauthorized(message) => (
-            vec![format!(
-                "the API server did not accept your credentials ({message}): check your kubeconfig"
-            )],
-            Exit::Forbidden,
-        ),
-        Error::Forbidden(message) => {
+        Error::InvalidInput(_) | Error::Rejected(_) | Error::NamespaceNotFound { .. } => {
+            Exit::InvalidInput
+        }
+        Error::Config(_) | Error::Unreachable(_) | Error::CrdNotInstalled(_) => Exit::Unreachable,
+        Error::Unauthorized(_) | Error::Forbidden(_) => Exit::Forbidden,
+        Error::Contention(_) | Error::Malformed(_) | Error::Api(_) => Exit::Failure,
+        Error::WaitTimedOut(_) => Exit::WaitTimeout,
+        Error::Interrupted => Exit::Interrupted,
+    }
+}
+
+/// " (user U)" when the holder's label is not its identity.
+fn user_note(holder: &LockHolder) -> String {
+    if holder.owner == holder.user {
+        String::new()
+    } else {
+        format!(" (user {})", holder.user)
+    }
+}
+
+/// "since … until …, reason: …" of a holding.
+fn held_since(holder: &LockHolder, now: DateTime<Utc>) -> String {
+    format!(
+        "since {} until {}, reason: \"{}\"",
+        holder.acquired_at.format("%Y-%m-%dT%H:%M:%SZ"),
+        when(holder.expires_at, now),
+        holder.reason
+    )
+}
+
+/// "owner (user U) since … until …, reason: …" of a holding.
+fn holding(holder: &LockHolder, now: DateTime<Utc>) -> String {
+    format!(
+        "{}{} {}",
+        holder.owner,
+        user_note(holder),
+        held_since(holder, now)
+    )
+}
+
+/// A refusal's lines: its one wording (`Refusal`'s Display) for the
+/// environment, what the refusal names (relative to the server's now), and
+/// what to do next. One arm per refusal, side by side on purpose (so it is
+/// a little over the usual length).
+fn refusal_lines(refusal: &Refusal, env: &Environment, now: DateTime<Utc>) -> Vec<String> {
+    let headline = format!("{env}: {refusal}");
+    match refusal {
+        Refusal::HeldByOther(holder) => vec![
+            format!(
+                "{headline}{} {}",
+                user_note(holder),
+                held_since(holder, now)
+            ),
+            format!(
+                "wait for it with `deploylock wait -e {env}`, or override with `deploylock force-release -e {env} --reason ...`"
+            ),
+        ],
+        Refusal::AlreadyHeldByYou(holder) => vec![
+            format!(
+                "{headline} as {} (user {}, lock ID {}) until {}, reason: \"{}\"",
+                holder.owner,
+                holder.user,
+                holder.lock_id,
+                when(holder.expires_at, now),
+                holder.reason
+            ),
+            format!(
+                "extend it with `deploylock extend -e {env}` or release it with `deploylock release -e {env}`"
+            ),
+        ],
+        Refusal::EmergencyLockInForce(holder) => vec![
+            format!(
+                "{headline}{} {}",
+                user_note(holder),
+                held_since(holder, now)
+            ),
+            format!("it must be released first: `deploylock force-release -e {env} --reason ...`"),
+        ],
+        Refusal::NotHolder(holder) => vec![
+            format!(
+                "{headline}{} {}: only the holder can release or extend it",
+                user_note(holder),
+                held_since(holder, now)
+            ),
+            format!("to take it away use `deploylock force-release -e {env} --reason ...`"),
+        ],
+        Refusal::LockLost { current, .. } => {
+            let now_held = match current {
+                Some(holder) => format!("it is now held by {}", holding(holder, now)),
+                None => "it is now available".to_string(),
+            };
+            vec![format!("{headline}: {now_held}")]
+        }
+        Refusal::NotHeld => vec![
+            format!("{headline}: nothing to extend"),
+            format!("acquire it with `deploylock acquire -e {env} --reason ...`"),
+        ],
+        Refusal::ExpiredCannotExtend(holder) => vec![
+            format!(
+                "{headline} ({}): it can no longer be extended",
+                when(holder.expires_at, now)
+            ),
+            format!("acquire it again with `deploylock acquire -e {env} --reason ...`"),
+        ],
+        Refusal::ReasonRequired => vec![format!("{refusal}: add --reason \"...\"")],
+        Refusal::QueuedBehind { next, .. } => vec![
+            format!(
+                "{headline} (waiting since {}), reason: \"{}\"",
+                when(next.since, now),
+                next.reason
+            ),
+            format!(
+                "join the queue with `deploylock acquire -e {env} --wait-timeout SECONDS --reason ...`"
+            ),
+        ],
+        Refusal::QueueFull => vec![format!("{headline}: try again later")],
+        Refusal::CounterExhausted => vec![format!(
+            "{headline} (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"
+        )],
+        Refusal::DurationOutOfRange => {
+            vec![format!("{refusal}: a lock lasts from 1 minute to 7 days")]
+        }
+    }
+}
+
+fn describe_lines(err: &Error, environment: &Environment, now: DateTime<Utc>) -> Vec<String> {
+    let env = environment;
+    match err {
+        Error::Refused(refusal) => refusal_lines(refusal, env, now),
+        Error::InvalidInput(message) => vec![message.clone()],
+        Error::Rejected(failure) => {
+            vec![format!("the API server rejected the lock: {failure}")]
+        }
+        Error::NamespaceNotFound { namespace, .. } => vec![format!(
+            "namespace {namespace:?} does not exist: pick another with -n/--namespace"
+        )],
+        Error::Config(source) => vec![format!(
+            "no usable Kubernetes configuration ({source}): set KUBECONFIG or pass --kubeconfig/--context"
+        )],
+        Error::Unreachable(failure) => vec![format!(
+            "cannot reach the Kubernetes API server ({failure}): check --kubeconfig/--context and that the cluster is up"
+        )],
+        Error::CrdNotInstalled(_) => vec!["the DeploymentLock CRD is not installed in this cluster: install it with `make install` or `kubectl apply -f crds/`".to_string()],
+        Error::Unauthorized(failure) => vec![format!(
+            "the API server did not accept your credentials ({failure}): check your kubeconfig"
+        )],
+        Error::Forbidden(failure) => {
             // Keep the policy's own words, not the admission plumbing.
+            let message = failure.message.as_str();
             let reason = message
                 .split_once("denied request: ")
-                .map_or(message.as_str(), |(_, reason)| reason);
-            (
-                vec![format!("the API server refused: {reason}")],
-                Exit::Forbidden,
-            )
+                .map_or(message, |(_, reason)| reason);
+            vec![format!("the API server refused: {reason}")]
         }
-        Error::Contention(attempts) => (
-            vec![format!(
-                "gave up after {attempts} conflicting writes from other clients: try again"
-            )],
-            Exit::Failure,
-        ),
+        Error::Contention(attempts) => vec![format!(
+            "gave up after {attempts} conflicting writes from other clients: try again"
+        )],
         Error::WaitTimedOut(holder) => {
             let held = match holder {
-                Some(holder) => format!(": still held by {}", describe_holder(holder, now)),
+                Some(holder) => format!(": still held by {}", holding(holder, now)),
                 None => String::new(),
             };
-            (
-                vec![format!("timed out waiting for {env}{held}")],
-                Exit::WaitTimeout,
-            )
+            vec![format!("timed out waiting for {env}{held}")]
         }
-        Error::Malformed(malformed) => (
-            vec![
-                format!(
-                    "the DeploymentLock {:?} in namespace {:?} is malformed and cannot be read ({}: {})",
-                    malformed.name, malformed.namespace, malformed.location, malformed.source
-                ),
-                format!(
-                    "an admin can inspect it with `kubectl get deploymentlock {} -n {} -o yaml`, then fix or delete it",
-                    malformed.name, malformed.namespace
-                ),
-            ],
-            Exit::Failure,
-        ),
-        Error::Api(message) => (
-            vec![format!("Kubernetes API error: {message}")],
-            Exit::Failure,
-        ),
-        Error::Interrupted => (
-            vec![format!(
-                "interrupted by a signal while acquiring {env}: gave up (and left the queue)"
-            )],
-            Exit::Interrupted,
-        ),
+        Error::Malformed(malformed) => vec![
+            format!(
+                "the DeploymentLock {:?} in namespace {:?} is malformed and cannot be read ({}: {})",
+                malformed.name, malformed.namespace, malformed.location, malformed.source
+            ),
+            format!(
+                "an admin can inspect it with `kubectl get deploymentlock {} -n {} -o yaml`, then fix or delete it",
+                malformed.name, malformed.namespace
+            ),
+        ],
+        Error::Api(failure) => vec![format!("Kubernetes API error: {failure}")],
+        Error::Interrupted => vec![format!(
+            "interrupted by a signal while acquiring {env}: gave up (and left the queue)"
+        )],
     }
 }
 
@@ -367,16 +391,11 @@ mod tests {
     }
 
     fn holder() -> Box<LockHolder> {
-        decoded(json!({
-            "lockId": format!("id{EVIL}"),
-            "user": format!("user{EVIL}"),
-            "owner": format!("owner{EVIL}"),
-            "type": "manual",
-            "reason": format!("reason{EVIL}"),
-            "acquiredAt": "2030-01-01T00:00:00Z",
-            "expiresAt": "2030-01-01T00:30:00Z",
-            "durationSeconds": 1800
-        }))
+        decoded(crate::testdata::holder(EVIL))
+    }
+
+    fn production() -> Environment {
+        "production".parse().unwrap_or_else(|err| panic!("{err}"))
     }
 
     fn now() -> DateTime<Utc> {
@@ -390,14 +409,7 @@ mod tests {
     /// terminal only prints.
     #[test]
     fn every_message_is_escaped() {
-        let waiter: Box<Waiter> = decoded(json!({
-            "id": "w1",
-            "user": "carol",
-            "owner": format!("waiter{EVIL}"),
-            "reason": format!("waiting{EVIL}"),
-            "since": "2030-01-01T00:01:00Z",
-            "heartbeatAt": "2030-01-01T00:01:00Z"
-        }));
+        let waiter: Box<Waiter> = decoded(crate::testdata::waiter(EVIL));
         let malformed = crate::store::decode_lock(json!({
             "metadata": { "name": format!("bad{EVIL}"), "namespace": format!("ns{EVIL}") },
             "spec": { "environment": format!("{EVIL}"), "history": [{ "at": format!("x{EVIL}") }] }
@@ -416,9 +428,9 @@ mod tests {
                 waiting: 2,
             }),
             Error::WaitTimedOut(Some(holder())),
-            Error::Forbidden(format!("denied request: {EVIL}")),
-            Error::Api(format!("api{EVIL}")),
-            Error::Rejected(format!("rejected{EVIL}")),
+            Error::Forbidden(format!("denied request: {EVIL}").into()),
+            Error::Api(format!("api{EVIL}").into()),
+            Error::Rejected(format!("rejected{EVIL}").into()),
             Error::InvalidInput(format!("input{EVIL}")),
             match malformed {
                 Ok(lock) => panic!("decoded: {lock:?}"),
@@ -426,7 +438,7 @@ mod tests {
             },
         ];
         for err in &errors {
-            let (message, _) = describe(err, "production", now());
+            let (message, _) = describe(err, &production(), now());
             let lines: Vec<&str> = message.split('\n').collect();
             assert!(!lines.is_empty() && lines.len() <= 2, "{err:?}: {message}");
             assert!(
@@ -440,6 +452,129 @@ mod tests {
                 "{err:?}: the hostile text is not shown escaped: {message}"
             );
         }
+    }
+
+    /// Every exit code is listed once, in order, and the README's table is
+    /// the list's.
+    #[test]
+    fn exit_code_table_is_complete_and_the_readme_shows_it() {
+        let listed: Vec<u8> = EXIT_CODES.iter().map(|(exit, _)| exit.code()).collect();
+        let mut sorted = listed.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(listed, sorted, "codes listed twice or out of order");
+        for (exit, _) in EXIT_CODES {
+            // A new variant fails to compile here until it is listed.
+            match exit {
+                Exit::Success
+                | Exit::Failure
+                | Exit::InvalidInput
+                | Exit::Held
+                | Exit::WaitTimeout
+                | Exit::Forbidden
+                | Exit::Unreachable
+                | Exit::LockLost
+                | Exit::NotReleased
+                | Exit::Interrupted => {}
+                Exit::Child(_) => panic!("a command's own code is not a deploylock code"),
+            }
+        }
+        assert_eq!(listed, [0, 1, 2, 3, 4, 5, 6, 7, 8, 130]);
+        let timeout = format!("within {} s", crate::store::REQUEST_TIMEOUT.as_secs());
+        assert!(
+            EXIT_CODES
+                .iter()
+                .any(|(_, meaning)| meaning.contains(&timeout)),
+            "the table's request timeout is not REQUEST_TIMEOUT"
+        );
+        let readme_path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(readme_path)
+            .unwrap_or_else(|err| panic!("cannot read {readme_path}: {err}"));
+        let table = exit_codes_markdown();
+        assert!(
+            readme.contains(&table),
+            "README.md's exit code table differs from cli::report::EXIT_CODES; it should read:\n{table}"
+        );
+        let help = exit_codes_help();
+        for (exit, meaning) in EXIT_CODES {
+            assert!(
+                help.contains(&format!("{:>3}  {meaning}\n", exit.code())),
+                "{help}"
+            );
+        }
+    }
+
+    /// Each error's exit code, decided by `exit_for` alone.
+    #[test]
+    fn exit_codes_of_errors() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure("message", "Reason").with_code(code),
+            ))
+        };
+        let cases = vec![
+            (Error::Refused(Refusal::HeldByOther(holder())), Exit::Held),
+            (
+                Error::Refused(Refusal::AlreadyHeldByYou(holder())),
+                Exit::Held,
+            ),
+            (
+                Error::Refused(Refusal::EmergencyLockInForce(holder())),
+                Exit::Held,
+            ),
+            (Error::Refused(Refusal::QueueFull), Exit::Held),
+            (
+                Error::Refused(Refusal::NotHolder(holder())),
+                Exit::Forbidden,
+            ),
+            (Error::Refused(Refusal::NotHeld), Exit::Forbidden),
+            (
+                Error::Refused(Refusal::LockLost {
+                    expected_lock_id: "a".into(),
+                    current: None,
+                }),
+                Exit::LockLost,
+            ),
+            (
+                Error::Refused(Refusal::ExpiredCannotExtend(holder())),
+                Exit::LockLost,
+            ),
+            (Error::Refused(Refusal::ReasonRequired), Exit::InvalidInput),
+            (
+                Error::Refused(Refusal::DurationOutOfRange),
+                Exit::InvalidInput,
+            ),
+            (Error::Refused(Refusal::CounterExhausted), Exit::Failure),
+            (Error::InvalidInput("x".into()), Exit::InvalidInput),
+            (Error::from_kube(api(422), "ns"), Exit::InvalidInput),
+            (Error::from_kube(api(401), "ns"), Exit::Forbidden),
+            (Error::from_kube(api(403), "ns"), Exit::Forbidden),
+            (Error::from_kube(api(404), "ns"), Exit::Unreachable),
+            (Error::from_kube(api(503), "ns"), Exit::Unreachable),
+            (Error::from_kube(api(429), "ns"), Exit::Unreachable),
+            (Error::from_kube(api(418), "ns"), Exit::Failure),
+            (Error::Contention(32), Exit::Failure),
+            (Error::WaitTimedOut(None), Exit::WaitTimeout),
+            (Error::Interrupted, Exit::Interrupted),
+        ];
+        for (err, exit) in &cases {
+            assert_eq!(exit_for(err), *exit, "{err:?}");
+        }
+    }
+
+    /// A kube error stays reachable as the error's source.
+    #[test]
+    fn errors_keep_the_kube_error_as_their_source() {
+        use std::error::Error as _;
+        let status = kube::core::Status::failure("denied request: no", "Forbidden").with_code(403);
+        let err = Error::from_kube(kube::Error::Api(Box::new(status)), "ns");
+        let mut chain = err.source();
+        let mut found = false;
+        while let Some(cause) = chain {
+            found |= cause.downcast_ref::<kube::Error>().is_some();
+            chain = cause.source();
+        }
+        assert!(found, "no kube::Error in the chain of {err:?}");
     }
 
     #[test]
@@ -456,7 +591,7 @@ mod tests {
             warning.contains("\"production\"") && warning.contains("\"team-a\""),
             "{warning}"
         );
-        let (message, exit) = describe(&Error::Malformed(malformed), "production", now());
+        let (message, exit) = describe(&Error::Malformed(malformed), &production(), now());
         assert_eq!(exit, Exit::Failure);
         assert!(
             message.contains("is malformed") && message.contains("spec.history[0]"),

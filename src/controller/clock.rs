@@ -22,7 +22,7 @@ use kube::api::{Api, PostParams};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::leader::jitter;
+use super::leader::{self, jitter};
 use crate::servertime::ServerClock;
 
 /// How often the clock Lease is written.
@@ -46,10 +46,9 @@ pub fn from_micro_time(time: &MicroTime) -> Option<DateTime<Utc>> {
 /// Why the clock could not be advanced.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("clock Lease request failed: {0}")]
-    Kube(#[source] kube::Error),
-    #[error("clock Lease request timed out after {0:?}")]
-    Timeout(Duration),
+    /// "clock Lease request failed" or "timed out".
+    #[error("clock {0}")]
+    Lease(#[from] leader::Error),
     #[error("the clock Lease writer has stopped")]
     Stopped,
 }
@@ -73,7 +72,7 @@ impl ClockHandle {
         match tokio::time::timeout(REQUEST_TIMEOUT * 3, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Stopped.to_string()),
-            Err(_) => Err(Error::Timeout(REQUEST_TIMEOUT * 3).to_string()),
+            Err(_) => Err(Error::Lease(leader::Error::Timeout(REQUEST_TIMEOUT * 3)).to_string()),
         }
     }
 }
@@ -91,10 +90,7 @@ impl ClockWriter {
         &self,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, Error> {
-        tokio::time::timeout(REQUEST_TIMEOUT, request)
-            .await
-            .map_err(|_| Error::Timeout(REQUEST_TIMEOUT))?
-            .map_err(Error::Kube)
+        Ok(leader::timed(REQUEST_TIMEOUT, request).await?)
     }
 
     /// Starts the writer; it runs until `stop` turns true or every handle is gone.
@@ -196,7 +192,9 @@ impl ClockWriter {
                                 *cached = Some(created);
                                 return Ok(());
                             }
-                            Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {
+                            Err(Error::Lease(leader::Error::Kube(kube::Error::Api(status))))
+                                if status.code == 409 =>
+                            {
                                 continue;
                             }
                             Err(err) => return Err(err),
@@ -221,7 +219,9 @@ impl ClockWriter {
                     *cached = Some(written);
                     return Ok(());
                 }
-                Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {
+                Err(Error::Lease(leader::Error::Kube(kube::Error::Api(status))))
+                    if status.code == 409 =>
+                {
                     *cached = None;
                 }
                 Err(err) => {

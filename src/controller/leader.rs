@@ -223,16 +223,23 @@ pub struct Elector {
     pub clock: ServerClock,
 }
 
+/// One Lease request, given up after `limit`.
+pub(crate) async fn timed<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| Error::Timeout(limit))?
+        .map_err(Error::Kube)
+}
+
 impl Elector {
     async fn timed<T>(
         &self,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, Error> {
-        let limit = self.timing.request_timeout();
-        tokio::time::timeout(limit, request)
-            .await
-            .map_err(|_| Error::Timeout(limit))?
-            .map_err(Error::Kube)
+        timed(self.timing.request_timeout(), request).await
     }
 
     fn spec_for_us(&self, current: Option<&LeaseSpec>, new_term: bool) -> LeaseSpec {
@@ -281,6 +288,10 @@ impl Elector {
 
     /// Runs the election until `stop` turns true; then releases the Lease
     /// if this replica may hold it, so a standby takes over at once.
+    ///
+    /// One loop on purpose (longer than most functions): `may_hold` and the
+    /// view of the Lease change together at each step, and the release at a
+    /// stop depends on both.
     pub async fn run(self, leadership: watch::Sender<Leadership>, mut stop: watch::Receiver<bool>) {
         let mut view = View::Unknown;
         let mut current: Option<Lease> = None;

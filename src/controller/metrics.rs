@@ -55,66 +55,66 @@ pub struct Metrics {
     malformed_locks: Family<ObjectLabels, Gauge>,
 }
 
+/// Registers `metric` (a handle: clones share the values) and returns it.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("deploylock");
-        let lock_state = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "lock_state",
-            "1 for the state each lock is in, 0 for the others",
-            lock_state.clone(),
-        );
-        let held_seconds =
-            Family::<LockLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "lock_held_seconds",
-            "Seconds the current holding has lasted (0 when not held), as of the last reconcile",
-            held_seconds.clone(),
-        );
-        let expirations = Family::<LockLabels, Counter>::default();
-        registry.register("expirations", "Holdings that expired", expirations.clone());
-        let force_acquisitions = Family::<LockLabels, Counter>::default();
-        registry.register(
-            "force_acquisitions",
-            "Emergency locks taken with --force",
-            force_acquisitions.clone(),
-        );
-        let force_releases = Family::<LockLabels, Counter>::default();
-        registry.register(
-            "force_releases",
-            "Locks released by someone other than their holder",
-            force_releases.clone(),
-        );
-        let reconcile_duration = Histogram::new([
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ]);
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time taken by one reconcile",
-            reconcile_duration.clone(),
-        );
-        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "reconcile_errors",
-            "Reconciles that failed, by error",
-            reconcile_errors.clone(),
-        );
-        let malformed_locks = Family::<ObjectLabels, Gauge>::default();
-        registry.register(
-            "malformed_locks",
-            "1 for each DeploymentLock that cannot be read and is skipped",
-            malformed_locks.clone(),
-        );
+        let r = &mut registry;
         Metrics {
+            lock_state: registered(
+                r,
+                "lock_state",
+                "1 for the state each lock is in, 0 for the others",
+                Family::default(),
+            ),
+            held_seconds: registered(
+                r,
+                "lock_held_seconds",
+                "Seconds the current holding has lasted (0 when not held), as of the last reconcile",
+                Family::default(),
+            ),
+            expirations: registered(r, "expirations", "Holdings that expired", Family::default()),
+            force_acquisitions: registered(
+                r,
+                "force_acquisitions",
+                "Emergency locks taken with --force",
+                Family::default(),
+            ),
+            force_releases: registered(
+                r,
+                "force_releases",
+                "Locks released by someone other than their holder",
+                Family::default(),
+            ),
+            reconcile_duration: registered(
+                r,
+                "reconcile_duration_seconds",
+                "Time taken by one reconcile",
+                Histogram::new([
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            ),
+            reconcile_errors: registered(
+                r,
+                "reconcile_errors",
+                "Reconciles that failed, by error",
+                Family::default(),
+            ),
+            malformed_locks: registered(
+                r,
+                "malformed_locks",
+                "1 for each DeploymentLock that cannot be read and is skipped",
+                Family::default(),
+            ),
             registry,
-            malformed_locks,
-            lock_state,
-            held_seconds,
-            expirations,
-            force_acquisitions,
-            force_releases,
-            reconcile_duration,
-            reconcile_errors,
         }
     }
 }

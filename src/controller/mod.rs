@@ -26,6 +26,8 @@ pub mod clock;
 pub mod gitops;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
+pub mod replica;
 pub mod server;
 
 use std::collections::HashMap;
@@ -36,7 +38,7 @@ use chrono::{DateTime, Duration, Utc};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -44,13 +46,14 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
-use crate::crd::{DeploymentLock, DeploymentLockStatus, HistoryAction, HistoryEntry, LockState};
-use crate::rules::{self, Actor, Decision, Request};
+use crate::crd::{DeploymentLock, DeploymentLockSpec, DeploymentLockStatus, HistoryAction};
+use crate::environment::{Environment, InvalidEnvironment};
 use crate::servertime::ServerClock;
-use crate::store::{MalformedLock, decode_lock};
+use crate::store::{LockStore, MalformedLock, decode_lock};
 
 use clock::ClockHandle;
 use metrics::{LockLabels, Metrics, ObjectLabels};
+use plan::{Announcement, EventText, Step, short_id};
 
 /// Name the controller reports itself as in Events.
 pub const CONTROLLER_NAME: &str = "deploylock.dev/controller";
@@ -76,6 +79,8 @@ pub enum Error {
     Clock(String),
     #[error("lock object has no namespace or name")]
     MissingObjectKey,
+    #[error("lock object's name is not an environment: {0}")]
+    InvalidName(#[from] InvalidEnvironment),
 }
 
 impl Error {
@@ -88,6 +93,7 @@ impl Error {
             Error::Timeout(_) => "timeout".into(),
             Error::Clock(_) => "clock_lease".into(),
             Error::MissingObjectKey => "missing_object_key".into(),
+            Error::InvalidName(_) => "invalid_name".into(),
         }
     }
 
@@ -411,22 +417,18 @@ fn report_malformed(object: &DynamicObject, err: &MalformedLock, context: &Arc<C
         short_id(&uid),
         short_id(&version)
     );
-    let note = format!(
-        "DeploymentLock {} cannot be read at {} and is not reconciled: {}",
-        key.1, err.location, err.source
-    );
+    let text = EventText {
+        suffix: String::new(),
+        reason: "Malformed",
+        event_type: "Warning",
+        note: format!(
+            "DeploymentLock {} cannot be read at {} and is not reconciled: {}",
+            key.1, err.location, err.source
+        ),
+    };
     let context = context.clone();
     tokio::spawn(async move {
-        let result = create_event(
-            &context,
-            &key.0,
-            name,
-            reference,
-            "Malformed",
-            "Warning",
-            note,
-        )
-        .await;
+        let result = create_event(&context, &key.0, name, reference, &text).await;
         if let Err(err) = result {
             tracing::warn!(namespace = %key.0, name = %key.1, error = %err, "cannot record the Malformed Event");
         }
@@ -506,7 +508,6 @@ enum Published {
 async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Action, Error> {
     let namespace = lock.namespace().ok_or(Error::MissingObjectKey)?;
     let name = lock.meta().name.clone().ok_or(Error::MissingObjectKey)?;
-    let api: Api<DeploymentLock> = Api::namespaced(context.client.clone(), &namespace);
     let labels = LockLabels {
         namespace: namespace.clone(),
         environment: lock.spec.environment.clone(),
@@ -518,309 +519,225 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
     // The server's clock, rounded down: Expired only once it has certainly
     // passed expiresAt, whatever the local clock says.
     let now = context.clock.lower_bound(Instant::now());
-    let state = rules::state_at(&lock.spec, now);
-    let status = lock.status.clone().unwrap_or_default();
-
-    if let (LockState::Expired, Some(holder)) = (state, &lock.spec.holder) {
+    let plan = plan::plan(lock, &name, now, &context.settings, &context.user);
+    if let Some(expiry) = plan.advance_clock_to {
         // Takeover is allowed by the policy once the clock Lease reaches
         // expiresAt: it does so before (or with) the Expired mark.
         context
             .clock_lease
-            .advance_to(holder.expires_at)
+            .advance_to(expiry)
             .await
             .map_err(Error::Clock)?;
-
-        // Housekeeping: a holding expired for the whole retention is cleared
-        // through the same rules the CLI uses, under the read resourceVersion.
-        let clear = Request::Clear {
-            actor: Actor::new(context.user.clone(), Some("deploylock-controller".into())),
-            lock_id: holder.lock_id.clone(),
-            retention: context.settings.retention,
-        };
-        if let Ok(Decision::Change { next, .. }) =
-            rules::decide(&name, Some(&lock.spec), now, &clear)
-        {
-            // The Expired Event should exist before the holding disappears.
-            if let Err(err) = announce_expiry(lock, context, &labels).await {
-                tracing::warn!(namespace, environment = %lock.spec.environment, error = %err, "cannot record the Expired Event before clearing");
-            }
-            let mut cleared = lock.clone();
-            cleared.spec = next;
-            timed(api.replace(&name, &PostParams::default(), &cleared)).await?;
-            tracing::info!(namespace, environment = %lock.spec.environment, owner = %holder.owner, "cleared expired lock");
-            // The write triggers the next reconcile.
-            return Ok(Action::await_change());
-        }
     }
-
-    // 1. Status first: the state must not wait for Events.
-    let held_seconds = match (&lock.spec.holder, state) {
-        (Some(holder), LockState::Locked | LockState::ForceLocked) => {
-            (now - holder.acquired_at).num_milliseconds().max(0) as f64 / 1000.0
-        }
-        _ => 0.0,
-    };
-    context.metrics.set_state(&labels, state, held_seconds);
-    let announced = status.last_event_sequence.unwrap_or(0);
-    let mut current = lock.clone();
-    let desired = desired_status(lock, &status, state, announced, now);
-    if desired != status {
-        if status.state != desired.state {
-            tracing::info!(
-                namespace,
-                environment = %lock.spec.environment,
-                state = %state,
-                owner = lock.spec.holder.as_ref().map(|h| h.owner.as_str()).unwrap_or("-"),
-                reason = lock.spec.holder.as_ref().map(|h| h.reason.as_str()).unwrap_or("-"),
-                "lock state changed"
-            );
-        }
-        let mut updated = lock.clone();
-        updated.status = Some(desired);
-        // Carries the read resourceVersion: refused if the lock moved on.
-        current = timed(api.replace_status(&name, &PostParams::default(), &updated)).await?;
-    }
-
-    // 2. Events for history entries not yet announced, then the expiry. A
-    // transient failure stops here and is retried; a refusal is skipped.
-    let mut last_sequence = announced;
-    let mut failure = None;
-    for entry in lock
-        .spec
-        .history
-        .iter()
-        .filter(|entry| entry.sequence > announced)
-    {
-        match announce_entry(lock, entry, context, &labels).await {
-            Ok(()) => last_sequence = last_sequence.max(entry.sequence),
-            Err(err) => {
-                failure = Some(err);
-                break;
-            }
-        }
-    }
-    if failure.is_none() && state == LockState::Expired {
-        failure = announce_expiry(lock, context, &labels).await.err();
-    }
-
-    // 3. Record what was announced.
-    if last_sequence > announced {
-        let mut recorded = current.clone();
-        let mut status = recorded.status.clone().unwrap_or_default();
-        status.last_event_sequence = Some(last_sequence);
-        recorded.status = Some(status);
-        timed(api.replace_status(&name, &PostParams::default(), &recorded)).await?;
-    }
-    if let Some(err) = failure {
-        return Err(err);
-    }
-
-    // 4. Wake up when the state will change by itself: at the first instant
-    // the server's clock has certainly passed the expiry (looking again
-    // meanwhile if the measurement of its clock is still coarse).
-    let wake_at = |at: DateTime<Utc>| {
-        let now = Instant::now();
-        Action::requeue(
+    match plan.step {
+        Step::Clear { spec } => clear(lock, &name, *spec, context, &labels).await,
+        Step::Keep {
+            status,
+            events,
+            announced,
+            wake_at,
+        } => {
             context
-                .clock
-                .wake_for(at, now, StdDuration::from_millis(100))
-                .saturating_duration_since(now)
-                + StdDuration::from_millis(1),
-        )
-    };
-    Ok(match (&lock.spec.holder, state) {
-        (Some(holder), LockState::Locked | LockState::ForceLocked) => wake_at(holder.expires_at),
-        (Some(holder), LockState::Expired) => {
-            wake_at(holder.expires_at + context.settings.retention)
+                .metrics
+                .set_state(&labels, plan.state, plan.held_seconds);
+            let api: Api<DeploymentLock> = Api::namespaced(context.client.clone(), &namespace);
+            let current = match status {
+                Some(status) => write_status(lock, &api, status).await?,
+                None => lock.clone(),
+            };
+            let announcing = Announcing {
+                lock,
+                current: &current,
+                api: &api,
+                context,
+                labels: &labels,
+            };
+            announcing.run(&events, announced).await?;
+            Ok(wake_at.map_or_else(Action::await_change, |at| wake_action(context, at)))
         }
-        _ => Action::await_change(),
-    })
-}
-
-fn desired_status(
-    lock: &DeploymentLock,
-    current: &DeploymentLockStatus,
-    state: LockState,
-    last_event_sequence: i64,
-    now: DateTime<Utc>,
-) -> DeploymentLockStatus {
-    let holder = lock.spec.holder.as_ref();
-    let locked = matches!(state, LockState::Locked | LockState::ForceLocked);
-    let message = match holder {
-        Some(holder) if locked => format!(
-            "held by {} until {}: {}",
-            holder.owner,
-            holder.expires_at.format("%Y-%m-%dT%H:%M:%SZ"),
-            holder.reason
-        ),
-        Some(holder) => format!(
-            "expired at {} (was held by {})",
-            holder.expires_at.format("%Y-%m-%dT%H:%M:%SZ"),
-            holder.owner
-        ),
-        None => "available".to_string(),
-    };
-    let previous = current
-        .conditions
-        .iter()
-        .find(|condition| condition.type_ == LOCKED_CONDITION);
-    let status_value = if locked { "True" } else { "False" };
-    let generation = lock.meta().generation;
-    let transition_time = match previous {
-        Some(previous) if previous.status == status_value => previous.last_transition_time.clone(),
-        _ => Time(to_timestamp(now)),
-    };
-    DeploymentLockStatus {
-        state: Some(state),
-        lock_id: holder.map(|holder| holder.lock_id.clone()),
-        conditions: vec![Condition {
-            type_: LOCKED_CONDITION.to_string(),
-            status: status_value.to_string(),
-            reason: state.to_string(),
-            message,
-            observed_generation: generation,
-            last_transition_time: transition_time,
-        }],
-        observed_generation: generation,
-        last_event_sequence: Some(last_event_sequence),
     }
 }
 
-fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
-    Timestamp::from_second(time.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH)
+/// Clears a holding that stayed expired for the whole retention, through
+/// the store's conditional write under the read resourceVersion.
+async fn clear(
+    lock: &DeploymentLock,
+    name: &str,
+    spec: DeploymentLockSpec,
+    context: &Context,
+    labels: &LockLabels,
+) -> Result<Action, Error> {
+    let namespace = labels.namespace.as_str();
+    // The Expired Event should exist before the holding disappears.
+    if let Some(holder) = &lock.spec.holder
+        && let Err(err) = announce(lock, &Announcement::Expiry(holder), context, labels).await
+    {
+        tracing::warn!(namespace, environment = %lock.spec.environment, error = %err, "cannot record the Expired Event before clearing");
+    }
+    let environment: Environment = name.parse()?;
+    let store = LockStore::new(context.client.clone(), namespace);
+    store
+        .write(&environment, Some(lock), spec)
+        .await
+        .map_err(Error::Kube)?;
+    let owner = lock.spec.holder.as_ref().map_or("-", |h| h.owner.as_str());
+    tracing::info!(namespace, environment = %lock.spec.environment, owner, "cleared expired lock");
+    // The write triggers the next reconcile.
+    Ok(Action::await_change())
+}
+
+/// Writes the status (state and condition) before any Event: the state must
+/// not wait for Events. Returns the lock as written.
+async fn write_status(
+    lock: &DeploymentLock,
+    api: &Api<DeploymentLock>,
+    desired: DeploymentLockStatus,
+) -> Result<DeploymentLock, Error> {
+    let stored_state = lock.status.as_ref().and_then(|status| status.state);
+    if stored_state != desired.state {
+        let holder = lock.spec.holder.as_ref();
+        tracing::info!(
+            namespace = lock.namespace().unwrap_or_default(),
+            environment = %lock.spec.environment,
+            state = %desired.state.unwrap_or_default(),
+            owner = holder.map(|h| h.owner.as_str()).unwrap_or("-"),
+            reason = holder.map(|h| h.reason.as_str()).unwrap_or("-"),
+            "lock state changed"
+        );
+    }
+    let mut updated = lock.clone();
+    updated.status = Some(desired);
+    // Carries the read resourceVersion: refused if the lock moved on.
+    let name = lock.name_any();
+    timed(api.replace_status(&name, &PostParams::default(), &updated)).await
+}
+
+/// What recording a plan's Events needs.
+struct Announcing<'a> {
+    lock: &'a DeploymentLock,
+    /// The lock as last written (its status records the sequence announced).
+    current: &'a DeploymentLock,
+    api: &'a Api<DeploymentLock>,
+    context: &'a Context,
+    labels: &'a LockLabels,
+}
+
+impl Announcing<'_> {
+    /// Records the Events in order, then the last history sequence
+    /// announced. A transient failure stops the Events there (after
+    /// recording what was announced) and is retried; a refusal is skipped.
+    async fn run(&self, events: &[Announcement<'_>], announced: i64) -> Result<(), Error> {
+        let (lock, context, labels) = (self.lock, self.context, self.labels);
+        let mut last_sequence = announced;
+        let mut failure = None;
+        for event in events {
+            match (announce(lock, event, context, labels).await, event) {
+                (Ok(()), Announcement::Entry(entry)) => {
+                    last_sequence = last_sequence.max(entry.sequence)
+                }
+                (Ok(()), Announcement::Expiry(_)) => {}
+                (Err(err), _) => {
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
+        if last_sequence > announced {
+            let mut recorded = self.current.clone();
+            let mut status = recorded.status.clone().unwrap_or_default();
+            status.last_event_sequence = Some(last_sequence);
+            recorded.status = Some(status);
+            let name = lock.name_any();
+            timed(
+                self.api
+                    .replace_status(&name, &PostParams::default(), &recorded),
+            )
+            .await?;
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Wakes at the first instant the server's clock has certainly passed `at`
+/// (looking again meanwhile if the measurement of its clock is still coarse).
+fn wake_action(context: &Context, at: DateTime<Utc>) -> Action {
+    let now = Instant::now();
+    Action::requeue(
+        context
+            .clock
+            .wake_for(at, now, StdDuration::from_millis(100))
+            .saturating_duration_since(now)
+            + StdDuration::from_millis(1),
+    )
 }
 
 fn reference(lock: &DeploymentLock) -> ObjectReference {
     lock.object_ref(&())
 }
 
-/// Publishes one history entry as an Event, once. A refused Event is logged
-/// and skipped; only a transient failure is an error (retried).
-async fn announce_entry(
+/// Publishes one Event, once: a history entry's (its name is unique per
+/// entry), or the expiry of the current holding (per process not even tried
+/// twice; across processes its name makes it unique). A refused Event is
+/// logged and skipped; only a transient failure is an error (retried).
+async fn announce(
     lock: &DeploymentLock,
-    entry: &HistoryEntry,
+    event: &Announcement<'_>,
     context: &Context,
     labels: &LockLabels,
 ) -> Result<(), Error> {
-    let (reason, event_type) = match entry.action {
-        HistoryAction::Acquired | HistoryAction::TookOverExpired => ("Acquired", "Normal"),
-        HistoryAction::Extended => ("Extended", "Normal"),
-        HistoryAction::Released => ("Released", "Normal"),
-        HistoryAction::ForceAcquired => ("ForceAcquired", "Warning"),
-        HistoryAction::ForceReleased => ("ForceReleased", "Warning"),
-        HistoryAction::Cleared => ("Cleared", "Normal"),
-    };
-    let expiry = entry
-        .expires_at
-        .map(|at| format!(" until {}", at.format("%Y-%m-%dT%H:%M:%SZ")))
-        .unwrap_or_default();
-    let takeover = if entry.action == HistoryAction::TookOverExpired {
-        " (took over an expired lock)"
-    } else {
-        ""
-    };
-    let note = format!(
-        "{} by {} (owner {}){expiry}{takeover}: {}",
-        reason, entry.by, entry.owner, entry.reason
-    );
-    let published = publish(
-        lock,
-        context,
-        &format!("{}", entry.sequence),
-        reason,
-        event_type,
-        note,
-    )
-    .await?;
-    if let Published::Done(true) = published {
-        match entry.action {
-            HistoryAction::ForceAcquired => context.metrics.force_acquired(labels),
-            HistoryAction::ForceReleased => context.metrics.force_released(labels),
-            _ => {}
-        }
-        tracing::info!(
-            namespace = %labels.namespace,
-            environment = %labels.environment,
-            action = reason,
-            owner = %entry.owner,
-            by = %entry.by,
-            reason = %entry.reason,
-            "lock transition"
-        );
-    }
-    Ok(())
-}
-
-/// Publishes the Expired event of the current holding, once (per process
-/// it is not even tried twice; across processes its name makes it unique).
-async fn announce_expiry(
-    lock: &DeploymentLock,
-    context: &Context,
-    labels: &LockLabels,
-) -> Result<(), Error> {
-    let Some(holder) = &lock.spec.holder else {
-        return Ok(());
-    };
     let uid = lock.meta().uid.clone().unwrap_or_default();
-    if locked(&context.expiries).get(&uid) == Some(&holder.lock_id) {
+    let expired = match event {
+        Announcement::Expiry(holder) => Some(holder.lock_id.as_str()),
+        Announcement::Entry(_) => None,
+    };
+    if expired.is_some() && locked(&context.expiries).get(&uid).map(String::as_str) == expired {
         return Ok(());
     }
-    let note = format!(
-        "Expired at {}: held by {} (owner {}): {}",
-        holder.expires_at.format("%Y-%m-%dT%H:%M:%SZ"),
-        holder.user,
-        holder.owner,
-        holder.reason
-    );
-    let suffix = format!("expired-{}", short_id(&holder.lock_id));
-    let published = publish(lock, context, &suffix, "Expired", "Normal", note).await?;
-    locked(&context.expiries).insert(uid, holder.lock_id.clone());
-    if let Published::Done(true) = published {
-        context.metrics.expired(labels);
-        tracing::info!(
-            namespace = %labels.namespace,
-            environment = %labels.environment,
-            action = "Expired",
-            owner = %holder.owner,
-            reason = %holder.reason,
-            expires_at = %holder.expires_at,
-            "lock transition"
-        );
+    let text = event.text();
+    let published = publish(lock, context, &text).await?;
+    if let Some(lock_id) = expired {
+        locked(&context.expiries).insert(uid, lock_id.to_string());
     }
+    let Published::Done(true) = published else {
+        return Ok(());
+    };
+    let (owner, reason, by, expires_at) = match event {
+        Announcement::Entry(entry) => {
+            match entry.action {
+                HistoryAction::ForceAcquired => context.metrics.force_acquired(labels),
+                HistoryAction::ForceReleased => context.metrics.force_released(labels),
+                _ => {}
+            }
+            (&entry.owner, &entry.reason, Some(entry.by.as_str()), None)
+        }
+        Announcement::Expiry(holder) => {
+            context.metrics.expired(labels);
+            (&holder.owner, &holder.reason, None, Some(holder.expires_at))
+        }
+    };
+    tracing::info!(
+        namespace = %labels.namespace,
+        environment = %labels.environment,
+        action = text.reason,
+        %owner,
+        by,
+        %reason,
+        expires_at = expires_at.map(tracing::field::display),
+        "lock transition"
+    );
     Ok(())
-}
-
-fn short_id(id: &str) -> String {
-    id.chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .take(12)
-        .collect::<String>()
-        .to_lowercase()
 }
 
 /// Creates an Event about `lock` with a name derived from its UID and `suffix`.
 async fn publish(
     lock: &DeploymentLock,
     context: &Context,
-    suffix: &str,
-    reason: &str,
-    event_type: &str,
-    note: String,
+    text: &EventText,
 ) -> Result<Published, Error> {
     let namespace = lock.namespace().ok_or(Error::MissingObjectKey)?;
     let uid = lock.meta().uid.clone().unwrap_or_default();
-    let name = format!("{}.{}.{}", lock.name_any(), short_id(&uid), suffix);
-    match create_event(
-        context,
-        &namespace,
-        name,
-        reference(lock),
-        reason,
-        event_type,
-        note,
-    )
-    .await
-    {
+    let name = format!("{}.{}.{}", lock.name_any(), short_id(&uid), text.suffix);
+    match create_event(context, &namespace, name, reference(lock), text).await {
         Ok(created) => Ok(Published::Done(created)),
         Err(Error::Kube(kube::Error::Api(status)))
             if (400..500).contains(&status.code) && status.code != 429 =>
@@ -828,7 +745,7 @@ async fn publish(
             tracing::warn!(
                 namespace,
                 lock = %lock.name_any(),
-                reason,
+                reason = text.reason,
                 code = status.code,
                 message = %status.message,
                 "Event refused; skipped"
@@ -846,9 +763,7 @@ async fn create_event(
     namespace: &str,
     name: String,
     regarding: ObjectReference,
-    reason: &str,
-    event_type: &str,
-    note: String,
+    text: &EventText,
 ) -> Result<bool, Error> {
     let event = Event {
         metadata: kube::core::ObjectMeta {
@@ -859,10 +774,10 @@ async fn create_event(
         event_time: Some(MicroTime(to_timestamp_micros(
             context.clock.lower_bound(Instant::now()),
         ))),
-        action: Some(reason.to_string()),
-        reason: Some(reason.to_string()),
-        type_: Some(event_type.to_string()),
-        note: Some(truncate(&note, 1024)),
+        action: Some(text.reason.to_string()),
+        reason: Some(text.reason.to_string()),
+        type_: Some(text.event_type.to_string()),
+        note: Some(truncate(&text.note, 1024)),
         regarding: Some(regarding),
         reporting_controller: Some(CONTROLLER_NAME.to_string()),
         reporting_instance: Some(truncate(&context.settings.instance, 128)),

@@ -1418,7 +1418,10 @@ async fn fencing_tokens_increase_by_one_across_fifty_holders() {
 async fn read_with_server_time(ns: &str) -> deploylock::store::Observed {
     let client = cluster().client(Identity::Admin).await;
     let store = deploylock::store::LockStore::new(client, ns);
-    match store.read("production").await {
+    let production = "production"
+        .parse()
+        .unwrap_or_else(|err| panic!("invalid environment: {err}"));
+    match store.read(&production).await {
         Ok(observed) => observed,
         Err(err) => panic!("cannot read the lock: {err}"),
     }

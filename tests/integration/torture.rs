@@ -363,6 +363,12 @@ impl Worker {
     }
 }
 
+/// `name` as an environment (a test's own names are valid).
+fn environment(name: &str) -> deploylock::environment::Environment {
+    name.parse()
+        .unwrap_or_else(|err| panic!("invalid test environment {name:?}: {err}"))
+}
+
 /// The local API server must share this machine's clock: commands time
 /// themselves with it. Its `Date` (whole seconds) must lie between the local
 /// times before and after a read.
@@ -370,7 +376,7 @@ async fn assert_same_clock(kubeconfig: &PathBuf, namespace: &str) {
     let store = store_for(kubeconfig, namespace).await;
     let before = Utc::now();
     let observed = store
-        .read("t0")
+        .read(&environment("t0"))
         .await
         .unwrap_or_else(|err| panic!("cannot read the API server's clock: {err}"));
     let after = Utc::now();
@@ -649,7 +655,11 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
             tokio::time::sleep(StdDuration::from_secs(62)).await;
         }
         let invoked = Instant::now();
-        let result = classify(store.apply(&environment, &request).await);
+        let result = classify(
+            store
+                .apply(&self::environment(&environment), &request)
+                .await,
+        );
         track(&mut mine, &environment, kind, &result);
         worker.record(&environment, kind, held, attempted, invoked, result);
     }

@@ -1,0 +1,195 @@
+//! One replica of the controller: it learns who it is and the API server's
+//! clock, says it is ready, joins the leader election, and while it leads
+//! writes the clock Lease and reconciles; on a stop it drains and releases
+//! its Lease. The binary only wires this to its flags, signals and probes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use super::clock::ClockWriter;
+use super::leader::{self, Elector, Leadership, Timing};
+use super::metrics::Metrics;
+use super::{Context, Settings};
+use crate::servertime::ServerClock;
+use crate::store::LockStore;
+
+/// How long in-flight reconciles may go on after a stop.
+pub const DRAIN: Duration = Duration::from_secs(3);
+/// How long the Lease release may take after a stop.
+pub const RELEASE_BOUND: Duration = Duration::from_secs(5);
+/// How often the API server's clock is measured again.
+pub const RECALIBRATE_EVERY: Duration = Duration::from_secs(30);
+
+/// A replica's settings.
+pub struct Replica {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    /// Set once the replica can serve (it knows who it is and the clock).
+    pub ready: Arc<AtomicBool>,
+    /// This replica's identity in the Leases and in Events.
+    pub identity: String,
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub timing: Timing,
+    pub clock_lease_name: String,
+    pub clock_lease_namespace: String,
+    /// How long an expired holding is shown before it is cleared.
+    pub retention: chrono::Duration,
+    /// GitOps gating (`--gitops-gating`, see [`super::gitops`]), by the leader.
+    pub gitops_gating: bool,
+}
+
+/// Retries `attempt` (with a short backoff) until it succeeds or a stop is
+/// requested (`None`).
+pub async fn until_stopped<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    stop: &mut watch::Receiver<bool>,
+    mut attempt: impl FnMut() -> F,
+) -> Option<T> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            result = tokio::time::timeout(Duration::from_secs(10), attempt()) => match result {
+                Ok(Ok(value)) => return Some(value),
+                Ok(Err(err)) => tracing::warn!(error = %err, "{what} failed; retrying"),
+                Err(_) => tracing::warn!("{what} timed out; retrying"),
+            },
+            _ = stop.wait_for(|stopped| *stopped) => return None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(leader::jitter(delay)) => {}
+            _ = stop.wait_for(|stopped| *stopped) => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+impl Replica {
+    /// Runs until `stop` turns true: joins the election, and reconciles
+    /// during each term it leads.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some((user, clock)) = self.start(&mut stop).await else {
+            tracing::info!("stopped before starting");
+            return;
+        };
+        let calibration = tokio::spawn(clock.clone().keep_calibrated(RECALIBRATE_EVERY));
+        self.ready.store(true, Ordering::Relaxed);
+
+        let (leadership_sender, mut leadership) = watch::channel(Leadership::Follower);
+        let elector = Elector {
+            api: Api::namespaced(self.client.clone(), &self.lease_namespace),
+            name: self.lease_name.clone(),
+            identity: self.identity.clone(),
+            timing: self.timing,
+            clock: clock.clone(),
+        };
+        let mut election = tokio::spawn(elector.run(leadership_sender, stop.clone()));
+        loop {
+            tokio::select! {
+                gained = leader::gained(&mut leadership) => if !gained { break },
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            }
+            self.lead(&user, &clock, &leadership, &stop).await;
+            if *stop.borrow() {
+                break;
+            }
+            tracing::warn!("lost leadership: stopped reconciling; rejoining the election");
+        }
+
+        // The elector releases the Lease on the stop (in parallel with the drain).
+        match tokio::time::timeout(RELEASE_BOUND, &mut election).await {
+            Ok(_) => tracing::info!("stopped"),
+            Err(_) => {
+                election.abort();
+                tracing::warn!("stopped without confirming the Lease release");
+            }
+        }
+        calibration.abort();
+    }
+
+    /// Who this replica is and the API server's clock, retried until they
+    /// are known or a stop comes (`None`).
+    async fn start(&self, stop: &mut watch::Receiver<bool>) -> Option<(String, ServerClock)> {
+        let store = LockStore::new(self.client.clone(), "default");
+        let user = until_stopped("asking the API server who I am", stop, || store.whoami()).await?;
+        let clock = until_stopped("reading the API server's clock", stop, || {
+            ServerClock::new(self.client.clone())
+        })
+        .await?;
+        Some((user, clock))
+    }
+
+    /// One term as the leader: the clock Lease and the reconciles, until a
+    /// stop or the loss of leadership; then reconciles get [`DRAIN`].
+    async fn lead(
+        &self,
+        user: &str,
+        clock: &ServerClock,
+        leadership: &watch::Receiver<Leadership>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let identity = self.identity.as_str();
+        tracing::info!(identity, "leading; reconciling");
+        // This term ends on a stop or when leadership is lost.
+        let (term_sender, term) = watch::channel(false);
+        {
+            let mut stop = stop.clone();
+            let leadership = leadership.clone();
+            let term_sender = term_sender.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => {}
+                    _ = leader::lost(leadership) => {}
+                    _ = term_sender.closed() => {}
+                }
+                let _ = term_sender.send(true);
+            });
+        }
+        let clock_lease = ClockWriter {
+            api: Api::namespaced(self.client.clone(), &self.clock_lease_namespace),
+            name: self.clock_lease_name.clone(),
+            identity: identity.to_string(),
+            clock: clock.clone(),
+        }
+        .spawn(term.clone());
+        if self.gitops_gating {
+            let gating = super::gitops::GitOpsGating {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                instance: identity.to_string(),
+                clock: clock.clone(),
+            };
+            tokio::spawn(gating.run(term.clone()));
+        }
+        let context = Arc::new(Context::new(
+            self.client.clone(),
+            self.metrics.clone(),
+            Settings {
+                retention: self.retention,
+                instance: identity.to_string(),
+            },
+            clock.clone(),
+            clock_lease,
+            user.to_string(),
+        ));
+        let drained = {
+            let mut term = term.clone();
+            async move {
+                let _ = term.wait_for(|ended| *ended).await;
+                tokio::time::sleep(DRAIN).await;
+            }
+        };
+        tokio::select! {
+            _ = super::run(self.namespace.clone(), context, term.clone()) => {}
+            _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
+        }
+        let _ = term_sender.send(true);
+    }
+}
