@@ -134,6 +134,32 @@ fn the_patch_is_conditional_and_touches_only_the_field_and_the_annotation() {
 }
 
 #[test]
+fn removing_the_label_while_gated_restores_and_a_handover_keeps_the_original() {
+    let bob = lock(Some(("a", "bob")), 2, None);
+    let mut object = kustomization(Some(false));
+    let change = decide(GitOpsKind::Kustomization, &object, Some(&bob)).expect("gated");
+    apply_merge_patch(&mut object, &change.patch);
+    // Taken over by carol (a new holding): still gated, same original.
+    let carol = lock(Some(("b", "carol")), 3, None);
+    let change = decide(GitOpsKind::Kustomization, &object, Some(&carol)).expect("handed over");
+    assert_eq!(change.action, Action::HandedOver);
+    assert!(!change.changes_field);
+    assert_eq!(
+        change.saved.as_ref().and_then(|saved| saved.value.clone()),
+        Some(json!(false))
+    );
+    apply_merge_patch(&mut object, &change.patch);
+    // The label removed: no longer bound, restored although the lock is held.
+    object["metadata"]["labels"] = json!({});
+    let change = decide(GitOpsKind::Kustomization, &object, None).expect("restored");
+    assert_eq!(change.action, Action::Restored);
+    assert!(change.note.contains("no longer bound"), "{}", change.note);
+    apply_merge_patch(&mut object, &change.patch);
+    assert_eq!(object["spec"]["suspend"], json!(false));
+    assert_eq!(saved_of(&object), SavedState::Absent);
+}
+
+#[test]
 fn an_unreadable_saved_state_is_never_taken_for_a_release() {
     let mut object = kustomization(Some(true));
     object["metadata"]["annotations"][SAVED_ANNOTATION] = json!("{not json");
