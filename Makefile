@@ -25,6 +25,8 @@ crds: ## Regenerate crds/ from the Rust types
 	@mkdir -p crds
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
 	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
+	$(CARGO) run --quiet --bin crdgen notificationsubscriptions > crds/notificationsubscriptions.deploylock.dev.yaml
+	@echo "wrote crds/notificationsubscriptions.deploylock.dev.yaml (the chart links to it)"
 
 .PHONY: completions
 completions: ## Generate shell completions and the man page into dist/

@@ -9,6 +9,13 @@
 #[path = "../tests/integration/support.rs"]
 mod support;
 
+#[allow(dead_code)]
+#[path = "../tests/integration/receiver.rs"]
+mod receiver;
+
+#[path = "notify/section.rs"]
+mod notify_section;
+
 #[path = "lockbench/gitops.rs"]
 mod gitops;
 
@@ -885,6 +892,12 @@ async fn main() {
     if runs("scale") {
         eprintln!("[bench] controller scale (1,000 and 10,000 locks)");
         controller_scale(&mut rows, idle).await;
+    }
+    if runs("notifications") {
+        eprintln!(
+            "[bench] notifications: transition → received, acquire with 0 and 10 subscriptions"
+        );
+        notify_section::notifications(&mut rows).await;
     }
     let table = render(&rows);
     println!("{table}");

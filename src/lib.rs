@@ -17,6 +17,7 @@ pub mod environment;
 pub mod error;
 pub mod exec;
 pub mod gitops;
+pub mod notify;
 pub mod queue;
 pub mod rules;
 pub mod servertime;

@@ -427,6 +427,11 @@ impl LockStore {
         &self.namespace
     }
 
+    /// The client (for reads beside the locks, e.g. notification subscriptions).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     fn kube_error(&self, err: kube::Error) -> Error {
         Error::from_kube(err, &self.namespace)
     }

@@ -1,9 +1,21 @@
-//! Prints the DeploymentLock CRD manifest generated from the Rust types.
+//! Prints a CRD manifest generated from the Rust types: the DeploymentLock
+//! CRD, or with `notificationsubscriptions` the NotificationSubscription CRD.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match deploylock::crdgen::crd_manifest_yaml() {
+    let which = std::env::args().nth(1);
+    let generated = match which.as_deref() {
+        None | Some("deploymentlocks") => deploylock::crdgen::crd_manifest_yaml(),
+        Some("notificationsubscriptions") => deploylock::crdgen::subscription_crd_manifest_yaml(),
+        Some(other) => {
+            eprintln!(
+                "crdgen: unknown CRD {other:?}: use deploymentlocks or notificationsubscriptions"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match generated {
         Ok(yaml) => {
             print!("{yaml}");
             ExitCode::SUCCESS

@@ -68,6 +68,9 @@ pub enum Action {
     /// Hold the lock while a command runs: deploylock exec --reason "..." -- COMMAND [ARGS...]
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// Team notifications: `notify test NAME` sends a test message.
+    #[command(subcommand)]
+    Notify(crate::notify::cli::NotifyAction),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completion {
         #[arg(value_enum)]

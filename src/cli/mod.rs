@@ -222,7 +222,24 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         }
         Action::Status => {
             show::view(global, &store.read(env).await?, true);
+            if global.verbose && global.output == OutputFormat::Table {
+                let covering =
+                    crate::notify::cli::covering(store.client(), store.namespace(), env).await;
+                outln!("Notifications: {covering}");
+            }
             Ok(Exit::Success)
+        }
+        Action::Notify(crate::notify::cli::NotifyAction::Test { name }) => {
+            match crate::notify::cli::test(store.client(), store.namespace(), env, name).await {
+                Ok(line) => {
+                    outln!("{line}");
+                    Ok(Exit::Success)
+                }
+                Err(err) => {
+                    eprintln!("deploylock: {err}");
+                    Ok(Exit::Failure)
+                }
+            }
         }
         Action::History => {
             show::history(global, &store.read(env).await?);

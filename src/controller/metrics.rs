@@ -53,6 +53,8 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
     malformed_locks: Family<ObjectLabels, Gauge>,
+    /// Team notifications (see `controller::notify`).
+    pub notify: super::notify::NotifyMetrics,
 }
 
 /// Registers `metric` (a handle: clones share the values) and returns it.
@@ -67,6 +69,7 @@ where
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("deploylock");
+        let notify = super::notify::NotifyMetrics::register(&mut registry);
         let r = &mut registry;
         Metrics {
             lock_state: registered(
@@ -115,6 +118,7 @@ impl Default for Metrics {
                 Family::default(),
             ),
             registry,
+            notify,
         }
     }
 }

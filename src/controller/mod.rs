@@ -26,6 +26,7 @@ pub mod clock;
 pub mod gitops;
 pub mod leader;
 pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod replica;
 pub mod server;

@@ -168,6 +168,17 @@ impl Replica {
             };
             tokio::spawn(gating.run(term.clone()));
         }
+        // Team notifications: a task of its own, never in the lock path.
+        let notifications = tokio::spawn(super::notify::run(
+            super::notify::Notifier {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                clock: clock.clone(),
+                metrics: self.metrics.notify.clone(),
+                instance: identity.to_string(),
+            },
+            term.clone(),
+        ));
         let context = Arc::new(Context::new(
             self.client.clone(),
             self.metrics.clone(),
@@ -191,5 +202,6 @@ impl Replica {
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);
+        notifications.abort();
     }
 }

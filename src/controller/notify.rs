@@ -1,0 +1,808 @@
+//! Delivery of team notifications by the leader (see [`crate::notify`]).
+//!
+//! [`run`] watches DeploymentLocks and NotificationSubscriptions and keeps
+//! one worker per subscription. A worker plans what is due for each lock it
+//! covers ([`plan::plan`]: history entries after its cursor, observed
+//! expiries, reminders), sends each message with capped exponential backoff
+//! and, after each one, writes the cursor to the subscription's status with
+//! a conditional replace (resourceVersion). After a restart, a hand-over or
+//! an API server restart a new worker reads the cursor back and resumes
+//! after it: a message is repeated only when a crash fell between its
+//! delivery and the cursor write, and then carries the same key.
+//!
+//! Workers are separate tasks with bounded requests: a slow or dead
+//! receiver delays only its own subscription, never a lock operation (which
+//! never waits for the controller at all).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::crd::DeploymentLock;
+use crate::notify::payload::Message;
+use crate::notify::send::{ConfigError, Receiver, SendError};
+use crate::notify::{
+    DeliveryCursor, DeliveryResult, LastDelivery, NotificationSubscription,
+    NotificationSubscriptionStatus, READY_CONDITION, plan,
+};
+use crate::servertime::ServerClock;
+use crate::store::decode_lock;
+
+use super::{CONTROLLER_NAME, REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, clock, leader};
+
+/// How often a subscription whose Secret is missing looks again (besides
+/// on every change of the subscription).
+const CONFIG_RETRY: StdDuration = StdDuration::from_secs(10);
+/// First wait after a failed attempt; it doubles up to the subscription's cap.
+const FIRST_BACKOFF: StdDuration = StdDuration::from_secs(1);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub provider: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+/// `deploylock_notifications_total{provider,result}` (result: delivered,
+/// retry, failed, gap) and `deploylock_notification_delivery_seconds`
+/// (transition on the API server's clock to the receiver's 2xx).
+#[derive(Clone)]
+pub struct NotifyMetrics {
+    total: Family<ResultLabels, Counter>,
+    latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0])
+}
+
+impl NotifyMetrics {
+    /// Registers the notification metrics in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = NotifyMetrics {
+            total: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "notifications",
+            "Notification attempts by provider and result (delivered, retry, failed, gap)",
+            metrics.total.clone(),
+        );
+        registry.register(
+            "notification_delivery_seconds",
+            "From a lock transition (API server clock) to its notification's delivery",
+            metrics.latency.clone(),
+        );
+        metrics
+    }
+
+    fn count(&self, provider: &str, result: &str) {
+        self.total
+            .get_or_create(&ResultLabels {
+                provider: provider.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// What the watches know, shared with the workers.
+#[derive(Default)]
+struct Known {
+    locks: HashMap<String, DeploymentLock>,
+    subscriptions: HashMap<String, NotificationSubscription>,
+    locks_listed: bool,
+    subscriptions_listed: bool,
+}
+
+/// What a delivery task needs.
+#[derive(Clone)]
+pub struct Notifier {
+    pub client: Client,
+    /// Only this namespace (None: all).
+    pub namespace: Option<String>,
+    pub clock: ServerClock,
+    pub metrics: NotifyMetrics,
+    /// Reported in Events.
+    pub instance: String,
+}
+
+struct Shared {
+    notifier: Notifier,
+    known: Mutex<Known>,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn bump(&self) {
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    fn with<T>(&self, read: impl FnOnce(&mut Known) -> T) -> T {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        read(&mut known)
+    }
+}
+
+/// Delivers notifications until `term` ends (the end of this leadership
+/// term or a stop). Never returns early: API errors are retried.
+pub async fn run(notifier: Notifier, term: watch::Receiver<bool>) {
+    let (changed, _) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        notifier,
+        known: Mutex::new(Known::default()),
+        changed,
+    });
+    let locks = tokio::spawn(watch_locks(shared.clone()));
+    let subscriptions = tokio::spawn(watch_subscriptions(shared.clone()));
+    let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut changes = shared.changed.subscribe();
+    let mut stop = term.clone();
+    loop {
+        let wanted: BTreeMap<String, (String, String)> = shared.with(|known| {
+            if !(known.locks_listed && known.subscriptions_listed) {
+                return BTreeMap::new();
+            }
+            known
+                .subscriptions
+                .iter()
+                .map(|(uid, sub)| {
+                    (
+                        uid.clone(),
+                        (sub.namespace().unwrap_or_default(), sub.name_any()),
+                    )
+                })
+                .collect()
+        });
+        workers.retain(|uid, worker| {
+            let keep = wanted.contains_key(uid) && !worker.is_finished();
+            if !keep {
+                worker.abort();
+            }
+            keep
+        });
+        for (uid, (namespace, name)) in wanted {
+            workers.entry(uid.clone()).or_insert_with(|| {
+                tokio::spawn(worker(shared.clone(), uid, namespace, name, term.clone()))
+            });
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = stop.wait_for(|ended| *ended) => break,
+        }
+    }
+    for worker in workers.values() {
+        worker.abort();
+    }
+    locks.abort();
+    subscriptions.abort();
+}
+
+fn watch_config() -> watcher::Config {
+    watcher::Config::default()
+        .any_semantic()
+        .timeout(WATCH_TIMEOUT_SECONDS)
+}
+
+async fn watch_locks(shared: Arc<Shared>) {
+    let resource = ApiResource::erase::<DeploymentLock>(&());
+    let client = shared.notifier.client.clone();
+    let api: Api<DynamicObject> = match &shared.notifier.namespace {
+        Some(namespace) => Api::namespaced_with(client, namespace, &resource),
+        None => Api::all_with(client, &resource),
+    };
+    let decode = |object: DynamicObject| -> Option<DeploymentLock> {
+        // A malformed lock is reported by the lock controller; here it is
+        // only left out.
+        decode_lock(serde_json::to_value(object).ok()?).ok()
+    };
+    let mut events = watcher(api, watch_config()).boxed();
+    let mut fresh: HashMap<String, DeploymentLock> = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => fresh.clear(),
+            Ok(watcher::Event::InitApply(object)) => {
+                if let Some(uid) = object.uid()
+                    && let Some(lock) = decode(object)
+                {
+                    fresh.insert(uid, lock);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let locks = std::mem::take(&mut fresh);
+                shared.with(|known| {
+                    known.locks = locks;
+                    known.locks_listed = true;
+                });
+                shared.bump();
+            }
+            Ok(watcher::Event::Apply(object)) => {
+                if let Some(uid) = object.uid() {
+                    let lock = decode(object);
+                    shared.with(|known| match lock {
+                        Some(lock) => known.locks.insert(uid, lock),
+                        None => known.locks.remove(&uid),
+                    });
+                    shared.bump();
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                if let Some(uid) = object.uid() {
+                    shared.with(|known| known.locks.remove(&uid));
+                    shared.bump();
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "notifications: watching DeploymentLocks failed; retrying");
+                tokio::time::sleep(leader::jitter(StdDuration::from_secs(2))).await;
+            }
+        }
+    }
+}
+
+async fn watch_subscriptions(shared: Arc<Shared>) {
+    let client = shared.notifier.client.clone();
+    let api: Api<NotificationSubscription> = match &shared.notifier.namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
+    let mut events = watcher(api, watch_config()).boxed();
+    let mut fresh = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => fresh.clear(),
+            Ok(watcher::Event::InitApply(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    fresh.insert(uid, sub);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let subscriptions = std::mem::take(&mut fresh);
+                shared.with(|known| {
+                    known.subscriptions = subscriptions;
+                    known.subscriptions_listed = true;
+                });
+                shared.bump();
+            }
+            Ok(watcher::Event::Apply(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    // Workers keep their own status: a status write (one
+                    // per message) wakes nobody, a spec change wakes all.
+                    let generation = sub.metadata.generation;
+                    let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
+                    if previous.is_none_or(|old| old.metadata.generation != generation) {
+                        shared.bump();
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    shared.with(|known| known.subscriptions.remove(&uid));
+                    shared.bump();
+                }
+            }
+            Err(err) => {
+                // Also when the CRD is not installed: notifications are
+                // optional, locks work without them.
+                tracing::warn!(error = %err, "notifications: watching NotificationSubscriptions failed; retrying");
+                tokio::time::sleep(leader::jitter(StdDuration::from_secs(5))).await;
+            }
+        }
+    }
+}
+
+/// Runs `request` with the controller's request time limit.
+async fn timed<T>(request: impl Future<Output = Result<T, kube::Error>>) -> Result<T, kube::Error> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("request timed out after {REQUEST_TIMEOUT:?}").into(),
+            ))
+        })
+}
+
+/// Reads a subscription's Secrets and builds its receiver.
+pub async fn load_receiver(
+    client: &Client,
+    sub: &NotificationSubscription,
+) -> Result<Receiver, ConfigError> {
+    let namespace = sub.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let read = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            match timed(secrets.get_opt(&name)).await {
+                Ok(Some(secret)) => Ok(secret),
+                Ok(None) => Err(ConfigError::SecretNotFound(name)),
+                Err(source) => Err(ConfigError::SecretUnreadable { name, source }),
+            }
+        }
+    };
+    let provider = &sub.spec.provider;
+    let secret = read(provider.secret_ref.name.clone()).await?;
+    let ca = match &provider.ca_secret_ref {
+        Some(reference) => Some(read(reference.name.clone()).await?),
+        None => None,
+    };
+    Receiver::from_secrets(provider, &secret, ca.as_ref())
+}
+
+enum Delivery {
+    Delivered,
+    GaveUp,
+    Stopped,
+}
+
+/// One subscription's delivery loop.
+struct Worker {
+    shared: Arc<Shared>,
+    api: Api<NotificationSubscription>,
+    uid: String,
+    name: String,
+    namespace: String,
+    /// The object as last written or read (its resourceVersion makes the
+    /// next status write conditional).
+    object: NotificationSubscription,
+    status: NotificationSubscriptionStatus,
+    term: watch::Receiver<bool>,
+}
+
+async fn worker(
+    shared: Arc<Shared>,
+    uid: String,
+    namespace: String,
+    name: String,
+    term: watch::Receiver<bool>,
+) {
+    let api: Api<NotificationSubscription> =
+        Api::namespaced(shared.notifier.client.clone(), &namespace);
+    // The cursors from the API server, not from a cache that may lag.
+    let object = loop {
+        match timed(api.get_opt(&name)).await {
+            Ok(Some(object)) if object.uid().as_deref() == Some(uid.as_str()) => break object,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(subscription = %name, %namespace, error = %err, "cannot read subscription; retrying");
+                let mut term = term.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(leader::jitter(StdDuration::from_secs(2))) => {}
+                    _ = term.wait_for(|ended| *ended) => return,
+                }
+            }
+        }
+    };
+    let status = object.status.clone().unwrap_or_default();
+    let mut worker = Worker {
+        shared,
+        api,
+        uid,
+        name,
+        namespace,
+        object,
+        status,
+        term,
+    };
+    worker.run().await;
+}
+
+impl Worker {
+    fn provider(&self) -> &'static str {
+        self.object.spec.provider.provider_type.as_str()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.shared.notifier.clock.lower_bound(Instant::now())
+    }
+
+    async fn run(&mut self) {
+        let mut changes = self.shared.changed.subscribe();
+        loop {
+            let Some(sub) = self
+                .shared
+                .with(|known| known.subscriptions.get(&self.uid).cloned())
+            else {
+                return;
+            };
+            self.object.spec = sub.spec.clone();
+            self.object.metadata.generation = sub.metadata.generation;
+            changes.borrow_and_update();
+            let wake = match load_receiver(&self.shared.notifier.client, &sub).await {
+                Err(err) => {
+                    tracing::warn!(subscription = %self.name, namespace = %self.namespace, error = %err, "notifications: subscription not ready");
+                    self.set_ready(false, err.reason(), &err.to_string()).await;
+                    Some(Instant::now() + CONFIG_RETRY)
+                }
+                Ok(receiver) => {
+                    if !self.is_ready() {
+                        self.set_ready(true, "Configured", "the receiver's Secrets are valid")
+                            .await;
+                    }
+                    match self.deliver_due(&receiver).await {
+                        Some(wake) => wake,
+                        None => return,
+                    }
+                }
+            };
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = sleep => {}
+                _ = self.term.wait_for(|ended| *ended) => return,
+            }
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == READY_CONDITION && c.status == "True")
+            && self.status.observed_generation == self.object.metadata.generation
+    }
+
+    /// Delivers everything due; `Some(next wake)` (None inside: only on a
+    /// change), or `None` when the term ended.
+    async fn deliver_due(&mut self, receiver: &Receiver) -> Option<Option<Instant>> {
+        let since = self
+            .object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|time| DateTime::<Utc>::from_timestamp_micros(time.0.as_microsecond()))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut locks: Vec<DeploymentLock> = self.shared.with(|known| {
+            known
+                .locks
+                .values()
+                .filter(|lock| lock.namespace().as_deref() == Some(self.namespace.as_str()))
+                .filter(|lock| self.object.spec.covers(&lock.spec.environment))
+                .cloned()
+                .collect()
+        });
+        locks.sort_by(|a, b| a.spec.environment.cmp(&b.spec.environment));
+        let mut next_due: Option<DateTime<Utc>> = None;
+        let mut dirty = false;
+        // Cursors of deleted locks go: a lock created again is a new UID.
+        let live: Vec<String> = self
+            .shared
+            .with(|known| known.locks.keys().cloned().collect());
+        let before = self.status.cursors.len();
+        self.status
+            .cursors
+            .retain(|cursor| live.contains(&cursor.lock_uid));
+        dirty |= before != self.status.cursors.len();
+        for lock in locks {
+            let Some(uid) = lock.uid() else { continue };
+            let known = self
+                .status
+                .cursors
+                .iter()
+                .find(|cursor| cursor.lock_uid == uid)
+                .cloned();
+            let cursor = match known {
+                Some(cursor) => cursor,
+                None => {
+                    let cursor = plan::initial_cursor(&lock, &uid, since);
+                    self.set_cursor(cursor.clone());
+                    dirty = true;
+                    cursor
+                }
+            };
+            let plan = plan::plan(&self.object.spec, &lock, &uid, &cursor, self.now());
+            if let Some((first, last)) = plan.gap {
+                self.shared.notifier.metrics.count(self.provider(), "gap");
+                let note = format!(
+                    "history entries {first} to {last} of {} were dropped from the lock (it keeps {}) before they could be delivered",
+                    lock.spec.environment,
+                    crate::crd::MAX_HISTORY_ENTRIES
+                );
+                tracing::warn!(subscription = %self.name, "{note}");
+                self.event("NotificationsLost", &format!("{uid}-gap-{first}"), note)
+                    .await;
+            }
+            for step in plan.steps {
+                if let Some(message) = &step.message {
+                    match self.deliver(receiver, message).await {
+                        Delivery::Stopped => return None,
+                        Delivery::Delivered | Delivery::GaveUp => {}
+                    }
+                    self.set_cursor(step.cursor);
+                    self.write_status().await;
+                    dirty = false;
+                } else {
+                    self.set_cursor(step.cursor);
+                    dirty = true;
+                }
+            }
+            if let Some(due) = plan.next_due {
+                next_due = Some(next_due.map_or(due, |next| next.min(due)));
+            }
+        }
+        if dirty {
+            self.write_status().await;
+        }
+        Some(next_due.map(|due| {
+            self.shared
+                .notifier
+                .clock
+                .wake_for(due, Instant::now(), StdDuration::from_millis(250))
+        }))
+    }
+
+    fn set_cursor(&mut self, cursor: DeliveryCursor) {
+        match self
+            .status
+            .cursors
+            .iter_mut()
+            .find(|existing| existing.lock_uid == cursor.lock_uid)
+        {
+            Some(existing) => *existing = cursor,
+            None => self.status.cursors.push(cursor),
+        }
+    }
+
+    /// Sends one message, retrying with capped exponential backoff for the
+    /// subscription's retry period (reading the Secrets again each time, so
+    /// a fixed Secret takes effect at once).
+    async fn deliver(&mut self, first_receiver: &Receiver, message: &Message) -> Delivery {
+        let started = Instant::now();
+        let retry_for = StdDuration::from_secs(
+            u64::try_from(self.object.spec.retry_for_seconds()).unwrap_or(3600),
+        );
+        let cap = StdDuration::from_secs(
+            u64::try_from(self.object.spec.max_backoff_seconds()).unwrap_or(60),
+        );
+        let mut backoff = FIRST_BACKOFF.min(cap);
+        let mut receiver = first_receiver.clone();
+        let mut reported_retrying = false;
+        loop {
+            let result = tokio::select! {
+                result = receiver.send(message) => result,
+                _ = self.term.wait_for(|ended| *ended) => return Delivery::Stopped,
+            };
+            let provider = self.provider();
+            match result {
+                Ok(_) => {
+                    let metrics = &self.shared.notifier.metrics;
+                    metrics.count(provider, "delivered");
+                    if !matches!(
+                        message.occurrence,
+                        crate::notify::payload::Occurrence::Reminder(_)
+                    ) {
+                        let seconds = (self.now() - message.at).num_milliseconds() as f64 / 1000.0;
+                        metrics
+                            .latency
+                            .get_or_create(&ProviderLabels {
+                                provider: provider.to_string(),
+                            })
+                            .observe(seconds.max(0.0));
+                    }
+                    tracing::info!(subscription = %self.name, key = %message.key, "notification delivered");
+                    self.status.last_delivery = Some(LastDelivery {
+                        at: Utc::now(),
+                        key: message.key.clone(),
+                        result: DeliveryResult::Delivered,
+                        error: None,
+                    });
+                    return Delivery::Delivered;
+                }
+                Err(err) if err.is_permanent() || started.elapsed() >= retry_for => {
+                    self.give_up(message, &err).await;
+                    return Delivery::GaveUp;
+                }
+                Err(err) => {
+                    self.shared.notifier.metrics.count(provider, "retry");
+                    tracing::warn!(subscription = %self.name, key = %message.key, error = %err, retry_in = ?backoff, "notification not delivered; retrying");
+                    if !reported_retrying {
+                        reported_retrying = true;
+                        self.status.last_delivery = Some(LastDelivery {
+                            at: Utc::now(),
+                            key: message.key.clone(),
+                            result: DeliveryResult::Retrying,
+                            error: Some(err.to_string()),
+                        });
+                        self.write_status().await;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(leader::jitter(backoff)) => {}
+                _ = self.term.wait_for(|ended| *ended) => return Delivery::Stopped,
+            }
+            backoff = (backoff * 2).min(cap);
+            if let Some(sub) = self
+                .shared
+                .with(|known| known.subscriptions.get(&self.uid).cloned())
+                && let Ok(fresh) = load_receiver(&self.shared.notifier.client, &sub).await
+            {
+                receiver = fresh;
+            }
+        }
+    }
+
+    async fn give_up(&mut self, message: &Message, err: &SendError) {
+        self.shared
+            .notifier
+            .metrics
+            .count(self.provider(), "failed");
+        let note = format!(
+            "notification {} ({} of {}) not delivered, given up: {err}",
+            message.key,
+            message.occurrence.name(),
+            message.environment
+        );
+        tracing::error!(subscription = %self.name, "{note}");
+        self.status.last_delivery = Some(LastDelivery {
+            at: Utc::now(),
+            key: message.key.clone(),
+            result: DeliveryResult::Failed,
+            error: Some(err.to_string()),
+        });
+        let key = message.key.clone();
+        self.event("NotificationFailed", &key, note).await;
+    }
+
+    async fn set_ready(&mut self, ready: bool, reason: &str, message: &str) {
+        let status = if ready { "True" } else { "False" };
+        let unchanged = self.status.conditions.iter().any(|c| {
+            c.type_ == READY_CONDITION
+                && c.status == status
+                && c.reason == reason
+                && c.message == message
+        }) && self.status.observed_generation == self.object.metadata.generation;
+        if unchanged {
+            return;
+        }
+        let transition = self
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY_CONDITION && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| Time(clock::micro_time(self.now()).0));
+        self.status
+            .conditions
+            .retain(|c| c.type_ != READY_CONDITION);
+        self.status.conditions.push(Condition {
+            type_: READY_CONDITION.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message: message.chars().take(1024).collect(),
+            observed_generation: self.object.metadata.generation,
+            last_transition_time: transition,
+        });
+        self.status.observed_generation = self.object.metadata.generation;
+        self.write_status().await;
+    }
+
+    /// Writes the status conditionally on the resourceVersion last seen; on
+    /// a conflict, reads the object again and writes once more, keeping the
+    /// highest delivered sequence of each cursor (a cursor never goes back).
+    async fn write_status(&mut self) {
+        for _ in 0..5 {
+            let mut object = self.object.clone();
+            object.status = Some(self.status.clone());
+            object.metadata.managed_fields = None;
+            match timed(
+                self.api
+                    .replace_status(&self.name, &PostParams::default(), &object),
+            )
+            .await
+            {
+                Ok(written) => {
+                    self.object.metadata = written.metadata;
+                    return;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    match timed(self.api.get_opt(&self.name)).await {
+                        Ok(Some(fresh)) if fresh.uid().as_deref() == Some(self.uid.as_str()) => {
+                            for theirs in fresh.status.iter().flat_map(|s| s.cursors.iter()) {
+                                if let Some(ours) = self
+                                    .status
+                                    .cursors
+                                    .iter_mut()
+                                    .find(|c| c.lock_uid == theirs.lock_uid)
+                                    && theirs.sequence > ours.sequence
+                                {
+                                    ours.sequence = theirs.sequence;
+                                }
+                            }
+                            self.object.metadata = fresh.metadata;
+                            self.object.spec = fresh.spec;
+                        }
+                        Ok(_) => return,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot re-read subscription");
+                            return;
+                        }
+                    }
+                }
+                Err(err) => {
+                    // The cursor stays in memory and is written with the
+                    // next delivery; a crash meanwhile repeats messages
+                    // (same keys), never loses them.
+                    tracing::warn!(subscription = %self.name, error = %err, "cannot write subscription status");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn event(&self, reason: &str, key: &str, note: String) {
+        let regarding = ObjectReference {
+            api_version: Some(NotificationSubscription::api_version(&()).into_owned()),
+            kind: Some(NotificationSubscription::kind(&()).into_owned()),
+            name: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            uid: Some(self.uid.clone()),
+            ..Default::default()
+        };
+        // Deterministic names: a repeated give-up after a restart is one Event.
+        let mut name: String = format!("{}.{}", self.name, key.to_ascii_lowercase())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(253)
+            .collect();
+        while name.ends_with(['-', '.']) {
+            name.pop();
+        }
+        let event = Event {
+            metadata: kube::core::ObjectMeta {
+                name: Some(name),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            },
+            event_time: Some(clock::micro_time(self.now())),
+            action: Some("Notify".to_string()),
+            reason: Some(reason.to_string()),
+            type_: Some("Warning".to_string()),
+            note: Some(note.chars().take(1024).collect()),
+            regarding: Some(regarding),
+            reporting_controller: Some(CONTROLLER_NAME.to_string()),
+            reporting_instance: Some(self.shared.notifier.instance.chars().take(128).collect()),
+            ..Default::default()
+        };
+        let events: Api<Event> =
+            Api::namespaced(self.shared.notifier.client.clone(), &self.namespace);
+        match timed(events.create(&PostParams::default(), &event)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(err) => tracing::warn!(error = %err, "cannot record a notification Event"),
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Team notifications: the `NotificationSubscription` custom resource (which
+//! locks, which transitions, where to), the messages sent for each provider
+//! ([`payload`]), what is due for delivery from a lock's history and a
+//! subscription's delivery cursor ([`plan`]) and the HTTP client that sends
+//! them ([`send`]). The controller's leader delivers them
+//! (`controller::notify`); `deploylock notify test` sends a test message.
+//!
+//! Durability rests on the lock's history: every transition is a history
+//! entry with a sequence number, and each subscription keeps, per lock (by
+//! UID), the last sequence it delivered in its status. After a restart or a
+//! leader hand-over delivery resumes after that sequence. A crash between a
+//! delivery and the cursor write repeats one message, with the same
+//! idempotency key (`<lock UID>-<sequence>`), so a receiver can drop it.
+
+pub mod cli;
+pub mod payload;
+pub mod plan;
+pub mod send;
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::crd::HistoryAction;
+
+/// Condition type saying whether a subscription can deliver (its Secrets
+/// are present and well formed).
+pub const READY_CONDITION: &str = "Ready";
+/// Header carrying the idempotency key of every delivery.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+/// Header carrying the HMAC-SHA256 signature of the body (`generic-hmac`),
+/// as Flux's notification-controller sends it: `sha256=<hex>`.
+pub const SIGNATURE_HEADER: &str = "X-Signature";
+/// Default time a failing delivery is retried before it is given up.
+pub const DEFAULT_RETRY_FOR_SECONDS: i64 = 3600;
+/// Default longest wait between two attempts.
+pub const DEFAULT_MAX_BACKOFF_SECONDS: i64 = 60;
+
+/// Where and which lock transitions to announce.
+// rustfmt splits the printcolumns over lines, where clippy takes their
+// repeated keys for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "deploylock.dev",
+    version = "v1",
+    kind = "NotificationSubscription",
+    plural = "notificationsubscriptions",
+    singular = "notificationsubscription",
+    shortname = "dlnotify",
+    category = "deploylock",
+    namespaced,
+    status = "NotificationSubscriptionStatus",
+    derive = "PartialEq",
+    doc = "A NotificationSubscription sends the transitions of the DeploymentLocks in its namespace (all, or the environments it names) to a team chat or a webhook, and reminds the team of locks held too long. The controller's leader delivers them, in order per lock, none lost across restarts.",
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.provider.type",
+        description = "Where messages go"
+    ),
+    printcolumn(
+        name = "Environments",
+        type_ = "string",
+        json_path = ".spec.environments",
+        description = "Locks covered (empty: all in the namespace)"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the subscription can deliver"
+    ),
+    printcolumn(
+        name = "Last Delivery",
+        type_ = "date",
+        json_path = ".status.lastDelivery.at",
+        description = "When the last message was sent"
+    ),
+    printcolumn(
+        name = "Result",
+        type_ = "string",
+        json_path = ".status.lastDelivery.result",
+        description = "Delivered, Retrying or Failed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationSubscriptionSpec {
+    /// Environments (DeploymentLock names) whose transitions are sent; empty
+    /// means every lock in the namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "environments_schema")]
+    pub environments: Vec<String>,
+
+    /// Transitions sent; empty means all of them (Acquired, TookOverExpired,
+    /// Extended, Released, ForceAcquired, ForceReleased, Cleared, Expired).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub events: Vec<NotifyEvent>,
+
+    /// A reminder for a lock held longer than `afterSeconds`, repeated every
+    /// `repeatSeconds` while it is still held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder: Option<Reminder>,
+
+    /// Where messages go.
+    pub provider: Provider,
+
+    /// How failing deliveries are retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A transition a subscription can ask for.
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+pub enum NotifyEvent {
+    Acquired,
+    TookOverExpired,
+    Extended,
+    Released,
+    ForceAcquired,
+    ForceReleased,
+    Cleared,
+    /// The holding passed its expiry (observed by the controller; not a
+    /// history entry).
+    Expired,
+}
+
+impl From<HistoryAction> for NotifyEvent {
+    fn from(action: HistoryAction) -> Self {
+        match action {
+            HistoryAction::Acquired => NotifyEvent::Acquired,
+            HistoryAction::TookOverExpired => NotifyEvent::TookOverExpired,
+            HistoryAction::Extended => NotifyEvent::Extended,
+            HistoryAction::Released => NotifyEvent::Released,
+            HistoryAction::ForceAcquired => NotifyEvent::ForceAcquired,
+            HistoryAction::ForceReleased => NotifyEvent::ForceReleased,
+            HistoryAction::Cleared => NotifyEvent::Cleared,
+        }
+    }
+}
+
+/// A repeated reminder for a long-held lock.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reminder {
+    /// First reminder once a holding has lasted this many seconds.
+    #[schemars(range(min = 1, max = 604800))]
+    pub after_seconds: i64,
+    /// Further reminders every this many seconds; absent: only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub repeat_seconds: Option<i64>,
+}
+
+/// Kind of receiver, and so the message format.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderType {
+    /// Slack incoming webhook: Block Kit blocks with a text fallback.
+    #[default]
+    Slack,
+    /// Microsoft Teams Workflows webhook: an Adaptive Card.
+    Msteams,
+    /// Discord webhook: content and an embed.
+    Discord,
+    /// Google Chat incoming webhook: text.
+    Googlechat,
+    /// Mattermost incoming webhook: text (Slack-compatible).
+    Mattermost,
+    /// JSON with every Lock Information field.
+    Generic,
+    /// The generic JSON, signed: `X-Signature: sha256=<HMAC-SHA256 hex>`
+    /// keyed with the Secret's `token`.
+    #[serde(rename = "generic-hmac")]
+    GenericHmac,
+    /// A CloudEvents 1.0 event in structured mode
+    /// (`application/cloudevents+json`).
+    Cloudevents,
+}
+
+impl ProviderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderType::Slack => "slack",
+            ProviderType::Msteams => "msteams",
+            ProviderType::Discord => "discord",
+            ProviderType::Googlechat => "googlechat",
+            ProviderType::Mattermost => "mattermost",
+            ProviderType::Generic => "generic",
+            ProviderType::GenericHmac => "generic-hmac",
+            ProviderType::Cloudevents => "cloudevents",
+        }
+    }
+}
+
+/// A receiver. The address (a webhook URL is a secret), any token or HMAC
+/// key and any proxy come only from Secrets.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.channel) || self.type in ['slack', 'mattermost']").message("provider.channel applies to slack and mattermost only (other webhooks post to a fixed channel)"))]
+#[x_kube(validation = Rule::new("!has(self.username) || self.type in ['slack', 'discord', 'mattermost']").message("provider.username applies to slack, discord and mattermost only"))]
+pub struct Provider {
+    /// slack, msteams, discord, googlechat, mattermost, generic,
+    /// generic-hmac or cloudevents.
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+    /// Secret in this namespace with `address` (the URL, required), and
+    /// optionally `token` (HMAC key for generic-hmac; a bearer token for
+    /// generic and cloudevents) and `proxy` (an HTTP(S) proxy URL).
+    pub secret_ref: SecretReference,
+    /// Secret in this namespace with `ca.crt`: PEM CA certificates trusted
+    /// for the receiver (besides the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretReference>,
+    /// Channel to post to, where the provider lets a webhook choose
+    /// (Slack legacy webhooks, Mattermost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub channel: Option<String>,
+    /// Name the message is posted as, where the provider allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 80))]
+    pub username: Option<String>,
+}
+
+/// A Secret in the subscription's namespace.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// How failing deliveries are retried.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Give a message up (Warning Event, metric) after retrying it this
+    /// long; default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub for_seconds: Option<i64>,
+    /// Longest wait between attempts (the wait doubles from 1 s up to
+    /// this); default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub max_backoff_seconds: Option<i64>,
+}
+
+/// What the controller observed and delivered.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationSubscriptionStatus {
+    /// `Ready`: False with the reason when a Secret is missing or malformed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// metadata.generation the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The last delivery attempt's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivery: Option<LastDelivery>,
+    /// Per lock, what was already delivered: delivery resumes after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["lockUid"]))]
+    pub cursors: Vec<DeliveryCursor>,
+}
+
+/// Outcome of the last delivery attempt.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastDelivery {
+    /// When (controller clock).
+    pub at: DateTime<Utc>,
+    /// Idempotency key of the message.
+    pub key: String,
+    /// Delivered, Retrying or Failed.
+    pub result: DeliveryResult,
+    /// The receiver's answer or the transport error, when not delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Outcome of a delivery attempt.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryResult {
+    Delivered,
+    Retrying,
+    /// Retried for the whole retry period, then given up.
+    Failed,
+}
+
+/// What a subscription has delivered for one lock.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryCursor {
+    /// UID of the DeploymentLock (a lock deleted and created again is a new
+    /// lock).
+    pub lock_uid: String,
+    /// Its name, for people.
+    pub environment: String,
+    /// Sequence of the last history entry handled (delivered, filtered out
+    /// or given up).
+    #[serde(default)]
+    pub sequence: i64,
+    /// Holding whose expiry was last handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_lock_id: Option<String>,
+    /// Holding the last reminder was for, and its number (1, 2, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder_lock_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder_count: Option<i64>,
+}
+
+/// DeploymentLock names: DNS-1123 labels (bounded, so the API server's CEL
+/// cost estimate of any later rule stays small).
+fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 64,
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": crate::crd::MAX_ENVIRONMENT_LEN,
+            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        },
+    })
+}
+
+impl NotificationSubscriptionSpec {
+    /// Whether this subscription covers the lock named `environment`.
+    pub fn covers(&self, environment: &str) -> bool {
+        self.environments.is_empty() || self.environments.iter().any(|e| e == environment)
+    }
+
+    /// The transitions asked for (all when the list is empty).
+    pub fn wanted(&self) -> BTreeSet<NotifyEvent> {
+        if self.events.is_empty() {
+            [
+                NotifyEvent::Acquired,
+                NotifyEvent::TookOverExpired,
+                NotifyEvent::Extended,
+                NotifyEvent::Released,
+                NotifyEvent::ForceAcquired,
+                NotifyEvent::ForceReleased,
+                NotifyEvent::Cleared,
+                NotifyEvent::Expired,
+            ]
+            .into_iter()
+            .collect()
+        } else {
+            self.events.iter().copied().collect()
+        }
+    }
+
+    pub fn retry_for_seconds(&self) -> i64 {
+        self.retry
+            .as_ref()
+            .and_then(|retry| retry.for_seconds)
+            .unwrap_or(DEFAULT_RETRY_FOR_SECONDS)
+    }
+
+    pub fn max_backoff_seconds(&self) -> i64 {
+        self.retry
+            .as_ref()
+            .and_then(|retry| retry.max_backoff_seconds)
+            .unwrap_or(DEFAULT_MAX_BACKOFF_SECONDS)
+    }
+}

@@ -1,0 +1,1093 @@
+//! Team notifications end to end: the real controller, the real control
+//! plane, and a real HTTP(S) receiver on loopback (receiver.rs) that records
+//! what arrives and can fail, stall, be slow or be down.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use deploylock::crd::{DeploymentLock, HistoryAction};
+use deploylock::notify::{DeliveryResult, NotificationSubscription};
+
+use crate::receiver::{Mode, Receiver, Request, TestCa};
+use crate::support::{Identity, cluster, expect_exit};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+static CRD: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Installs the NotificationSubscription CRD once (from a runtime of its
+/// own, like support.rs does for the DeploymentLock CRD).
+fn install_subscription_crd() {
+    let result = CRD.get_or_init(|| {
+        let kubeconfig = cluster().kubeconfig(Identity::Admin);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|err| err.to_string())?;
+            runtime.block_on(async {
+                let client = crate::support::client_from(&kubeconfig).await?;
+                let crds: Api<CustomResourceDefinition> = Api::all(client);
+                let crd = NotificationSubscription::crd();
+                let name = crd.name_any();
+                crds.patch(
+                    &name,
+                    &PatchParams::apply("deploylock-tests").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .map_err(|err| err.to_string())?;
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    await_condition(crds, &name, conditions::is_crd_established()),
+                )
+                .await
+                .map_err(|_| "the subscription CRD was not established".to_string())?
+                .map_err(|err| err.to_string())?;
+                Ok(())
+            })
+        })
+        .join()
+        .map_err(|_| "the CRD installer panicked".to_string())?
+    });
+    if let Err(reason) = result {
+        panic!("cannot install the NotificationSubscription CRD: {reason}");
+    }
+}
+
+struct Setup {
+    namespace: String,
+    client: Client,
+}
+
+async fn setup(name: &str) -> Setup {
+    install_subscription_crd();
+    let cluster = cluster();
+    let namespace = cluster.namespace(name).await;
+    let client = cluster.client(Identity::Admin).await;
+    Setup { namespace, client }
+}
+
+impl Setup {
+    async fn secret(&self, name: &str, data: &[(&str, &str)]) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "stringData": data.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        }))
+        .expect("a Secret");
+        if let Err(err) = secrets.create(&PostParams::default(), &secret).await {
+            panic!("cannot create Secret {name}: {err}");
+        }
+    }
+
+    fn subscriptions(&self) -> Api<NotificationSubscription> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn subscription(&self, name: &str, spec: Value) {
+        let object: NotificationSubscription = match serde_json::from_value(json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "NotificationSubscription",
+            "metadata": {"name": name},
+            "spec": spec,
+        })) {
+            Ok(object) => object,
+            Err(err) => panic!("bad subscription {name}: {err}"),
+        };
+        if let Err(err) = self
+            .subscriptions()
+            .create(&PostParams::default(), &object)
+            .await
+        {
+            panic!("cannot create subscription {name}: {err}");
+        }
+    }
+
+    /// Waits, on a watch, until the subscription satisfies `condition`.
+    async fn await_subscription(
+        &self,
+        name: &str,
+        what: &str,
+        condition: impl Fn(&NotificationSubscription) -> bool,
+    ) -> NotificationSubscription {
+        let waited = tokio::time::timeout(
+            WAIT,
+            await_condition(
+                self.subscriptions(),
+                name,
+                move |sub: Option<&NotificationSubscription>| sub.is_some_and(&condition),
+            ),
+        )
+        .await;
+        match waited {
+            Ok(Ok(Some(sub))) => sub,
+            other => {
+                let now = self.subscriptions().get_opt(name).await;
+                panic!("subscription {name}: {what} not seen: {other:?}; now: {now:#?}")
+            }
+        }
+    }
+
+    async fn await_ready(
+        &self,
+        name: &str,
+        ready: &str,
+        reason: Option<&str>,
+    ) -> NotificationSubscription {
+        self.await_subscription(name, &format!("Ready={ready} {reason:?}"), |sub| {
+            sub.status.as_ref().is_some_and(|status| {
+                status.conditions.iter().any(|c| {
+                    c.type_ == "Ready" && c.status == ready && reason.is_none_or(|r| c.reason == r)
+                })
+            })
+        })
+        .await
+    }
+
+    fn cli(&self, identity: Identity, args: &[&str]) {
+        let output = cluster().deploylock(identity, &self.namespace, args);
+        expect_exit(&output, 0, &format!("deploylock {args:?}"));
+    }
+
+    async fn lock(&self, environment: &str) -> DeploymentLock {
+        let api: Api<DeploymentLock> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.get(environment).await {
+            Ok(lock) => lock,
+            Err(err) => panic!("cannot read {environment}: {err}"),
+        }
+    }
+
+    /// The idempotency keys of the lock's history entries, in order.
+    async fn history_keys(&self, environment: &str) -> Vec<String> {
+        let lock = self.lock(environment).await;
+        let uid = lock.uid().expect("a UID");
+        lock.spec
+            .history
+            .iter()
+            .map(|entry| format!("{uid}-{}", entry.sequence))
+            .collect()
+    }
+}
+
+fn key_of(request: &Request) -> String {
+    request
+        .header("idempotency-key")
+        .unwrap_or_else(|| panic!("no Idempotency-Key header: {request:?}"))
+        .to_string()
+}
+
+fn delivered_on<'a>(requests: &'a [Request], path: &str) -> Vec<&'a Request> {
+    requests
+        .iter()
+        .filter(|r| r.delivered() && r.path == path)
+        .collect()
+}
+
+/// A generic subscription to `url`'s Secret, with a short backoff cap so a
+/// receiver that comes back is retried within seconds.
+fn generic_spec(secret: &str) -> Value {
+    json!({
+        "provider": {"type": "generic", "secretRef": {"name": secret}},
+        "retry": {"maxBackoffSeconds": 2}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_provider_gets_its_documented_format() {
+    let setup = setup("notify-formats").await;
+    let receiver = Receiver::start().await;
+    let providers = [
+        "slack",
+        "msteams",
+        "discord",
+        "googlechat",
+        "mattermost",
+        "generic",
+        "generic-hmac",
+        "cloudevents",
+    ];
+    for provider in providers {
+        let secret = format!("hook-{provider}");
+        setup
+            .secret(
+                &secret,
+                &[
+                    ("address", &receiver.url(&format!("/{provider}"))),
+                    ("token", "s3cret"),
+                ],
+            )
+            .await;
+        let mut spec = json!({
+            "environments": ["production"],
+            "provider": {"type": provider, "secretRef": {"name": secret}}
+        });
+        if ["slack", "mattermost"].contains(&provider) {
+            spec["provider"]["channel"] = json!("#deploys");
+        }
+        if ["slack", "discord", "mattermost"].contains(&provider) {
+            spec["provider"]["username"] = json!("deploylock");
+        }
+        setup.subscription(&format!("to-{provider}"), spec).await;
+    }
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-formats", &[]);
+    for provider in providers {
+        setup
+            .await_ready(&format!("to-{provider}"), "True", None)
+            .await;
+    }
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "-e", "production", "--reason", "Deploying 2.1.0"],
+    );
+    // Another environment: not covered by these subscriptions.
+    setup.cli(
+        Identity::Bob,
+        &["acquire", "-e", "staging", "--reason", "other"],
+    );
+    setup.cli(Identity::Alice, &["release", "-e", "production"]);
+    let keys = setup.history_keys("production").await;
+    assert_eq!(keys.len(), 2, "acquire and release: {keys:?}");
+    let requests = receiver
+        .wait_for("two messages per provider", WAIT, |requests| {
+            providers
+                .iter()
+                .all(|p| delivered_on(requests, &format!("/{p}")).len() >= 2)
+        })
+        .await;
+    let lock = setup.lock("production").await;
+    let uid = lock.uid().expect("a UID");
+    for provider in providers {
+        let got = delivered_on(&requests, &format!("/{provider}"));
+        assert_eq!(
+            got.len(),
+            2,
+            "{provider}: exactly one message per transition"
+        );
+        let got_keys: Vec<String> = got.iter().map(|r| key_of(r)).collect();
+        assert_eq!(got_keys, keys, "{provider}: both transitions, in order");
+        let (acquired, released) = (got[0], got[1]);
+        assert_eq!(acquired.method, "POST");
+        let content_type = acquired.header("content-type").unwrap_or_default();
+        let body = acquired.json();
+        match provider {
+            "slack" => {
+                assert_eq!(content_type, "application/json");
+                assert!(
+                    body["text"]
+                        .as_str()
+                        .unwrap()
+                        .contains("production locked by alice")
+                );
+                assert_eq!(body["blocks"][0]["type"], "header");
+                assert_eq!(body["blocks"][1]["type"], "section");
+                assert_eq!(body["blocks"][1]["text"]["type"], "mrkdwn");
+                assert!(body["blocks"][1]["fields"].as_array().unwrap().len() <= 10);
+                assert_eq!(body["blocks"][2]["type"], "context");
+                assert_eq!(body["channel"], "#deploys");
+                assert_eq!(body["username"], "deploylock");
+            }
+            "msteams" => {
+                assert_eq!(content_type, "application/json");
+                assert_eq!(body["type"], "message");
+                let attachment = &body["attachments"][0];
+                assert_eq!(
+                    attachment["contentType"],
+                    "application/vnd.microsoft.card.adaptive"
+                );
+                let card = &attachment["content"];
+                assert_eq!(card["type"], "AdaptiveCard");
+                assert!(card["version"].as_str().is_some());
+                assert!(
+                    card["fallbackText"]
+                        .as_str()
+                        .unwrap()
+                        .contains("production locked")
+                );
+                let blocks = card["body"].as_array().unwrap();
+                assert_eq!(blocks[0]["type"], "TextBlock");
+                let facts = blocks
+                    .iter()
+                    .find(|b| b["type"] == "FactSet")
+                    .expect("a FactSet");
+                assert!(
+                    facts["facts"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f["title"] == "Reason" && f["value"] == "Deploying 2.1.0")
+                );
+            }
+            "discord" => {
+                assert_eq!(content_type, "application/json");
+                let content = body["content"].as_str().unwrap();
+                assert!(
+                    content.contains("production locked by alice")
+                        && content.chars().count() <= 2000
+                );
+                assert_eq!(body["username"], "deploylock");
+                assert_eq!(body["allowed_mentions"]["parse"], json!([]));
+                let embed = &body["embeds"][0];
+                assert!(embed["title"].as_str().unwrap().chars().count() <= 256);
+                assert!(embed["fields"].as_array().unwrap().len() <= 25);
+            }
+            "googlechat" => {
+                assert_eq!(content_type, "application/json");
+                assert!(
+                    body["text"]
+                        .as_str()
+                        .unwrap()
+                        .contains("production locked by alice")
+                );
+            }
+            "mattermost" => {
+                assert_eq!(content_type, "application/json");
+                assert!(
+                    body["text"]
+                        .as_str()
+                        .unwrap()
+                        .contains("production locked by alice")
+                );
+                assert_eq!(body["channel"], "#deploys");
+                assert_eq!(body["props"]["idempotency_key"], keys[0].as_str());
+            }
+            "generic" | "generic-hmac" => {
+                assert_eq!(content_type, "application/json");
+                assert_eq!(body["idempotencyKey"], keys[0].as_str());
+                assert_eq!(body["event"], "Acquired");
+                assert_eq!(body["environment"], "production");
+                assert_eq!(body["namespace"], setup.namespace.as_str());
+                assert_eq!(body["lockUid"], uid.as_str());
+                assert_eq!(body["by"], "alice");
+                assert_eq!(body["reason"], "Deploying 2.1.0");
+                assert_eq!(body["state"], "Locked");
+                assert!(body["expiresAt"].as_str().is_some());
+                assert_eq!(released.json()["event"], "Released");
+                if provider == "generic-hmac" {
+                    for request in [acquired, released] {
+                        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"s3cret").unwrap();
+                        mac.update(&request.body);
+                        let expected =
+                            format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+                        assert_eq!(request.header("x-signature"), Some(expected.as_str()));
+                    }
+                } else {
+                    assert_eq!(acquired.header("x-signature"), None);
+                    assert_eq!(acquired.header("authorization"), Some("Bearer s3cret"));
+                }
+            }
+            "cloudevents" => {
+                assert!(
+                    content_type.starts_with("application/cloudevents+json"),
+                    "{content_type}"
+                );
+                assert_eq!(body["specversion"], "1.0");
+                assert_eq!(body["id"], keys[0].as_str());
+                assert_eq!(body["type"], "dev.deploylock.lock.acquired");
+                assert_eq!(body["subject"], "production");
+                assert!(
+                    body["source"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with("/deploymentlocks/production")
+                );
+                assert!(
+                    chrono::DateTime::parse_from_rfc3339(body["time"].as_str().unwrap()).is_ok()
+                );
+                assert_eq!(body["datacontenttype"], "application/json");
+                assert_eq!(body["data"]["lockUid"], uid.as_str());
+                assert_eq!(released.json()["type"], "dev.deploylock.lock.released");
+            }
+            other => unreachable!("{other}"),
+        }
+    }
+    // Status: the last delivery and a cursor for production only.
+    let sub = setup
+        .await_subscription("to-generic", "cursor at the release", |sub| {
+            sub.status.as_ref().is_some_and(|s| {
+                s.cursors
+                    .iter()
+                    .any(|c| c.environment == "production" && c.sequence >= 2)
+            })
+        })
+        .await;
+    let status = sub.status.unwrap();
+    assert!(status.cursors.iter().all(|c| c.environment == "production"));
+    assert_eq!(
+        status.last_delivery.unwrap().result,
+        DeliveryResult::Delivered
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_receiver_with_a_custom_ca() {
+    let setup = setup("notify-tls").await;
+    let ca = TestCa::new();
+    let receiver = Receiver::start_tls(&ca).await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/trusted"))])
+        .await;
+    setup.secret("hook-ca", &[("ca.crt", &ca.ca_pem)]).await;
+    setup
+        .secret("untrusted", &[("address", &receiver.url("/untrusted"))])
+        .await;
+    setup
+        .subscription(
+            "trusted",
+            json!({"provider": {"type": "generic", "secretRef": {"name": "hook"}, "caSecretRef": {"name": "hook-ca"}}}),
+        )
+        .await;
+    setup
+        .subscription("untrusted", generic_spec("untrusted"))
+        .await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-tls", &[]);
+    setup.await_ready("trusted", "True", None).await;
+    setup.cli(Identity::Alice, &["acquire", "--reason", "over TLS"]);
+    let keys = setup.history_keys("production").await;
+    let requests = receiver
+        .wait_for("the Acquired over TLS", WAIT, |r| {
+            !delivered_on(r, "/trusted").is_empty()
+        })
+        .await;
+    assert_eq!(key_of(delivered_on(&requests, "/trusted")[0]), keys[0]);
+    // Without the CA the certificate is refused before any HTTP: retried,
+    // and the status says why.
+    let sub = setup
+        .await_subscription("untrusted", "a Retrying delivery", |sub| {
+            sub.status
+                .as_ref()
+                .and_then(|s| s.last_delivery.as_ref())
+                .is_some_and(|d| d.result == DeliveryResult::Retrying)
+        })
+        .await;
+    let error = sub
+        .status
+        .unwrap()
+        .last_delivery
+        .unwrap()
+        .error
+        .unwrap_or_default();
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    assert!(receiver.requests().iter().all(|r| r.path != "/untrusted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
+    let setup = setup("notify-down").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-down", &[]);
+    setup.await_ready("team", "True", None).await;
+    receiver.down();
+    let down_at = tokio::time::Instant::now();
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "-e", "production", "--reason", "r1"],
+    );
+    setup.cli(
+        Identity::Alice,
+        &["extend", "-e", "production", "--duration", "45m"],
+    );
+    setup.cli(
+        Identity::Bob,
+        &["acquire", "-e", "staging", "--reason", "r2"],
+    );
+    setup.cli(Identity::Alice, &["release", "-e", "production"]);
+    setup.cli(Identity::Bob, &["release", "-e", "staging"]);
+    // Attempts were made and failed while it was down.
+    setup
+        .await_subscription("team", "a Retrying delivery", |sub| {
+            sub.status
+                .as_ref()
+                .and_then(|s| s.last_delivery.as_ref())
+                .is_some_and(|d| d.result == DeliveryResult::Retrying)
+        })
+        .await;
+    assert!(receiver.requests().is_empty());
+    // The scenario itself: the receiver stays down for 30 s.
+    tokio::time::sleep_until(down_at + Duration::from_secs(30)).await;
+    let up_at = std::time::Instant::now();
+    receiver.up().await;
+    let production = setup.history_keys("production").await;
+    let staging = setup.history_keys("staging").await;
+    let expected: BTreeSet<String> = production.iter().chain(&staging).cloned().collect();
+    assert_eq!(expected.len(), 5);
+    let requests = receiver
+        .wait_for("all five transitions", WAIT, |r| {
+            r.iter()
+                .filter(|r| r.delivered())
+                .map(key_of)
+                .collect::<BTreeSet<_>>()
+                == expected
+        })
+        .await;
+    let got: Vec<String> = requests
+        .iter()
+        .filter(|r| r.delivered())
+        .map(key_of)
+        .collect();
+    assert_eq!(got.len(), 5, "each delivered once: {got:?}");
+    assert!(requests.iter().all(|r| r.arrived >= up_at));
+    for keys in [&production, &staging] {
+        let order: Vec<&String> = got.iter().filter(|k| keys.contains(k)).collect();
+        assert_eq!(order, keys.iter().collect::<Vec<_>>(), "in order per lock");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_mid_burst_loses_nothing() {
+    let setup = setup("notify-kill").await;
+    let receiver = Receiver::start().await;
+    receiver.set_mode(Mode::Slow(Duration::from_millis(300)));
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    let first = cluster().spawn_controller(&setup.namespace, "notify-kill-1", &[]);
+    setup.await_ready("team", "True", None).await;
+    for round in 0..8 {
+        let reason = format!("burst {round}");
+        setup.cli(Identity::Alice, &["acquire", "--reason", &reason]);
+        setup.cli(Identity::Alice, &["release"]);
+    }
+    let expected = setup.history_keys("production").await;
+    assert_eq!(expected.len(), 16);
+    receiver
+        .wait_for("the first messages", WAIT, |r| r.len() >= 4)
+        .await;
+    first.signal("KILL");
+    let before_kill = receiver.requests().len();
+    assert!(
+        before_kill < expected.len(),
+        "the burst was not over when killed"
+    );
+    receiver.set_mode(Mode::Accept);
+    let _second = cluster().spawn_controller(&setup.namespace, "notify-kill-2", &[]);
+    let wanted: BTreeSet<String> = expected.iter().cloned().collect();
+    let requests = receiver
+        .wait_for("every transition", WAIT, |r| {
+            r.iter()
+                .filter(|r| r.delivered())
+                .map(key_of)
+                .collect::<BTreeSet<_>>()
+                == wanted
+        })
+        .await;
+    // Duplicates carry the same key and describe the same transition (the
+    // holding's details, such as acquiredAt, are added only while that
+    // holding is still the lock's, so a later copy may lack them).
+    let identity = |request: &Request| {
+        let body = request.json();
+        [
+            "idempotencyKey",
+            "event",
+            "sequence",
+            "at",
+            "by",
+            "owner",
+            "reason",
+            "lockId",
+            "lockUid",
+        ]
+        .map(|field| body[field].clone())
+    };
+    let mut first: BTreeMap<String, [Value; 9]> = BTreeMap::new();
+    for request in requests.iter().filter(|r| r.delivered()) {
+        let key = key_of(request);
+        assert_eq!(request.json()["idempotencyKey"], key.as_str());
+        let seen = first
+            .entry(key.clone())
+            .or_insert_with(|| identity(request));
+        assert_eq!(
+            *seen,
+            identity(request),
+            "a repeated {key} describes another transition"
+        );
+    }
+    let mut first_seen: Vec<String> = Vec::new();
+    for request in requests.iter().filter(|r| r.delivered()) {
+        let key = key_of(request);
+        if !first_seen.contains(&key) {
+            first_seen.push(key);
+        }
+    }
+    assert_eq!(first_seen, expected, "first deliveries in history order");
+    let duplicates = requests.len() - wanted.len();
+    eprintln!("killed after {before_kill} requests; {duplicates} duplicate(s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_is_reported_and_locks_still_work() {
+    let setup = setup("notify-secret").await;
+    let receiver = Receiver::start().await;
+    setup
+        .subscription("team", generic_spec("not-there-yet"))
+        .await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-secret", &[]);
+    let sub = setup
+        .await_ready("team", "False", Some("SecretNotFound"))
+        .await;
+    let condition = sub
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        condition.message.contains("not-there-yet"),
+        "{}",
+        condition.message
+    );
+    // Lock operations do not depend on notifications.
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "--reason", "while unconfigured"],
+    );
+    let lock = setup.lock("production").await;
+    assert_eq!(
+        lock.spec.history.last().map(|e| e.action),
+        Some(HistoryAction::Acquired)
+    );
+    // A malformed Secret is named too.
+    setup.secret("not-there-yet", &[("token", "x")]).await;
+    setup
+        .await_ready("team", "False", Some("SecretMalformed"))
+        .await;
+    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let patch = json!({"stringData": {"address": receiver.url("/hook")}});
+    secrets
+        .patch(
+            "not-there-yet",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("patch the Secret");
+    // The next change of the subscription or the periodic look picks it up.
+    setup.await_ready("team", "True", None).await;
+    let keys = setup.history_keys("production").await;
+    let requests = receiver
+        .wait_for("the Acquired, once the Secret exists", WAIT, |r| {
+            !r.is_empty()
+        })
+        .await;
+    assert_eq!(key_of(&requests[0]), keys[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminder_fires_for_a_long_held_lock_and_not_after_release() {
+    let setup = setup("notify-remind").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup
+        .subscription(
+            "team",
+            json!({
+                "events": ["Released"],
+                "reminder": {"afterSeconds": 2, "repeatSeconds": 2},
+                "provider": {"type": "generic", "secretRef": {"name": "hook"}}
+            }),
+        )
+        .await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-remind", &[]);
+    setup.await_ready("team", "True", None).await;
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "-e", "production", "--reason", "long deploy"],
+    );
+    setup.cli(
+        Identity::Bob,
+        &["acquire", "-e", "canary", "--reason", "also long"],
+    );
+    let reminders = |requests: &[Request], environment: &str| -> Vec<i64> {
+        requests
+            .iter()
+            .filter(|r| r.delivered())
+            .map(Request::json)
+            .filter(|b| b["event"] == "Reminder" && b["environment"] == environment)
+            .map(|b| b["reminder"].as_i64().unwrap_or(0))
+            .collect()
+    };
+    receiver
+        .wait_for("two reminders for production", WAIT, |r| {
+            reminders(r, "production").len() >= 2
+        })
+        .await;
+    let first = receiver
+        .delivered()
+        .iter()
+        .map(Request::json)
+        .find(|b| b["environment"] == "production")
+        .expect("a production reminder");
+    assert_eq!(first["reminder"], 1);
+    assert_eq!(first["by"], "alice");
+    assert_eq!(first["reason"], "long deploy");
+    setup.cli(Identity::Alice, &["release", "-e", "production"]);
+    let requests = receiver
+        .wait_for("the Released", WAIT, |r| {
+            r.iter()
+                .any(|r| r.delivered() && r.json()["event"] == "Released")
+        })
+        .await;
+    let released_at = requests
+        .iter()
+        .position(|r| r.delivered() && r.json()["event"] == "Released")
+        .unwrap();
+    // The canary is still held: two more of its reminders mean production's
+    // next one (2 s period) would have come by then.
+    let canary_then = reminders(&requests, "canary")
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let requests = receiver
+        .wait_for("two more canary reminders", WAIT, |r| {
+            reminders(r, "canary").into_iter().max().unwrap_or(0) >= canary_then + 2
+        })
+        .await;
+    let after = reminders(&requests[released_at + 1..], "production");
+    assert!(after.is_empty(), "reminders after the release: {after:?}");
+    // Reminders are numbered without repeats.
+    let numbers = reminders(&requests, "canary");
+    let unique: BTreeSet<i64> = numbers.iter().copied().collect();
+    assert_eq!(unique.len(), numbers.len(), "{numbers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_receiver_is_given_up_loudly_and_a_stalled_one_retried() {
+    let setup = setup("notify-fail").await;
+    let receiver = Receiver::start().await;
+    receiver.set_mode(Mode::Fail(503));
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup
+        .subscription(
+            "team",
+            json!({
+                "provider": {"type": "generic", "secretRef": {"name": "hook"}},
+                "retry": {"forSeconds": 4, "maxBackoffSeconds": 1}
+            }),
+        )
+        .await;
+    let controller = cluster().spawn_controller(&setup.namespace, "notify-fail", &[]);
+    setup.await_ready("team", "True", None).await;
+    setup.cli(Identity::Alice, &["acquire", "--reason", "receiver broken"]);
+    let keys = setup.history_keys("production").await;
+    let sub = setup
+        .await_subscription("team", "a Failed delivery", |sub| {
+            sub.status
+                .as_ref()
+                .and_then(|s| s.last_delivery.as_ref())
+                .is_some_and(|d| d.result == DeliveryResult::Failed)
+        })
+        .await;
+    let last = sub.status.unwrap().last_delivery.unwrap();
+    assert_eq!(last.key, keys[0]);
+    assert!(last.error.unwrap_or_default().contains("503"));
+    assert!(receiver.requests().len() >= 2, "retried before giving up");
+    // Never silent: a Warning Event on the subscription and the metric.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(setup.client.clone(), &setup.namespace);
+    let listed = events.list(&Default::default()).await.expect("list Events");
+    assert!(
+        listed
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("NotificationFailed")
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("team")),
+        "no NotificationFailed Event: {:?}",
+        listed.items.iter().map(|e| &e.reason).collect::<Vec<_>>()
+    );
+    let metrics = controller.metrics();
+    assert!(
+        metrics.contains(r#"deploylock_notifications_total{provider="generic",result="failed"} 1"#),
+        "{metrics}"
+    );
+    // A receiver that never answers is given up per attempt (bounded
+    // request time) and retried; lock operations go on meanwhile.
+    // A longer retry period than the request time limit (10 s).
+    let patch = json!({"spec": {"retry": {"forSeconds": 120, "maxBackoffSeconds": 1}}});
+    setup
+        .subscriptions()
+        .patch("team", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch the subscription");
+    setup
+        .await_subscription("team", "the new spec observed", |sub| {
+            sub.metadata.generation.is_some()
+                && sub.status.as_ref().and_then(|s| s.observed_generation)
+                    == sub.metadata.generation
+        })
+        .await;
+    receiver.set_mode(Mode::Stall);
+    setup.cli(Identity::Alice, &["release"]);
+    let keys = setup.history_keys("production").await;
+    receiver
+        .wait_for("a stalled request", WAIT, |r| {
+            r.iter().any(|r| r.answered.is_none())
+        })
+        .await;
+    setup.cli(Identity::Bob, &["acquire", "--reason", "during the stall"]);
+    receiver.set_mode(Mode::Accept);
+    let requests = receiver
+        .wait_for("the Released after the stall", WAIT, |r| {
+            r.iter().any(|r| r.delivered() && key_of(r) == keys[1])
+        })
+        .await;
+    let stalled = requests.iter().find(|r| r.answered.is_none()).unwrap();
+    assert_eq!(key_of(stalled), keys[1], "the retry carries the same key");
+}
+
+#[tokio::test]
+async fn example_subscriptions_pass_a_server_side_dry_run() {
+    install_subscription_crd();
+    let cluster = cluster();
+    let created = cluster.kubectl(Identity::Admin, &["create", "namespace", "payments"]);
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(
+        created.status.success() || stderr.contains("AlreadyExists"),
+        "{stderr}"
+    );
+    let dir = crate::support::repo_root().join("examples/notifications");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        let output = cluster.kubectl(
+            Identity::Admin,
+            &[
+                "apply",
+                "--dry-run=server",
+                "-f",
+                &file.display().to_string(),
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The schema refuses what the controller could not use.
+    let bad = r#"{"apiVersion":"deploylock.dev/v1","kind":"NotificationSubscription",
+        "metadata":{"name":"bad","namespace":"payments"},
+        "spec":{"environments":["Not A Name"],"provider":{"type":"telegram","secretRef":{"name":"x"}}}}"#;
+    let output = cluster.kubectl_with_input(
+        Identity::Admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        bad,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a bad subscription was accepted");
+    assert!(
+        stderr.contains("telegram") || stderr.contains("provider.type"),
+        "{stderr}"
+    );
+    let bad = r##"{"apiVersion":"deploylock.dev/v1","kind":"NotificationSubscription",
+        "metadata":{"name":"bad","namespace":"payments"},
+        "spec":{"provider":{"type":"msteams","channel":"#x","secretRef":{"name":"x"}}}}"##;
+    let output = cluster.kubectl_with_input(
+        Identity::Admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        bad,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a channel for msteams was accepted"
+    );
+    assert!(
+        stderr.contains("provider.channel applies to slack and mattermost only"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_test_command_and_status_line() {
+    let setup = setup("notify-cli").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup
+        .secret("broken", &[("address", &receiver.url("/broken"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    setup
+        .subscription(
+            "staging-only",
+            json!({"environments": ["staging"], "provider": {"type": "slack", "secretRef": {"name": "broken"}}}),
+        )
+        .await;
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "--reason", "testing the hook"],
+    );
+    // No controller here: the CLI sends the test message itself. Reading the
+    // Secret needs its RBAC (the admin here).
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "team"],
+    );
+    expect_exit(&output, 0, "notify test team");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("answered 200"), "{stdout}");
+    let requests = receiver
+        .wait_for("the test message", WAIT, |r| !r.is_empty())
+        .await;
+    let body = requests[0].json();
+    assert_eq!(body["event"], "Test");
+    assert_eq!(body["environment"], "production");
+    assert_eq!(body["owner"], "alice");
+    assert!(key_of(&requests[0]).starts_with("test-"));
+    // The receiver's refusal is reported, exit 1.
+    receiver.set_mode(Mode::Fail(404));
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "team"],
+    );
+    expect_exit(&output, 1, "notify test team (refused)");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("404"));
+    let output = cluster().deploylock(
+        Identity::Admin,
+        &setup.namespace,
+        &["notify", "test", "absent"],
+    );
+    expect_exit(&output, 1, "notify test absent");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("\"absent\" not found"));
+    // status -v names the subscriptions covering the lock.
+    let output = cluster().deploylock(Identity::Alice, &setup.namespace, &["status", "-v"]);
+    expect_exit(&output, 0, "status -v");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("Notifications: team (generic)"), "{stdout}");
+    assert!(!stdout.contains("staging-only"), "{stdout}");
+}
+
+/// Writes a one-minute holding by alice that ends `expires_in` from now,
+/// straight through the API (the CLI's shortest duration is a minute).
+async fn put_expiring_lock(
+    setup: &Setup,
+    environment: &str,
+    expires_in: chrono::Duration,
+) -> String {
+    use deploylock::crd::{DeploymentLockSpec, HistoryEntry, LockHolder, LockType};
+    let expires_at = chrono::Utc::now() + expires_in;
+    let acquired_at = expires_at - chrono::Duration::minutes(1);
+    let lock_id = uuid::Uuid::new_v4().to_string();
+    let spec = DeploymentLockSpec {
+        environment: environment.to_string(),
+        holder: Some(LockHolder {
+            lock_id: lock_id.clone(),
+            user: "alice".into(),
+            owner: "alice".into(),
+            lock_type: LockType::Manual,
+            reason: "short deploy".into(),
+            acquired_at,
+            expires_at,
+            duration_seconds: 60,
+            deployment_id: Some("run-7".into()),
+            metadata: Default::default(),
+            overrode: None,
+        }),
+        fencing_token: 1,
+        queue: vec![],
+        history: vec![HistoryEntry {
+            sequence: 1,
+            action: HistoryAction::Acquired,
+            // Now, after the subscription was created: announced.
+            at: chrono::Utc::now(),
+            lock_id: lock_id.clone(),
+            by: "alice".into(),
+            owner: "alice".into(),
+            reason: "short deploy".into(),
+            expires_at: Some(expires_at),
+        }],
+    };
+    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let patch = json!({
+        "apiVersion": "deploylock.dev/v1",
+        "kind": "DeploymentLock",
+        "metadata": {"name": environment},
+        "spec": spec,
+    });
+    if let Err(err) = api
+        .patch(
+            environment,
+            &PatchParams::apply("deploylock-tests").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        panic!("cannot write {environment}: {err}");
+    }
+    lock_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_announced_once_with_a_stable_key() {
+    let setup = setup("notify-expiry").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    let _controller =
+        cluster().spawn_controller(&setup.namespace, "notify-expiry", &["--retention", "2s"]);
+    setup.await_ready("team", "True", None).await;
+    let lock_id = put_expiring_lock(&setup, "production", chrono::Duration::seconds(3)).await;
+    let uid = setup.lock("production").await.uid().expect("a UID");
+    let expired_key = format!("{uid}-expired-{lock_id}");
+    // Acquired, then Expired (observed by the controller), then Cleared
+    // after the 2 s retention.
+    let requests = receiver
+        .wait_for("the Cleared", WAIT, |r| {
+            r.iter()
+                .any(|r| r.delivered() && r.json()["event"] == "Cleared")
+        })
+        .await;
+    let events: Vec<(String, String)> = requests
+        .iter()
+        .filter(|r| r.delivered())
+        .map(|r| {
+            (
+                r.json()["event"].as_str().unwrap_or_default().to_string(),
+                key_of(r),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(event, _)| event.as_str()).collect();
+    assert_eq!(names, ["Acquired", "Expired", "Cleared"], "{events:?}");
+    assert_eq!(events[1].1, expired_key);
+    let expired = requests
+        .iter()
+        .find(|r| key_of(r) == expired_key)
+        .unwrap()
+        .json();
+    assert_eq!(expired["state"], "Expired");
+    assert_eq!(expired["deploymentId"], "run-7");
+    assert_eq!(expired["idempotencyKey"], expired_key.as_str());
+}
