@@ -22,6 +22,8 @@
 //! the field is gated again. An edit the controller did not see before the
 //! release (it was down) is kept as it is.
 
+pub mod cli;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 

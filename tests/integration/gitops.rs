@@ -430,6 +430,27 @@ async fn bound_gitops_objects_are_gated_while_held_and_restored_exactly_on_relea
     await_event(&client, &lock_namespace, "shop", "Suspended").await;
     await_event(&client, &lock_namespace, "web", "AutoSyncDisabled").await;
 
+    // `deploylock status -v` names what the lock gates now.
+    let status = cluster.deploylock(
+        Identity::Admin,
+        &lock_namespace,
+        &["-e", ENVIRONMENT, "-v", "status"],
+    );
+    expect_exit(&status, 0, "status -v");
+    let said = stdout_of(&status);
+    let gates = said
+        .lines()
+        .find(|line| line.starts_with("Gates:"))
+        .unwrap_or_else(|| panic!("no Gates line:\n{said}"));
+    for expected in [
+        format!("Kustomization {flux_namespace}/shop (suspended)"),
+        format!("HelmRelease {lock_namespace}/payments (suspended)"),
+        format!("Application {lock_namespace}/web (auto-sync disabled)"),
+    ] {
+        assert!(gates.contains(&expected), "{expected} missing from {gates}");
+    }
+    assert!(!gates.contains("unbound"), "{gates}");
+
     release(cluster, Identity::Bob, &lock_namespace);
     await_all_restored(&client, &cases).await;
     await_event(&client, &flux_namespace, "shop", "Resumed").await;
