@@ -20,6 +20,9 @@ pub async fn gates(client: &Client, lock_namespace: &str, environment: &str) -> 
         let list = match api.list(&ListParams::default().labels(&selector)).await {
             Ok(list) => list,
             Err(kube::Error::Api(status)) if status.code == 404 => continue,
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                return format!("unknown (you may not list {}s cluster-wide)", kind.kind());
+            }
             Err(err) => return format!("unknown (cannot list {}s: {err})", kind.kind()),
         };
         for object in list.items {
