@@ -1,23 +1,19 @@
-# deploylock: the controller and the CLI in one small image.
-# Not built in this repository's CI: the development machine has no container
-# engine. Build with: docker build -t ghcr.io/deploylock/deploylock:0.1.0 .
+# deploylock: the controller and the CLI in one small image,
+#   ghcr.io/deploylock/deploylock:0.1.0
+# (the chart's default image, the one the examples run).
 #
-# Stage 1: a static (musl) build.
-FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
-    && rm -rf /var/lib/apt/lists/* \
-    && rustup target add x86_64-unknown-linux-musl
-WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-      --bin deploylock-controller --bin deploylock --bin kubectl-deploylock
-
-# Stage 2: distroless, non-root, nothing but the binaries and CA certificates.
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/deploylock-controller /usr/local/bin/
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/deploylock /usr/local/bin/
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/kubectl-deploylock /usr/local/bin/
+# This is the release build's runtime stage: nothing but the statically linked
+# release binaries and the CA roots, so it builds anywhere without pulling a
+# base image. `make image` prepares the build context (hack/image.sh: a musl
+# `cargo build --release`, the host's CA bundle) and builds it with buildah;
+# with Docker: `make image IMAGE_BUILDER=docker`. The context holds:
+#   bin/deploylock-controller, bin/deploylock, bin/kubectl-deploylock
+#   ca-certificates.crt
+FROM scratch
+COPY bin/ /usr/local/bin/
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+# Non-root, numeric (a runAsNonRoot check needs a number: there is no /etc/passwd).
 USER 65532:65532
 EXPOSE 8080
+ENV PATH=/usr/local/bin
 ENTRYPOINT ["/usr/local/bin/deploylock-controller"]

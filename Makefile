@@ -6,6 +6,11 @@ SHELL := /usr/bin/env bash
 CARGO ?= cargo
 export DEPLOYLOCK_CACHE ?= $(HOME)/.cache/deploylock
 CLUSTER_DIR ?= $(DEPLOYLOCK_CACHE)/cluster
+# `make cluster-up NODE=2`: also run kube-controller-manager, kube-scheduler and
+# that many nodes (kubelet + containerd + runc), so that pods run.
+NODE ?=
+# `make image IMAGE_BUILDER=docker` builds with docker (or podman) instead of buildah.
+export IMAGE_BUILDER ?= buildah
 TOOLS_BIN = $$(hack/build-tools.sh | tail -n 1)
 
 .PHONY: help
@@ -16,6 +21,20 @@ help: ## Show the targets
 tools: ## Build (or reuse) the pinned kube-apiserver, kubectl, etcd and helm
 	@hack/build-tools.sh >/dev/null
 
+.PHONY: node-tools
+node-tools: ## Also build (or reuse) kube-controller-manager, kube-scheduler and kubelet
+	@hack/build-tools.sh --node >/dev/null
+
+.PHONY: image
+image: ## Build ghcr.io/deploylock/deploylock:0.1.0 from the Dockerfile; load it into a running node
+	@$(if $(filter buildah,$(IMAGE_BUILDER)),hack/ensure-deps.sh --node;) \
+	archive=$$(hack/image.sh deploylock | tail -n 1); \
+	if [[ "$(IMAGE_BUILDER)" == buildah && -f "$(CLUSTER_DIR)/node-count" && "$$(cat "$(CLUSTER_DIR)/node-count")" != 0 ]]; then \
+	  hack/cluster.sh load-image "$$archive" --dir $(CLUSTER_DIR); \
+	else \
+	  echo "built $$archive"; \
+	fi
+
 .PHONY: build
 build: ## Build the deploylock binaries
 	$(CARGO) build --release --bins
@@ -24,9 +43,9 @@ build: ## Build the deploylock binaries
 crds: ## Regenerate crds/ from the Rust types
 	@mkdir -p crds
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
-	@echo "wrote crds/deploymentlocks.deploylock.dev.yaml"
 	$(CARGO) run --quiet --bin crdgen notificationsubscriptions > crds/notificationsubscriptions.deploylock.dev.yaml
-	@echo "wrote crds/notificationsubscriptions.deploylock.dev.yaml (the chart links to it)"
+	@cp crds/deploymentlocks.deploylock.dev.yaml crds/notificationsubscriptions.deploylock.dev.yaml charts/deploylock/crds/
+	@echo "wrote crds/*.yaml and their copies in charts/deploylock/crds/"
 
 .PHONY: completions
 completions: ## Generate shell completions and the man page into dist/
@@ -53,19 +72,19 @@ torture: ## Long randomized mutual-exclusion test with faults (TORTURE_SECONDS, 
 	$(CARGO) bench --bench torture
 
 .PHONY: test
-test: ## Format check, clippy -D warnings, unit and integration tests (real control plane)
-	@hack/ensure-deps.sh
-	@hack/build-tools.sh >/dev/null
+test: ## Format check, clippy -D warnings, unit and integration tests (real control plane and node)
+	@hack/ensure-deps.sh --node
+	@hack/build-tools.sh --node >/dev/null
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --lib --bins --tests
 
 .PHONY: cluster-up
-cluster-up: ## Start the local control plane (etcd + kube-apiserver) and print the KUBECONFIG line
-	@hack/cluster.sh up --dir $(CLUSTER_DIR)
+cluster-up: ## Start the local control plane (etcd + kube-apiserver; NODE=N: and N nodes) and print the KUBECONFIG line
+	@$(if $(NODE),hack/ensure-deps.sh --node && )hack/cluster.sh up --dir $(CLUSTER_DIR) $(if $(NODE),--nodes $(NODE))
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local control plane
+cluster-down: ## Stop the local cluster (its nodes' containers, mounts and processes too)
 	@hack/cluster.sh down --dir $(CLUSTER_DIR)
 
 .PHONY: install

@@ -2,9 +2,14 @@
 # Builds the pinned control-plane binaries (kube-apiserver, kubectl, etcd, helm)
 # from the wrapper Go modules under hack/tools and caches them outside the clone.
 #
-# The cache directory is keyed by a hash of the wrapper modules' go.mod/go.sum,
-# so a binary is rebuilt only when a pinned version changes. Go's own module and
-# build caches are reused between runs.
+#   hack/build-tools.sh          the control plane (etcd, kube-apiserver, kubectl, helm)
+#   hack/build-tools.sh --node   also the node's Kubernetes parts: kube-controller-manager,
+#                                kube-scheduler and kubelet (same pinned k8s.io/kubernetes)
+#
+# The cache directory is keyed by a hash of the wrapper modules' go.mod/go.sum
+# and of this script (it holds the link flags), so a binary is rebuilt only when
+# a pinned version or the way it is built changes. Go's own module and build
+# caches are reused between runs.
 #
 # Prints the directory holding the binaries as its last line of stdout.
 set -euo pipefail
@@ -13,7 +18,14 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools_dir="$repo_root/hack/tools"
 cache_root="${DEPLOYLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deploylock}"
 
-key="$(cat "$tools_dir"/*/go.mod "$tools_dir"/*/go.sum | sha256sum | cut -c1-16)"
+with_node=false
+case "${1:-}" in
+  --node) with_node=true ;;
+  "") ;;
+  *) echo "usage: hack/build-tools.sh [--node]" >&2; exit 2 ;;
+esac
+
+key="$(cat "$tools_dir"/*/go.mod "$tools_dir"/*/go.sum "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 bin_dir="$cache_root/tools-$key/bin"
 mkdir -p "$bin_dir"
 
@@ -73,10 +85,24 @@ done
 etcd_dir="$tools_dir/etcd"
 helm_dir="$tools_dir/helm"
 helm_version="$(module_version "$helm_dir" helm.sh/helm/v3)"
+# Upstream's Makefile also stamps the Kubernetes version helm assumes when it
+# talks to no cluster (`helm template`, `helm lint`) from its client-go version
+# (v0.X.Y -> 1.X); without it helm assumes v1.20 and rejects kubeVersion ">=1.x".
+helm_k8s_minor="$(module_version "$helm_dir" k8s.io/client-go | cut -d. -f2)"
+helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/internal/version.metadata="
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_k8s_minor"
+done
 
 go_build "$etcd_dir" "$bin_dir/etcd" "-s -w" go.etcd.io/etcd/server/v3
 go_build "$k8s_dir" "$bin_dir/kube-apiserver" "$k8s_ldflags" k8s.io/kubernetes/cmd/kube-apiserver
 go_build "$k8s_dir" "$bin_dir/kubectl" "$k8s_ldflags" k8s.io/kubernetes/cmd/kubectl
-go_build "$helm_dir" "$bin_dir/helm" "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean" helm.sh/helm/v3/cmd/helm
+go_build "$helm_dir" "$bin_dir/helm" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
+if $with_node; then
+  go_build "$k8s_dir" "$bin_dir/kube-controller-manager" "$k8s_ldflags" k8s.io/kubernetes/cmd/kube-controller-manager
+  go_build "$k8s_dir" "$bin_dir/kube-scheduler" "$k8s_ldflags" k8s.io/kubernetes/cmd/kube-scheduler
+  go_build "$k8s_dir" "$bin_dir/kubelet" "$k8s_ldflags" k8s.io/kubernetes/cmd/kubelet
+fi
 
 echo "$bin_dir"

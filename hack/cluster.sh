@@ -2,8 +2,10 @@
 # A real local Kubernetes control plane (etcd + kube-apiserver) on loopback,
 # the way controller-runtime's envtest runs one: no nodes, no container runtime.
 #
-#   hack/cluster.sh up   [--dir DIR] [--watch-pid PID]   start, wait until ready, print `export KUBECONFIG=…`
+#   hack/cluster.sh up   [--dir DIR] [--watch-pid PID] [--node [--nodes N]]
+#                                                         start, wait until ready, print `export KUBECONFIG=…`
 #   hack/cluster.sh down [--dir DIR]                      stop and remove DIR
+#   hack/cluster.sh load-image ARCHIVE [--dir DIR]        import an OCI archive into every node's containerd
 #   hack/cluster.sh env  [--dir DIR]                      print the export line of a running cluster
 #   hack/cluster.sh restart-etcd|restart-apiserver [--dir DIR]   kill one server; the supervisor restarts it
 #
@@ -12,6 +14,17 @@
 # when the process given by --watch-pid exits (tests pass their own PID, so a
 # killed test run leaves nothing behind). The servers also get SIGKILL from the
 # kernel if the supervisor itself dies (PR_SET_PDEATHSIG via setpriv).
+#
+# With --node the cluster also runs pods, the way a user's cluster does:
+# kube-controller-manager, kube-scheduler and N nodes (default 1), each a
+# kubelet with its own containerd + runc, all started and stopped by the same
+# supervisor. Node i registers as `node-i` with the address 127.0.0.i; the
+# cluster has no pod network, so every pod runs in the host's network namespace
+# and reaches the API server on 127.0.0.1 (hack/node/local-network.yaml).
+# Images cannot be pulled: the sandbox image is built locally (hack/image.sh
+# pause) and others are imported with `load-image` (`make image` does it).
+# `down` stops every container, shim and node process and unmounts everything
+# under DIR (the containers' root filesystems, volumes and network namespaces).
 #
 # Identities (client certificates signed by the cluster CA), one kubeconfig each
 # in DIR/kubeconfigs/:
@@ -37,10 +50,18 @@ command=${1:-}
 shift || true
 dir="$cache_root/cluster"
 watch_pid=""
+node_count=0
+image_archive=""
+if [[ "$command" == load-image ]]; then
+  image_archive="${1:-}"
+  shift || true
+fi
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
     --watch-pid) watch_pid="$2"; shift 2 ;;
+    --node) ((node_count > 0)) || node_count=1; shift ;;
+    --nodes) node_count="$2"; shift 2 ;;
     *) die "unknown argument $1" ;;
   esac
 done
@@ -78,6 +99,8 @@ stop_cluster() {
       tail --pid="$pid" -f /dev/null 2>/dev/null || true
     fi
   fi
+  # A supervisor killed outright leaves its node behind: clean it up here.
+  [[ -d "$dir" ]] && stop_nodes_leftovers
   rm -rf "$dir"
 }
 
@@ -138,12 +161,12 @@ start_apiserver() {
     --cert-dir "$dir/pki/serving" \
     --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
     --client-ca-file "$dir/pki/ca.crt" \
-    --authorization-mode RBAC \
+    --authorization-mode "$authorization_mode" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-    --disable-admission-plugins ServiceAccount \
+    "${admission_args[@]}" \
     --service-account-issuer https://deploylock.local \
     --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
-    --event-ttl 1h >>"$dir/logs/kube-apiserver.log" 2>&1 &
+    --event-ttl 1h "${node_apiserver_args[@]}" >>"$dir/logs/kube-apiserver.log" 2>&1 &
   apiserver_pid=$!
   echo "$apiserver_pid" >"$dir/apiserver.pid"
 }
@@ -155,8 +178,10 @@ supervise() {
   local etcd_pid apiserver_pid watcher_pid=""
   cleanup() {
     trap - TERM INT EXIT
-    # The apiserver first (its graceful shutdown needs etcd), then etcd; a
-    # server that has not exited within 5s is killed.
+    # The node first (its pods' containers, the kubelets, containerd), then
+    # the apiserver (its graceful shutdown needs etcd), then etcd; a server
+    # that has not exited within 5s is killed.
+    ((node_count > 0)) && stop_node
     stop_process "$apiserver_pid"
     stop_process "$etcd_pid"
     [[ -n "$watcher_pid" ]] && kill "$watcher_pid" 2>/dev/null || true
@@ -167,6 +192,10 @@ supervise() {
 
   start_etcd
   start_apiserver
+  if ((node_count > 0)); then
+    # The node's parts need the API server; each retries until it answers.
+    start_node
+  fi
   if [[ -n "$watch_pid" ]]; then
     # Returns when the watched process exits, however it exits.
     tail --pid="$watch_pid" -f /dev/null &
@@ -174,10 +203,13 @@ supervise() {
   fi
   while true; do
     if [[ -n "$watcher_pid" ]]; then
-      wait -n "$watcher_pid" "$etcd_pid" "$apiserver_pid" || true
+      wait -n "$watcher_pid" "$etcd_pid" "$apiserver_pid" "${node_pids[@]}" || true
       kill -0 "$watcher_pid" 2>/dev/null || cleanup
     else
-      wait -n "$etcd_pid" "$apiserver_pid" || true
+      wait -n "$etcd_pid" "$apiserver_pid" "${node_pids[@]}" || true
+    fi
+    if ((node_count > 0)); then
+      restart_exited_node_parts
     fi
     if ! kill -0 "$etcd_pid" 2>/dev/null; then
       echo "[supervisor] etcd exited; starting it again" >>"$dir/logs/etcd.log"
@@ -199,8 +231,15 @@ start_cluster() {
   rm -rf "$dir"
   mkdir -p "$dir"/{pki/serving,kubeconfigs,logs,etcd}
 
-  bin_dir="$("$repo_root/hack/build-tools.sh" | tail -n 1)"
+  if ((node_count > 0)); then
+    check_node_prerequisites
+    bin_dir="$("$repo_root/hack/build-tools.sh" --node | tail -n 1)"
+    pause_archive="$("$repo_root/hack/image.sh" pause | tail -n 1)"
+  else
+    bin_dir="$("$repo_root/hack/build-tools.sh" | tail -n 1)"
+  fi
   echo "$bin_dir" >"$dir/bin-dir"
+  echo "$node_count" >"$dir/node-count"
 
   etcd_port="$(free_port)"
   etcd_peer_port="$(free_port)"
@@ -222,6 +261,15 @@ start_cluster() {
   make_identity viewer viewer deploylock:viewers
   make_identity carol carol deploylock:admins
   make_identity controller deploylock-controller ""
+  if ((node_count > 0)); then
+    make_identity kube-controller-manager system:kube-controller-manager ""
+    make_identity kube-scheduler system:kube-scheduler ""
+    for ((i = 1; i <= node_count; i++)); do
+      make_identity "node-$i" "system:node:node-$i" system:nodes
+    done
+    write_node_configs
+  fi
+  configure_apiserver
 
   log "starting etcd on 127.0.0.1:$etcd_port and kube-apiserver on 127.0.0.1:$apiserver_port (logs in $dir/logs)"
   supervise </dev/null >/dev/null 2>&1 &
@@ -243,6 +291,14 @@ $(tail -n 20 "$dir/logs/kube-apiserver.log" 2>/dev/null)"
     sleep 0.2
   done
   log "control plane ready in $((SECONDS - start))s"
+  if ((node_count > 0)); then
+    # A node that does not come up takes the whole cluster down with it.
+    if ! (await_node); then
+      log "stopping the cluster"
+      stop_cluster
+      exit 1
+    fi
+  fi
   print_env
 }
 
@@ -253,11 +309,17 @@ restart_server() { # etcd|apiserver
   kill -"${signal:-KILL}" "$(cat "$pid_file")" 2>/dev/null || true
 }
 
+# The node: kube-controller-manager, kube-scheduler, and per node a containerd
+# and a kubelet (hack/node.sh holds the functions).
+# shellcheck source=hack/node.sh
+source "$repo_root/hack/node.sh"
+
 case "$command" in
   up) start_cluster ;;
+  load-image) load_image "$image_archive" ;;
   restart-etcd) restart_server etcd ;;
   restart-apiserver) restart_server apiserver ;;
   down) stop_cluster ;;
   env) print_env ;;
-  *) die "usage: hack/cluster.sh up|down|env|restart-etcd|restart-apiserver [--dir DIR] [--watch-pid PID]" ;;
+  *) die "usage: hack/cluster.sh up|down|env|load-image ARCHIVE|restart-etcd|restart-apiserver [--dir DIR] [--watch-pid PID] [--node] [--nodes N]" ;;
 esac

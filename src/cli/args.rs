@@ -52,7 +52,7 @@ pub enum Action {
     /// Take the lock; exits 3 if someone else holds it (see --wait-timeout).
     Acquire(AcquireArgs),
     /// Give back a lock you hold.
-    Release(HoldingArgs),
+    Release(ReleaseArgs),
     /// Show the lock: state, holder, reason, expiry.
     Status,
     /// Release a lock you do not hold (emergency; the reason is recorded).
@@ -151,6 +151,17 @@ pub struct HoldingArgs {
     /// Act only on this holding (as printed by acquire); refused if it is over.
     #[arg(long)]
     pub lock_id: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub holding: HoldingArgs,
+    /// Act only on a holding taken with this --deployment-id: when the lock is
+    /// free or held under another deployment ID (another run of a pipeline that
+    /// shares your identity), nothing is released and the exit code is 0.
+    #[arg(long, conflicts_with = "lock_id", value_parser = |s: &str| input::label("--deployment-id", s))]
+    pub deployment_id: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -204,8 +204,19 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
         // Answered by `main` without a cluster.
         Action::Completion { .. } | Action::Man => Ok(Exit::Success),
         Action::Release(args) => {
+            let lock_id = match &args.deployment_id {
+                None => args.holding.lock_id.clone(),
+                // That holding's lock ID, so the release is refused if the
+                // holding ends before the write lands.
+                Some(deployment_id) => {
+                    let observed = store.read(env).await?;
+                    match show::holding_of_deployment(&observed, deployment_id) {
+                        Some(lock_id) => Some(lock_id),
+                        None => return Ok(show::not_held_by(global, &observed, deployment_id)),
+                    }
+                }
+            };
             let actor = Actor::new(store.whoami().await?, None);
-            let lock_id = args.lock_id.clone();
             let applied = store
                 .apply(env, &Request::Release { actor, lock_id })
                 .await?;

@@ -27,6 +27,30 @@ pub fn view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
     }
 }
 
+/// The lock ID of the holding taken with `deployment_id`, if it is the
+/// lock's current holding.
+pub fn holding_of_deployment(observed: &Observed, deployment_id: &str) -> Option<String> {
+    observed
+        .holder()
+        .filter(|holder| holder.deployment_id.as_deref() == Some(deployment_id))
+        .map(|holder| holder.lock_id.clone())
+}
+
+/// `release --deployment-id` when that deployment does not hold the lock:
+/// nothing to do (another run's holding is left alone).
+pub fn not_held_by(global: &GlobalArgs, observed: &Observed, deployment_id: &str) -> Exit {
+    if global.output == OutputFormat::Table {
+        outln!(
+            "{} is not held by deployment {}: nothing to release",
+            observed.environment,
+            render::Safe(deployment_id)
+        );
+    } else {
+        view(global, observed, false);
+    }
+    Exit::Success
+}
+
 /// The history of a lock.
 pub fn history(global: &GlobalArgs, observed: &Observed) {
     let history = observed.spec().map_or(&[][..], |spec| &spec.history[..]);

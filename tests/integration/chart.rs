@@ -59,6 +59,94 @@ fn server_dry_run(manifest: &str) -> Output {
 async fn chart_lints_and_refuses_bad_values() {
     let lint = helm(None, &["lint", &chart_dir(), "--strict"]);
     ok(&lint, "helm lint");
+    // A real file, not a symlink to crds/ (helm warns about those), kept
+    // identical to the generated CRD.
+    let lint_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert!(!lint_text.contains("symlink"), "{lint_text}");
+    for crd in [
+        "deploymentlocks.deploylock.dev.yaml",
+        "notificationsubscriptions.deploylock.dev.yaml",
+    ] {
+        let chart_crd = repo_root().join("charts/deploylock/crds").join(crd);
+        assert!(
+            !chart_crd
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink()),
+            "the chart's {crd} is a symlink"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&chart_crd).ok(),
+            std::fs::read_to_string(repo_root().join("crds").join(crd)).ok(),
+            "charts/deploylock/crds/{crd} differs from crds/ (make crds copies it)"
+        );
+    }
+    // helm built with upstream's version flags renders without --kube-version
+    // (the chart's kubeVersion is >=1.30).
+    ok(
+        &helm(None, &["template", "deploylock", &chart_dir()]),
+        "helm template without --kube-version",
+    );
+    // A parent chart's `global` values are accepted.
+    ok(
+        &helm(
+            None,
+            &[
+                "lint",
+                &chart_dir(),
+                "--set",
+                "global.imageRegistry=example",
+            ],
+        ),
+        "helm lint with global values",
+    );
+    // One replica: no PodDisruptionBudget that would block every drain.
+    let single = ok(
+        &helm(
+            None,
+            &[
+                "template",
+                "deploylock",
+                &chart_dir(),
+                "--set",
+                "replicaCount=1",
+            ],
+        ),
+        "helm template with one replica",
+    );
+    assert!(!kinds(&single).iter().any(|k| k == "PodDisruptionBudget"));
+    // Aggregating deploylock-admin into `admin` is an explicit choice.
+    let default = ok(
+        &helm(None, &["template", "deploylock", &chart_dir()]),
+        "helm template",
+    );
+    assert!(!default.contains("aggregate-to-admin"), "{default}");
+    let aggregated = ok(
+        &helm(
+            None,
+            &[
+                "template",
+                "deploylock",
+                &chart_dir(),
+                "--set",
+                "rbac.aggregateAdminToAdmin=true",
+            ],
+        ),
+        "helm template with admin aggregation",
+    );
+    assert!(aggregated.contains("rbac.authorization.k8s.io/aggregate-to-admin: \"true\""));
+    // The controller's Lease rights: a Role in its own namespace, not cluster-wide.
+    for doc in default.split("\n---") {
+        if doc.contains("kind: ClusterRole\n") {
+            assert!(
+                !doc.contains("leases"),
+                "a ClusterRole grants Leases: {doc}"
+            );
+        }
+    }
     let all_on = helm(
         None,
         &[
@@ -121,6 +209,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "Service",
         "Deployment",
         "PodDisruptionBudget",

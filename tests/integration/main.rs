@@ -4,16 +4,19 @@
 
 mod admission;
 mod chart;
+mod chart_on_node;
 mod cli;
 mod controller;
 mod crd_api;
 mod examples;
+mod examples_on_node;
 mod exec;
 mod freeze;
 mod gate;
 mod gitops;
 mod hostile;
 mod install;
+mod node;
 mod notify;
 mod queue;
 mod receiver;

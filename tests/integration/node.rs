@@ -1,0 +1,331 @@
+//! The local cluster with nodes (`hack/cluster.sh up --nodes 3`): real
+//! kubelets running pods through containerd + runc, images built here from
+//! their Dockerfiles (`hack/image.sh`) and imported into the nodes. Started
+//! once, on first use, by the tests that run pods (the chart, the examples);
+//! if it cannot start every such test fails with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use crate::support::{client_from, repo_root};
+
+/// The image `make image` builds from ./Dockerfile: the chart's default and
+/// the examples' image.
+pub const DEPLOYLOCK_IMAGE: &str = "ghcr.io/deploylock/deploylock:0.1.0";
+
+pub struct NodeCluster {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+}
+// (dir holds the kubeconfigs and the logs: DIR/logs/kubelet-node-*.log.)
+
+static NODE_CLUSTER: OnceLock<Result<NodeCluster, String>> = OnceLock::new();
+
+/// Serialises the tests that install the chart: its cluster-scoped objects
+/// (CRD, ClusterRoles, admission policy) exist once per cluster.
+pub static CHART_INSTALLED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The cluster with nodes, started (and the images loaded) on first use.
+pub fn node_cluster() -> &'static NodeCluster {
+    match NODE_CLUSTER.get_or_init(start_node_cluster) {
+        Ok(cluster) => cluster,
+        Err(reason) => panic!("the local cluster with nodes could not start: {reason}"),
+    }
+}
+
+fn run(command: &mut Command, what: &str) -> Result<Output, String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| format!("cannot run {what}: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{what} failed ({}):\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(output)
+}
+
+/// Builds an image with `hack/image.sh` and imports it into every node.
+fn load_image(dir: &Path, image: &str) -> Result<(), String> {
+    let built = run(
+        Command::new(repo_root().join("hack/image.sh")).arg(image),
+        &format!("hack/image.sh {image}"),
+    )?;
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    let archive = stdout
+        .lines()
+        .last()
+        .ok_or_else(|| format!("hack/image.sh {image} printed no archive"))?;
+    run(
+        Command::new(repo_root().join("hack/cluster.sh"))
+            .args(["load-image", archive, "--dir"])
+            .arg(dir),
+        "hack/cluster.sh load-image",
+    )?;
+    Ok(())
+}
+
+fn start_node_cluster() -> Result<NodeCluster, String> {
+    let dir = std::env::temp_dir().join(format!("deploylock-node-{}", std::process::id()));
+    // Three nodes: the chart's two replicas (host network, so one per node)
+    // plus room for the replacement pod of a rolling update.
+    run(
+        Command::new(repo_root().join("hack/cluster.sh"))
+            .arg("up")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--nodes", "3", "--watch-pid"])
+            .arg(std::process::id().to_string()),
+        "hack/cluster.sh up --nodes 3",
+    )?;
+    let bin_dir = std::fs::read_to_string(dir.join("bin-dir"))
+        .map_err(|err| format!("cluster started without a bin-dir file: {err}"))?;
+    load_image(&dir, "deploylock")?;
+    load_image(&dir, "shell")?;
+    Ok(NodeCluster {
+        dir,
+        bin_dir: PathBuf::from(bin_dir.trim()),
+    })
+}
+
+impl NodeCluster {
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfigs/admin.kubeconfig")
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        match client_from(&self.admin_kubeconfig()).await {
+            Ok(client) => client,
+            Err(reason) => panic!("client for the node cluster: {reason}"),
+        }
+    }
+
+    /// kubectl as the cluster admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with_input(args, None)
+    }
+
+    pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut command = Command::new(self.bin_dir.join("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(self.admin_kubeconfig())
+            .args(args);
+        output_with_input(command, input, "kubectl")
+    }
+
+    /// kubectl that must succeed; returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        self.kubectl_ok_with_input(args, None)
+    }
+
+    pub fn kubectl_ok_with_input(&self, args: &[&str], input: Option<&str>) -> String {
+        let output = self.kubectl_with_input(args, input);
+        assert!(
+            output.status.success(),
+            "kubectl {} failed:\n{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The pinned helm against this cluster, with its caches in a temp dir.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        let home = std::env::temp_dir().join(format!("deploylock-helm-{}", std::process::id()));
+        let mut command = Command::new(self.bin_dir.join("helm"));
+        command
+            .arg("--kubeconfig")
+            .arg(self.admin_kubeconfig())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .args(args);
+        output_with_input(command, None, "helm")
+    }
+
+    /// `deploylock` (the host's build) as the cluster admin.
+    pub fn deploylock(&self, namespace: &str, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_deploylock"));
+        command
+            .arg("--kubeconfig")
+            .arg(self.admin_kubeconfig())
+            .args(["-n", namespace])
+            .env_remove("KUBECONFIG")
+            .args(args);
+        output_with_input(command, None, "deploylock")
+    }
+
+    /// Creates a namespace (idempotent).
+    pub fn ensure_namespace(&self, name: &str) {
+        let manifest = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+        self.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&manifest));
+    }
+}
+
+fn output_with_input(mut command: Command, input: Option<&str>, what: &str) -> Output {
+    use std::io::Write as _;
+    command
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {what}: {err}"));
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .unwrap_or_else(|err| panic!("cannot write to {what}: {err}"));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|err| panic!("{what}: {err}"))
+}
+
+pub fn ok(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// What `hack/cluster.sh down` must leave: no process started from the
+/// cluster's directory, no mount under it, no iptables chain of a kubelet.
+#[tokio::test]
+async fn node_cluster_down_leaves_nothing_behind() {
+    let dir = std::env::temp_dir().join(format!("deploylock-node-down-{}", std::process::id()));
+    let up = Command::new(repo_root().join("hack/cluster.sh"))
+        .arg("up")
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--node", "--watch-pid"])
+        .arg(std::process::id().to_string())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run hack/cluster.sh: {err}"));
+    ok(&up, "hack/cluster.sh up --node");
+    let bin_dir = std::fs::read_to_string(dir.join("bin-dir")).unwrap_or_default();
+    let kubectl = |args: &[&str]| -> Output {
+        Command::new(Path::new(bin_dir.trim()).join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(dir.join("kubeconfigs/admin.kubeconfig"))
+            .args(args)
+            .output()
+            .unwrap_or_else(|err| panic!("kubectl: {err}"))
+    };
+    // A pod running (its sandbox and container, a shim, an overlay mount).
+    ok(
+        &kubectl(&[
+            "run",
+            "sleeper",
+            "--image",
+            "registry.k8s.io/pause:3.10.1",
+            "--image-pull-policy=Never",
+        ]),
+        "kubectl run",
+    );
+    ok(
+        &kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "pod/sleeper",
+            "--timeout=120s",
+        ]),
+        "the pod did not become Ready",
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = format!("{}/", dir.display());
+    assert!(
+        mounts.contains(&prefix),
+        "a running pod mounts under the cluster dir"
+    );
+
+    let down = Command::new(repo_root().join("hack/cluster.sh"))
+        .arg("down")
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run hack/cluster.sh down: {err}"));
+    ok(&down, "hack/cluster.sh down");
+    assert!(!dir.exists(), "the cluster directory survived");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !mounts.contains(&prefix),
+        "mounts left under {prefix}:\n{mounts}"
+    );
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&prefix) {
+            left.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    assert!(left.is_empty(), "processes left: {left:?}");
+    for tool in ["iptables-save", "ip6tables-save"] {
+        if let Ok(rules) = Command::new(tool).output() {
+            let text = String::from_utf8_lossy(&rules.stdout);
+            assert!(
+                !text.contains("KUBE-"),
+                "{tool} shows a kubelet chain:\n{text}"
+            );
+        }
+    }
+}
+
+/// A helm release of the chart, uninstalled when dropped: a test that fails
+/// half-way leaves no release behind for the next one.
+pub struct ChartRelease<'a> {
+    node: &'a NodeCluster,
+    name: &'static str,
+    namespace: &'static str,
+    uninstalled: bool,
+}
+
+impl<'a> ChartRelease<'a> {
+    pub fn installed(node: &'a NodeCluster, name: &'static str, namespace: &'static str) -> Self {
+        ChartRelease {
+            node,
+            name,
+            namespace,
+            uninstalled: false,
+        }
+    }
+
+    /// `helm uninstall --wait`, now; its output.
+    pub fn uninstall(mut self) -> Output {
+        self.uninstalled = true;
+        self.node.helm(&[
+            "uninstall",
+            self.name,
+            "--namespace",
+            self.namespace,
+            "--wait",
+        ])
+    }
+}
+
+impl Drop for ChartRelease<'_> {
+    fn drop(&mut self) {
+        if !self.uninstalled {
+            let _ = self.node.helm(&[
+                "uninstall",
+                self.name,
+                "--namespace",
+                self.namespace,
+                "--wait",
+            ]);
+        }
+    }
+}
