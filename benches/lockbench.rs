@@ -16,6 +16,9 @@ mod receiver;
 #[path = "notify/section.rs"]
 mod notify_section;
 
+#[path = "lockbench/gitops.rs"]
+mod gitops;
+
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration as StdDuration, Instant};
@@ -881,6 +884,10 @@ async fn main() {
         lost_lock(&mut rows).await;
         eprintln!("[bench] lost lock: partitioned exec (about 90 s)");
         partition_margin(&mut rows).await;
+    }
+    if runs("gitops") {
+        eprintln!("[bench] GitOps gating");
+        gitops::gitops_gating(&mut rows).await;
     }
     if runs("scale") {
         eprintln!("[bench] controller scale (1,000 and 10,000 locks)");

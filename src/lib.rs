@@ -16,6 +16,7 @@ pub mod crdgen;
 pub mod environment;
 pub mod error;
 pub mod exec;
+pub mod gitops;
 pub mod notify;
 pub mod queue;
 pub mod rules;

@@ -90,6 +90,10 @@ struct Args {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Suspend Flux Kustomizations/HelmReleases and stop Argo CD auto-sync of the objects
+    /// bound to an environment (label deploylock.dev/environment) while its lock is held.
+    #[arg(long, env = "DEPLOYLOCK_GITOPS_GATING")]
+    gitops_gating: bool,
     /// Path to a kubeconfig (default: in-cluster, $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -251,6 +255,7 @@ async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerEr
             .unwrap_or_else(|| args.lease_namespace.clone()),
         lease_namespace: args.lease_namespace,
         retention: args.retention,
+        gitops_gating: args.gitops_gating,
     };
     replica.run(stop).await;
     Ok(())

@@ -276,6 +276,10 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
                 let covering =
                     crate::notify::cli::covering(store.client(), store.namespace(), env).await;
                 outln!("Notifications: {covering}");
+                let gates =
+                    crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str())
+                        .await;
+                outln!("Gates: {gates}");
             }
             Ok(Exit::Success)
         }

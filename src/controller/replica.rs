@@ -42,6 +42,8 @@ pub struct Replica {
     pub clock_lease_namespace: String,
     /// How long an expired holding is shown before it is cleared.
     pub retention: chrono::Duration,
+    /// GitOps gating (`--gitops-gating`, see [`super::gitops`]), by the leader.
+    pub gitops_gating: bool,
 }
 
 /// Retries `attempt` (with a short backoff) until it succeeds or a stop is
@@ -157,6 +159,15 @@ impl Replica {
             clock: clock.clone(),
         }
         .spawn(term.clone());
+        if self.gitops_gating {
+            let gating = super::gitops::GitOpsGating {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                instance: identity.to_string(),
+                clock: clock.clone(),
+            };
+            tokio::spawn(gating.run(term.clone()));
+        }
         // Team notifications: a task of its own, never in the lock path.
         let notifications = tokio::spawn(super::notify::run(
             super::notify::Notifier {

@@ -366,9 +366,10 @@ async fn kubectl_wait_for_locked_condition_returns_on_acquire() {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
+    // NAME STATE HOLDER OWNER ...: the authenticated holder, then the label.
     assert_eq!(
-        row.get(1..4),
-        Some(&["production", "Locked", "bob"][..]),
+        row.get(0..4),
+        Some(&["production", "Locked", "bob", "bob"][..]),
         "{text}"
     );
     assert!(text.contains("second"), "{text}");

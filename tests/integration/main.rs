@@ -13,6 +13,7 @@ mod examples_on_node;
 mod exec;
 mod freeze;
 mod gate;
+mod gitops;
 mod hostile;
 mod install;
 mod node;
