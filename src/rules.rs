@@ -561,6 +561,17 @@ fn decide_extend(
         now.checked_add_signed(duration)
             .ok_or(Refusal::DurationOutOfRange)?,
     );
+    extended_to(spec, now, actor, holder, expires_at)
+}
+
+/// The holding moved to `expires_at`, with its Extended entry.
+fn extended_to(
+    spec: &DeploymentLockSpec,
+    now: DateTime<Utc>,
+    actor: &Actor,
+    holder: &LockHolder,
+    expires_at: DateTime<Utc>,
+) -> Result<Decision, Refusal> {
     let mut next = spec.clone();
     record(
         &mut next,
@@ -608,23 +619,7 @@ fn decide_renew(
     let expires_at = now
         .checked_add_signed(duration)
         .ok_or(Refusal::DurationOutOfRange)?;
-    let mut next = spec.clone();
-    record(
-        &mut next,
-        now,
-        HistoryAction::Extended,
-        actor,
-        holder,
-        &holder.reason,
-        Some(expires_at),
-    )?;
-    if let Some(next_holder) = next.holder.as_mut() {
-        next_holder.expires_at = expires_at;
-    }
-    Ok(Decision::Change {
-        next,
-        action: HistoryAction::Extended,
-    })
+    extended_to(spec, now, actor, holder, expires_at)
 }
 
 /// The caller must be the holder, and, when it names a holding, that holding
