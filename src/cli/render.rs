@@ -221,7 +221,7 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
     if verbose && !view.history.is_empty() {
         out.push_str("\nRecent history:\n");
         let recent = view.history.len().saturating_sub(5);
-        out.push_str(&history_table(&view.history[recent..], now));
+        out.push_str(&history_table(&view.history[recent..], None, now));
     }
     out
 }
@@ -296,20 +296,45 @@ pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: 
     rendered(table)
 }
 
-/// `history`, oldest first.
-pub fn history_table(history: &[HistoryEntry], now: DateTime<Utc>) -> String {
+/// `history`, oldest first, with the expiries in their place: the expiry
+/// instant is not a write (the API server has no timer), so an "Expired" row
+/// is derived where the record shows one happened: before the Cleared or
+/// TookOverExpired entry that followed it, and at the end for a current
+/// holding whose `expiresAt` has passed (`current_holder`).
+pub fn history_table(
+    history: &[HistoryEntry],
+    current_holder: Option<&LockHolder>,
+    now: DateTime<Utc>,
+) -> String {
     let mut table = plain_table(&[
         "AT", "ACTION", "BY", "OWNER", "LOCK ID", "EXPIRES", "REASON",
     ]);
-    for entry in history {
+    let at = |time: DateTime<Utc>| {
+        format!(
+            "{} ({} ago)",
+            time.format("%Y-%m-%dT%H:%M:%SZ"),
+            short_span(now - time)
+        )
+    };
+    let expired_row = |expiry: &Expiry| {
+        vec![
+            at(expiry.at),
+            "Expired".to_string(),
+            "-".to_string(),
+            expiry.owner.clone(),
+            expiry.lock_id.clone(),
+            "-".to_string(),
+            "(derived: expiresAt passed)".to_string(),
+        ]
+    };
+    for (entry, expired_before) in with_expiries(history) {
+        if let Some(expiry) = expired_before {
+            add_row(&mut table, expired_row(&expiry));
+        }
         add_row(
             &mut table,
             vec![
-                format!(
-                    "{} ({} ago)",
-                    entry.at.format("%Y-%m-%dT%H:%M:%SZ"),
-                    short_span(now - entry.at)
-                ),
+                at(entry.at),
                 format!("{:?}", entry.action),
                 entry.by.clone(),
                 entry.owner.clone(),
@@ -322,7 +347,61 @@ pub fn history_table(history: &[HistoryEntry], now: DateTime<Utc>) -> String {
             ],
         );
     }
+    if let Some(holder) = current_holder.filter(|holder| rules::is_expired(holder, now)) {
+        add_row(
+            &mut table,
+            expired_row(&Expiry {
+                at: holder.expires_at,
+                lock_id: holder.lock_id.clone(),
+                owner: holder.owner.clone(),
+            }),
+        );
+    }
     rendered(table)
+}
+
+/// A holding's expiry, as the history shows it happened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expiry {
+    pub at: DateTime<Utc>,
+    pub lock_id: String,
+    pub owner: String,
+}
+
+/// Each entry with the expiry it records, if any: a Cleared entry clears an
+/// expired holding, a TookOverExpired entry takes over the holding before
+/// it. The expiry instant is the holding's last recorded `expiresAt`.
+pub fn with_expiries(history: &[HistoryEntry]) -> Vec<(&HistoryEntry, Option<Expiry>)> {
+    use crate::crd::HistoryAction;
+    let mut last_expiry: std::collections::HashMap<&str, DateTime<Utc>> = Default::default();
+    let mut current: Option<(&str, &str)> = None;
+    let mut rows = Vec::with_capacity(history.len());
+    for entry in history {
+        let ended = match entry.action {
+            HistoryAction::Cleared => Some((entry.lock_id.as_str(), entry.owner.as_str())),
+            HistoryAction::TookOverExpired => current,
+            _ => None,
+        };
+        let expiry = ended.and_then(|(lock_id, owner)| {
+            last_expiry.get(lock_id).map(|at| Expiry {
+                at: *at,
+                lock_id: lock_id.to_string(),
+                owner: owner.to_string(),
+            })
+        });
+        if let Some(expires_at) = entry.expires_at {
+            last_expiry.insert(entry.lock_id.as_str(), expires_at);
+        }
+        current = match entry.action {
+            HistoryAction::Acquired
+            | HistoryAction::TookOverExpired
+            | HistoryAction::ForceAcquired
+            | HistoryAction::Extended => Some((entry.lock_id.as_str(), entry.owner.as_str())),
+            _ => None,
+        };
+        rows.push((entry, expiry));
+    }
+    rows
 }
 
 /// kubectl-style short durations: 45s, 12m, 3h, 5d.
@@ -537,10 +616,71 @@ mod tests {
         }
     }
 
+    fn entry(
+        sequence: i64,
+        action: crate::crd::HistoryAction,
+        lock_id: &str,
+        owner: &str,
+        minute: i64,
+        expires_minute: Option<i64>,
+    ) -> HistoryEntry {
+        let base = now() - chrono::Duration::hours(1);
+        HistoryEntry {
+            sequence,
+            action,
+            at: base + chrono::Duration::minutes(minute),
+            lock_id: lock_id.into(),
+            by: owner.into(),
+            owner: owner.into(),
+            reason: "r".into(),
+            expires_at: expires_minute.map(|m| base + chrono::Duration::minutes(m)),
+        }
+    }
+
+    #[test]
+    fn history_shows_each_expiry_where_the_record_proves_it() {
+        use crate::crd::HistoryAction::*;
+        let base = now() - chrono::Duration::hours(1);
+        let history = [
+            entry(1, Acquired, "a", "alice", 0, Some(10)),
+            entry(2, Extended, "a", "alice", 5, Some(20)),
+            entry(3, TookOverExpired, "b", "bob", 25, Some(40)),
+            entry(4, Released, "b", "bob", 30, None),
+            entry(5, Acquired, "c", "carol", 31, Some(35)),
+            entry(6, Cleared, "c", "carol", 50, None),
+        ];
+        let expiries: Vec<(i64, Option<Expiry>)> = with_expiries(&history)
+            .into_iter()
+            .map(|(entry, expiry)| (entry.sequence, expiry))
+            .collect();
+        let expiry = |lock_id: &str, owner: &str, minute: i64| Expiry {
+            at: base + chrono::Duration::minutes(minute),
+            lock_id: lock_id.into(),
+            owner: owner.into(),
+        };
+        assert_eq!(
+            expiries,
+            [
+                (1, None),
+                (2, None),
+                (3, Some(expiry("a", "alice", 20))),
+                (4, None),
+                (5, None),
+                (6, Some(expiry("c", "carol", 35))),
+            ]
+        );
+        let text = history_table(&history, None, now());
+        let expired_rows = text
+            .lines()
+            .filter(|line| line.split_whitespace().nth(3) == Some("Expired"))
+            .count();
+        assert_eq!(expired_rows, 2, "{text}");
+    }
+
     #[test]
     fn history_escapes_every_cell() {
         let lock = hostile_lock();
-        let text = history_table(&lock.spec.history, now());
+        let text = history_table(&lock.spec.history, None, now());
         assert_rendered_safely(&text, &["by", "owner", "id", "reason"]);
         assert_eq!(text.lines().count(), 2, "{text}");
     }

@@ -105,7 +105,10 @@ pub fn history(global: &GlobalArgs, observed: &Observed) {
     let history = observed.spec().map_or(&[][..], |spec| &spec.history[..]);
     match global.output {
         OutputFormat::Table => {
-            out!("{}", render::history_table(history, observed.server_time))
+            out!(
+                "{}",
+                render::history_table(history, observed.holder(), observed.server_time)
+            )
         }
         format => out!("{}", render::structured(&history, format)),
     }

@@ -516,6 +516,28 @@ async fn expired_lock_is_taken_over() {
         5,
         "fencing token must increase"
     );
+
+    // `history` tells the whole story: alice's expiry sits before bob's takeover.
+    let history = cluster.deploylock(Identity::Viewer, &ns, &["history"]);
+    expect_exit(&history, 0, "history");
+    let text = stdout_of(&history);
+    let actions: Vec<(&str, &str)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            Some((*columns.get(3)?, *columns.get(5)?))
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("Acquired", "alice"),
+            ("Expired", "alice"),
+            ("TookOverExpired", "bob")
+        ],
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------
