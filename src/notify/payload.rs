@@ -301,7 +301,7 @@ fn slack(message: &Message, style: &Style) -> Value {
             json!({"type": "mrkdwn", "text": clip(&format!("*{label}*\n{}", slack_escape(&value)), 2000)})
         })
         .collect();
-    let mut body = json!({
+    let body = json!({
         "text": clip(&slack_escape(&message.summary()), 3000),
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": clip(&message.title(), 150)}},
@@ -313,15 +313,7 @@ fn slack(message: &Message, style: &Style) -> Value {
             ]}
         ]
     });
-    if let Some(object) = body.as_object_mut() {
-        if let Some(channel) = &style.channel {
-            object.insert("channel".into(), Value::from(channel.clone()));
-        }
-        if let Some(username) = &style.username {
-            object.insert("username".into(), Value::from(username.clone()));
-        }
-    }
-    body
+    with_channel_and_username(body, style)
 }
 
 fn msteams(message: &Message) -> Value {
@@ -405,11 +397,8 @@ fn googlechat(message: &Message) -> Value {
     json!({"text": plain_lines(message, ("*", "*"))})
 }
 
-fn mattermost(message: &Message, style: &Style) -> Value {
-    let mut body = json!({
-        "text": plain_lines(message, ("**", "**")),
-        "props": {"idempotency_key": message.key},
-    });
+/// Slack and Mattermost: the optional `channel` and `username` overrides.
+fn with_channel_and_username(mut body: Value, style: &Style) -> Value {
     if let Some(object) = body.as_object_mut() {
         if let Some(channel) = &style.channel {
             object.insert("channel".into(), Value::from(channel.clone()));
@@ -419,6 +408,14 @@ fn mattermost(message: &Message, style: &Style) -> Value {
         }
     }
     body
+}
+
+fn mattermost(message: &Message, style: &Style) -> Value {
+    let body = json!({
+        "text": plain_lines(message, ("**", "**")),
+        "props": {"idempotency_key": message.key},
+    });
+    with_channel_and_username(body, style)
 }
 
 /// CloudEvents type of an occurrence, e.g. `dev.deploylock.lock.acquired`.
