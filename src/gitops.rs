@@ -242,13 +242,10 @@ pub fn holding_of(lock: &Value) -> Option<Holding> {
     let lock_id = text("lockId");
     let status = lock.get("status");
     let status_current = status.is_some_and(|status| {
+        let observed = status.get("observedGeneration").and_then(Value::as_i64);
         status.get("lockId").and_then(Value::as_str) == Some(lock_id.as_str())
-            && status
-                .get("observedGeneration")
-                .and_then(Value::as_i64)
-                .is_some()
-            && status.get("observedGeneration").and_then(Value::as_i64)
-                == lock.pointer("/metadata/generation").and_then(Value::as_i64)
+            && observed.is_some()
+            && observed == lock.pointer("/metadata/generation").and_then(Value::as_i64)
             && status.get("state").is_some_and(Value::is_string)
     });
     let state = status

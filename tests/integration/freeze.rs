@@ -2,37 +2,14 @@
 //! the lock `stop-the-line`, no environment of the namespace can be acquired,
 //! new ones included; holders keep theirs, and an admin's --force passes.
 
-use std::process::Output;
-use std::time::{Duration, Instant};
-
 use deploylock::crd::HistoryAction;
 
-use crate::support::{Identity, cluster, expect_exit, last_history, locks_api, stderr_of, stored};
+use crate::support::{
+    Identity, cluster, expect_exit, last_history, locks_api, stderr_of, stored,
+    until_answer_changes,
+};
 
 const FROZEN: &str = "the namespace is frozen: stop-the-line is held by carol";
-
-/// Runs `attempt` until its answer is no longer `while_answer`, within 30 s:
-/// the API server reads the policy's parameter from an informer, which
-/// follows a write by a few milliseconds.
-fn until_answer_changes(
-    mut attempt: impl FnMut() -> Output,
-    while_success: bool,
-    what: &str,
-) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let output = attempt();
-        if output.status.success() != while_success {
-            return output;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: unchanged after 30 s: {}",
-            stderr_of(&output)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[tokio::test]
 async fn stop_the_line_freezes_every_environment_but_an_admins_force() {

@@ -8,7 +8,9 @@ use std::process::Output;
 
 use serde_json::{Value, json};
 
-use crate::support::{Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of};
+use crate::support::{
+    Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of, until_answer_changes,
+};
 
 const ENVIRONMENT: &str = "production";
 const KUBE_SYSTEM_CONTROLLER: &str = "system:serviceaccount:kube-system:deployment-controller";
@@ -27,15 +29,26 @@ struct Gate {
     deployer: String,
 }
 
-fn kubectl_as(cluster: &TestCluster, writer: Writer, deployer: &str, args: &[&str]) -> Output {
-    match writer {
-        Writer::User(identity) => cluster.kubectl(identity, args),
+/// kubectl as `writer` (`input` on stdin when given); the admin
+/// impersonates ServiceAccounts ("deployer" names the gate's deployer).
+fn kubectl_as(
+    cluster: &TestCluster,
+    writer: Writer,
+    deployer: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Output {
+    let (identity, mut full) = match writer {
+        Writer::User(identity) => (identity, Vec::new()),
         Writer::As(name) => {
             let name = if name == "deployer" { deployer } else { name };
-            let mut full = vec!["--as", name];
-            full.extend_from_slice(args);
-            cluster.kubectl(Identity::Admin, &full)
+            (Identity::Admin, vec!["--as", name])
         }
+    };
+    full.extend_from_slice(args);
+    match input {
+        Some(input) => cluster.kubectl_with_input(identity, &full, input),
+        None => cluster.kubectl(identity, &full),
     }
 }
 
@@ -229,28 +242,16 @@ fn attempt(
     write: Write,
     namespace: &str,
 ) -> Output {
-    let run = |args: &[&str]| kubectl_as(cluster, writer, &gate.deployer, args);
+    let run = |args: &[&str]| kubectl_as(cluster, writer, &gate.deployer, args, None);
     let create = |manifest: Value| {
         let text = manifest.to_string();
-        match writer {
-            Writer::User(identity) => cluster.kubectl_with_input(
-                identity,
-                &["create", "--dry-run=server", "-f", "-"],
-                &text,
-            ),
-            Writer::As(name) => {
-                let name = if name == "deployer" {
-                    gate.deployer.as_str()
-                } else {
-                    name
-                };
-                cluster.kubectl_with_input(
-                    Identity::Admin,
-                    &["--as", name, "create", "--dry-run=server", "-f", "-"],
-                    &text,
-                )
-            }
-        }
+        kubectl_as(
+            cluster,
+            writer,
+            &gate.deployer,
+            &["create", "--dry-run=server", "-f", "-"],
+            Some(&text),
+        )
     };
     match write {
         Write::CreateDeployment => create(deployment("new-web", namespace, 1)),
@@ -433,26 +434,20 @@ fn may_write_while_held(state: LockState, writer: Writer) -> bool {
 /// Waits until the API server's view of the lock (the policy's parameter,
 /// served from an informer) matches `state`, probing with bob's create.
 fn await_gate(cluster: &TestCluster, gate: &Gate, state: LockState) {
-    let expect_refused = gated(state);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let probe = attempt(
+    let probe = || {
+        attempt(
             cluster,
             gate,
             Writer::User(Identity::Bob),
             Write::CreateDeployment,
             &gate.workloads,
-        );
-        if probe.status.success() != expect_refused {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gate did not follow the lock to {state:?} within 30 s: {}",
-            stderr_of(&probe)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+        )
+    };
+    until_answer_changes(
+        probe,
+        gated(state),
+        &format!("the gate following the lock to {state:?}"),
+    );
 }
 
 #[tokio::test]
@@ -557,26 +552,26 @@ async fn a_held_lock_refuses_other_deploys_until_released() {
     );
     ok(&acquired, "bob acquires");
     let change = deployment("web", &gate.workloads, 3).to_string();
-    let refused = {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
+    let refused = until_answer_changes(
+        || {
             let output =
                 cluster.kubectl_with_input(Identity::Alice, &["apply", "-f", "-"], &change);
-            if !output.status.success() || std::time::Instant::now() > deadline {
-                break output;
+            if output.status.success() {
+                // Admitted before the API server saw the lock: undo and retry.
+                ok(
+                    &cluster.kubectl_with_input(
+                        Identity::Admin,
+                        &["apply", "-f", "-"],
+                        &deployment("web", &gate.workloads, 1).to_string(),
+                    ),
+                    "undo",
+                );
             }
-            // Admitted before the API server saw the lock: undo and retry.
-            ok(
-                &cluster.kubectl_with_input(
-                    Identity::Admin,
-                    &["apply", "-f", "-"],
-                    &deployment("web", &gate.workloads, 1).to_string(),
-                ),
-                "undo",
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    };
+            output
+        },
+        true,
+        "alice's apply while bob holds the lock",
+    );
     assert!(
         !refused.status.success(),
         "alice's apply went through while bob held the lock"
@@ -605,19 +600,11 @@ async fn a_held_lock_refuses_other_deploys_until_released() {
         ),
         "bob releases",
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let output = cluster.kubectl_with_input(Identity::Alice, &["apply", "-f", "-"], &change);
-        if output.status.success() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "alice's apply is still refused 30 s after the release: {}",
-            stderr_of(&output)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until_answer_changes(
+        || cluster.kubectl_with_input(Identity::Alice, &["apply", "-f", "-"], &change),
+        false,
+        "alice's apply after the release",
+    );
     let replicas = cluster.kubectl(
         Identity::Admin,
         &[

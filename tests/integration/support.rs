@@ -820,3 +820,26 @@ async fn forward(
         }
     }
 }
+
+/// Runs `attempt` until its success flips away from `while_success`, within
+/// 30 s, and returns that answer: an admission policy reads its parameter
+/// from an informer, which follows a write by a few milliseconds.
+pub fn until_answer_changes(
+    mut attempt: impl FnMut() -> Output,
+    while_success: bool,
+    what: &str,
+) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let output = attempt();
+        if output.status.success() != while_success {
+            return output;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: unchanged after 30 s: {}",
+            stderr_of(&output)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
