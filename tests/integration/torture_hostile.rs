@@ -667,6 +667,10 @@ fn attacks() -> Vec<(&'static str, Craft)> {
             })]))
         }),
         ("remove another's live queue place", |s| {
+            // An admin with the force permission may remove any place.
+            if s.me.can_force {
+                return None;
+            }
             let (index, _) = s
                 .fresh_places()
                 .into_iter()
