@@ -318,7 +318,10 @@ async fn write_status(
     let patch = serde_json::json!({ "status": new });
     timed(api.patch_status(
         name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        },
         &Patch::Merge(&patch),
     ))
     .await
@@ -372,6 +375,9 @@ fn acquire_request(
 }
 
 fn outcome(environment: &Environment, outcome: &str, message: String) -> EnvironmentOutcome {
+    if outcome == "Failed" {
+        tracing::warn!(%environment, error = %message, "freeze window: cannot take the lock");
+    }
     EnvironmentOutcome {
         name: environment.to_string(),
         outcome: outcome.to_string(),

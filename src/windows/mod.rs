@@ -90,7 +90,7 @@ pub const MAX_WINDOW_ENVIRONMENTS: usize = 64;
 #[x_kube(validation = Rule::new("!has(self.timeZone) || has(self.schedule)").message("timeZone applies to a schedule; start and end are instants"))]
 #[x_kube(validation = Rule::new("!has(self.start) || (timestamp(self.end) > timestamp(self.start) && timestamp(self.end) - timestamp(self.start) <= duration('2160h'))").message("end must be after start, at most 90 days (2160h) later"))]
 #[x_kube(validation = Rule::new("!has(self.duration) || (duration(self.duration) >= duration('1m') && duration(self.duration) <= duration('2160h'))").message("duration must be between 1m and 2160h (90 days)"))]
-#[x_kube(validation = Rule::new("(size(self.environments) > 0) != self.allEnvironments").message("name the environments, or set allEnvironments (every DeploymentLock in the namespace), not both"))]
+#[x_kube(validation = Rule::new("(has(self.environments) && size(self.environments) > 0) != (has(self.allEnvironments) && self.allEnvironments)").message("name the environments, or set allEnvironments (every DeploymentLock in the namespace), not both"))]
 #[serde(rename_all = "camelCase")]
 pub struct FreezeWindowSpec {
     /// When the window opens: five cron fields (minute hour day-of-month
