@@ -4,6 +4,8 @@ SHELL := /usr/bin/env bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+# Where `cargo install` puts binaries (plugin-install).
+CARGO_HOME_BIN ?= $(or $(CARGO_INSTALL_ROOT),$(CARGO_HOME),$(HOME)/.cargo)/bin
 export DEPLOYLOCK_CACHE ?= $(HOME)/.cache/deploylock
 CLUSTER_DIR ?= $(DEPLOYLOCK_CACHE)/cluster
 # `make cluster-up NODE=2`: also run kube-controller-manager, kube-scheduler and
@@ -55,12 +57,16 @@ completions: ## Generate shell completions and the man page into dist/
 	target/debug/deploylock completion bash > dist/completions/deploylock.bash
 	target/debug/deploylock completion zsh > dist/completions/_deploylock
 	target/debug/deploylock completion fish > dist/completions/deploylock.fish
+	target/debug/deploylock completion kubectl > dist/completions/kubectl_complete-deploylock
+	@chmod +x dist/completions/kubectl_complete-deploylock
 	target/debug/deploylock man --dir dist/man
 	@echo "wrote dist/completions and dist/man (deploylock.1 and one page per action)"
 
 .PHONY: plugin-install
-plugin-install: ## Install deploylock and the kubectl plugin (kubectl deploylock) into ~/.cargo/bin
+plugin-install: ## Install deploylock and the kubectl plugin (kubectl deploylock, with its completion) into ~/.cargo/bin
 	$(CARGO) install --path . --bins --locked
+	$(CARGO_HOME_BIN)/deploylock completion kubectl > $(CARGO_HOME_BIN)/kubectl_complete-deploylock
+	@chmod +x $(CARGO_HOME_BIN)/kubectl_complete-deploylock
 
 .PHONY: bench
 bench: ## Benchmarks against baselines on the local control plane; writes docs/benchmarks.md (minutes)

@@ -74,10 +74,12 @@ pub enum Action {
     /// Team notifications: `notify test NAME` sends a test message.
     #[command(subcommand)]
     Notify(crate::notify::cli::NotifyAction),
-    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    /// Print a shell's completion script (bash, zsh, fish, elvish,
+    /// powershell; kubectl: the kubectl_complete-deploylock script). It
+    /// completes environment names from the cluster.
     Completion {
         #[arg(value_enum)]
-        shell: clap_complete::Shell,
+        shell: super::complete::CompletionShell,
     },
     /// Print the man page (roff), or with --dir write one page per action.
     #[command(hide = true)]

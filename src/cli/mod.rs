@@ -20,6 +20,7 @@ macro_rules! outln {
 }
 
 pub mod args;
+pub mod complete;
 mod exec;
 pub mod input;
 pub mod progress;
@@ -63,6 +64,10 @@ pub fn main_as(bin_name: &'static str) -> ExitCode {
     if let Some(code) = crate::exec::watchdog_main_if_requested() {
         return code;
     }
+    // A shell asking for completions (DEPLOYLOCK_COMPLETE=SHELL).
+    if let Some(code) = complete::main_if_requested() {
+        return code;
+    }
     let cli = match args::parse_as(bin_name) {
         Ok(cli) => cli,
         Err(code) => return code,
@@ -88,11 +93,7 @@ pub fn main_as(bin_name: &'static str) -> ExitCode {
 fn print_generated(action: &Action) -> Option<ExitCode> {
     // Generated into memory first: a closed pipe (`| head`) must not panic.
     let generated = match action {
-        Action::Completion { shell } => {
-            let mut buffer = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "deploylock", &mut buffer);
-            Ok(buffer)
-        }
+        Action::Completion { shell } => complete::script(*shell),
         Action::Man { dir: Some(dir) } => {
             return Some(match write_man_pages(dir) {
                 Ok(()) => ExitCode::SUCCESS,

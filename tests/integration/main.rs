@@ -6,6 +6,7 @@ mod admission;
 mod chart;
 mod chart_on_node;
 mod cli;
+mod completion;
 mod controller;
 mod crd_api;
 mod examples;
