@@ -426,3 +426,42 @@ impl NotificationSubscriptionSpec {
             .unwrap_or(DEFAULT_MAX_BACKOFF_SECONDS)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_written_as_their_names_and_read_back() {
+        let names: Vec<String> = NotifyEvent::all().map(NotifyEvent::name).collect();
+        assert_eq!(
+            names,
+            [
+                "Acquired",
+                "TookOverExpired",
+                "Extended",
+                "Released",
+                "ForceAcquired",
+                "ForceReleased",
+                "Cleared",
+                "Expired"
+            ]
+        );
+        for event in NotifyEvent::all() {
+            let written = serde_json::to_value(event).expect("an event serializes");
+            assert_eq!(written, serde_json::json!(event.name()));
+            let read: NotifyEvent = serde_json::from_value(written).expect("and reads back");
+            assert_eq!(read, event);
+        }
+    }
+
+    #[test]
+    fn an_unknown_event_is_refused_with_the_known_ones() {
+        let refused = serde_json::from_value::<NotifyEvent>(serde_json::json!("Deleted"));
+        let message = refused.expect_err("Deleted is no event").to_string();
+        assert!(
+            message.contains("\"Deleted\"") && message.contains("Cleared, Expired"),
+            "{message}"
+        );
+    }
+}
