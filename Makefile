@@ -83,7 +83,7 @@ test: ## Format check, clippy -D warnings, unit and integration tests (real cont
 	@hack/ensure-deps.sh --node
 	@hack/build-tools.sh --node >/dev/null
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --lib --bins --tests
 
 .PHONY: cluster-up

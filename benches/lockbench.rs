@@ -5,13 +5,16 @@
 //! harness of our own; every figure is a distribution over repeated samples,
 //! with the ratio to its baseline measured in the same run.
 
-#[allow(dead_code)]
-#[path = "../tests/integration/support.rs"]
-mod support;
+/// The test kit, given this package's binaries.
+mod support {
+    pub use testkit::*;
 
-#[allow(dead_code)]
-#[path = "../tests/integration/receiver.rs"]
-mod receiver;
+    pub fn cluster() -> &'static TestCluster {
+        testkit::cluster(testkit::binaries!())
+    }
+}
+
+use testkit::receiver;
 
 #[path = "notify/section.rs"]
 mod notify_section;

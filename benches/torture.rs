@@ -1,4 +1,4 @@
-//! `make torture`: the torture engine of tests/integration/torture.rs run for
+//! `make torture`: the torture engine of testkit/src/torture.rs run for
 //! minutes on a control plane of its own, in a namespace where the admission
 //! policy is enforced, with faults injected: kube-apiserver and etcd
 //! restarted, the controller killed with SIGKILL and restarted, holders
@@ -10,20 +10,15 @@
 //! it checked; exits 1 on any violation. TORTURE_SECONDS sets the length
 //! (default 720).
 
-#[allow(dead_code)]
-#[path = "../tests/integration/support.rs"]
-mod support;
-#[allow(dead_code)]
-#[path = "../tests/integration/torture.rs"]
-mod torture;
-#[allow(dead_code)]
-#[path = "../tests/integration/torture_hostile.rs"]
-mod torture_hostile;
-
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use support::{cluster, repo_root};
+use testkit::{TestCluster, repo_root, torture, torture_hostile};
+
+/// The shared control plane, with this package's binaries.
+fn cluster() -> &'static TestCluster {
+    testkit::cluster(testkit::binaries!())
+}
 
 fn restart(server: &str) {
     let status = Command::new(repo_root().join("hack/cluster.sh"))

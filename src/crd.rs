@@ -159,13 +159,11 @@ pub struct LockHolder {
     pub reason: String,
 
     /// When this holding started (RFC 3339, API server clock).
-    #[schemars(schema_with = "date_time_schema")]
-    #[serde(with = "strict_time")]
+    #[serde(with = "StrictTime")]
     pub acquired_at: DateTime<Utc>,
 
     /// When this holding ends unless extended (RFC 3339, API server clock).
-    #[schemars(schema_with = "date_time_schema")]
-    #[serde(with = "strict_time")]
+    #[serde(with = "StrictTime")]
     pub expires_at: DateTime<Utc>,
 
     /// Duration requested at acquisition, in seconds (60 to 604800).
@@ -224,12 +222,10 @@ pub struct Waiter {
     #[schemars(length(min = 1, max = MAX_REASON_LEN))]
     pub reason: String,
     /// When the client started waiting.
-    #[schemars(schema_with = "date_time_schema")]
-    #[serde(with = "strict_time")]
+    #[serde(with = "StrictTime")]
     pub since: DateTime<Utc>,
     /// Last sign of life of the waiting client; stale waiters drop out.
-    #[schemars(schema_with = "date_time_schema")]
-    #[serde(with = "strict_time")]
+    #[serde(with = "StrictTime")]
     pub heartbeat_at: DateTime<Utc>,
     /// Served before older waiters (`--queue newest-first`): for teams that
     /// only care about the latest deploy.
@@ -238,7 +234,9 @@ pub struct Waiter {
 }
 
 /// What happened to the lock.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum HistoryAction {
     /// A holder took an available lock.
     Acquired,
@@ -257,6 +255,19 @@ pub enum HistoryAction {
     Cleared,
 }
 
+impl HistoryAction {
+    /// Every action, in the order of the declaration (and of the schema).
+    pub const ALL: [HistoryAction; 7] = [
+        HistoryAction::Acquired,
+        HistoryAction::TookOverExpired,
+        HistoryAction::Extended,
+        HistoryAction::Released,
+        HistoryAction::ForceAcquired,
+        HistoryAction::ForceReleased,
+        HistoryAction::Cleared,
+    ];
+}
+
 /// One past transition of the lock.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -270,8 +281,7 @@ pub struct HistoryEntry {
     /// What happened.
     pub action: HistoryAction,
     /// When it happened (API server clock).
-    #[schemars(schema_with = "date_time_schema")]
-    #[serde(with = "strict_time")]
+    #[serde(with = "StrictTime")]
     pub at: DateTime<Utc>,
     /// ID of the holding concerned.
     #[schemars(length(min = 1, max = MAX_ID_LEN))]
@@ -289,9 +299,9 @@ pub struct HistoryEntry {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "strict_time::option"
+        with = "StrictOptionalTime"
     )]
-    #[schemars(schema_with = "date_time_schema")]
+    #[schemars(with = "StrictTime")]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -353,14 +363,6 @@ pub struct DeploymentLockStatus {
     pub last_event_sequence: Option<i64>,
 }
 
-fn date_time_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "string",
-        "format": "date-time",
-        "pattern": DATE_TIME_PATTERN,
-    })
-}
-
 /// Parses a stored date-time by the schema's rule: `YYYY-MM-DDTHH:MM:SS`,
 /// optional 1-9 fractional digits, `Z`, and a real calendar instant.
 pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
@@ -399,55 +401,58 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
         .map(|time| time.with_timezone(&Utc))
 }
 
-/// Serde for the stored date-times: written as RFC 3339 with `Z`, read only
-/// in the form the schema admits.
-mod strict_time {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+/// Serde and schema of a stored date-time (`#[serde(with = "StrictTime")]`):
+/// written as RFC 3339 with `Z`, read only in the form the schema admits. A
+/// type, not a module: the schema derive takes the field's schema from it.
+#[derive(JsonSchema)]
+#[schemars(extend("format" = "date-time"))]
+#[allow(dead_code)] // Never built: only its schema and functions are used.
+struct StrictTime(#[schemars(regex(pattern = DATE_TIME_PATTERN))] String);
 
-    pub fn serialize<S: Serializer>(
+impl StrictTime {
+    fn serialize<S: serde::Serializer>(
         time: &DateTime<Utc>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        serializer.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    fn deserialize<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> Result<DateTime<Utc>, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        super::parse_time(&text).ok_or_else(|| {
-            D::Error::custom(format!(
+        Self::parse::<D::Error>(String::deserialize(deserializer)?)
+    }
+
+    fn parse<E: serde::de::Error>(text: String) -> Result<DateTime<Utc>, E> {
+        parse_time(&text).ok_or_else(|| {
+            E::custom(format!(
                 "invalid date-time {text:?}: expected RFC 3339 in UTC such as 2026-11-27T10:00:00Z"
             ))
         })
     }
+}
 
-    pub mod option {
-        use super::*;
+/// [`StrictTime`]'s serde for an optional date-time (absent when `None`);
+/// its schema is `#[schemars(with = "StrictTime")]`.
+struct StrictOptionalTime;
 
-        pub fn serialize<S: Serializer>(
-            time: &Option<DateTime<Utc>>,
-            serializer: S,
-        ) -> Result<S::Ok, S::Error> {
-            match time {
-                Some(time) => super::serialize(time, serializer),
-                None => serializer.serialize_none(),
-            }
+impl StrictOptionalTime {
+    fn serialize<S: serde::Serializer>(
+        time: &Option<DateTime<Utc>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => StrictTime::serialize(time, serializer),
+            None => serializer.serialize_none(),
         }
+    }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(
-            deserializer: D,
-        ) -> Result<Option<DateTime<Utc>>, D::Error> {
-            match Option::<String>::deserialize(deserializer)? {
-                None => Ok(None),
-                Some(text) => super::super::parse_time(&text).map(Some).ok_or_else(|| {
-                    D::Error::custom(format!(
-                        "invalid date-time {text:?}: expected RFC 3339 in UTC"
-                    ))
-                }),
-            }
-        }
+    fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(StrictTime::parse::<D::Error>)
+            .transpose()
     }
 }
 

@@ -208,6 +208,13 @@ pub struct WaitArgs {
     pub wait_timeout: Option<u64>,
 }
 
+/// When a `--wait-timeout` of `seconds` from now runs out. One too far
+/// for the clock to represent never comes: no deadline.
+pub fn deadline_after(seconds: Option<u64>) -> Option<tokio::time::Instant> {
+    let seconds = std::time::Duration::from_secs(seconds?);
+    tokio::time::Instant::now().checked_add(seconds)
+}
+
 /// Parses the command line; a usage error is one line and exit code 2.
 pub fn parse() -> Result<Cli, ExitCode> {
     parse_as("deploylock")

@@ -37,7 +37,8 @@ pub async fn run(
 ) -> Result<Exit, Error> {
     // Signals are ours from the start: a SIGTERM while waiting leaves the
     // queue, one while the command runs is passed on to it.
-    let applied = super::take_lock(store, global, &args.lock, LockType::Automatic, signals).await?;
+    let applied =
+        super::writes::take_lock(store, global, &args.lock, LockType::Automatic, signals).await?;
     let observed = &applied.observed;
     let Some(holding) = observed.holder().cloned() else {
         return Err(Error::Api("the lock was written without a holder".into()));

@@ -22,26 +22,25 @@ macro_rules! outln {
 pub mod args;
 pub mod complete;
 mod exec;
+mod generated;
 pub mod input;
 pub mod progress;
 pub mod render;
 pub mod report;
 mod show;
+mod writes;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration as StdDuration;
 
 use chrono::Utc;
-use clap::CommandFactory;
-use tokio::time::Instant;
 
 use crate::crd::{LockState, LockType};
 use crate::error::Error;
-use crate::queue::{self, TakeRequest, interruptible};
-use crate::rules::{self, Actor, Request};
+use crate::queue::{self, interruptible};
+use crate::rules;
 use crate::signals::Signals;
-use crate::store::{Applied, ConnectOptions, LockStore, ServerClock, connect};
+use crate::store::{ConnectOptions, LockStore, ServerClock, connect};
 
 pub use args::{
     AcquireArgs, Action, Cli, ExecArgs, ExtendArgs, ForceReleaseArgs, GlobalArgs, HoldingArgs,
@@ -72,7 +71,7 @@ pub fn main_as(bin_name: &'static str) -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    if let Some(code) = print_generated(&cli.action) {
+    if let Some(code) = generated::print(&cli.action) {
         return code;
     }
     init_logging(cli.global.verbose);
@@ -87,51 +86,6 @@ pub fn main_as(bin_name: &'static str) -> ExitCode {
         }
     };
     runtime.block_on(run(cli))
-}
-
-/// Completions and the man page, answered without a cluster.
-fn print_generated(action: &Action) -> Option<ExitCode> {
-    // Generated into memory first: a closed pipe (`| head`) must not panic.
-    let generated = match action {
-        Action::Completion { shell } => complete::script(*shell),
-        Action::Man { dir: Some(dir) } => {
-            return Some(match write_man_pages(dir) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!(
-                        "deploylock: cannot write the man pages into {}: {err}",
-                        dir.display()
-                    );
-                    ExitCode::FAILURE
-                }
-            });
-        }
-        Action::Man { dir: None } => {
-            let mut buffer = Vec::new();
-            // As `man --dir` writes it: no page for `help` to name.
-            clap_mangen::Man::new(Cli::command().disable_help_subcommand(true))
-                .render(&mut buffer)
-                .map(|()| buffer)
-        }
-        _ => return None,
-    };
-    use std::io::Write;
-    let written = generated.and_then(|buffer| std::io::stdout().write_all(&buffer));
-    Some(match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("deploylock: cannot write the output: {err}");
-            ExitCode::FAILURE
-        }
-    })
-}
-
-/// deploylock.1 and one page per action (deploylock-acquire.1, …: the
-/// pages the main page's SEE ALSO names), each with its options.
-fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    clap_mangen::generate_to(Cli::command(), dir)
 }
 
 /// Only deploylock's own logs: every failure reaches the user as one
@@ -162,25 +116,8 @@ pub async fn run(cli: Cli) -> ExitCode {
     match execute(&cli, &mut signals, &mut clock).await {
         Ok(exit) => exit.into(),
         Err(err) => {
-            // Refusals name times relative to now: the API server's now.
-            let now = clock
-                .as_ref()
-                .and_then(ServerClock::now)
-                .unwrap_or_else(Utc::now);
-            let global = &cli.global;
-            let scope = report::scope_flags(
-                global.namespace.as_deref(),
-                global.context.as_deref(),
-                global.kubeconfig.as_deref(),
-            );
-            let env = &global.environment;
-            let (message, exit) = report::describe_for(&err, env, &scope, now);
-            eprintln!("deploylock: {message}");
-            if global.output != OutputFormat::Table && report::is_refusal(&err) {
-                let report = report::ErrorReport::new(&err, env, &scope, now);
-                out!("{}", render::structured(&report, global.output));
-            }
-            exit.into()
+            let now = clock.as_ref().and_then(ServerClock::now);
+            report::print_failure(&err, &cli.global, now.unwrap_or_else(Utc::now)).into()
         }
     }
 }
@@ -212,14 +149,13 @@ async fn execute(
     *clock = Some(store.server_clock());
     match &cli.action {
         Action::Acquire(args) if !args.extend => {
-            let applied = take_lock(&store, global, args, LockType::Manual, signals).await?;
+            let applied =
+                writes::take_lock(&store, global, args, LockType::Manual, signals).await?;
             show::applied(global, &applied, "acquired")
         }
         Action::Exec(args) => exec::run(&store, global, args, signals).await,
         Action::Wait(args) => {
-            let deadline = args
-                .wait_timeout
-                .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
+            let deadline = args::deadline_after(args.wait_timeout);
             let mut progress = WaitProgress::new(&global.environment);
             let waited =
                 queue::wait_until_free(&store, &global.environment, deadline, &mut progress);
@@ -237,51 +173,20 @@ async fn execute(
 async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Result<Exit, Error> {
     let env = &global.environment;
     match action {
-        Action::Acquire(args) => renew(store, global, args.duration).await,
+        Action::Acquire(args) => writes::renew(store, global, args.duration).await,
         Action::Exec(_) | Action::Wait(_) => Err(Error::Api("not a one-shot action".into())),
         // Answered by `main` without a cluster.
         Action::Completion { .. } | Action::Man { .. } => Ok(Exit::Success),
-        Action::Release(args) => {
-            let lock_id = match &args.deployment_id {
-                None => args.holding.lock_id.clone(),
-                // That holding's lock ID, so the release is refused if the
-                // holding ends before the write lands.
-                Some(deployment_id) => {
-                    let observed = store.read(env).await?;
-                    match show::holding_of_deployment(&observed, deployment_id) {
-                        Some(lock_id) => Some(lock_id),
-                        None => return Ok(show::not_held_by(global, &observed, deployment_id)),
-                    }
-                }
-            };
-            let actor = Actor::new(store.whoami().await?, None);
-            let applied = store
-                .apply(env, &Request::Release { actor, lock_id })
-                .await?;
-            show::applied(global, &applied, "released")
-        }
+        Action::Release(args) => writes::release(store, global, args).await,
         Action::ForceRelease(args) => {
-            let actor = Actor::new(store.whoami().await?, None);
-            let reason = args.reason.clone();
-            let request = Request::ForceRelease { actor, reason };
-            show::applied(global, &store.apply(env, &request).await?, "force-released")
+            writes::force_release(store, global, args.reason.clone()).await
         }
         Action::Extend(args) => {
-            extend(store, global, args.duration, args.holding.lock_id.clone()).await
+            let lock_id = args.holding.lock_id.clone();
+            writes::extend(store, global, args.duration, lock_id).await
         }
         Action::Status => {
-            let observed = store.read(env).await?;
-            show::view(global, &observed, true);
-            if global.verbose && global.output == OutputFormat::Table {
-                show::caller_holding(store, &observed).await;
-                let covering =
-                    crate::notify::cli::covering(store.client(), store.namespace(), env).await;
-                outln!("Notifications: {covering}");
-                let gates =
-                    crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str())
-                        .await;
-                outln!("Gates: {gates}");
-            }
+            show::status(store, global, &store.read(env).await?).await;
             Ok(Exit::Success)
         }
         Action::Notify(crate::notify::cli::NotifyAction::Test { name }) => {
@@ -324,72 +229,5 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             }
             Ok(show::list(global, store, &listing, args.all_namespaces))
         }
-    }
-}
-
-async fn extend(
-    store: &LockStore,
-    global: &GlobalArgs,
-    duration: chrono::Duration,
-    lock_id: Option<String>,
-) -> Result<Exit, Error> {
-    let actor = Actor::new(store.whoami().await?, None);
-    let request = Request::Extend {
-        actor,
-        duration,
-        lock_id,
-    };
-    let applied = store.apply(&global.environment, &request).await?;
-    show::applied(global, &applied, "extended")
-}
-
-/// `acquire --extend`: extends one's holding, or renews it if it expired and
-/// is still the lock's holding (the rules refuse it otherwise: exit 5 if
-/// someone else holds it or it was cleared, 3 if someone waits for it).
-async fn renew(
-    store: &LockStore,
-    global: &GlobalArgs,
-    duration: chrono::Duration,
-) -> Result<Exit, Error> {
-    let actor = Actor::new(store.whoami().await?, None);
-    let request = Request::Renew { actor, duration };
-    let applied = store.apply(&global.environment, &request).await?;
-    if let Some(spec) = applied.observed.spec()
-        && let Some(gap) = show::renewal_gap(spec)
-    {
-        eprintln!("deploylock: warning: {}", report::safe_line(&gap));
-    }
-    show::applied(global, &applied, "extended")
-}
-
-/// Acquires for `acquire` and `exec`; with --wait-timeout, waits its turn in
-/// the lock's queue, showing who holds it or who is ahead.
-async fn take_lock(
-    store: &LockStore,
-    global: &GlobalArgs,
-    args: &AcquireArgs,
-    lock_type: LockType,
-    signals: &mut Signals,
-) -> Result<Applied, Error> {
-    let request = TakeRequest {
-        owner: args.owner.clone(),
-        lock_type,
-        force: args.force,
-        reason: args.reason.clone().unwrap_or_default(),
-        duration: args.duration,
-        deployment_id: args.deployment_id.clone(),
-        metadata: args.metadata.clone().unwrap_or_default(),
-        order: args.queue,
-    };
-    let deadline = args
-        .wait_timeout
-        .map(|seconds| Instant::now() + StdDuration::from_secs(seconds));
-    let env = &global.environment;
-    match deadline {
-        Some(_) => {
-            let mut progress = WaitProgress::acquiring(env);
-            queue::take(store, env, &request, deadline, signals, &mut progress).await
-        }
-        None => queue::take(store, env, &request, None, signals, &mut ()).await,
     }
 }

@@ -10,7 +10,8 @@ use crate::error::Error;
 use crate::rules::Refusal;
 use crate::store::MalformedLock;
 
-use super::render::escape;
+use super::args::GlobalArgs;
+use super::render::{self, OutputFormat, escape};
 
 /// Exit codes, stable: CI scripts branch on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +163,26 @@ pub fn describe_for(
 ) -> (String, Exit) {
     let lines = describe_lines(err, environment, scope, now);
     (safe_lines(&lines), exit_for(err))
+}
+
+/// Says on stderr why an action failed and returns its exit code; with
+/// `-o json`/`yaml`, a refusal is also printed on stdout as a structured
+/// report. `now` is the API server's, if it was reached: refusals name
+/// times relative to it.
+pub fn print_failure(err: &Error, global: &GlobalArgs, now: DateTime<Utc>) -> Exit {
+    let scope = scope_flags(
+        global.namespace.as_deref(),
+        global.context.as_deref(),
+        global.kubeconfig.as_deref(),
+    );
+    let env = &global.environment;
+    let (message, exit) = describe_for(err, env, &scope, now);
+    eprintln!("deploylock: {message}");
+    if global.output != OutputFormat::Table && is_refusal(err) {
+        let report = ErrorReport::new(err, env, &scope, now);
+        out!("{}", render::structured(&report, global.output));
+    }
+    exit
 }
 
 /// The flags that chose the lock's cluster and namespace, as the user gave

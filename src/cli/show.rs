@@ -27,6 +27,21 @@ pub fn view(global: &GlobalArgs, observed: &Observed, as_status: bool) {
     }
 }
 
+/// `status`: the lock; with -v as a table, also whether the caller holds
+/// it and the notifications and gates that cover it.
+pub async fn status(store: &LockStore, global: &GlobalArgs, observed: &Observed) {
+    view(global, observed, true);
+    if global.verbose && global.output == OutputFormat::Table {
+        caller_holding(store, observed).await;
+        let env = &global.environment;
+        let covering = crate::notify::cli::covering(store.client(), store.namespace(), env).await;
+        outln!("Notifications: {covering}");
+        let gates =
+            crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str()).await;
+        outln!("Gates: {gates}");
+    }
+}
+
 /// `status -v`: whether the caller holds the lock, in words. Without an
 /// answer to "who am I" the line says so instead of guessing.
 pub async fn caller_holding(store: &LockStore, observed: &Observed) {

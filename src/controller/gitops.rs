@@ -334,15 +334,7 @@ async fn record(
     }
     let namespace = object.namespace().unwrap_or_default();
     let uid = object.meta().uid.clone().unwrap_or_default();
-    let object_ref = ObjectReference {
-        api_version: Some(context.resource.api_version.clone()),
-        kind: Some(kind.kind().into()),
-        namespace: Some(namespace.clone()),
-        name: Some(object.name_any()),
-        uid: object.meta().uid.clone(),
-        resource_version: object.resource_version(),
-        ..Default::default()
-    };
+    let object_ref = object.object_ref(&context.resource);
     let event_name = format!(
         "{}.{}.{tag}",
         truncate(&object.name_any(), 180),
@@ -382,15 +374,7 @@ async fn record(
         return;
     };
     let lock_uid = lock.meta().uid.clone().unwrap_or_default();
-    let lock_ref = ObjectReference {
-        api_version: Some(DeploymentLock::api_version(&()).into_owned()),
-        kind: Some(DeploymentLock::kind(&()).into_owned()),
-        namespace: Some(lock_namespace.to_string()),
-        name: Some(environment.to_string()),
-        uid: lock.meta().uid.clone(),
-        resource_version: lock.resource_version(),
-        ..Default::default()
-    };
+    let lock_ref = lock.object_ref(&ApiResource::erase::<DeploymentLock>(&()));
     let event_name = format!(
         "{environment}.{}.{}-{}-{tag}",
         short_id(&lock_uid),

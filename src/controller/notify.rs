@@ -207,6 +207,58 @@ fn watch_config() -> watcher::Config {
         .timeout(WATCH_TIMEOUT_SECONDS)
 }
 
+/// A watched kind as the workers know it: its objects by UID.
+enum Seen<T> {
+    /// The whole list, after a (re)list.
+    Listed(HashMap<String, T>),
+    /// An object added or changed; `None` when it does not decode (it is
+    /// then left out).
+    Applied(String, Option<T>),
+    Deleted(String),
+}
+
+/// Follows `api` with a watch, handing each change (decoded) to `apply`. A
+/// failed watch is logged as about `what` and retried after `backoff`.
+async fn follow<K, T>(
+    api: Api<K>,
+    decode: impl Fn(K) -> Option<T>,
+    what: &str,
+    backoff: StdDuration,
+    mut apply: impl FnMut(Seen<T>),
+) where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut events = watcher(api, watch_config()).boxed();
+    let mut fresh = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => fresh.clear(),
+            Ok(watcher::Event::InitApply(object)) => {
+                if let Some(uid) = object.uid()
+                    && let Some(decoded) = decode(object)
+                {
+                    fresh.insert(uid, decoded);
+                }
+            }
+            Ok(watcher::Event::InitDone) => apply(Seen::Listed(std::mem::take(&mut fresh))),
+            Ok(watcher::Event::Apply(object)) => {
+                if let Some(uid) = object.uid() {
+                    apply(Seen::Applied(uid, decode(object)));
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                if let Some(uid) = object.uid() {
+                    apply(Seen::Deleted(uid));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "notifications: watching {what} failed; retrying");
+                tokio::time::sleep(leader::jitter(backoff)).await;
+            }
+        }
+    }
+}
+
 async fn watch_locks(shared: Arc<Shared>) {
     let resource = ApiResource::erase::<DeploymentLock>(&());
     let client = shared.notifier.client.clone();
@@ -219,48 +271,23 @@ async fn watch_locks(shared: Arc<Shared>) {
         // only left out.
         decode_lock(serde_json::to_value(object).ok()?).ok()
     };
-    let mut events = watcher(api, watch_config()).boxed();
-    let mut fresh: HashMap<String, DeploymentLock> = HashMap::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => fresh.clear(),
-            Ok(watcher::Event::InitApply(object)) => {
-                if let Some(uid) = object.uid()
-                    && let Some(lock) = decode(object)
-                {
-                    fresh.insert(uid, lock);
-                }
+    let backoff = StdDuration::from_secs(2);
+    follow(api, decode, "DeploymentLocks", backoff, |seen| {
+        shared.with(|known| match seen {
+            Seen::Listed(locks) => {
+                known.locks = locks;
+                known.locks_listed = true;
             }
-            Ok(watcher::Event::InitDone) => {
-                let locks = std::mem::take(&mut fresh);
-                shared.with(|known| {
-                    known.locks = locks;
-                    known.locks_listed = true;
-                });
-                shared.bump();
+            Seen::Applied(uid, Some(lock)) => {
+                known.locks.insert(uid, lock);
             }
-            Ok(watcher::Event::Apply(object)) => {
-                if let Some(uid) = object.uid() {
-                    let lock = decode(object);
-                    shared.with(|known| match lock {
-                        Some(lock) => known.locks.insert(uid, lock),
-                        None => known.locks.remove(&uid),
-                    });
-                    shared.bump();
-                }
+            Seen::Applied(uid, None) | Seen::Deleted(uid) => {
+                known.locks.remove(&uid);
             }
-            Ok(watcher::Event::Delete(object)) => {
-                if let Some(uid) = object.uid() {
-                    shared.with(|known| known.locks.remove(&uid));
-                    shared.bump();
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "notifications: watching DeploymentLocks failed; retrying");
-                tokio::time::sleep(leader::jitter(StdDuration::from_secs(2))).await;
-            }
-        }
-    }
+        });
+        shared.bump();
+    })
+    .await
 }
 
 async fn watch_subscriptions(shared: Arc<Shared>) {
@@ -269,49 +296,38 @@ async fn watch_subscriptions(shared: Arc<Shared>) {
         Some(namespace) => Api::namespaced(client, namespace),
         None => Api::all(client),
     };
-    let mut events = watcher(api, watch_config()).boxed();
-    let mut fresh = HashMap::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => fresh.clear(),
-            Ok(watcher::Event::InitApply(sub)) => {
-                if let Some(uid) = sub.uid() {
-                    fresh.insert(uid, sub);
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                let subscriptions = std::mem::take(&mut fresh);
+    // Retried also when the CRD is not installed: notifications are
+    // optional, locks work without them.
+    let backoff = StdDuration::from_secs(5);
+    follow(
+        api,
+        Some,
+        "NotificationSubscriptions",
+        backoff,
+        |seen| match seen {
+            Seen::Listed(subscriptions) => {
                 shared.with(|known| {
                     known.subscriptions = subscriptions;
                     known.subscriptions_listed = true;
                 });
                 shared.bump();
             }
-            Ok(watcher::Event::Apply(sub)) => {
-                if let Some(uid) = sub.uid() {
-                    // Workers keep their own status: a status write (one
-                    // per message) wakes nobody, a spec change wakes all.
-                    let generation = sub.metadata.generation;
-                    let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
-                    if previous.is_none_or(|old| old.metadata.generation != generation) {
-                        shared.bump();
-                    }
-                }
-            }
-            Ok(watcher::Event::Delete(sub)) => {
-                if let Some(uid) = sub.uid() {
-                    shared.with(|known| known.subscriptions.remove(&uid));
+            Seen::Applied(uid, Some(sub)) => {
+                // Workers keep their own status: a status write (one per
+                // message) wakes nobody, a spec change wakes all.
+                let generation = sub.metadata.generation;
+                let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
+                if previous.is_none_or(|old| old.metadata.generation != generation) {
                     shared.bump();
                 }
             }
-            Err(err) => {
-                // Also when the CRD is not installed: notifications are
-                // optional, locks work without them.
-                tracing::warn!(error = %err, "notifications: watching NotificationSubscriptions failed; retrying");
-                tokio::time::sleep(leader::jitter(StdDuration::from_secs(5))).await;
+            Seen::Applied(uid, None) | Seen::Deleted(uid) => {
+                shared.with(|known| known.subscriptions.remove(&uid));
+                shared.bump();
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// Runs `request` with the controller's request time limit.

@@ -121,33 +121,89 @@ pub struct NotificationSubscriptionSpec {
 }
 
 /// A transition a subscription can ask for.
-#[derive(
-    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
-)]
+///
+/// Every [`HistoryAction`], and the expiry; written as the variant's name
+/// (`Acquired`, …, `Expired`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NotifyEvent {
-    Acquired,
-    TookOverExpired,
-    Extended,
-    Released,
-    ForceAcquired,
-    ForceReleased,
-    Cleared,
+    /// A transition the lock's history records.
+    Transition(HistoryAction),
     /// The holding passed its expiry (observed by the controller; not a
     /// history entry).
     Expired,
 }
 
+impl NotifyEvent {
+    const EXPIRED: &'static str = "Expired";
+
+    /// Every event, in the schema's order.
+    pub fn all() -> impl Iterator<Item = NotifyEvent> {
+        let transitions = HistoryAction::ALL.into_iter().map(NotifyEvent::Transition);
+        transitions.chain([NotifyEvent::Expired])
+    }
+
+    /// The name it is written as.
+    pub fn name(self) -> String {
+        match self {
+            NotifyEvent::Transition(action) => serde_json::to_value(action)
+                .ok()
+                .and_then(|name| name.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            NotifyEvent::Expired => Self::EXPIRED.to_string(),
+        }
+    }
+}
+
 impl From<HistoryAction> for NotifyEvent {
     fn from(action: HistoryAction) -> Self {
-        match action {
-            HistoryAction::Acquired => NotifyEvent::Acquired,
-            HistoryAction::TookOverExpired => NotifyEvent::TookOverExpired,
-            HistoryAction::Extended => NotifyEvent::Extended,
-            HistoryAction::Released => NotifyEvent::Released,
-            HistoryAction::ForceAcquired => NotifyEvent::ForceAcquired,
-            HistoryAction::ForceReleased => NotifyEvent::ForceReleased,
-            HistoryAction::Cleared => NotifyEvent::Cleared,
+        NotifyEvent::Transition(action)
+    }
+}
+
+impl Serialize for NotifyEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            NotifyEvent::Transition(action) => action.serialize(serializer),
+            NotifyEvent::Expired => serializer.serialize_str(Self::EXPIRED),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for NotifyEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IntoDeserializer, value};
+        let name = String::deserialize(deserializer)?;
+        if name == Self::EXPIRED {
+            return Ok(NotifyEvent::Expired);
+        }
+        let action: Result<HistoryAction, value::Error> =
+            HistoryAction::deserialize(name.as_str().into_deserializer());
+        action.map(NotifyEvent::Transition).map_err(|_| {
+            let names: Vec<String> = NotifyEvent::all().map(NotifyEvent::name).collect();
+            D::Error::custom(format!(
+                "unknown event {name:?}, expected one of {}",
+                names.join(", ")
+            ))
+        })
+    }
+}
+
+impl JsonSchema for NotifyEvent {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NotifyEvent".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let names: Vec<String> = NotifyEvent::all().map(NotifyEvent::name).collect();
+        schemars::json_schema!({
+            "description": "A transition a subscription can ask for.",
+            "type": "string",
+            "enum": names,
+        })
     }
 }
 
@@ -350,18 +406,7 @@ impl NotificationSubscriptionSpec {
     /// The transitions asked for (all when the list is empty).
     pub fn wanted(&self) -> BTreeSet<NotifyEvent> {
         if self.events.is_empty() {
-            [
-                NotifyEvent::Acquired,
-                NotifyEvent::TookOverExpired,
-                NotifyEvent::Extended,
-                NotifyEvent::Released,
-                NotifyEvent::ForceAcquired,
-                NotifyEvent::ForceReleased,
-                NotifyEvent::Cleared,
-                NotifyEvent::Expired,
-            ]
-            .into_iter()
-            .collect()
+            NotifyEvent::all().collect()
         } else {
             self.events.iter().copied().collect()
         }
@@ -379,5 +424,44 @@ impl NotificationSubscriptionSpec {
             .as_ref()
             .and_then(|retry| retry.max_backoff_seconds)
             .unwrap_or(DEFAULT_MAX_BACKOFF_SECONDS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_written_as_their_names_and_read_back() {
+        let names: Vec<String> = NotifyEvent::all().map(NotifyEvent::name).collect();
+        assert_eq!(
+            names,
+            [
+                "Acquired",
+                "TookOverExpired",
+                "Extended",
+                "Released",
+                "ForceAcquired",
+                "ForceReleased",
+                "Cleared",
+                "Expired"
+            ]
+        );
+        for event in NotifyEvent::all() {
+            let written = serde_json::to_value(event).expect("an event serializes");
+            assert_eq!(written, serde_json::json!(event.name()));
+            let read: NotifyEvent = serde_json::from_value(written).expect("and reads back");
+            assert_eq!(read, event);
+        }
+    }
+
+    #[test]
+    fn an_unknown_event_is_refused_with_the_known_ones() {
+        let refused = serde_json::from_value::<NotifyEvent>(serde_json::json!("Deleted"));
+        let message = refused.expect_err("Deleted is no event").to_string();
+        assert!(
+            message.contains("\"Deleted\"") && message.contains("Cleared, Expired"),
+            "{message}"
+        );
     }
 }

@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn filtered_transitions_advance_the_cursor_without_a_message() {
         let mut spec = spec();
-        spec.events = vec![NotifyEvent::Released];
+        spec.events = vec![NotifyEvent::Transition(HistoryAction::Released)];
         let lock = lock(
             vec![
                 entry(1, HistoryAction::Acquired),

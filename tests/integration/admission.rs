@@ -604,7 +604,7 @@ fn new_lock(environment: &str, holder_user: &str, by: &str) -> Value {
         "metadata": { "name": environment },
         "spec": {
             "environment": environment,
-            "fencingToken": crate::torture_hostile::first_token(now) + 1,
+            "fencingToken": testkit::torture_hostile::first_token(now) + 1,
             "holder": holder,
             "history": [entry]
         }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
 use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of};
-use crate::torture_hostile::{entry_for, first_token, holding, new_lock, stamp};
+use testkit::torture_hostile::{entry_for, first_token, holding, new_lock, stamp};
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 

@@ -1,5 +1,5 @@
 //! Integration tests against a real kube-apiserver and etcd started by the
-//! project itself (see support.rs). One test binary, so the control plane
+//! project itself (see testkit/, which support.rs hands the binaries). One test binary, so the control plane
 //! starts once for all of them.
 
 mod admission;
@@ -22,7 +22,5 @@ mod notify;
 mod queue;
 mod receiver;
 mod support;
-mod torture;
-mod torture_hostile;
 mod torture_short;
 mod windows;

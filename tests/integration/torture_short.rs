@@ -1,4 +1,4 @@
-//! The short torture run inside `make test` (the engine is in torture.rs;
+//! The short torture run inside `make test` (the engine is testkit/src/torture.rs;
 //! `make torture` runs it for minutes with more faults): in-process clients
 //! and `deploylock` processes in a namespace where the admission policy is
 //! enforced, a hostile client sending forbidden writes, the execs' connections
@@ -10,12 +10,12 @@ use std::time::Duration as StdDuration;
 use chrono::Utc;
 
 use crate::support::cluster;
-use crate::torture::{
+use deploylock::store::Outcome;
+use testkit::torture::{
     OpKind, OpResult, Partitions, Plan, Target, ambiguous, check, command_report, counts,
     lost_refusals, outcomes, run,
 };
-use crate::torture_hostile::{Answer, by_attack, summary};
-use deploylock::store::Outcome;
+use testkit::torture_hostile::{Answer, by_attack, summary};
 
 // The fault proxies run on the test's runtime while exec workers block
 // threads of their own: a second worker thread keeps the proxies forwarding.

@@ -50,10 +50,10 @@ use deploylock::error::Error;
 use deploylock::rules::{AcquireRequest, Actor, Request};
 use deploylock::store::{self, LockStore, Outcome};
 
-use crate::support::{Fault, FaultProxy, Identity, TestCluster};
 use crate::torture_hostile::{
     Attempt, HOSTILE_CREATE_PREFIX, HOSTILE_MANAGER, HostileIdentity, HostilePlan, hostile_client,
 };
+use crate::{Fault, FaultProxy, Identity, TestCluster};
 
 /// Where the engine runs: a namespace and one kubeconfig per identity.
 pub struct Target {
@@ -66,6 +66,8 @@ pub struct Target {
     pub hostile: Vec<HostileIdentity>,
     /// The pinned kubectl (the hostile client's second tool).
     pub kubectl: PathBuf,
+    /// The `deploylock` binary the process clients run.
+    pub deploylock: PathBuf,
 }
 
 /// What a run does.
@@ -140,6 +142,7 @@ impl Target {
             })
             .collect(),
             kubectl: cluster.bin_dir().join("kubectl"),
+            deploylock: PathBuf::from(cluster.binaries().deploylock),
         }
     }
 }
@@ -210,6 +213,8 @@ pub struct Op {
 pub struct Rng(pub u64);
 
 impl Rng {
+    // An endless generator, not an iterator: it never yields `None`.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -448,6 +453,7 @@ pub async fn run(target: &Target, plan: &Plan) -> RunLog {
                     None => kubeconfig.clone(),
                 };
                 let cli = Cli {
+                    deploylock: target.deploylock.clone(),
                     kubeconfig: kubeconfig.clone(),
                     exec_kubeconfig,
                     namespace: target.namespace.clone(),
@@ -538,7 +544,7 @@ async fn record(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Recorded {
     let mut recorded = Recorded::default();
-    let client = match crate::support::client_from(&kubeconfig).await {
+    let client = match crate::client_from(&kubeconfig).await {
         Ok(client) => client,
         Err(err) => panic!("recorder: {err}"),
     };
@@ -686,6 +692,7 @@ fn track(mine: &mut HashMap<String, String>, environment: &str, kind: OpKind, re
 
 /// The `deploylock` binary, run as one identity.
 struct Cli {
+    deploylock: PathBuf,
     kubeconfig: PathBuf,
     /// What `exec` connects with: through the client's fault proxy, if any.
     exec_kubeconfig: PathBuf,
@@ -700,7 +707,7 @@ impl Cli {
     }
 
     fn command_with(&self, kubeconfig: &Path, environment: &str) -> std::process::Command {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploylock"));
+        let mut command = std::process::Command::new(&self.deploylock);
         command
             .arg("--kubeconfig")
             .arg(kubeconfig)
@@ -1041,6 +1048,8 @@ fn exec_blocking(
     let kind = run.kind;
     let paused = kind == OpKind::ExecPaused;
     let killed = kind == OpKind::ExecKilled;
+    // The script runs deploylock as `$0`: the program exec runs it under.
+    let deploylock = command.get_program().to_owned();
     let invoked = Instant::now();
     // To place the command's times (this machine's clock) on the log's.
     let base = (Instant::now(), Utc::now());
@@ -1076,7 +1085,8 @@ fn exec_blocking(
     }
     command
         .arg("--")
-        .args(["bash", "-c", EXEC_SCRIPT, env!("CARGO_BIN_EXE_deploylock")])
+        .args(["bash", "-c", EXEC_SCRIPT])
+        .arg(deploylock)
         .arg(kubeconfig)
         .arg(run.length.as_micros().to_string())
         .arg(&run.record)

@@ -221,12 +221,12 @@ impl Scene<'_> {
     }
 }
 
-pub(crate) fn stamp(time: DateTime<Utc>) -> String {
+pub fn stamp(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// A holding in `user`'s name starting at `now`, 30 minutes long.
-pub(crate) fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
+pub fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value {
     json!({
         "lockId": uuid::Uuid::new_v4().to_string(),
         "user": user,
@@ -239,7 +239,7 @@ pub(crate) fn holding(user: &str, lock_type: &str, now: DateTime<Utc>) -> Value 
     })
 }
 
-pub(crate) fn entry_for(
+pub fn entry_for(
     sequence: i64,
     action: &str,
     holder: &Value,
@@ -269,12 +269,12 @@ fn place(user: &str, since: DateTime<Utc>, beat: DateTime<Utc>) -> Value {
 
 /// The token of a lock object created at `now`, as the CLI takes it
 /// (before its first holding adds one).
-pub(crate) fn first_token(now: DateTime<Utc>) -> i64 {
+pub fn first_token(now: DateTime<Utc>) -> i64 {
     deploylock::rules::first_fencing_token(now).unwrap_or_else(|refusal| panic!("{refusal}"))
 }
 
 /// A whole new lock held by `user`, as `deploylock acquire` creates it.
-pub(crate) fn new_lock(name: &str, user: &str, now: DateTime<Utc>) -> Value {
+pub fn new_lock(name: &str, user: &str, now: DateTime<Utc>) -> Value {
     let holder = holding(user, "manual", now);
     let entry = entry_for(1, "Acquired", &holder, user, now);
     let token = first_token(now) + 1;
