@@ -342,6 +342,7 @@ async fn keep_alive(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event
             actor: plan.actor.clone(),
             duration,
             lock_id: Some(plan.holding.lock_id.clone()),
+            not_after: None,
         };
         let event = match store.apply(&plan.environment, &request).await {
             Ok(applied) => {

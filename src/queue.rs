@@ -71,11 +71,13 @@ pub struct TakeRequest {
     pub metadata: BTreeMap<String, String>,
     /// With a deadline: the order waiters are served in.
     pub order: QueueOrder,
+    /// The holding ends at this instant at the latest (a freeze window's end).
+    pub not_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl TakeRequest {
     /// The acquire of `user`, with a fresh lock ID.
-    fn acquire(&self, user: String, waiter_id: Option<String>) -> AcquireRequest {
+    pub fn acquire(&self, user: String, waiter_id: Option<String>) -> AcquireRequest {
         AcquireRequest {
             actor: Actor::new(user, self.owner.clone()),
             lock_id: uuid::Uuid::new_v4().to_string(),
@@ -86,6 +88,7 @@ impl TakeRequest {
             deployment_id: self.deployment_id.clone(),
             metadata: self.metadata.clone(),
             waiter_id,
+            not_after: self.not_after,
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct AcquireRequest {
     /// The caller's place in the wait queue, if it joined it. When others
     /// wait, a free lock goes only to the waiter whose turn it is.
     pub waiter_id: Option<String>,
+    /// The holding ends at this instant at the latest (its duration is cut
+    /// to the whole seconds left): a freeze window's end.
+    pub not_after: Option<DateTime<Utc>>,
 }
 
 /// Everything a client may ask of a lock.
@@ -77,11 +80,13 @@ pub enum Request {
         actor: Actor,
         reason: String,
     },
-    /// Move the expiry to at least `now + duration`.
+    /// Move the expiry to at least `now + duration` (but not past
+    /// `not_after`).
     Extend {
         actor: Actor,
         duration: Duration,
         lock_id: Option<String>,
+        not_after: Option<DateTime<Utc>>,
     },
     /// `acquire --extend`: extend one's holding like `Extend`, or, when it
     /// expired and is still the lock's holding (nobody took it over, the
@@ -193,6 +198,16 @@ pub fn is_expired(holder: &LockHolder, now: DateTime<Utc>) -> bool {
     now >= holder.expires_at
 }
 
+/// `duration` from `now`, cut to the whole seconds left before `not_after`.
+fn capped(duration: Duration, now: DateTime<Utc>, not_after: Option<DateTime<Utc>>) -> Duration {
+    match not_after {
+        Some(limit) => duration.min(Duration::seconds(
+            limit.signed_duration_since(now).num_seconds(),
+        )),
+        None => duration,
+    }
+}
+
 /// Whether `duration` is within the bounds the API server enforces.
 pub fn duration_in_range(duration: Duration) -> bool {
     (MIN_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&duration.num_seconds())
@@ -227,7 +242,14 @@ pub fn decide(
             actor,
             duration,
             lock_id,
-        } => decide_extend(spec, now, actor, *duration, lock_id.as_deref()),
+            not_after,
+        } => decide_extend(
+            spec,
+            now,
+            actor,
+            capped(*duration, now, *not_after),
+            lock_id.as_deref(),
+        ),
         Request::Renew { actor, duration } => decide_renew(spec, now, actor, *duration),
         Request::Clear {
             actor,
@@ -393,7 +415,8 @@ fn decide_acquire(
     if request.reason.trim().is_empty() {
         return Err(Refusal::ReasonRequired);
     }
-    if !duration_in_range(request.duration) {
+    let duration = capped(request.duration, now, request.not_after);
+    if !duration_in_range(duration) {
         return Err(Refusal::DurationOutOfRange);
     }
     let live = live_holder(spec, now);
@@ -458,9 +481,9 @@ fn decide_acquire(
         reason: request.reason.clone(),
         acquired_at: now,
         expires_at: now
-            .checked_add_signed(request.duration)
+            .checked_add_signed(duration)
             .ok_or(Refusal::DurationOutOfRange)?,
-        duration_seconds: request.duration.num_seconds(),
+        duration_seconds: duration.num_seconds(),
         deployment_id: request.deployment_id.clone(),
         metadata: request.metadata.clone(),
         overrode,

@@ -52,6 +52,7 @@ fn acquire(user: &str, lock_id: &str, duration: Duration) -> Request {
         deployment_id: None,
         metadata: BTreeMap::new(),
         waiter_id: None,
+        not_after: None,
     })
 }
 

@@ -345,6 +345,11 @@ fn a_holding_lasts_to_the_end_at_most_seven_days_and_at_least_a_minute() {
         Some(Duration::days(7))
     );
     assert_eq!(holding_duration(at("2026-11-27T00:00:59Z"), now), None);
+    // Whole seconds, never past the end.
+    assert_eq!(
+        holding_duration(at("2026-11-27T08:00:00Z"), at("2026-11-26T23:59:59.400Z")),
+        Some(Duration::seconds(8 * 3600))
+    );
     assert_eq!(
         deployment_id("uid-1", at("2026-11-27T22:00:00Z")),
         "freezewindow/uid-1/1795816800"

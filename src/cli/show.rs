@@ -196,6 +196,23 @@ pub fn applied(global: &GlobalArgs, applied: &Applied, verb: &str) -> Result<Exi
     Ok(Exit::Success)
 }
 
+/// `windows`: a table, or the objects with `-o json|yaml`.
+pub fn windows(
+    global: &GlobalArgs,
+    windows: &[crate::windows::FreezeWindow],
+    now: Option<chrono::DateTime<chrono::Utc>>,
+    all_namespaces: bool,
+) {
+    let now = now.unwrap_or_else(chrono::Utc::now);
+    match global.output {
+        OutputFormat::Table if windows.is_empty() => {
+            eprintln!("No freeze windows found.");
+        }
+        OutputFormat::Table => out!("{}", render::windows_table(windows, now, all_namespaces)),
+        format => out!("{}", render::structured(&windows, format)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,22 +271,5 @@ mod tests {
         );
         let only_acquired = spec(serde_json::json!([testdata::acquired_entry("")]));
         assert_eq!(renewal_gap(&only_acquired), None);
-    }
-}
-
-/// `windows`: a table, or the objects with `-o json|yaml`.
-pub fn windows(
-    global: &GlobalArgs,
-    windows: &[crate::windows::FreezeWindow],
-    now: Option<chrono::DateTime<chrono::Utc>>,
-    all_namespaces: bool,
-) {
-    let now = now.unwrap_or_else(chrono::Utc::now);
-    match global.output {
-        OutputFormat::Table if windows.is_empty() => {
-            eprintln!("No freeze windows found.");
-        }
-        OutputFormat::Table => out!("{}", render::windows_table(windows, now, all_namespaces)),
-        format => out!("{}", render::structured(&windows, format)),
     }
 }

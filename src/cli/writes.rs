@@ -32,6 +32,7 @@ pub async fn take_lock(
         deployment_id: args.deployment_id.clone(),
         metadata: args.metadata.clone().unwrap_or_default(),
         order: args.queue,
+        not_after: None,
     };
     let deadline = deadline_after(args.wait_timeout);
     let env = &global.environment;
@@ -67,6 +68,7 @@ pub async fn extend(
         actor,
         duration,
         lock_id,
+        not_after: None,
     })
     .await
 }

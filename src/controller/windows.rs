@@ -29,23 +29,21 @@ use crate::crd::{DeploymentLock, LockType};
 use crate::environment::Environment;
 use crate::error::Error as LockError;
 use crate::queue::{self, QueueOrder, TakeRequest};
-use crate::rules::{AcquireRequest, Actor, Refusal, Request};
+use crate::rules::{Actor, Refusal, Request};
 use crate::servertime::ServerClock;
 use crate::signals::Signals;
 use crate::store::LockStore;
 use crate::windows::plan::{self, Step};
-use crate::windows::schedule::Interval;
+use crate::windows::schedule::{Interval, Recurrence};
 use crate::windows::{
     EnvironmentOutcome, FreezeWindow, FreezeWindowStatus, Opening, READY_CONDITION, WINDOW_HOLDER,
     WhenHeld, deployment_id,
 };
 
-use super::CONTROLLER_NAME;
+use super::{CONTROLLER_NAME, Error, timed};
 
 /// The field manager of the status writes.
 const FIELD_MANAGER: &str = "deploylock-controller";
-/// Time limit of each request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A holding shorter than its opening (openings longer than the longest
 /// holding) is extended when this little of it is left.
 const RENEW_BEFORE: chrono::Duration = chrono::Duration::hours(24);
@@ -55,26 +53,6 @@ const STOP_THE_LINE: &str = "stop-the-line";
 const CRD_RECHECK: Duration = Duration::from_secs(30);
 /// Looked at again at least this often (a missed watch event).
 const RESYNC: Duration = Duration::from_secs(300);
-
-/// Errors of one reconcile (retried by the controller runtime).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API error: {0}")]
-    Kube(#[source] kube::Error),
-    #[error("request timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("the FreezeWindow has no namespace, name or UID")]
-    Unnamed,
-}
-
-async fn timed<T>(
-    future: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
-        Ok(result) => result.map_err(Error::Kube),
-        Err(_) => Err(Error::Timeout(REQUEST_TIMEOUT)),
-    }
-}
 
 /// What the windows' task needs.
 pub struct FreezeWindows {
@@ -86,6 +64,20 @@ pub struct FreezeWindows {
     pub namespace: Option<String>,
     pub clock: ServerClock,
     pub instance: String,
+}
+
+/// One window being reconciled, and where.
+struct Target<'a> {
+    shared: &'a Arc<Shared>,
+    window: &'a FreezeWindow,
+    namespace: &'a str,
+    uid: &'a str,
+}
+
+impl<'a> Target<'a> {
+    fn parts(&self) -> (&'a Arc<Shared>, &'a FreezeWindow, &'a str, &'a str) {
+        (self.shared, self.window, self.namespace, self.uid)
+    }
 }
 
 struct Shared {
@@ -149,14 +141,14 @@ fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn parse_time(text: &Option<String>) -> Option<DateTime<Utc>> {
-    text.as_deref().and_then(crate::crd::parse_time)
+fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
+    text.and_then(crate::crd::parse_time)
 }
 
 async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Action, Error> {
     let context = &shared.windows;
     let (Some(namespace), Some(uid)) = (window.namespace(), window.uid()) else {
-        return Err(Error::Unnamed);
+        return Err(Error::MissingObjectKey);
     };
     let name = window.name_any();
     let now = context.clock.lower_bound(Instant::now());
@@ -168,11 +160,12 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
         Err(err) => {
             status.next_start = None;
             status.next_end = None;
+            let message = err.to_string();
             set_ready(
                 &mut status,
                 false,
                 "InvalidSchedule",
-                &err.to_string(),
+                &message,
                 now,
                 &window,
             );
@@ -188,56 +181,26 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
         now,
         &window,
     );
-
-    let step = plan::next_step(
-        &recurrence,
-        window.spec.suspend,
-        parse_time(&status.last_opened),
-        now,
-    );
-    if let Step::Open(interval) = step {
-        let environments = environments_of(context, &window, &namespace).await?;
-        let mut outcomes = Vec::new();
-        for environment in environments {
-            outcomes.push(take(&shared, &window, &namespace, &uid, &environment, interval).await);
-        }
-        let summary = summarize(&outcomes);
-        status.last_opened = Some(format_time(interval.start));
-        status.open = Some(Opening {
-            start: format_time(interval.start),
-            end: format_time(interval.end),
-            environments: outcomes,
-        });
-        event(
-            context,
-            &window,
-            &format!("{name}.opened.{}", interval.start.timestamp()),
-            "WindowOpened",
-            format!(
-                "Freeze window opened until {}: {summary}",
-                format_time(interval.end)
-            ),
-        )
-        .await;
-    } else if let Some(open) = status.open.clone() {
-        match parse_time(&Some(open.end.clone())) {
-            Some(end) if end > now => {
-                keep_open(&shared, &window, &namespace, &uid, &open, end, now).await;
-            }
-            _ => {
-                status.open = None;
-                cancel_waits(&shared, &uid);
-                event(
-                    context,
-                    &window,
-                    &format!(
-                        "{name}.closed.{}",
-                        parse_time(&Some(open.start.clone())).map_or(0, |start| start.timestamp())
-                    ),
-                    "WindowClosed",
-                    format!("Freeze window closed; its holdings expired at {}", open.end),
-                )
-                .await;
+    let target = Target {
+        shared: &shared,
+        window: &window,
+        namespace: &namespace,
+        uid: &uid,
+    };
+    let last_opened = parse_time(status.last_opened.as_deref());
+    match plan::next_step(&recurrence, window.spec.suspend, last_opened, now) {
+        Step::Open(interval) => open(&target, interval, &mut status).await?,
+        Step::Wait { .. } => {
+            if let Some(opening) = status.open.clone() {
+                match parse_time(Some(&opening.end)) {
+                    Some(end) if end > now => {
+                        keep_open(&target, &opening, end, now).await;
+                    }
+                    _ => {
+                        status.open = None;
+                        close(&shared, &window, &uid, &opening).await;
+                    }
+                }
             }
         }
     }
@@ -245,34 +208,83 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
     status.next_start = next.map(|interval| format_time(interval.start));
     status.next_end = next.map(|interval| format_time(interval.end));
     write_status(context, &namespace, &name, &old_status, &status).await?;
+    Ok(requeue(context, &recurrence, &window, &status, now))
+}
 
-    // Look again at the next instant that matters: a start, an end, a renewal.
-    let mut wake = match plan::next_step(
-        &recurrence,
-        window.spec.suspend,
-        parse_time(&status.last_opened),
-        now,
-    ) {
+/// Takes an opening's locks, records it in `status` and an Event.
+async fn open(
+    target: &Target<'_>,
+    interval: Interval,
+    status: &mut FreezeWindowStatus,
+) -> Result<(), Error> {
+    let (shared, window, namespace, _) = target.parts();
+    let context = &shared.windows;
+    let environments = environments_of(context, window, namespace).await?;
+    let mut outcomes = Vec::new();
+    for environment in environments {
+        outcomes.push(take(target, &environment, interval).await);
+    }
+    let summary = summarize(&outcomes);
+    status.last_opened = Some(format_time(interval.start));
+    status.open = Some(Opening {
+        start: format_time(interval.start),
+        end: format_time(interval.end),
+        environments: outcomes,
+    });
+    let name = window.name_any();
+    let note = format!(
+        "Freeze window opened until {}: {summary}",
+        format_time(interval.end)
+    );
+    let event_name = format!("{name}.opened.{}", interval.start.timestamp());
+    event(context, window, &event_name, "WindowOpened", note).await;
+    Ok(())
+}
+
+/// An opening is over: its holdings expired at its end; queued waits stop.
+async fn close(shared: &Arc<Shared>, window: &FreezeWindow, uid: &str, opening: &Opening) {
+    cancel_waits(shared, uid);
+    let start = parse_time(Some(&opening.start)).map_or(0, |start| start.timestamp());
+    let event_name = format!("{}.closed.{start}", window.name_any());
+    let note = format!(
+        "Freeze window closed; its holdings expired at {}",
+        opening.end
+    );
+    event(&shared.windows, window, &event_name, "WindowClosed", note).await;
+}
+
+/// Looks again at the next instant that matters: a start, an end, and
+/// hourly while open (renewals).
+fn requeue(
+    context: &FreezeWindows,
+    recurrence: &Recurrence,
+    window: &FreezeWindow,
+    status: &FreezeWindowStatus,
+    now: DateTime<Utc>,
+) -> Action {
+    let last_opened = parse_time(status.last_opened.as_deref());
+    let mut wake = match plan::next_step(recurrence, window.spec.suspend, last_opened, now) {
         Step::Open(_) => Some(now),
         Step::Wait { until } => until,
     };
-    if let Some(end) = status
+    let open_until = status
         .open
         .as_ref()
-        .and_then(|open| parse_time(&Some(open.end.clone())))
-    {
+        .and_then(|opening| parse_time(Some(&opening.end)));
+    if let Some(end) = open_until {
         let renew = now
             .checked_add_signed(chrono::Duration::hours(1))
             .unwrap_or(end);
-        wake = Some(wake.map_or(end.min(renew), |wake| wake.min(end).min(renew)));
+        let soonest = end.min(renew);
+        wake = Some(wake.map_or(soonest, |wake| wake.min(soonest)));
     }
-    Ok(match wake {
+    match wake {
         Some(at) => {
             let local = context.clock.reached_at(at);
             Action::requeue(local.saturating_duration_since(Instant::now()).min(RESYNC))
         }
         None => Action::requeue(RESYNC),
-    })
+    }
 }
 
 fn set_ready(
@@ -315,7 +327,15 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<FreezeWindow> = Api::namespaced(context.client.clone(), namespace);
-    let patch = serde_json::json!({ "status": new });
+    // A merge patch keeps what it does not name: fields now absent are
+    // written as null, which removes them.
+    let mut written = serde_json::to_value(new).unwrap_or_default();
+    if let Some(fields) = written.as_object_mut() {
+        for key in ["open", "nextStart", "nextEnd", "lastOpened"] {
+            fields.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
+    let patch = serde_json::json!({ "status": written });
     timed(api.patch_status(
         name,
         &PatchParams {
@@ -354,23 +374,35 @@ async fn environments_of(
     Ok(names.iter().filter_map(|name| name.parse().ok()).collect())
 }
 
-fn acquire_request(
-    window: &FreezeWindow,
-    uid: &str,
-    interval: Interval,
-    duration: chrono::Duration,
-    force: bool,
-) -> AcquireRequest {
-    AcquireRequest {
-        actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
-        lock_id: uuid::Uuid::new_v4().to_string(),
+fn actor(window: &FreezeWindow) -> Actor {
+    Actor::new(WINDOW_HOLDER, Some(window.name_any()))
+}
+
+/// The window's request for an environment: a holding that ends at the
+/// opening's end at the latest (the rules cut it there, on the server's
+/// clock), with the longest duration a holding may have.
+fn take_request(window: &FreezeWindow, uid: &str, interval: Interval) -> TakeRequest {
+    TakeRequest {
+        owner: Some(window.name_any()),
         lock_type: LockType::Scheduled,
-        force,
+        force: false,
         reason: window.spec.reason.clone(),
-        duration,
+        duration: chrono::Duration::seconds(crate::crd::MAX_DURATION_SECONDS),
         deployment_id: Some(deployment_id(uid, interval.start)),
         metadata: BTreeMap::from([("freezeWindow".to_string(), window.name_any())]),
-        waiter_id: None,
+        // The window's place goes before the first-come waiters'.
+        order: QueueOrder::NewestFirst,
+        not_after: Some(interval.end),
+    }
+}
+
+/// Moves a window's holding towards the opening's end.
+fn extend_request(window: &FreezeWindow, lock_id: &str, end: DateTime<Utc>) -> Request {
+    Request::Extend {
+        actor: actor(window),
+        duration: chrono::Duration::seconds(crate::crd::MAX_DURATION_SECONDS),
+        lock_id: Some(lock_id.to_string()),
+        not_after: Some(end),
     }
 }
 
@@ -388,33 +420,28 @@ fn outcome(environment: &Environment, outcome: &str, message: String) -> Environ
 /// Takes one environment's lock for an opening: at once, or by overriding
 /// its holder (TakeOver), or by waiting at the head of its queue (Queue).
 async fn take(
-    shared: &Arc<Shared>,
-    window: &FreezeWindow,
-    namespace: &str,
-    uid: &str,
+    target: &Target<'_>,
     environment: &Environment,
     interval: Interval,
 ) -> EnvironmentOutcome {
+    let (shared, window, namespace, uid) = target.parts();
     let context = &shared.windows;
     let store = LockStore::new(context.holder_client.clone(), namespace);
     let now = context.clock.lower_bound(Instant::now());
-    let Some(duration) = plan::holding_duration(interval.end, now) else {
-        return outcome(
-            environment,
-            "Skipped",
-            "less than a minute of the opening was left".into(),
-        );
+    if plan::holding_duration(interval.end, now).is_none() {
+        let left = "less than a minute of the opening was left".to_string();
+        return outcome(environment, "Skipped", left);
+    }
+    let request = |force| {
+        let mut request = take_request(window, uid, interval);
+        request.force = force;
+        Request::Acquire(request.acquire(WINDOW_HOLDER.to_string(), None))
     };
-    let request = |force| Request::Acquire(acquire_request(window, uid, interval, duration, force));
     let held = match store.apply(environment, &request(false)).await {
         Ok(_) => return outcome(environment, "Held", String::new()),
         Err(LockError::Refused(Refusal::AlreadyHeldByYou(holder))) => {
             // The previous opening's holding, overlapping this one.
-            let extend = Request::Extend {
-                actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
-                duration,
-                lock_id: Some(holder.lock_id.clone()),
-            };
+            let extend = extend_request(window, &holder.lock_id, interval.end);
             return match store.apply(environment, &extend).await {
                 Ok(_) => outcome(
                     environment,
@@ -424,16 +451,15 @@ async fn take(
                 Err(err) => outcome(environment, "Failed", err.to_string()),
             };
         }
-        Err(LockError::Refused(Refusal::HeldByOther(holder))) => Some(holder),
+        Err(LockError::Refused(Refusal::HeldByOther(holder)))
+        | Err(LockError::Refused(Refusal::EmergencyLockInForce(holder))) => Some(holder),
         Err(LockError::Refused(Refusal::QueuedBehind { .. })) => None,
-        Err(LockError::Refused(Refusal::EmergencyLockInForce(holder))) => Some(holder),
         Err(err) => return outcome(environment, "Failed", err.to_string()),
     };
-    if window.spec.when_held == WhenHeld::TakeOver
-        && held
-            .as_ref()
-            .is_some_and(|holder| holder.lock_type != LockType::Emergency)
-    {
+    let overridable = held
+        .as_ref()
+        .is_some_and(|holder| holder.lock_type != LockType::Emergency);
+    if window.spec.when_held == WhenHeld::TakeOver && overridable {
         match store.apply(environment, &request(true)).await {
             Ok(_) => {
                 let whom = held
@@ -445,7 +471,7 @@ async fn take(
             Err(err) => return outcome(environment, "Failed", err.to_string()),
         }
     }
-    queue_for(shared, window, namespace, uid, environment, interval);
+    queue_for(target, environment, interval);
     let behind = held
         .map(|holder| format!("waiting at the head of the queue behind {}", holder.user))
         .unwrap_or_else(|| "waiting at the head of the queue".to_string());
@@ -455,14 +481,8 @@ async fn take(
 /// Waits (a task of its own) at the head of the environment's queue until
 /// the lock is free, then holds it to the opening's end. The wait gives up
 /// a minute before the end (a holding lasts at least a minute).
-fn queue_for(
-    shared: &Arc<Shared>,
-    window: &FreezeWindow,
-    namespace: &str,
-    uid: &str,
-    environment: &Environment,
-    interval: Interval,
-) {
+fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval) {
+    let (shared, window, namespace, uid) = target.parts();
     let key = (uid.to_string(), environment.to_string());
     let Ok(mut waits) = shared.waits.lock() else {
         return;
@@ -470,26 +490,15 @@ fn queue_for(
     if waits.get(&key).is_some_and(|wait| !wait.is_finished()) {
         return;
     }
-    let context = &shared.windows;
-    let store = LockStore::new(context.holder_client.clone(), namespace);
-    let clock = context.clock.clone();
     let minimum = chrono::Duration::seconds(crate::crd::MIN_DURATION_SECONDS);
-    let request = TakeRequest {
-        owner: Some(window.name_any()),
-        lock_type: LockType::Scheduled,
-        force: false,
-        reason: window.spec.reason.clone(),
-        duration: minimum,
-        deployment_id: Some(deployment_id(uid, interval.start)),
-        metadata: BTreeMap::from([("freezeWindow".to_string(), window.name_any())]),
-        // The window's place goes before the others'.
-        order: QueueOrder::NewestFirst,
-    };
-    let environment = environment.clone();
     let Some(last_chance) = interval.end.checked_sub_signed(minimum) else {
         return;
     };
-    let deadline = clock.reached_at(last_chance);
+    let context = &shared.windows;
+    let store = LockStore::new(context.holder_client.clone(), namespace);
+    let deadline = context.clock.reached_at(last_chance);
+    let request = take_request(window, uid, interval);
+    let environment = environment.clone();
     let name = window.name_any();
     let wait = tokio::spawn(async move {
         let mut signals = Signals::none();
@@ -502,26 +511,14 @@ fn queue_for(
             &mut (),
         )
         .await;
-        let Ok(applied) = taken else {
-            tracing::info!(window = %name, %environment, "freeze window: the lock did not come free before the end");
-            return;
-        };
-        // Held for a minute; now to the opening's end.
-        let now = clock.lower_bound(Instant::now());
-        if let Some(duration) = plan::holding_duration(interval.end, now) {
-            let extend = Request::Extend {
-                actor: Actor::new(WINDOW_HOLDER, Some(name.clone())),
-                duration,
-                lock_id: applied
-                    .observed
-                    .holder()
-                    .map(|holder| holder.lock_id.clone()),
-            };
-            if let Err(err) = store.apply(&environment, &extend).await {
-                tracing::warn!(window = %name, %environment, error = %err, "freeze window: cannot extend its holding");
+        match taken {
+            Ok(_) => {
+                tracing::info!(window = %name, %environment, "freeze window: took the lock from the queue")
+            }
+            Err(err) => {
+                tracing::info!(window = %name, %environment, error = %err, "freeze window: the lock did not come to it before the end")
             }
         }
-        tracing::info!(window = %name, %environment, "freeze window: took the lock from the queue");
     });
     waits.insert(key, wait);
 }
@@ -542,27 +539,20 @@ fn cancel_waits(shared: &Arc<Shared>, uid: &str) {
 /// While an opening lasts: queued environments keep waiting (also after a
 /// restart or a new leader), and holdings shorter than the opening are
 /// extended before they run out.
-async fn keep_open(
-    shared: &Arc<Shared>,
-    window: &FreezeWindow,
-    namespace: &str,
-    uid: &str,
-    open: &Opening,
-    end: DateTime<Utc>,
-    now: DateTime<Utc>,
-) {
-    let Some(start) = parse_time(&Some(open.start.clone())) else {
+async fn keep_open(target: &Target<'_>, opening: &Opening, end: DateTime<Utc>, now: DateTime<Utc>) {
+    let (shared, window, namespace, uid) = target.parts();
+    let Some(start) = parse_time(Some(&opening.start)) else {
         return;
     };
     let interval = Interval { start, end };
     let ours = deployment_id(uid, start);
     let store = LockStore::new(shared.windows.holder_client.clone(), namespace);
-    for entry in &open.environments {
+    for entry in &opening.environments {
         let Ok(environment) = entry.name.parse::<Environment>() else {
             continue;
         };
         if entry.outcome == "Queued" {
-            queue_for(shared, window, namespace, uid, &environment, interval);
+            queue_for(target, &environment, interval);
             continue;
         }
         let Ok(observed) = store.read(&environment).await else {
@@ -573,15 +563,9 @@ async fn keep_open(
         };
         let short = holder.expires_at < end && holder.expires_at - now < RENEW_BEFORE;
         if holder.deployment_id.as_deref() == Some(ours.as_str()) && short {
-            if let Some(duration) = plan::holding_duration(end, now) {
-                let extend = Request::Extend {
-                    actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
-                    duration,
-                    lock_id: Some(holder.lock_id.clone()),
-                };
-                if let Err(err) = store.apply(&environment, &extend).await {
-                    tracing::warn!(window = %window.name_any(), %environment, error = %err, "freeze window: cannot extend its holding");
-                }
+            let extend = extend_request(window, &holder.lock_id, end);
+            if let Err(err) = store.apply(&environment, &extend).await {
+                tracing::warn!(window = %window.name_any(), %environment, error = %err, "freeze window: cannot extend its holding");
             }
         }
     }

@@ -41,10 +41,11 @@ pub fn next_step(
 }
 
 /// How long the window's holding of an opening ending at `end` may last
-/// from `now`: to the end, or as far as a lock may be taken (the controller
+/// from `now`, in whole seconds (as holdings are): to the end (less than a
+/// second before it), or as far as a lock may be taken (the controller
 /// extends it later), or `None` when less than the shortest holding is left.
 pub fn holding_duration(end: DateTime<Utc>, now: DateTime<Utc>) -> Option<Duration> {
-    let left = end.signed_duration_since(now);
+    let left = Duration::seconds(end.signed_duration_since(now).num_seconds());
     if left < Duration::seconds(crate::crd::MIN_DURATION_SECONDS) {
         return None;
     }

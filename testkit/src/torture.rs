@@ -631,6 +631,7 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
                 actor: actor.clone(),
                 duration,
                 lock_id: held.clone(),
+                not_after: None,
             },
             OpKind::Release => Request::Release {
                 actor: actor.clone(),
@@ -653,6 +654,7 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
                     deployment_id: None,
                     metadata: BTreeMap::new(),
                     waiter_id: None,
+                    not_after: None,
                 })
             }
         };

@@ -60,6 +60,7 @@ fn acquire_request(
         deployment_id: None,
         metadata: BTreeMap::new(),
         waiter_id: None,
+        not_after: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn extend(actor: &Actor, duration: Duration, lock_id: Option<&str>) -> Request {
         actor: actor.clone(),
         duration,
         lock_id: lock_id.map(str::to_string),
+        not_after: None,
     }
 }
 

@@ -301,6 +301,7 @@ fn expected_outcomes(
             actor,
             duration,
             lock_id,
+            ..
         } => vec![if !acceptable_duration(*duration) {
             Err(Refusal::DurationOutOfRange)
         } else {
