@@ -8,6 +8,7 @@ mod chart_on_node;
 mod cli;
 mod controller;
 mod crd_api;
+mod example_tools;
 mod examples;
 mod examples_on_node;
 mod exec;
