@@ -6,6 +6,8 @@
 #   hack/image.sh pause        the node's sandbox image (Kubernetes' pause.c)
 #   hack/image.sh shell        a shell image for the examples' scripts (busybox + deploylock)
 #   hack/image.sh flux         the Flux example's Job image (busybox + deploylock + kubectl)
+#   hack/image.sh binaries     only the static release binaries (prints their directory;
+#                              hack/dist.sh packs them)
 #
 # Each image is written as an OCI archive under the cache, keyed by a hash of
 # everything that goes into it, and rebuilt only when that changes. Prints the
@@ -155,6 +157,7 @@ case "${1:-}" in
   pause) build "$PAUSE_IMAGE" "$repo_root/hack/node/Dockerfile.pause" "$(pause_context)" ;;
   shell) build "$SHELL_IMAGE" "$repo_root/hack/node/Dockerfile.shell" "$(shell_context)" ;;
   flux) build "$FLUX_IMAGE" "$repo_root/hack/node/Dockerfile.flux" "$(flux_context)" ;;
+  binaries) build_release_binaries ;;
   name) # name <deploylock|pause|shell|flux>: the image's reference
     case "${2:-}" in
       deploylock) echo "$DEPLOYLOCK_IMAGE" ;;
@@ -164,5 +167,5 @@ case "${1:-}" in
       *) die "usage: hack/image.sh name deploylock|pause|shell|flux" ;;
     esac
     ;;
-  *) die "usage: hack/image.sh deploylock|pause|shell|flux|name IMAGE" ;;
+  *) die "usage: hack/image.sh deploylock|pause|shell|flux|binaries|name IMAGE" ;;
 esac
