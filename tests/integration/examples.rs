@@ -354,8 +354,8 @@ async fn kubectl_plugin_and_generated_docs() {
 /// GitHub Actions: `examples/github-actions/deploy.yml` run by nektos/act
 /// (built from its pinned Go module, hack/example-tools.sh) in host mode
 /// (`-P ubuntu-latest=-self-hosted`): its steps run on this machine, in the
-/// runner's order, with the workflow's own commands; act skips
-/// actions/checkout for the local repository. The install step downloads the
+/// runner's order, with the workflow's own commands; act serves
+/// actions/checkout from the local repository (a copy in the job's workspace). The install step downloads the
 /// release tarball that `make dist` writes (hack/dist.sh) from a loopback
 /// HTTP server (the DEPLOYLOCK_DOWNLOAD_URL variable), checks its sha256 and
 /// puts it on GITHUB_PATH; the KUBECONFIG secret is alice's kubeconfig,
@@ -422,12 +422,18 @@ async fn github_actions_workflow_runs_under_act() {
     std::fs::write(repo.join(".github/workflows/deploy.yml"), &workflow_text)
         .unwrap_or_else(|err| panic!("{err}"));
     let deploy = repo.join("scripts/deploy.sh");
+    // What the deploy sees of its holding, written outside the job's
+    // workspace (act copies the repository into one and removes it after).
+    let seen = temp.path().join("seen");
+    std::fs::create_dir(&seen).unwrap_or_else(|err| panic!("{err}"));
     std::fs::write(
         &deploy,
-        // What the deploy sees of its holding, for the test to check.
-        "#!/bin/sh\nset -e\necho \"deploying $1 with $(command -v deploylock)\"\n\
-         echo \"$DEPLOYLOCK_LOCK_ID\" > lock-id\n\
-         deploylock status -e \"$DEPLOYLOCK_ENVIRONMENT\" -o json > holding.json\n",
+        format!(
+            "#!/bin/sh\nset -e\necho \"deploying $1 with $(command -v deploylock)\"\n\
+             echo \"$DEPLOYLOCK_LOCK_ID\" > {seen}/lock-id\n\
+             deploylock status -e \"$DEPLOYLOCK_ENVIRONMENT\" -o json > {seen}/holding.json\n",
+            seen = seen.display()
+        ),
     )
     .unwrap_or_else(|err| panic!("{err}"));
     run(
@@ -529,9 +535,9 @@ async fn github_actions_workflow_runs_under_act() {
     );
     assert_eq!(lock.spec.history[0].lock_id, lock.spec.history[1].lock_id);
     // During the deploy, the holding was this run's: deployment ID = run id.
-    let lock_id = std::fs::read_to_string(repo.join("lock-id")).unwrap_or_default();
+    let lock_id = std::fs::read_to_string(seen.join("lock-id")).unwrap_or_default();
     assert_eq!(lock_id.trim(), lock.spec.history[0].lock_id);
-    let holding = std::fs::read_to_string(repo.join("holding.json")).unwrap_or_default();
+    let holding = std::fs::read_to_string(seen.join("holding.json")).unwrap_or_default();
     let holding: serde_json::Value = serde_json::from_str(&holding)
         .unwrap_or_else(|err| panic!("deploylock status -o json: {err}: {holding}"));
     assert_eq!(
