@@ -37,6 +37,11 @@ image: ## Build ghcr.io/deploylock/deploylock:0.1.0 from the Dockerfile; load it
 	  echo "built $$archive"; \
 	fi
 
+.PHONY: dist
+dist: ## Release tarball of the static binaries (dist/deploylock-VERSION-x86_64-unknown-linux-musl.tar.gz + .sha256)
+	@hack/ensure-deps.sh --node
+	@hack/dist.sh dist
+
 .PHONY: build
 build: ## Build the deploylock binaries
 	$(CARGO) build --release --bins

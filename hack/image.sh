@@ -5,6 +5,9 @@
 #   hack/image.sh deploylock   the deploylock image from ./Dockerfile (controller + CLI)
 #   hack/image.sh pause        the node's sandbox image (Kubernetes' pause.c)
 #   hack/image.sh shell        a shell image for the examples' scripts (busybox + deploylock)
+#   hack/image.sh flux         the Flux example's Job image (busybox + deploylock + kubectl)
+#   hack/image.sh binaries     only the static release binaries (prints their directory;
+#                              hack/dist.sh packs them)
 #
 # Each image is written as an OCI archive under the cache, keyed by a hash of
 # everything that goes into it, and rebuilt only when that changes. Prints the
@@ -24,6 +27,7 @@ builder="${IMAGE_BUILDER:-buildah}"
 DEPLOYLOCK_IMAGE="ghcr.io/deploylock/deploylock:0.1.0"
 PAUSE_IMAGE="registry.k8s.io/pause:3.10.1"
 SHELL_IMAGE="ghcr.io/deploylock/deploylock-shell:0.1.0"
+FLUX_IMAGE="ghcr.io/deploylock/deploylock-flux:0.1.0"
 
 mkdir -p "$cache_root"
 # One build at a time (the tests build images from several threads; the build
@@ -87,7 +91,8 @@ build() {
   buildah "${storage[@]}" rmi --force "$image" >/dev/null 2>&1 || true
   mv "$archive.tmp" "$archive"
   # Older archives of the same image are superseded.
-  find "$cache_root/images" -name "$(basename "${image%%:*}")-*.tar" ! -name "$(basename "$archive")" -delete
+  # (The key is 16 characters: deploylock-* must not match deploylock-shell-*.)
+  find "$cache_root/images" -name "$(basename "${image%%:*}")-????????????????.tar" ! -name "$(basename "$archive")" -delete
   log "built $image in $((SECONDS - start))s: $archive"
   echo "$archive"
 }
@@ -134,17 +139,33 @@ shell_context() {
   echo "$context"
 }
 
+# The shell image plus a static kubectl (the Flux rollout script drives the
+# Kustomization with kubectl, as `flux resume`/`flux reconcile` do).
+flux_context() {
+  local context="$cache_root/image-context/flux" shell kubectl
+  shell="$(shell_context)"
+  kubectl="$("$repo_root/hack/example-tools.sh" kubectl-static | tail -n 1)" ||
+    die "cannot build the static kubectl (hack/example-tools.sh kubectl-static)"
+  rm -rf "$context"
+  cp -r "$shell" "$context"
+  cp "$kubectl" "$context/bin/kubectl"
+  echo "$context"
+}
+
 case "${1:-}" in
   deploylock) build "$DEPLOYLOCK_IMAGE" "$repo_root/Dockerfile" "$(deploylock_context)" ;;
   pause) build "$PAUSE_IMAGE" "$repo_root/hack/node/Dockerfile.pause" "$(pause_context)" ;;
   shell) build "$SHELL_IMAGE" "$repo_root/hack/node/Dockerfile.shell" "$(shell_context)" ;;
-  name) # name <deploylock|pause|shell>: the image's reference
+  flux) build "$FLUX_IMAGE" "$repo_root/hack/node/Dockerfile.flux" "$(flux_context)" ;;
+  binaries) build_release_binaries ;;
+  name) # name <deploylock|pause|shell|flux>: the image's reference
     case "${2:-}" in
       deploylock) echo "$DEPLOYLOCK_IMAGE" ;;
       pause) echo "$PAUSE_IMAGE" ;;
       shell) echo "$SHELL_IMAGE" ;;
-      *) die "usage: hack/image.sh name deploylock|pause|shell" ;;
+      flux) echo "$FLUX_IMAGE" ;;
+      *) die "usage: hack/image.sh name deploylock|pause|shell|flux" ;;
     esac
     ;;
-  *) die "usage: hack/image.sh deploylock|pause|shell|name IMAGE" ;;
+  *) die "usage: hack/image.sh deploylock|pause|shell|flux|binaries|name IMAGE" ;;
 esac

@@ -1,24 +1,53 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # Holds the environment's lock while Flux rolls out a Kustomization, and leaves
 # the Kustomization as it found it: suspended again if it was suspended.
-set -euo pipefail
+#
+#   locked-rollout.sh [ENVIRONMENT] [KUSTOMIZATION]     (default: production apps)
+#
+# Needs deploylock and kubectl (no flux CLI): it does what `flux resume` and
+# `flux reconcile` do, through Flux's documented API: spec.suspend, the
+# reconcile.fluxcd.io/requestedAt annotation, then status.lastHandledReconcileAt
+# and the Ready condition that kustomize-controller reports. POSIX sh, so it
+# runs in the busybox image of job.yaml as well as in a CI step.
+set -eu
 environment="${1:-production}"
 kustomization="${2:-apps}"
 namespace="${FLUX_NAMESPACE:-flux-system}"
+timeout="${ROLLOUT_TIMEOUT:-25m}"
 # This run's own holding: the cleanup releases it and nothing else, even when
 # another run under the same identity holds the lock.
 deployment_id="${DEPLOYMENT_ID:-flux-$kustomization-$(date +%s)-$$}"
+ks="kustomizations.kustomize.toolkit.fluxcd.io/$kustomization"
 
-was_suspended="$(kubectl get "kustomization/$kustomization" -n "$namespace" -o jsonpath='{.spec.suspend}')"
+was_suspended="$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.spec.suspend}')"
 deploylock acquire -e "$environment" --reason "Flux rollout of $kustomization" \
   --duration 30 --wait-timeout 600 --deployment-id "$deployment_id"
 cleanup() {
-  if [[ "$was_suspended" == true ]]; then
-    flux suspend kustomization "$kustomization" -n "$namespace" || true
+  status=$?
+  trap - EXIT
+  if [ "$was_suspended" = true ]; then
+    kubectl patch "$ks" -n "$namespace" --type=merge -p '{"spec":{"suspend":true}}' || status=1
   fi
-  deploylock release -e "$environment" --deployment-id "$deployment_id"
+  deploylock release -e "$environment" --deployment-id "$deployment_id" || status=1
+  exit "$status"
 }
 trap cleanup EXIT
-flux resume kustomization "$kustomization" -n "$namespace"
-flux reconcile kustomization "$kustomization" -n "$namespace" --with-source
-kubectl wait --for=condition=Ready "kustomization/$kustomization" -n "$namespace" --timeout=25m
+# A stopped Job (SIGTERM) or ^C still cleans up.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# flux resume + flux reconcile: unsuspend and request a reconciliation, in one patch.
+requested="$deployment_id"
+kubectl patch "$ks" -n "$namespace" --type=merge -p "{\"spec\":{\"suspend\":false},\
+\"metadata\":{\"annotations\":{\"reconcile.fluxcd.io/requestedAt\":\"$requested\"}}}"
+# The controller writes lastHandledReconcileAt with the outcome (the Ready condition).
+kubectl wait "$ks" -n "$namespace" --timeout="$timeout" \
+  --for=jsonpath='{.status.lastHandledReconcileAt}'="$requested"
+ready="$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')"
+if [ "$ready" != True ]; then
+  echo "Kustomization $namespace/$kustomization is not Ready:" \
+    "$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')" >&2
+  exit 1
+fi
+echo "Kustomization $namespace/$kustomization is Ready:" \
+  "$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.status.lastAppliedRevision}')"

@@ -98,6 +98,8 @@ async fn example_manifests_pass_a_server_side_dry_run() {
             .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
             .filter_map(|entry| entry.ok().map(|entry| entry.path()))
             .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+            // kustomize's own file (kubectl apply -k), not a manifest.
+            .filter(|path| !path.ends_with("kustomization.yaml"))
             .collect();
         files.sort();
         for file in files {
@@ -332,4 +334,212 @@ async fn kubectl_plugin_and_generated_docs() {
         text.contains(".TH deploylock 1") && text.contains("acquire"),
         "{text}"
     );
+}
+
+/// GitHub Actions: `examples/github-actions/deploy.yml` run by nektos/act
+/// (built from its pinned Go module, hack/example-tools.sh) in host mode
+/// (`-P ubuntu-latest=-self-hosted`): its steps run on this machine, in the
+/// runner's order, with the workflow's own commands; act serves
+/// actions/checkout from the local repository (a copy in the job's workspace). The install step downloads the
+/// release tarball that `make dist` writes (hack/dist.sh) from a loopback
+/// HTTP server (the DEPLOYLOCK_DOWNLOAD_URL variable), checks its sha256 and
+/// puts it on GITHUB_PATH; the KUBECONFIG secret is alice's kubeconfig,
+/// flattened as one would store it. The repository is a temporary git
+/// repository holding the workflow and a scripts/deploy.sh.
+#[tokio::test]
+async fn github_actions_workflow_runs_under_act() {
+    use crate::example_tools::{ServedFiles, example_tool};
+
+    let cluster = cluster();
+    let namespace = cluster.namespace("github-actions").await;
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let run = |command: &mut Command, what: &str| -> String {
+        let output = command
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run {what}: {err}"));
+        assert!(
+            output.status.success(),
+            "{what} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    // The release, as `make dist` packs it, served where the variable points.
+    let dist = temp.path().join("dist");
+    let packed = run(
+        Command::new(repo_root().join("hack/dist.sh")).arg(&dist),
+        "hack/dist.sh",
+    );
+    let tarball = PathBuf::from(packed.lines().last().unwrap_or_default());
+    let name = tarball
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        name,
+        format!("deploylock-{version}-x86_64-unknown-linux-musl.tar.gz")
+    );
+    let read = |path: &Path| std::fs::read(path).unwrap_or_else(|err| panic!("{err}"));
+    let sha_name = format!("{name}.sha256");
+    let server = ServedFiles::start(std::collections::HashMap::from([
+        (format!("/releases/v{version}/{name}"), read(&tarball)),
+        (
+            format!("/releases/v{version}/{sha_name}"),
+            read(&dist.join(&sha_name)),
+        ),
+    ]));
+    let workflow_text =
+        std::fs::read_to_string(repo_root().join("examples/github-actions/deploy.yml"))
+            .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        workflow_text.contains(&format!("DEPLOYLOCK_VERSION: {version}")),
+        "the workflow installs this version"
+    );
+
+    // The repository the workflow belongs to.
+    let repo = temp.path().join("repo");
+    std::fs::create_dir_all(repo.join(".github/workflows")).unwrap_or_else(|err| panic!("{err}"));
+    std::fs::create_dir_all(repo.join("scripts")).unwrap_or_else(|err| panic!("{err}"));
+    std::fs::write(repo.join(".github/workflows/deploy.yml"), &workflow_text)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let deploy = repo.join("scripts/deploy.sh");
+    // What the deploy sees of its holding, written outside the job's
+    // workspace (act copies the repository into one and removes it after).
+    let seen = temp.path().join("seen");
+    std::fs::create_dir(&seen).unwrap_or_else(|err| panic!("{err}"));
+    std::fs::write(
+        &deploy,
+        format!(
+            "#!/bin/sh\nset -e\necho \"deploying $1 with $(command -v deploylock)\"\n\
+             echo \"$DEPLOYLOCK_LOCK_ID\" > {seen}/lock-id\n\
+             deploylock status -e \"$DEPLOYLOCK_ENVIRONMENT\" -o json > {seen}/holding.json\n",
+            seen = seen.display()
+        ),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    run(
+        Command::new("chmod").arg("+x").arg(&deploy),
+        "chmod +x scripts/deploy.sh",
+    );
+    let git = |args: &[&str]| {
+        run(
+            Command::new("git")
+                .current_dir(&repo)
+                .args(["-c", "user.name=ci", "-c", "user.email=ci@example.com"])
+                .args(args),
+            &format!("git {}", args.join(" ")),
+        )
+    };
+    git(&["init", "--quiet", "--initial-branch", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "--quiet", "-m", "deploy workflow"]);
+    git(&[
+        "remote",
+        "add",
+        "origin",
+        "https://github.com/example/app.git",
+    ]);
+    let sha = git(&["rev-parse", "HEAD"]).trim().to_string();
+
+    let kubeconfig = kubeconfig_in(Identity::Alice, &namespace, temp.path());
+    let secret = run(
+        Command::new(cluster.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["config", "view", "--flatten", "--minify"]),
+        "kubectl config view --flatten",
+    );
+    let run_id = "987654321";
+    let act = Command::new(example_tool("act"))
+        .current_dir(&repo)
+        .args([
+            "push",
+            "-W",
+            ".github/workflows/deploy.yml",
+            "-P",
+            "ubuntu-latest=-self-hosted",
+            "--env",
+            &format!("GITHUB_RUN_ID={run_id}"),
+            "--var",
+            &format!("DEPLOYLOCK_DOWNLOAD_URL={}", server.url("/releases")),
+            "--secret",
+            &format!("KUBECONFIG={secret}"),
+            "--action-cache-path",
+        ])
+        .arg(temp.path().join("act-cache"))
+        // What a runner has: no deploylock on PATH until the install step.
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", temp.path())
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run act: {err}"));
+    let stdout = String::from_utf8_lossy(&act.stdout);
+    let stderr = String::from_utf8_lossy(&act.stderr);
+    assert!(act.status.success(), "act failed:\n{stdout}\n{stderr}");
+    let installed = format!("deploylock-{version}-x86_64-unknown-linux-musl/deploylock");
+    assert!(
+        stdout.contains(&format!("deploying {sha} with ")) && stdout.contains(&installed),
+        "the deploy ran with the installed deploylock:\n{stdout}"
+    );
+    // The steps in the runner's order, install first.
+    let position = |text: &str| {
+        stdout
+            .find(text)
+            .unwrap_or_else(|| panic!("no {text:?} in act's output:\n{stdout}"))
+    };
+    assert!(position("Install deploylock") < position("Configure cluster access"));
+    assert!(position("Configure cluster access") < position("Deploy under the production lock"));
+
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.holder.is_none(), "exec released the lock");
+    let actions: Vec<(HistoryAction, &str)> = lock
+        .spec
+        .history
+        .iter()
+        .map(|entry| (entry.action, entry.by.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (HistoryAction::Acquired, "alice"),
+            (HistoryAction::Released, "alice")
+        ]
+    );
+    assert_eq!(
+        lock.spec.history[0].reason,
+        format!("Deploying {sha} (run {run_id})")
+    );
+    assert_eq!(lock.spec.history[0].lock_id, lock.spec.history[1].lock_id);
+    // During the deploy, the holding was this run's: deployment ID = run id.
+    let lock_id = std::fs::read_to_string(seen.join("lock-id")).unwrap_or_default();
+    assert_eq!(lock_id.trim(), lock.spec.history[0].lock_id);
+    let holding = std::fs::read_to_string(seen.join("holding.json")).unwrap_or_default();
+    let holding: serde_json::Value = serde_json::from_str(&holding)
+        .unwrap_or_else(|err| panic!("deploylock status -o json: {err}: {holding}"));
+    assert_eq!(
+        value_of_key(&holding, "deploymentId"),
+        Some(run_id),
+        "{holding}"
+    );
+}
+
+/// The first string under `key`, anywhere in `value`.
+fn value_of_key<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .or_else(|| map.values().find_map(|v| value_of_key(v, key))),
+        serde_json::Value::Array(items) => items.iter().find_map(|v| value_of_key(v, key)),
+        _ => None,
+    }
 }

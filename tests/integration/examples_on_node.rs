@@ -14,6 +14,7 @@ use kube::runtime::wait::await_condition;
 
 use deploylock::crd::{DeploymentLock, HistoryAction};
 
+use crate::example_tools::HostProcess;
 use crate::node::{CHART_INSTALLED, ChartRelease, NodeCluster, node_cluster, ok};
 use crate::support::repo_root;
 
@@ -376,65 +377,19 @@ fn argo_substitute(text: &str, workflow: &str, parameters: &[(String, String)]) 
     out
 }
 
-/// Runs one template's container as a pod, as Argo's workflow controller does
-/// for a step (image, command, args, the workflow's ServiceAccount), and
-/// waits until it succeeds.
-fn run_argo_step(
-    node: &NodeCluster,
-    template: &serde_yaml::Value,
-    account: &str,
-    workflow: &str,
-    parameters: &[(String, String)],
-) {
-    let step = template["name"].as_str().unwrap_or_default();
-    let container = serde_json::to_value(&template["container"]).unwrap_or_default();
-    let rendered = argo_substitute(&container.to_string(), workflow, parameters);
-    let mut container: serde_json::Value = serde_json::from_str(&rendered).unwrap_or_default();
-    container["name"] = "main".into();
-    let pod_name = format!("{workflow}-{step}");
-    let pod = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": pod_name, "namespace": "my-app",
-                     "labels": {"workflows.argoproj.io/workflow": workflow}},
-        "spec": {"serviceAccountName": account, "restartPolicy": "Never",
-                 "securityContext": {"runAsNonRoot": true},
-                 "containers": [container]}
-    });
-    node.kubectl_ok_with_input(&["create", "-f", "-"], Some(&pod.to_string()));
-    ok(
-        &node.kubectl(&[
-            "wait",
-            &format!("pod/{pod_name}"),
-            "-n",
-            "my-app",
-            "--for=jsonpath={.status.phase}=Succeeded",
-            "--timeout=180s",
-        ]),
-        &format!("the {step} step of {workflow} did not succeed"),
-    );
+/// A Workflow as stored by the API server, with the WorkflowTemplate it
+/// references (`workflowTemplateRef`) as stored too.
+struct StoredWorkflow {
+    name: String,
+    uid: String,
+    template: serde_json::Value,
+    /// The template's parameters, overridden by the Workflow's arguments.
+    parameters: Vec<(String, String)>,
 }
 
-/// Argo Workflows: the WorkflowTemplate's steps (acquire, deploy) and its
-/// onExit handler (release) run as pods of their images under the template's
-/// ServiceAccount, in the order the workflow controller runs them. Two
-/// workflows share that ServiceAccount: the second one's exit handler leaves
-/// the first one's lock alone.
-#[tokio::test]
-async fn argo_workflow_steps_run_as_pods() {
-    let node = node_cluster();
-    let _installed = CHART_INSTALLED.lock().await;
-    let release = install_chart(node);
-    node.ensure_namespace("my-app");
-    for doc in yaml_documents("argo-workflows/rbac.yaml") {
-        let manifest = serde_yaml::to_string(&doc).unwrap_or_default();
-        node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&manifest));
-    }
-    let template = &yaml_documents("argo-workflows/workflowtemplate.yaml")[0];
-    let spec = &template["spec"];
-    let account = spec["serviceAccountName"].as_str().unwrap_or_default();
-    let parameters: Vec<(String, String)> = spec["arguments"]["parameters"]
-        .as_sequence()
+fn parameters_of(arguments: &serde_json::Value) -> Vec<(String, String)> {
+    arguments["parameters"]
+        .as_array()
         .into_iter()
         .flatten()
         .map(|p| {
@@ -443,32 +398,196 @@ async fn argo_workflow_steps_run_as_pods() {
                 p["value"].as_str().unwrap_or_default().to_string(),
             )
         })
-        .collect();
-    let templates = spec["templates"].as_sequence().cloned().unwrap_or_default();
-    let template_named = |name: &str| -> serde_yaml::Value {
-        templates
-            .iter()
+        .collect()
+}
+
+/// Creates a Workflow from the stored WorkflowTemplate, as `argo submit
+/// --from workflowtemplate/NAME` does (generateName, workflowTemplateRef),
+/// and reads back what the API server stored.
+fn submit_workflow(node: &NodeCluster, template_name: &str) -> StoredWorkflow {
+    let workflow = serde_json::json!({
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"generateName": format!("{template_name}-"), "namespace": "my-app"},
+        "spec": {"workflowTemplateRef": {"name": template_name}}
+    });
+    let created = node.kubectl_ok_with_input(
+        &["create", "-f", "-", "-o", "json"],
+        Some(&workflow.to_string()),
+    );
+    let created: serde_json::Value = serde_json::from_str(&created)
+        .unwrap_or_else(|err| panic!("kubectl create -o json: {err}: {created}"));
+    let name = created["metadata"]["name"].as_str().unwrap_or_default();
+    let stored = node.kubectl_ok(&["get", "workflow", name, "-n", "my-app", "-o", "json"]);
+    let stored: serde_json::Value = serde_json::from_str(&stored)
+        .unwrap_or_else(|err| panic!("kubectl get workflow -o json: {err}: {stored}"));
+    let referenced = stored["spec"]["workflowTemplateRef"]["name"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the stored Workflow has no workflowTemplateRef: {stored}"));
+    let template = node.kubectl_ok(&[
+        "get",
+        "workflowtemplate",
+        referenced,
+        "-n",
+        "my-app",
+        "-o",
+        "json",
+    ]);
+    let template: serde_json::Value = serde_json::from_str(&template)
+        .unwrap_or_else(|err| panic!("kubectl get workflowtemplate -o json: {err}: {template}"));
+    let mut parameters = parameters_of(&template["spec"]["arguments"]);
+    for (name, value) in parameters_of(&stored["spec"]["arguments"]) {
+        match parameters.iter_mut().find(|(known, _)| *known == name) {
+            Some(parameter) => parameter.1 = value,
+            None => parameters.push((name, value)),
+        }
+    }
+    StoredWorkflow {
+        name: name.to_string(),
+        uid: stored["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        template,
+        parameters,
+    }
+}
+
+impl StoredWorkflow {
+    fn spec(&self) -> &serde_json::Value {
+        &self.template["spec"]
+    }
+
+    fn template_named(&self, name: &str) -> serde_json::Value {
+        self.spec()["templates"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .find(|t| t["name"].as_str() == Some(name))
             .cloned()
-            .unwrap_or_else(|| panic!("no template {name}"))
-    };
-    let entry = template_named(spec["entrypoint"].as_str().unwrap_or_default());
-    let steps: Vec<String> = entry["steps"]
-        .as_sequence()
-        .into_iter()
-        .flatten()
-        .flat_map(|group| group.as_sequence().cloned().unwrap_or_default())
-        .filter_map(|step| step["template"].as_str().map(str::to_string))
-        .collect();
-    assert_eq!(steps, ["acquire", "deploy"]);
-    let on_exit = template_named(spec["onExit"].as_str().unwrap_or_default());
+            .unwrap_or_else(|| panic!("no template {name} in the stored WorkflowTemplate"))
+    }
+
+    /// The entrypoint's steps, in order.
+    fn steps(&self) -> Vec<String> {
+        let entry = self.template_named(self.spec()["entrypoint"].as_str().unwrap_or_default());
+        entry["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|group| group.as_array().cloned().unwrap_or_default())
+            .filter_map(|step| step["template"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn on_exit(&self) -> String {
+        self.spec()["onExit"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the stored WorkflowTemplate has no onExit"))
+            .to_string()
+    }
+
+    /// Runs one template's container as a pod, as Argo's workflow controller
+    /// does for a step (image, command, args, the workflow's ServiceAccount,
+    /// owned by the Workflow), and waits until it succeeds.
+    fn run_step(&self, node: &NodeCluster, step: &str) {
+        let template = self.template_named(step);
+        let account = self.spec()["serviceAccountName"]
+            .as_str()
+            .unwrap_or_default();
+        let rendered = argo_substitute(
+            &template["container"].to_string(),
+            &self.name,
+            &self.parameters,
+        );
+        let mut container: serde_json::Value = serde_json::from_str(&rendered)
+            .unwrap_or_else(|err| panic!("the {step} container after substitution: {err}"));
+        container["name"] = "main".into();
+        let pod_name = format!("{}-{step}", self.name);
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod_name, "namespace": "my-app",
+                         "labels": {"workflows.argoproj.io/workflow": self.name},
+                         "ownerReferences": [{"apiVersion": "argoproj.io/v1alpha1",
+                                              "kind": "Workflow", "name": self.name,
+                                              "uid": self.uid, "controller": true}]},
+            "spec": {"serviceAccountName": account, "restartPolicy": "Never",
+                     "securityContext": {"runAsNonRoot": true},
+                     "containers": [container]}
+        });
+        node.kubectl_ok_with_input(&["create", "-f", "-"], Some(&pod.to_string()));
+        ok(
+            &node.kubectl(&[
+                "wait",
+                &format!("pod/{pod_name}"),
+                "-n",
+                "my-app",
+                "--for=jsonpath={.status.phase}=Succeeded",
+                "--timeout=180s",
+            ]),
+            &format!("the {step} step of {} did not succeed", self.name),
+        );
+    }
+}
+
+/// Argo Workflows: the real Workflow and WorkflowTemplate CRDs (from the
+/// argo-workflows Go module, hack/gitops-crds.sh) are applied, the example's
+/// WorkflowTemplate is applied as is, and Workflows referencing it are
+/// created. The workflow-controller is not run (only the CRD manifests are
+/// taken from that module): the test runs the steps (acquire, deploy) and the
+/// onExit handler (release) of the template as stored by the API server as
+/// pods of their images under the template's ServiceAccount, in the order
+/// the controller runs them. Two workflows share that ServiceAccount: the
+/// second one's exit handler leaves the first one's lock alone.
+#[tokio::test]
+async fn argo_workflow_steps_run_as_pods() {
+    let node = node_cluster();
+    let _installed = CHART_INSTALLED.lock().await;
+    let release = install_chart(node);
+    node.ensure_namespace("my-app");
+    let crds = crate::example_tools::gitops_crds_dir().join("workflows");
+    ok(
+        &node.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &crds.display().to_string(),
+        ]),
+        "apply the Argo Workflows CRDs",
+    );
+    ok(
+        &node.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/workflows.argoproj.io",
+            "crd/workflowtemplates.argoproj.io",
+            "--timeout=60s",
+        ]),
+        "the Argo Workflows CRDs are not established",
+    );
+    let examples = repo_root().join("examples/argo-workflows");
+    for file in ["rbac.yaml", "workflowtemplate.yaml"] {
+        ok(
+            &node.kubectl(&["apply", "-f", &examples.join(file).display().to_string()]),
+            &format!("kubectl apply -f examples/argo-workflows/{file}"),
+        );
+    }
+    let template_name =
+        yaml_documents("argo-workflows/workflowtemplate.yaml")[0]["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
 
     // Workflow A: acquire, deploy (its lock stays held until its exit handler).
-    let a = "locked-deploy-a1b2c";
+    let a = submit_workflow(node, &template_name);
+    let steps = a.steps();
+    assert_eq!(steps, ["acquire", "deploy"]);
     for step in &steps {
-        run_argo_step(node, &template_named(step), account, a, &parameters);
+        a.run_step(node, step);
     }
-    let logs = node.kubectl_ok(&["logs", "-n", "my-app", &format!("pod/{a}-deploy")]);
+    let logs = node.kubectl_ok(&["logs", "-n", "my-app", &format!("pod/{}-deploy", a.name)]);
     assert!(logs.contains("deploying 2.1.0"), "{logs}");
     let api: Api<DeploymentLock> = Api::namespaced(node.client().await, "my-app");
     let held = lock(&api).await.spec.holder;
@@ -476,13 +595,14 @@ async fn argo_workflow_steps_run_as_pods() {
     assert_eq!(held.as_ref().map(|h| h.user.as_str()), Some(holder));
     assert_eq!(
         held.as_ref().and_then(|h| h.deployment_id.as_deref()),
-        Some(a)
+        Some(a.name.as_str())
     );
 
     // Workflow B (same ServiceAccount) ends: its exit handler releases
     // nothing of A's.
-    let b = "locked-deploy-d3e4f";
-    run_argo_step(node, &on_exit, account, b, &parameters);
+    let b = submit_workflow(node, &template_name);
+    assert_ne!(a.name, b.name);
+    b.run_step(node, &b.on_exit());
     let still = lock(&api).await.spec.holder;
     assert_eq!(
         still.map(|h| h.lock_id),
@@ -491,11 +611,357 @@ async fn argo_workflow_steps_run_as_pods() {
     );
 
     // A's exit handler releases A's lock.
-    run_argo_step(node, &on_exit, account, a, &parameters);
+    a.run_step(node, &a.on_exit());
     let released = lock(&api).await;
     assert!(released.spec.holder.is_none());
     let last = released.spec.history.last();
     assert_eq!(last.map(|e| e.action), Some(HistoryAction::Released));
     assert_eq!(last.map(|e| e.by.as_str()), Some(holder));
+    // The Workflows own their pods: deleting them removes the pods too.
+    for workflow in [&a, &b] {
+        ok(
+            &node.kubectl(&["delete", "workflow", &workflow.name, "-n", "my-app"]),
+            "kubectl delete workflow",
+        );
+    }
+    ok(&release.uninstall(), "helm uninstall");
+}
+
+/// Waits until a Job completes or fails; whether it succeeded.
+fn job_succeeded(node: &NodeCluster, namespace: &str, name: &str) -> bool {
+    let job = format!("job/{name}");
+    ok(
+        &node.kubectl(&[
+            "wait",
+            &job,
+            "-n",
+            namespace,
+            "--for=jsonpath={.status.conditions[0].status}=True",
+            "--timeout=300s",
+        ]),
+        &format!("{job} did not finish"),
+    );
+    let first = node.kubectl_ok(&[
+        "get",
+        &job,
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.status.conditions[0].type}",
+    ]);
+    matches!(first.as_str(), "SuccessCriteriaMet" | "Complete")
+}
+
+/// A Flux source artifact as its producer publishes it: a tar.gz of
+/// manifests and the ExternalArtifact status fields that describe it.
+struct FluxArtifact {
+    bytes: Vec<u8>,
+    digest: String,
+}
+
+impl FluxArtifact {
+    fn of_manifests(manifests: &[(&str, String)]) -> FluxArtifact {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+        let content = dir.path().join("content");
+        std::fs::create_dir(&content).unwrap_or_else(|err| panic!("{err}"));
+        for (name, text) in manifests {
+            std::fs::write(content.join(name), text).unwrap_or_else(|err| panic!("{err}"));
+        }
+        let archive = dir.path().join("artifact.tar.gz");
+        let tar = std::process::Command::new("tar")
+            .arg("czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&content)
+            .arg(".")
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run tar: {err}"));
+        ok(&tar, "tar czf");
+        let bytes = std::fs::read(&archive).unwrap_or_else(|err| panic!("{err}"));
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&bytes));
+        FluxArtifact { bytes, digest }
+    }
+
+    fn hex(&self) -> &str {
+        self.digest.trim_start_matches("sha256:")
+    }
+
+    fn revision(&self, version: &str) -> String {
+        format!("{version}@{}", self.digest)
+    }
+}
+
+fn kustomization_field(node: &NodeCluster, jsonpath: &str) -> String {
+    node.kubectl_ok(&[
+        "get",
+        "kustomizations.kustomize.toolkit.fluxcd.io/apps",
+        "-n",
+        "flux-system",
+        "-o",
+        &format!("jsonpath={jsonpath}"),
+    ])
+}
+
+/// Runs examples/flux as a user would (`kubectl apply -k examples/flux`: the
+/// RBAC, the script as a ConfigMap, the Job) and waits for the Job; its uid
+/// (the run's deployment ID). Panics with the Job's and the controller's
+/// logs if it failed.
+fn run_flux_job(node: &NodeCluster, controller: &HostProcess) -> String {
+    ok(
+        &node.kubectl(&[
+            "delete",
+            "job/locked-rollout",
+            "-n",
+            "flux-system",
+            "--ignore-not-found",
+            "--wait=true",
+        ]),
+        "delete the previous Job",
+    );
+    let examples = repo_root().join("examples/flux").display().to_string();
+    ok(
+        &node.kubectl(&["apply", "-k", &examples]),
+        "kubectl apply -k examples/flux",
+    );
+    let succeeded = job_succeeded(node, "flux-system", "locked-rollout");
+    let logs = node
+        .kubectl(&["logs", "-n", "flux-system", "job/locked-rollout"])
+        .stdout;
+    let logs = String::from_utf8_lossy(&logs);
+    assert!(
+        succeeded,
+        "the Flux Job failed:\n{logs}\nkustomize-controller:\n{}",
+        controller.log_tail()
+    );
+    assert!(logs.contains("is Ready"), "{logs}");
+    node.kubectl_ok(&[
+        "get",
+        "job/locked-rollout",
+        "-n",
+        "flux-system",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])
+}
+
+/// Flux: `examples/flux` (the Job, its script from a ConfigMap, in the image
+/// `hack/image.sh flux` builds) runs against the real Flux CRDs and a real
+/// kustomize-controller, built from its Go module (hack/example-tools.sh) and
+/// run on the host with the admin kubeconfig. The test is the source: it
+/// publishes a tarball of manifests on a loopback HTTP server through an
+/// ExternalArtifact (Flux's API for third-party artifact producers, behind
+/// kustomize-controller's ExternalArtifact feature gate), as a producer
+/// does, status included. Everything about the Kustomization's status is the
+/// controller's: the Job sees it Ready, the ConfigMap of the artifact is
+/// applied, and the Kustomization is suspended again after a run that found
+/// it suspended (and not after one that did not).
+#[tokio::test]
+async fn flux_job_rolls_out_through_a_real_kustomize_controller() {
+    use crate::example_tools::{ServedFiles, example_tool, gitops_crds_dir};
+
+    let node = node_cluster();
+    let _installed = CHART_INSTALLED.lock().await;
+    let release = install_chart(node);
+    node.load_image("flux");
+    node.ensure_namespace("flux-system");
+    node.ensure_namespace("flux-apps");
+    let crds = gitops_crds_dir();
+    for path in [
+        crds.join("kustomize.toolkit.fluxcd.io_kustomizations.yaml"),
+        crds.join("flux-source"),
+    ] {
+        ok(
+            &node.kubectl(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                &path.display().to_string(),
+            ]),
+            "apply the Flux CRDs",
+        );
+    }
+    ok(
+        &node.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/kustomizations.kustomize.toolkit.fluxcd.io",
+            "crd/externalartifacts.source.toolkit.fluxcd.io",
+            "crd/gitrepositories.source.toolkit.fluxcd.io",
+            "crd/ocirepositories.source.toolkit.fluxcd.io",
+            "crd/buckets.source.toolkit.fluxcd.io",
+            "--timeout=60s",
+        ]),
+        "the Flux CRDs are not established",
+    );
+
+    // The source: one ConfigMap, served on loopback, published as an ExternalArtifact.
+    let artifact = FluxArtifact::of_manifests(&[(
+        "configmap.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: rolled-out\n  namespace: flux-apps\ndata:\n  version: \"1\"\n".to_string(),
+    )]);
+    let path = format!(
+        "/externalartifact/flux-system/apps/{}.tar.gz",
+        artifact.hex()
+    );
+    let server = ServedFiles::start(std::collections::HashMap::from([(
+        path.clone(),
+        artifact.bytes.clone(),
+    )]));
+    let external = serde_json::json!({
+        "apiVersion": "source.toolkit.fluxcd.io/v1",
+        "kind": "ExternalArtifact",
+        "metadata": {"name": "apps", "namespace": "flux-system"},
+        "spec": {}
+    });
+    node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&external.to_string()));
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let revision = artifact.revision("v1");
+    let status = serde_json::json!({"status": {
+        "artifact": {
+            "digest": artifact.digest,
+            "lastUpdateTime": now,
+            "path": path.trim_start_matches('/'),
+            "revision": revision,
+            "size": artifact.bytes.len(),
+            "url": server.url(&path),
+        },
+        "conditions": [{
+            "type": "Ready", "status": "True", "reason": "Succeeded",
+            "message": "stored artifact for revision v1",
+            "observedGeneration": 1, "lastTransitionTime": now,
+        }]
+    }});
+    node.kubectl_ok(&[
+        "patch",
+        "externalartifacts.source.toolkit.fluxcd.io/apps",
+        "-n",
+        "flux-system",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
+
+    // The Kustomization, suspended: nothing rolls out until the Job resumes it.
+    let kustomization = serde_json::json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
+        "kind": "Kustomization",
+        "metadata": {"name": "apps", "namespace": "flux-system"},
+        "spec": {"interval": "1h", "path": "./", "prune": true, "suspend": true,
+                 "timeout": "2m",
+                 "sourceRef": {"kind": "ExternalArtifact", "name": "apps"}}
+    });
+    node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&kustomization.to_string()));
+
+    let log_dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let controller = HostProcess::spawn(
+        std::process::Command::new(example_tool("kustomize-controller"))
+            .env("KUBECONFIG", node.admin_kubeconfig())
+            .env("RUNTIME_NAMESPACE", "flux-system")
+            .args([
+                "--feature-gates=ExternalArtifact=true",
+                "--enable-leader-election=false",
+                "--metrics-addr=127.0.0.1:0",
+                "--health-addr=127.0.0.1:0",
+                "--log-level=info",
+            ]),
+        &log_dir.path().join("kustomize-controller.log"),
+    );
+
+    // Run 1: the Kustomization was suspended.
+    let first = run_flux_job(node, &controller);
+    let applied = node.kubectl_ok(&[
+        "get",
+        "configmap/rolled-out",
+        "-n",
+        "flux-apps",
+        "-o",
+        "jsonpath={.data.version}",
+    ]);
+    assert_eq!(applied, "1", "the Kustomization applied the artifact");
+    assert_eq!(kustomization_field(node, "{.spec.suspend}"), "true");
+    assert_eq!(
+        kustomization_field(node, "{.status.lastHandledReconcileAt}"),
+        first,
+        "the controller handled the Job's reconcile request"
+    );
+    assert_eq!(
+        kustomization_field(node, "{.status.lastAppliedRevision}"),
+        revision
+    );
+    let account = "system:serviceaccount:flux-system:deploylock-flux";
+    let api: Api<DeploymentLock> = Api::namespaced(node.client().await, "flux-system");
+    let locked = lock(&api).await;
+    assert!(locked.spec.holder.is_none(), "the Job released the lock");
+    let pair = |history: &[deploylock::crd::HistoryEntry]| {
+        let [acquired, released] = &history[history.len().saturating_sub(2)..] else {
+            panic!("fewer than two history entries: {history:?}");
+        };
+        assert_eq!(
+            (acquired.action, acquired.by.as_str()),
+            (HistoryAction::Acquired, account)
+        );
+        assert_eq!(acquired.reason, "Flux rollout of apps");
+        assert_eq!(
+            (released.action, released.by.as_str()),
+            (HistoryAction::Released, account)
+        );
+        assert_eq!(acquired.lock_id, released.lock_id);
+    };
+    pair(&locked.spec.history);
+    let entries = locked.spec.history.len();
+
+    // Run 2: the Kustomization was not suspended, so it stays resumed.
+    ok(
+        &node.kubectl(&[
+            "patch",
+            "kustomizations.kustomize.toolkit.fluxcd.io/apps",
+            "-n",
+            "flux-system",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"suspend":false}}"#,
+        ]),
+        "resume the Kustomization",
+    );
+    let second = run_flux_job(node, &controller);
+    assert_ne!(first, second);
+    assert_eq!(kustomization_field(node, "{.spec.suspend}"), "false");
+    assert_eq!(
+        kustomization_field(node, "{.status.lastHandledReconcileAt}"),
+        second
+    );
+    let locked = lock(&api).await;
+    assert_eq!(locked.spec.history.len(), entries + 2);
+    pair(&locked.spec.history);
+
+    // The controller is the one that applied: deleting the Kustomization
+    // prunes what it applied.
+    ok(
+        &node.kubectl(&[
+            "delete",
+            "kustomizations.kustomize.toolkit.fluxcd.io/apps",
+            "-n",
+            "flux-system",
+            "--wait=true",
+            "--timeout=120s",
+        ]),
+        "delete the Kustomization",
+    );
+    ok(
+        &node.kubectl(&[
+            "wait",
+            "--for=delete",
+            "configmap/rolled-out",
+            "-n",
+            "flux-apps",
+            "--timeout=60s",
+        ]),
+        "the Kustomization's ConfigMap was not pruned",
+    );
+    drop(controller);
+    drop(server);
     ok(&release.uninstall(), "helm uninstall");
 }

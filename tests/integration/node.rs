@@ -94,6 +94,14 @@ fn start_node_cluster() -> Result<NodeCluster, String> {
 }
 
 impl NodeCluster {
+    /// Builds an image with `hack/image.sh IMAGE` (cached) and imports it into
+    /// every node, for the tests that need more than the two loaded at start.
+    pub fn load_image(&self, image: &str) {
+        if let Err(reason) = load_image(&self.dir, image) {
+            panic!("{reason}");
+        }
+    }
+
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfigs/admin.kubeconfig")
     }
