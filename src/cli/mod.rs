@@ -273,8 +273,13 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             show::view(global, &observed, true);
             if global.verbose && global.output == OutputFormat::Table {
                 show::caller_holding(store, &observed).await;
-                let covering =
-                    crate::notify::cli::covering(store.client(), store.namespace(), env).await;
+                let covering = crate::notify::cli::covering(
+                    store.client(),
+                    store.namespace(),
+                    env,
+                    observed.lock.as_ref(),
+                )
+                .await;
                 outln!("Notifications: {covering}");
                 let gates =
                     crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str())

@@ -20,12 +20,13 @@ pub mod send;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::{Selector, SelectorExt};
+use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::HistoryAction;
+use crate::crd::{DeploymentLock, HistoryAction};
 
 /// Condition type saying whether a subscription can deliver (its Secrets
 /// are present and well formed).
@@ -101,8 +102,16 @@ pub struct NotificationSubscriptionSpec {
     #[schemars(schema_with = "environments_schema")]
     pub environments: Vec<String>,
 
+    /// Label selector on the DeploymentLocks covered (standard
+    /// `matchLabels` / `matchExpressions`); combined with `environments`: a
+    /// lock is covered when both say so. Absent: no label condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "lock_selector_schema")]
+    pub lock_selector: Option<LabelSelector>,
+
     /// Transitions sent; empty means all of them (Acquired, TookOverExpired,
-    /// Extended, Released, ForceAcquired, ForceReleased, Cleared, Expired).
+    /// Extended, Released, ForceAcquired, ForceReleased, Cleared, Expired,
+    /// WaiterQueued).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub events: Vec<NotifyEvent>,
@@ -135,6 +144,9 @@ pub enum NotifyEvent {
     /// The holding passed its expiry (observed by the controller; not a
     /// history entry).
     Expired,
+    /// A client took a new place in the lock's wait queue (once per place,
+    /// by its ID; observed by the controller, not a history entry).
+    WaiterQueued,
 }
 
 impl From<HistoryAction> for NotifyEvent {
@@ -324,6 +336,11 @@ pub struct DeliveryCursor {
     pub reminder_lock_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder_count: Option<i64>,
+    /// IDs of the queue places already handled that are still in the queue
+    /// (kept only while the subscription asks for WaiterQueued).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::crd::MAX_QUEUE_ENTRIES))]
+    pub queued_ids: Vec<String>,
 }
 
 /// DeploymentLock names: DNS-1123 labels (bounded, so the API server's CEL
@@ -341,10 +358,102 @@ fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// `spec.lockSelector`: a metav1 LabelSelector, bounded (so the CEL rules
+/// stay cheap) and checked as the API server checks selectors (In and NotIn
+/// need values, Exists and DoesNotExist take none).
+fn lock_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a lock must carry, each with exactly this value.",
+                "type": "object",
+                "maxProperties": 32,
+                "additionalProperties": {"type": "string", "maxLength": 63},
+            },
+            "matchExpressions": {
+                "description": "Requirements a lock's labels must all meet.",
+                "type": "array",
+                "maxItems": 16,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {"type": "string", "minLength": 1, "maxLength": 317},
+                        "operator": {
+                            "description": "In, NotIn, Exists or DoesNotExist.",
+                            "type": "string",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                        },
+                        "values": {
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": {"type": "string", "maxLength": 63},
+                        },
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                        "message": "lockSelector: In and NotIn need values, Exists and DoesNotExist take none",
+                    }],
+                },
+            },
+        },
+        "x-kubernetes-map-type": "atomic",
+    })
+}
+
+/// A `spec.lockSelector` that is not a valid label selector.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.lockSelector is not a valid label selector: {0}")]
+pub struct InvalidLockSelector(#[source] pub kube::core::ParseExpressionError);
+
+/// Which locks of its namespace a subscription covers.
+#[derive(Clone, Debug)]
+pub struct Coverage {
+    environments: Vec<String>,
+    selector: Option<Selector>,
+}
+
+impl Coverage {
+    /// Whether `lock` is covered.
+    pub fn covers(&self, lock: &DeploymentLock) -> bool {
+        self.covers_labelled(&lock.spec.environment, lock.labels())
+    }
+
+    /// Whether a lock named `environment` with `labels` is covered.
+    pub fn covers_labelled(
+        &self,
+        environment: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        (self.environments.is_empty() || self.environments.iter().any(|e| e == environment))
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|selector| selector.matches(labels))
+    }
+}
+
 impl NotificationSubscriptionSpec {
-    /// Whether this subscription covers the lock named `environment`.
-    pub fn covers(&self, environment: &str) -> bool {
-        self.environments.is_empty() || self.environments.iter().any(|e| e == environment)
+    /// The locks this subscription covers; an error when its lock selector
+    /// is malformed (the schema refuses most such selectors).
+    pub fn coverage(&self) -> Result<Coverage, InvalidLockSelector> {
+        let selector = match &self.lock_selector {
+            Some(selector) => {
+                Some(Selector::try_from(selector.clone()).map_err(InvalidLockSelector)?)
+            }
+            None => None,
+        };
+        Ok(Coverage {
+            environments: self.environments.clone(),
+            selector,
+        })
+    }
+
+    /// Whether this subscription covers `lock` (a lock of its namespace);
+    /// a malformed selector covers nothing.
+    pub fn covers(&self, lock: &DeploymentLock) -> bool {
+        self.coverage().is_ok_and(|coverage| coverage.covers(lock))
     }
 
     /// The transitions asked for (all when the list is empty).
@@ -359,6 +468,7 @@ impl NotificationSubscriptionSpec {
                 NotifyEvent::ForceReleased,
                 NotifyEvent::Cleared,
                 NotifyEvent::Expired,
+                NotifyEvent::WaiterQueued,
             ]
             .into_iter()
             .collect()
