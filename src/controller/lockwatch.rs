@@ -7,7 +7,7 @@
 use kube::ResourceExt;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::watcher;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::crd::DeploymentLock;
 
@@ -40,38 +40,47 @@ impl LockKey {
 
 /// The writing end, consumed by the watch in [`super::run`].
 pub struct LockWatch {
-    pub(super) writer: Writer<DeploymentLock>,
+    writer: Writer<DeploymentLock>,
+    feed: Feed,
+}
+
+/// What the watch tells the readers.
+#[derive(Clone)]
+pub struct Feed {
     changes: broadcast::Sender<LockChange>,
+    listed: watch::Sender<bool>,
 }
 
 /// The reading end: the cache and the changes.
 #[derive(Clone)]
 pub struct LockView {
     pub store: Store<DeploymentLock>,
-    changes: broadcast::Sender<LockChange>,
+    feed: Feed,
 }
 
 /// A cache and its change feed, for one leadership term.
 pub fn lock_watch() -> (LockWatch, LockView) {
     let (store, writer) = reflector::store();
     let (changes, _) = broadcast::channel(CHANGE_BUFFER);
+    let (listed, _) = watch::channel(false);
+    let feed = Feed { changes, listed };
     (
         LockWatch {
             writer,
-            changes: changes.clone(),
+            feed: feed.clone(),
         },
-        LockView { store, changes },
+        LockView { store, feed },
     )
 }
 
-impl LockWatch {
+impl Feed {
     /// Tells the readers of `event`, once the cache has applied it.
-    pub(super) fn publish(
-        changes: &broadcast::Sender<LockChange>,
-        event: &watcher::Event<DeploymentLock>,
-    ) {
+    pub fn publish(&self, event: &watcher::Event<DeploymentLock>) {
         let change = match event {
-            watcher::Event::InitDone => LockChange::Listed,
+            watcher::Event::InitDone => {
+                self.listed.send_replace(true);
+                LockChange::Listed
+            }
             watcher::Event::Apply(lock) | watcher::Event::Delete(lock) => {
                 LockChange::Changed(LockKey {
                     namespace: lock.namespace().unwrap_or_default(),
@@ -82,11 +91,13 @@ impl LockWatch {
             watcher::Event::Init | watcher::Event::InitApply(_) => return,
         };
         // No reader (notifications not running yet) is not an error.
-        let _ = changes.send(change);
+        let _ = self.changes.send(change);
     }
+}
 
-    pub(super) fn into_parts(self) -> (Writer<DeploymentLock>, broadcast::Sender<LockChange>) {
-        (self.writer, self.changes)
+impl LockWatch {
+    pub(super) fn into_parts(self) -> (Writer<DeploymentLock>, Feed) {
+        (self.writer, self.feed)
     }
 }
 
@@ -94,6 +105,16 @@ impl LockView {
     /// Changes from now on; subscribe before reading the cache, so that
     /// nothing falls between the read and the first change.
     pub fn subscribe(&self) -> broadcast::Receiver<LockChange> {
-        self.changes.subscribe()
+        self.feed.changes.subscribe()
+    }
+
+    /// Waits until the cache holds a complete list. (Not the store's own
+    /// `wait_until_ready`: its one-shot channel keeps a single waker, and
+    /// the reconciles' runner already waits on it, so a second waiter may
+    /// never wake.)
+    pub async fn listed(&self) {
+        let mut listed = self.feed.listed.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = listed.wait_for(|listed| *listed).await;
     }
 }

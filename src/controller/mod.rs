@@ -221,7 +221,7 @@ pub async fn run(
     // The cache holds every lock; managedFields are most of an object's
     // size and nothing here reads them. A replace without them keeps the
     // stored ones (the API server treats an empty list as unset).
-    let (writer, changes) = locks.into_parts();
+    let (writer, feed) = locks.into_parts();
     let reader = writer.as_reader();
     let converter = context.clone();
     let locks = watcher(
@@ -249,7 +249,7 @@ pub async fn run(
     .reflect(writer)
     .inspect(move |event| {
         if let Ok(event) = event {
-            lockwatch::LockWatch::publish(&changes, event);
+            feed.publish(event);
         }
     })
     .applied_objects();

@@ -170,16 +170,13 @@ pub async fn run(notifier: Notifier, locks: LockView, term: watch::Receiver<bool
     // Workers start once the lock cache holds the first list: a cursor is
     // never judged against a partial one.
     tokio::select! {
-        ready = shared.locks.store.wait_until_ready() => if ready.is_err() {
-            subscriptions.abort();
-            return;
-        },
+        _ = shared.locks.listed() => {}
         _ = stop.wait_for(|ended| *ended) => {
             subscriptions.abort();
             return;
         }
     }
-    tracing::info!("notifications: lock cache ready; serving subscriptions");
+    tracing::debug!("notifications: lock cache listed; serving subscriptions");
     let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut changes = shared.changed.subscribe();
     loop {
@@ -393,7 +390,7 @@ async fn worker(
         }
     };
     let status = object.status.clone().unwrap_or_default();
-    tracing::info!(subscription = %name, %namespace, "notifications: delivering for a subscription");
+    tracing::debug!(subscription = %name, %namespace, "notifications: delivering for a subscription");
     let mut worker = Worker {
         shared,
         api,
