@@ -491,3 +491,84 @@ impl NotificationSubscriptionSpec {
             .unwrap_or(DEFAULT_MAX_BACKOFF_SECONDS)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::DeploymentLockSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn lock(name: &str, labels: &[(&str, &str)]) -> DeploymentLock {
+        let mut lock = DeploymentLock::new(
+            name,
+            DeploymentLockSpec {
+                environment: name.into(),
+                ..Default::default()
+            },
+        );
+        lock.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        lock
+    }
+
+    fn requirement(key: &str, operator: &str, values: Option<&[&str]>) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.map(|values| values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn environments_and_the_lock_selector_both_apply() {
+        let spec = NotificationSubscriptionSpec {
+            environments: vec!["production".into(), "staging".into()],
+            lock_selector: Some(LabelSelector {
+                match_labels: Some([("tier".to_string(), "prod".to_string())].into()),
+                match_expressions: Some(vec![requirement(
+                    "team",
+                    "In",
+                    Some(&["payments", "search"]),
+                )]),
+            }),
+            ..Default::default()
+        };
+        let coverage = spec.coverage().unwrap();
+        let covered = |name, labels: &[(&str, &str)]| coverage.covers(&lock(name, labels));
+        assert!(covered(
+            "production",
+            &[("tier", "prod"), ("team", "payments")]
+        ));
+        assert!(!covered(
+            "production",
+            &[("tier", "test"), ("team", "payments")]
+        ));
+        assert!(!covered("production", &[("tier", "prod"), ("team", "web")]));
+        assert!(!covered("production", &[("tier", "prod")]));
+        assert!(!covered(
+            "canary",
+            &[("tier", "prod"), ("team", "payments")]
+        ));
+        // No selector: every environment named (or every lock).
+        let all = NotificationSubscriptionSpec::default().coverage().unwrap();
+        assert!(all.covers(&lock("anything", &[])));
+    }
+
+    #[test]
+    fn a_selector_the_api_server_would_refuse_is_an_error_not_coverage() {
+        let spec = NotificationSubscriptionSpec {
+            lock_selector: Some(LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![requirement("team", "Near", Some(&["x"]))]),
+            }),
+            ..Default::default()
+        };
+        let err = spec.coverage().unwrap_err();
+        assert!(err.to_string().contains("spec.lockSelector"), "{err}");
+        assert!(!spec.covers(&lock("production", &[("team", "x")])));
+    }
+}
