@@ -5,7 +5,7 @@
 //! ([`super::lockwatch`]): every worker reads its cache and is told which
 //! lock changed, so N subscriptions cost no further watch, and a change
 //! costs each worker the plan of that one lock (no API request unless a
-//! message is due). A worker plans what is due for each lock it covers
+//! message is due or a cursor moves). A worker plans what is due for each lock it covers
 //! ([`plan::plan`]: history entries after its cursor, observed expiries,
 //! queued waiters, reminders), sends each message with capped exponential backoff
 //! and, after each one, writes the cursor to the subscription's status with
@@ -608,13 +608,13 @@ impl Worker {
             let cursor = match known {
                 Some(cursor) => cursor,
                 None => {
-                    let cursor = plan::initial_cursor(&lock, &uid, since);
+                    let cursor = plan::initial_cursor(lock, &uid, since);
                     self.set_cursor(cursor.clone());
                     dirty = true;
                     cursor
                 }
             };
-            let plan = plan::plan(&self.object.spec, &lock, &uid, &cursor, self.now());
+            let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
             if let Some((first, last)) = plan.gap {
                 self.shared.notifier.metrics.count(self.provider(), "gap");
                 let note = format!(
