@@ -76,7 +76,7 @@ pub const DATE_TIME_PATTERN: &str = r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9
     printcolumn(name = "Expires", type_ = "string", json_path = ".spec.holder.expiresAt", description = "When the lock expires unless extended"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Lock ID", type_ = "string", json_path = ".spec.holder.lockId", priority = 1, description = "ID of the current holding"),
-    printcolumn(name = "Type", type_ = "string", json_path = ".spec.holder.type", priority = 1, description = "manual, automatic or emergency"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.holder.type", priority = 1, description = "manual, automatic, emergency or scheduled"),
     selectable = ".spec.environment",
     validation = Rule::new("self.metadata.name == self.spec.environment").message("spec.environment must equal metadata.name: a DeploymentLock is named after the environment it guards"),
 )]
@@ -126,6 +126,8 @@ pub enum LockType {
     Automatic,
     /// Taken with `--force`: overrides a normal holding.
     Emergency,
+    /// Taken by a freeze window (a `FreezeWindow`) for one of its openings.
+    Scheduled,
 }
 
 /// One holding of the lock: the Lock Information.
@@ -324,6 +326,7 @@ impl std::fmt::Display for LockType {
             LockType::Manual => "manual",
             LockType::Automatic => "automatic",
             LockType::Emergency => "emergency",
+            LockType::Scheduled => "scheduled",
         })
     }
 }

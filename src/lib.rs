@@ -25,3 +25,4 @@ pub mod signals;
 pub mod store;
 #[cfg(test)]
 mod testdata;
+pub mod windows;

@@ -110,7 +110,7 @@ pub async fn take(
     request: &TakeRequest,
     deadline: Option<Instant>,
     signals: &mut Signals,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<Applied, Error> {
     let Some(deadline) = deadline else {
         let user = interruptible(signals, store.whoami()).await?;
@@ -162,7 +162,7 @@ async fn wait_in_queue(
     environment: &Environment,
     turn: &Turn,
     retry: &mut Retry,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<Applied, Error> {
     let mut next_heartbeat = Instant::now();
     loop {
@@ -187,7 +187,7 @@ async fn queue_step(
     environment: &Environment,
     turn: &Turn,
     next_heartbeat: &mut Instant,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<Option<Applied>, Error> {
     if Instant::now() >= *next_heartbeat {
         store.apply(environment, &turn.join).await?;
@@ -238,7 +238,7 @@ pub async fn wait_until_free(
     store: &LockStore,
     environment: &Environment,
     deadline: Option<Instant>,
-    progress: &mut dyn Progress,
+    progress: &mut (dyn Progress + Send),
 ) -> Result<Observed, Error> {
     let mut retry = Retry::new(deadline);
     loop {

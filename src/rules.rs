@@ -447,8 +447,10 @@ fn decide_acquire(
         lock_id: request.lock_id.clone(),
         user: request.actor.user.clone(),
         owner: request.actor.owner.clone(),
-        // Only --force makes an emergency holding.
+        // Only --force makes an emergency holding (a freeze window that
+        // overrides a holder keeps its own type).
         lock_type: match (request.force, request.lock_type) {
+            (true, LockType::Scheduled) => LockType::Scheduled,
             (true, _) => LockType::Emergency,
             (false, LockType::Emergency) => LockType::Manual,
             (false, other) => other,

@@ -41,6 +41,14 @@ impl Signals {
         Signals { streams }
     }
 
+    /// Listens to no signal: for waits that only a deadline or an abort ends
+    /// (the controller's).
+    pub fn none() -> Self {
+        Signals {
+            streams: Vec::new(),
+        }
+    }
+
     /// The next signal received.
     pub async fn next(&mut self) -> Option<Signal> {
         if self.streams.is_empty() {

@@ -1,5 +1,5 @@
 //! Prints a CRD manifest generated from the Rust types: the DeploymentLock
-//! CRD, or with `notificationsubscriptions` the NotificationSubscription CRD.
+//! CRD, or with `notificationsubscriptions` / `freezewindows` those CRDs.
 
 use std::process::ExitCode;
 
@@ -8,9 +8,10 @@ fn main() -> ExitCode {
     let generated = match which.as_deref() {
         None | Some("deploymentlocks") => deploylock::crdgen::crd_manifest_yaml(),
         Some("notificationsubscriptions") => deploylock::crdgen::subscription_crd_manifest_yaml(),
+        Some("freezewindows") => deploylock::crdgen::window_crd_manifest_yaml(),
         Some(other) => {
             eprintln!(
-                "crdgen: unknown CRD {other:?}: use deploymentlocks or notificationsubscriptions"
+                "crdgen: unknown CRD {other:?}: use deploymentlocks, notificationsubscriptions or freezewindows"
             );
             return ExitCode::from(2);
         }

@@ -94,6 +94,10 @@ struct Args {
     /// bound to an environment (label deploylock.dev/environment) while its lock is held.
     #[arg(long, env = "DEPLOYLOCK_GITOPS_GATING")]
     gitops_gating: bool,
+    /// Open FreezeWindows: take their locks as the user deploylock:freeze-windows, which the
+    /// controller impersonates (RBAC: impersonate that user; the chart grants it).
+    #[arg(long, env = "DEPLOYLOCK_FREEZE_WINDOWS", default_value_t = true, action = clap::ArgAction::Set)]
+    freeze_windows: bool,
     /// Path to a kubeconfig (default: in-cluster, $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -213,17 +217,25 @@ impl ControllerError {
 
 /// The client, with every connection's silence bounded (kube's default has
 /// no read timeout: a dead connection would hang a watch for ever).
-async fn build_client(args: &Args) -> Result<Client, ConfigError> {
+/// With freeze windows, a second client acting as their identity.
+async fn build_client(args: &Args) -> Result<(Client, Option<Client>), ConfigError> {
     let mut config = load_config(args.kubeconfig.as_deref(), args.context.clone()).await?;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(controller::READ_TIMEOUT);
     config.write_timeout = Some(Duration::from_secs(10));
-    Ok(client_from(config)?)
+    let window_client = if args.freeze_windows {
+        let mut window_config = config.clone();
+        window_config.auth_info.impersonate = Some(deploylock::windows::WINDOW_HOLDER.to_string());
+        Some(client_from(window_config)?)
+    } else {
+        None
+    };
+    Ok((client_from(config)?, window_client))
 }
 
 async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerError> {
     args.timing().validate().map_err(ControllerError::Timing)?;
-    let client = build_client(&args).await.map_err(ControllerError::Config)?;
+    let (client, window_client) = build_client(&args).await.map_err(ControllerError::Config)?;
     let metrics = Metrics::shared();
     let ready = Arc::new(AtomicBool::new(false));
     let bound = server::serve(
@@ -256,6 +268,7 @@ async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerEr
         lease_namespace: args.lease_namespace,
         retention: args.retention,
         gitops_gating: args.gitops_gating,
+        window_client,
     };
     replica.run(stop).await;
     Ok(())

@@ -69,6 +69,8 @@ pub enum Action {
     /// Hold the lock while a command runs: deploylock exec --reason "..." -- COMMAND [ARGS...]
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// List the freeze windows (FreezeWindows): open ones first, then by next start.
+    Windows(crate::windows::cli::WindowsArgs),
     /// Team notifications: `notify test NAME` sends a test message.
     #[command(subcommand)]
     Notify(crate::notify::cli::NotifyAction),

@@ -304,6 +304,19 @@ async fn one_shot(store: &LockStore, global: &GlobalArgs, action: &Action) -> Re
             show::history(global, &store.read(env).await?);
             Ok(Exit::Success)
         }
+        Action::Windows(args) => {
+            let windows =
+                crate::windows::cli::list(store.client(), store.namespace(), args.all_namespaces)
+                    .await
+                    .map_err(|err| Error::from_kube(err, store.namespace()))?;
+            show::windows(
+                global,
+                &windows,
+                store.server_clock().now(),
+                args.all_namespaces,
+            );
+            Ok(Exit::Success)
+        }
         Action::List(args) => {
             let mut listing = store.list(args.all_namespaces).await?;
             // Active locks only, unless --all: what the seed's `list` shows.

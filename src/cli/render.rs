@@ -172,6 +172,16 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
         ("State", view.state.to_string()),
     ];
     if let Some(holder) = &view.holder {
+        if holder.lock_type == crate::crd::LockType::Scheduled {
+            lines.push((
+                "Frozen",
+                format!(
+                    "by window {} until {}",
+                    holder.owner,
+                    when(holder.expires_at, now)
+                ),
+            ));
+        }
         // The authenticated identity first; `--owner` is only a label.
         lines.push(("Holder", holder.user.clone()));
         lines.push(("Owner", holder.owner.clone()));
@@ -713,4 +723,60 @@ mod tests {
             }
         }
     }
+}
+
+/// `windows` as a table: when each window opens next and whether it is open.
+pub fn windows_table(
+    windows: &[crate::windows::FreezeWindow],
+    now: DateTime<Utc>,
+    all_namespaces: bool,
+) -> String {
+    use kube::ResourceExt;
+    let mut header = vec![
+        "NAME",
+        "SCHEDULE",
+        "TIME ZONE",
+        "OPEN UNTIL",
+        "NEXT START",
+        "NEXT END",
+        "ENVIRONMENTS",
+        "REASON",
+    ];
+    if all_namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut table = plain_table(&header);
+    for window in windows {
+        let spec = &window.spec;
+        let status = window.status.clone().unwrap_or_default();
+        let at = |text: &Option<String>| {
+            text.as_deref()
+                .and_then(crate::crd::parse_time)
+                .map_or_else(|| "-".to_string(), |time| super::report::when(time, now))
+        };
+        let not_ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::windows::READY_CONDITION && c.status == "False")
+            .map(|c| format!("not ready: {}", c.message));
+        let mut cells = vec![
+            window.name_any(),
+            spec.schedule.clone().unwrap_or_else(|| "once".to_string()),
+            spec.time_zone.clone().unwrap_or_else(|| "UTC".to_string()),
+            at(&status.open.map(|open| open.end)),
+            not_ready.unwrap_or_else(|| at(&status.next_start)),
+            at(&status.next_end),
+            if spec.all_environments {
+                "all".to_string()
+            } else {
+                spec.environments.join(",")
+            },
+            spec.reason.clone(),
+        ];
+        if all_namespaces {
+            cells.insert(0, window.namespace().unwrap_or_default());
+        }
+        add_row(&mut table, cells);
+    }
+    rendered(table)
 }

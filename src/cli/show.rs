@@ -241,3 +241,20 @@ mod tests {
         assert_eq!(renewal_gap(&only_acquired), None);
     }
 }
+
+/// `windows`: a table, or the objects with `-o json|yaml`.
+pub fn windows(
+    global: &GlobalArgs,
+    windows: &[crate::windows::FreezeWindow],
+    now: Option<chrono::DateTime<chrono::Utc>>,
+    all_namespaces: bool,
+) {
+    let now = now.unwrap_or_else(chrono::Utc::now);
+    match global.output {
+        OutputFormat::Table if windows.is_empty() => {
+            eprintln!("No freeze windows found.");
+        }
+        OutputFormat::Table => out!("{}", render::windows_table(windows, now, all_namespaces)),
+        format => out!("{}", render::structured(&windows, format)),
+    }
+}

@@ -31,6 +31,7 @@ pub mod notify;
 pub mod plan;
 pub mod replica;
 pub mod server;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -184,7 +184,7 @@ pub fn desired_status(
     }
 }
 
-fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
+pub(crate) fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
     Timestamp::from_second(time.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 

@@ -44,6 +44,9 @@ pub struct Replica {
     pub retention: chrono::Duration,
     /// GitOps gating (`--gitops-gating`, see [`super::gitops`]), by the leader.
     pub gitops_gating: bool,
+    /// Freeze windows (see [`super::windows`]): a client acting as the
+    /// window identity, or `None` with `--freeze-windows=false`.
+    pub window_client: Option<Client>,
 }
 
 /// Retries `attempt` (with a short backoff) until it succeeds or a stop is
@@ -168,6 +171,18 @@ impl Replica {
             };
             tokio::spawn(gating.run(term.clone()));
         }
+        let windows = self.window_client.clone().map(|holder_client| {
+            tokio::spawn(
+                super::windows::FreezeWindows {
+                    client: self.client.clone(),
+                    holder_client,
+                    namespace: self.namespace.clone(),
+                    clock: clock.clone(),
+                    instance: identity.to_string(),
+                }
+                .run(term.clone()),
+            )
+        });
         // One watch of the locks this term, shared by the reconciles and
         // the notification workers.
         let (lock_watch, lock_view) = super::lockwatch::lock_watch();
@@ -207,5 +222,8 @@ impl Replica {
         }
         let _ = term_sender.send(true);
         notifications.abort();
+        if let Some(windows) = windows {
+            windows.abort();
+        }
     }
 }

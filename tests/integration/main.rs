@@ -24,3 +24,4 @@ mod support;
 mod torture;
 mod torture_hostile;
 mod torture_short;
+mod windows;

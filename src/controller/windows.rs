@@ -1,0 +1,649 @@
+//! Freeze windows, the controller's part (the leader only): at each opening
+//! of a `FreezeWindow`, take its environments' locks as the window identity
+//! ([`WINDOW_HOLDER`], impersonated), holding type `scheduled`, until the
+//! opening's end, by the pure decisions of [`crate::windows::plan`].
+//!
+//! The holdings expire at the opening's end by themselves, so a window never
+//! lasts past its end, even when no controller runs then. The status records
+//! which opening was handled, so a restarted controller or a new leader
+//! neither takes an opening's locks twice nor undoes an admin's override.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::crd::{DeploymentLock, LockType};
+use crate::environment::Environment;
+use crate::error::Error as LockError;
+use crate::queue::{self, QueueOrder, TakeRequest};
+use crate::rules::{AcquireRequest, Actor, Refusal, Request};
+use crate::servertime::ServerClock;
+use crate::signals::Signals;
+use crate::store::LockStore;
+use crate::windows::plan::{self, Step};
+use crate::windows::schedule::Interval;
+use crate::windows::{
+    EnvironmentOutcome, FreezeWindow, FreezeWindowStatus, Opening, READY_CONDITION, WINDOW_HOLDER,
+    WhenHeld, deployment_id,
+};
+
+use super::CONTROLLER_NAME;
+
+/// The field manager of the status writes.
+const FIELD_MANAGER: &str = "deploylock-controller";
+/// Time limit of each request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A holding shorter than its opening (openings longer than the longest
+/// holding) is extended when this little of it is left.
+const RENEW_BEFORE: chrono::Duration = chrono::Duration::hours(24);
+/// The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml).
+const STOP_THE_LINE: &str = "stop-the-line";
+/// How often a missing FreezeWindow CRD is looked for again.
+const CRD_RECHECK: Duration = Duration::from_secs(30);
+/// Looked at again at least this often (a missed watch event).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Errors of one reconcile (retried by the controller runtime).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the FreezeWindow has no namespace, name or UID")]
+    Unnamed,
+}
+
+async fn timed<T>(
+    future: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+        Ok(result) => result.map_err(Error::Kube),
+        Err(_) => Err(Error::Timeout(REQUEST_TIMEOUT)),
+    }
+}
+
+/// What the windows' task needs.
+pub struct FreezeWindows {
+    /// The controller's own identity: windows, their status, Events.
+    pub client: Client,
+    /// The window identity ([`WINDOW_HOLDER`], impersonated): the locks.
+    pub holder_client: Client,
+    /// Only this namespace (all when `None`).
+    pub namespace: Option<String>,
+    pub clock: ServerClock,
+    pub instance: String,
+}
+
+struct Shared {
+    windows: FreezeWindows,
+    /// Queued waits for the lock, by window UID and environment.
+    waits: Mutex<HashMap<(String, String), JoinHandle<()>>>,
+}
+
+impl FreezeWindows {
+    /// Runs until `term` turns true.
+    pub async fn run(self, term: watch::Receiver<bool>) {
+        let api: Api<FreezeWindow> = match &self.namespace {
+            Some(namespace) => Api::namespaced(self.client.clone(), namespace),
+            None => Api::all(self.client.clone()),
+        };
+        // Without the FreezeWindow CRD (or the right to read it), look again
+        // now and then: windows are optional.
+        let mut stop = term.clone();
+        loop {
+            match timed(api.list(&ListParams::default().limit(1))).await {
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::debug!(error = %err, "freeze windows not readable; looking again in {CRD_RECHECK:?}")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CRD_RECHECK) => {}
+                _ = stop.wait_for(|ended| *ended) => return,
+            }
+        }
+        let shared = Arc::new(Shared {
+            windows: self,
+            waits: Mutex::new(HashMap::new()),
+        });
+        let mut ended = term.clone();
+        Controller::new(api, watcher::Config::default().timeout(20))
+            .graceful_shutdown_on(async move {
+                let _ = ended.wait_for(|ended| *ended).await;
+            })
+            .run(reconcile, error_policy, shared.clone())
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "freeze window reconcile");
+                }
+            })
+            .await;
+        if let Ok(mut waits) = shared.waits.lock() {
+            for (_, wait) in waits.drain() {
+                wait.abort();
+            }
+        }
+    }
+}
+
+fn error_policy(window: Arc<FreezeWindow>, err: &Error, _: Arc<Shared>) -> Action {
+    tracing::warn!(window = %window.name_any(), error = %err, "freeze window: retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn parse_time(text: &Option<String>) -> Option<DateTime<Utc>> {
+    text.as_deref().and_then(crate::crd::parse_time)
+}
+
+async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Action, Error> {
+    let context = &shared.windows;
+    let (Some(namespace), Some(uid)) = (window.namespace(), window.uid()) else {
+        return Err(Error::Unnamed);
+    };
+    let name = window.name_any();
+    let now = context.clock.lower_bound(Instant::now());
+    let old_status = window.status.clone().unwrap_or_default();
+    let mut status = old_status.clone();
+    status.observed_generation = window.metadata.generation;
+    let recurrence = match window.spec.recurrence() {
+        Ok(recurrence) => recurrence,
+        Err(err) => {
+            status.next_start = None;
+            status.next_end = None;
+            set_ready(
+                &mut status,
+                false,
+                "InvalidSchedule",
+                &err.to_string(),
+                now,
+                &window,
+            );
+            write_status(context, &namespace, &name, &old_status, &status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    set_ready(
+        &mut status,
+        true,
+        "Scheduled",
+        "the schedule is valid",
+        now,
+        &window,
+    );
+
+    let step = plan::next_step(
+        &recurrence,
+        window.spec.suspend,
+        parse_time(&status.last_opened),
+        now,
+    );
+    if let Step::Open(interval) = step {
+        let environments = environments_of(context, &window, &namespace).await?;
+        let mut outcomes = Vec::new();
+        for environment in environments {
+            outcomes.push(take(&shared, &window, &namespace, &uid, &environment, interval).await);
+        }
+        let summary = summarize(&outcomes);
+        status.last_opened = Some(format_time(interval.start));
+        status.open = Some(Opening {
+            start: format_time(interval.start),
+            end: format_time(interval.end),
+            environments: outcomes,
+        });
+        event(
+            context,
+            &window,
+            &format!("{name}.opened.{}", interval.start.timestamp()),
+            "WindowOpened",
+            format!(
+                "Freeze window opened until {}: {summary}",
+                format_time(interval.end)
+            ),
+        )
+        .await;
+    } else if let Some(open) = status.open.clone() {
+        match parse_time(&Some(open.end.clone())) {
+            Some(end) if end > now => {
+                keep_open(&shared, &window, &namespace, &uid, &open, end, now).await;
+            }
+            _ => {
+                status.open = None;
+                cancel_waits(&shared, &uid);
+                event(
+                    context,
+                    &window,
+                    &format!(
+                        "{name}.closed.{}",
+                        parse_time(&Some(open.start.clone())).map_or(0, |start| start.timestamp())
+                    ),
+                    "WindowClosed",
+                    format!("Freeze window closed; its holdings expired at {}", open.end),
+                )
+                .await;
+            }
+        }
+    }
+    let next = recurrence.current_or_next(now);
+    status.next_start = next.map(|interval| format_time(interval.start));
+    status.next_end = next.map(|interval| format_time(interval.end));
+    write_status(context, &namespace, &name, &old_status, &status).await?;
+
+    // Look again at the next instant that matters: a start, an end, a renewal.
+    let mut wake = match plan::next_step(
+        &recurrence,
+        window.spec.suspend,
+        parse_time(&status.last_opened),
+        now,
+    ) {
+        Step::Open(_) => Some(now),
+        Step::Wait { until } => until,
+    };
+    if let Some(end) = status
+        .open
+        .as_ref()
+        .and_then(|open| parse_time(&Some(open.end.clone())))
+    {
+        let renew = now
+            .checked_add_signed(chrono::Duration::hours(1))
+            .unwrap_or(end);
+        wake = Some(wake.map_or(end.min(renew), |wake| wake.min(end).min(renew)));
+    }
+    Ok(match wake {
+        Some(at) => {
+            let local = context.clock.reached_at(at);
+            Action::requeue(local.saturating_duration_since(Instant::now()).min(RESYNC))
+        }
+        None => Action::requeue(RESYNC),
+    })
+}
+
+fn set_ready(
+    status: &mut FreezeWindowStatus,
+    ready: bool,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+    window: &FreezeWindow,
+) {
+    let value = if ready { "True" } else { "False" };
+    let unchanged = status.conditions.iter().any(|c| {
+        c.type_ == READY_CONDITION
+            && c.status == value
+            && c.reason == reason
+            && c.message == message
+    });
+    if unchanged {
+        return;
+    }
+    status.conditions.retain(|c| c.type_ != READY_CONDITION);
+    status.conditions.push(Condition {
+        type_: READY_CONDITION.to_string(),
+        status: value.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: Time(super::plan::to_timestamp(now)),
+        observed_generation: window.metadata.generation,
+    });
+}
+
+async fn write_status(
+    context: &FreezeWindows,
+    namespace: &str,
+    name: &str,
+    old: &FreezeWindowStatus,
+    new: &FreezeWindowStatus,
+) -> Result<(), Error> {
+    if old == new {
+        return Ok(());
+    }
+    let api: Api<FreezeWindow> = Api::namespaced(context.client.clone(), namespace);
+    let patch = serde_json::json!({ "status": new });
+    timed(api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Merge(&patch),
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// The environments a window freezes now: those it names, or every lock of
+/// its namespace.
+async fn environments_of(
+    context: &FreezeWindows,
+    window: &FreezeWindow,
+    namespace: &str,
+) -> Result<Vec<Environment>, Error> {
+    let mut names: Vec<String> = if window.spec.all_environments {
+        let api: Api<DeploymentLock> = Api::namespaced(context.client.clone(), namespace);
+        timed(api.list(&Default::default()))
+            .await?
+            .items
+            .into_iter()
+            .map(|lock| lock.name_any())
+            .collect()
+    } else {
+        window.spec.environments.clone()
+    };
+    // The namespace-wide freeze is not an environment (it needs force).
+    names.retain(|name| name != STOP_THE_LINE);
+    // One total order, as every multi-lock taker uses.
+    names.sort();
+    names.dedup();
+    Ok(names.iter().filter_map(|name| name.parse().ok()).collect())
+}
+
+fn acquire_request(
+    window: &FreezeWindow,
+    uid: &str,
+    interval: Interval,
+    duration: chrono::Duration,
+    force: bool,
+) -> AcquireRequest {
+    AcquireRequest {
+        actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
+        lock_id: uuid::Uuid::new_v4().to_string(),
+        lock_type: LockType::Scheduled,
+        force,
+        reason: window.spec.reason.clone(),
+        duration,
+        deployment_id: Some(deployment_id(uid, interval.start)),
+        metadata: BTreeMap::from([("freezeWindow".to_string(), window.name_any())]),
+        waiter_id: None,
+    }
+}
+
+fn outcome(environment: &Environment, outcome: &str, message: String) -> EnvironmentOutcome {
+    EnvironmentOutcome {
+        name: environment.to_string(),
+        outcome: outcome.to_string(),
+        message,
+    }
+}
+
+/// Takes one environment's lock for an opening: at once, or by overriding
+/// its holder (TakeOver), or by waiting at the head of its queue (Queue).
+async fn take(
+    shared: &Arc<Shared>,
+    window: &FreezeWindow,
+    namespace: &str,
+    uid: &str,
+    environment: &Environment,
+    interval: Interval,
+) -> EnvironmentOutcome {
+    let context = &shared.windows;
+    let store = LockStore::new(context.holder_client.clone(), namespace);
+    let now = context.clock.lower_bound(Instant::now());
+    let Some(duration) = plan::holding_duration(interval.end, now) else {
+        return outcome(
+            environment,
+            "Skipped",
+            "less than a minute of the opening was left".into(),
+        );
+    };
+    let request = |force| Request::Acquire(acquire_request(window, uid, interval, duration, force));
+    let held = match store.apply(environment, &request(false)).await {
+        Ok(_) => return outcome(environment, "Held", String::new()),
+        Err(LockError::Refused(Refusal::AlreadyHeldByYou(holder))) => {
+            // The previous opening's holding, overlapping this one.
+            let extend = Request::Extend {
+                actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
+                duration,
+                lock_id: Some(holder.lock_id.clone()),
+            };
+            return match store.apply(environment, &extend).await {
+                Ok(_) => outcome(
+                    environment,
+                    "Held",
+                    "extended the previous opening's holding".into(),
+                ),
+                Err(err) => outcome(environment, "Failed", err.to_string()),
+            };
+        }
+        Err(LockError::Refused(Refusal::HeldByOther(holder))) => Some(holder),
+        Err(LockError::Refused(Refusal::QueuedBehind { .. })) => None,
+        Err(LockError::Refused(Refusal::EmergencyLockInForce(holder))) => Some(holder),
+        Err(err) => return outcome(environment, "Failed", err.to_string()),
+    };
+    if window.spec.when_held == WhenHeld::TakeOver
+        && held
+            .as_ref()
+            .is_some_and(|holder| holder.lock_type != LockType::Emergency)
+    {
+        match store.apply(environment, &request(true)).await {
+            Ok(_) => {
+                let whom = held
+                    .map(|holder| format!("overrode {} ({:?})", holder.user, holder.reason))
+                    .unwrap_or_default();
+                return outcome(environment, "TookOver", whom);
+            }
+            Err(LockError::Refused(_)) => {}
+            Err(err) => return outcome(environment, "Failed", err.to_string()),
+        }
+    }
+    queue_for(shared, window, namespace, uid, environment, interval);
+    let behind = held
+        .map(|holder| format!("waiting at the head of the queue behind {}", holder.user))
+        .unwrap_or_else(|| "waiting at the head of the queue".to_string());
+    outcome(environment, "Queued", behind)
+}
+
+/// Waits (a task of its own) at the head of the environment's queue until
+/// the lock is free, then holds it to the opening's end. The wait gives up
+/// a minute before the end (a holding lasts at least a minute).
+fn queue_for(
+    shared: &Arc<Shared>,
+    window: &FreezeWindow,
+    namespace: &str,
+    uid: &str,
+    environment: &Environment,
+    interval: Interval,
+) {
+    let key = (uid.to_string(), environment.to_string());
+    let Ok(mut waits) = shared.waits.lock() else {
+        return;
+    };
+    if waits.get(&key).is_some_and(|wait| !wait.is_finished()) {
+        return;
+    }
+    let context = &shared.windows;
+    let store = LockStore::new(context.holder_client.clone(), namespace);
+    let clock = context.clock.clone();
+    let minimum = chrono::Duration::seconds(crate::crd::MIN_DURATION_SECONDS);
+    let request = TakeRequest {
+        owner: Some(window.name_any()),
+        lock_type: LockType::Scheduled,
+        force: false,
+        reason: window.spec.reason.clone(),
+        duration: minimum,
+        deployment_id: Some(deployment_id(uid, interval.start)),
+        metadata: BTreeMap::from([("freezeWindow".to_string(), window.name_any())]),
+        // The window's place goes before the others'.
+        order: QueueOrder::NewestFirst,
+    };
+    let environment = environment.clone();
+    let Some(last_chance) = interval.end.checked_sub_signed(minimum) else {
+        return;
+    };
+    let deadline = clock.reached_at(last_chance);
+    let name = window.name_any();
+    let wait = tokio::spawn(async move {
+        let mut signals = Signals::none();
+        let taken = queue::take(
+            &store,
+            &environment,
+            &request,
+            Some(deadline),
+            &mut signals,
+            &mut (),
+        )
+        .await;
+        let Ok(applied) = taken else {
+            tracing::info!(window = %name, %environment, "freeze window: the lock did not come free before the end");
+            return;
+        };
+        // Held for a minute; now to the opening's end.
+        let now = clock.lower_bound(Instant::now());
+        if let Some(duration) = plan::holding_duration(interval.end, now) {
+            let extend = Request::Extend {
+                actor: Actor::new(WINDOW_HOLDER, Some(name.clone())),
+                duration,
+                lock_id: applied
+                    .observed
+                    .holder()
+                    .map(|holder| holder.lock_id.clone()),
+            };
+            if let Err(err) = store.apply(&environment, &extend).await {
+                tracing::warn!(window = %name, %environment, error = %err, "freeze window: cannot extend its holding");
+            }
+        }
+        tracing::info!(window = %name, %environment, "freeze window: took the lock from the queue");
+    });
+    waits.insert(key, wait);
+}
+
+fn cancel_waits(shared: &Arc<Shared>, uid: &str) {
+    if let Ok(mut waits) = shared.waits.lock() {
+        waits.retain(|(window, _), wait| {
+            if window == uid {
+                wait.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// While an opening lasts: queued environments keep waiting (also after a
+/// restart or a new leader), and holdings shorter than the opening are
+/// extended before they run out.
+async fn keep_open(
+    shared: &Arc<Shared>,
+    window: &FreezeWindow,
+    namespace: &str,
+    uid: &str,
+    open: &Opening,
+    end: DateTime<Utc>,
+    now: DateTime<Utc>,
+) {
+    let Some(start) = parse_time(&Some(open.start.clone())) else {
+        return;
+    };
+    let interval = Interval { start, end };
+    let ours = deployment_id(uid, start);
+    let store = LockStore::new(shared.windows.holder_client.clone(), namespace);
+    for entry in &open.environments {
+        let Ok(environment) = entry.name.parse::<Environment>() else {
+            continue;
+        };
+        if entry.outcome == "Queued" {
+            queue_for(shared, window, namespace, uid, &environment, interval);
+            continue;
+        }
+        let Ok(observed) = store.read(&environment).await else {
+            continue;
+        };
+        let Some(holder) = observed.holder() else {
+            continue;
+        };
+        let short = holder.expires_at < end && holder.expires_at - now < RENEW_BEFORE;
+        if holder.deployment_id.as_deref() == Some(ours.as_str()) && short {
+            if let Some(duration) = plan::holding_duration(end, now) {
+                let extend = Request::Extend {
+                    actor: Actor::new(WINDOW_HOLDER, Some(window.name_any())),
+                    duration,
+                    lock_id: Some(holder.lock_id.clone()),
+                };
+                if let Err(err) = store.apply(&environment, &extend).await {
+                    tracing::warn!(window = %window.name_any(), %environment, error = %err, "freeze window: cannot extend its holding");
+                }
+            }
+        }
+    }
+}
+
+fn summarize(outcomes: &[EnvironmentOutcome]) -> String {
+    if outcomes.is_empty() {
+        return "no environment to freeze".to_string();
+    }
+    outcomes
+        .iter()
+        .map(|entry| {
+            if entry.message.is_empty() {
+                format!("{} {}", entry.name, entry.outcome.to_lowercase())
+            } else {
+                format!(
+                    "{} {} ({})",
+                    entry.name,
+                    entry.outcome.to_lowercase(),
+                    entry.message
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Records an Event on the window; a name already taken (recorded by an
+/// earlier leader) is fine.
+async fn event(
+    context: &FreezeWindows,
+    window: &FreezeWindow,
+    name: &str,
+    reason: &str,
+    note: String,
+) {
+    let Some(namespace) = window.namespace() else {
+        return;
+    };
+    let regarding = ObjectReference {
+        api_version: Some(FreezeWindow::api_version(&()).to_string()),
+        kind: Some(FreezeWindow::kind(&()).to_string()),
+        name: Some(window.name_any()),
+        namespace: Some(namespace.clone()),
+        uid: window.uid(),
+        ..Default::default()
+    };
+    let now = context.clock.lower_bound(Instant::now());
+    let event = Event {
+        metadata: kube::core::ObjectMeta {
+            name: Some(name.chars().take(253).collect()),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        },
+        event_time: Some(super::clock::micro_time(now)),
+        action: Some(reason.to_string()),
+        reason: Some(reason.to_string()),
+        type_: Some("Normal".to_string()),
+        note: Some(note.chars().take(1024).collect()),
+        regarding: Some(regarding),
+        reporting_controller: Some(CONTROLLER_NAME.to_string()),
+        reporting_instance: Some(context.instance.chars().take(128).collect()),
+        ..Default::default()
+    };
+    let events: Api<Event> = Api::namespaced(context.client.clone(), &namespace);
+    match timed(events.create(&PostParams::default(), &event)).await {
+        Ok(_) => {}
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {}
+        Err(err) => tracing::warn!(error = %err, "cannot record the freeze window's Event"),
+    }
+}
