@@ -34,7 +34,9 @@ pub async fn status(store: &LockStore, global: &GlobalArgs, observed: &Observed)
     if global.verbose && global.output == OutputFormat::Table {
         caller_holding(store, observed).await;
         let env = &global.environment;
-        let covering = crate::notify::cli::covering(store.client(), store.namespace(), env).await;
+        let lock = observed.lock.as_ref();
+        let covering =
+            crate::notify::cli::covering(store.client(), store.namespace(), env, lock).await;
         outln!("Notifications: {covering}");
         let gates =
             crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str()).await;

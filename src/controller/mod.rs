@@ -25,6 +25,7 @@
 pub mod clock;
 pub mod gitops;
 pub mod leader;
+pub mod lockwatch;
 pub mod metrics;
 pub mod notify;
 pub mod plan;
@@ -44,7 +45,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
@@ -205,11 +206,13 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 /// Runs the controller over the locks of `namespace` (all when `None`)
 /// until `stop` turns true; in-flight reconciles may finish (the caller
 /// bounds how long it waits). If the first list has not completed by then,
-/// it returns at once: there is nothing to finish.
+/// it returns at once: there is nothing to finish. The watch fills `locks`'
+/// cache and tells its readers (notification delivery) of each change.
 pub async fn run(
     namespace: Option<String>,
     context: Arc<Context>,
     stop: tokio::sync::watch::Receiver<bool>,
+    locks: lockwatch::LockWatch,
 ) {
     let resource = ApiResource::erase::<DeploymentLock>(&());
     let api: Api<DynamicObject> = match &namespace {
@@ -219,7 +222,8 @@ pub async fn run(
     // The cache holds every lock; managedFields are most of an object's
     // size and nothing here reads them. A replace without them keeps the
     // stored ones (the API server treats an empty list as unset).
-    let (reader, writer) = reflector::store();
+    let (writer, feed) = locks.into_parts();
+    let reader = writer.as_reader();
     let converter = context.clone();
     let locks = watcher(
         api,
@@ -244,6 +248,11 @@ pub async fn run(
     })
     .modify(|lock| lock.managed_fields_mut().clear())
     .reflect(writer)
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            feed.publish(event);
+        }
+    })
     .applied_objects();
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;

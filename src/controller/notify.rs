@@ -1,9 +1,13 @@
 //! Delivery of team notifications by the leader (see [`crate::notify`]).
 //!
-//! [`run`] watches DeploymentLocks and NotificationSubscriptions and keeps
-//! one worker per subscription. A worker plans what is due for each lock it
-//! covers ([`plan::plan`]: history entries after its cursor, observed
-//! expiries, reminders), sends each message with capped exponential backoff
+//! [`run`] watches NotificationSubscriptions and keeps one worker per
+//! subscription. The DeploymentLocks come from the leader's one lock watch
+//! ([`super::lockwatch`]): every worker reads its cache and is told which
+//! lock changed, so N subscriptions cost no further watch, and a change
+//! costs each worker the plan of that one lock (no API request unless a
+//! message is due or a cursor moves). A worker plans what is due for each lock it covers
+//! ([`plan::plan`]: history entries after its cursor, observed expiries,
+//! queued waiters, reminders), sends each message with capped exponential backoff
 //! and, after each one, writes the cursor to the subscription's status with
 //! a conditional replace (resourceVersion). After a restart, a hand-over or
 //! an API server restart a new worker reads the cursor back and resumes
@@ -14,7 +18,7 @@
 //! receiver delays only its own subscription, never a lock operation (which
 //! never waits for the controller at all).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -23,7 +27,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,23 +35,26 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 use crate::crd::DeploymentLock;
 use crate::notify::payload::Message;
 use crate::notify::send::{ConfigError, Receiver, SendError};
 use crate::notify::{
-    DeliveryCursor, DeliveryResult, LastDelivery, NotificationSubscription,
+    Coverage, DeliveryCursor, DeliveryResult, LastDelivery, NotificationSubscription,
     NotificationSubscriptionStatus, READY_CONDITION, plan,
 };
 use crate::servertime::ServerClock;
-use crate::store::decode_lock;
 
+use super::lockwatch::{LockChange, LockKey, LockView};
 use super::{CONTROLLER_NAME, REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, clock, leader};
 
 /// How often a subscription whose Secret is missing looks again (besides
-/// on every change of the subscription).
+/// on every change of the subscription); also how long a receiver built
+/// from the Secrets is used before they are read again (a failed delivery
+/// reads them again at once), so that a busy lock costs no Secret read per
+/// transition.
 const CONFIG_RETRY: StdDuration = StdDuration::from_secs(10);
 /// First wait after a failed attempt; it doubles up to the subscription's cap.
 const FIRST_BACKOFF: StdDuration = StdDuration::from_secs(1);
@@ -106,12 +113,10 @@ impl NotifyMetrics {
     }
 }
 
-/// What the watches know, shared with the workers.
+/// What the subscription watch knows, shared with the workers.
 #[derive(Default)]
 struct Known {
-    locks: HashMap<String, DeploymentLock>,
     subscriptions: HashMap<String, NotificationSubscription>,
-    locks_listed: bool,
     subscriptions_listed: bool,
 }
 
@@ -129,7 +134,10 @@ pub struct Notifier {
 
 struct Shared {
     notifier: Notifier,
+    /// The leader's lock cache and its changes.
+    locks: LockView,
     known: Mutex<Known>,
+    /// Bumped on a subscription's (spec) change.
     changed: watch::Sender<u64>,
 }
 
@@ -149,21 +157,31 @@ impl Shared {
 
 /// Delivers notifications until `term` ends (the end of this leadership
 /// term or a stop). Never returns early: API errors are retried.
-pub async fn run(notifier: Notifier, term: watch::Receiver<bool>) {
+pub async fn run(notifier: Notifier, locks: LockView, term: watch::Receiver<bool>) {
     let (changed, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         notifier,
+        locks,
         known: Mutex::new(Known::default()),
         changed,
     });
-    let locks = tokio::spawn(watch_locks(shared.clone()));
     let subscriptions = tokio::spawn(watch_subscriptions(shared.clone()));
+    let mut stop = term.clone();
+    // Workers start once the lock cache holds the first list: a cursor is
+    // never judged against a partial one.
+    tokio::select! {
+        _ = shared.locks.listed() => {}
+        _ = stop.wait_for(|ended| *ended) => {
+            subscriptions.abort();
+            return;
+        }
+    }
+    tracing::debug!("notifications: lock cache listed; serving subscriptions");
     let mut workers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut changes = shared.changed.subscribe();
-    let mut stop = term.clone();
     loop {
         let wanted: BTreeMap<String, (String, String)> = shared.with(|known| {
-            if !(known.locks_listed && known.subscriptions_listed) {
+            if !known.subscriptions_listed {
                 return BTreeMap::new();
             }
             known
@@ -197,7 +215,6 @@ pub async fn run(notifier: Notifier, term: watch::Receiver<bool>) {
     for worker in workers.values() {
         worker.abort();
     }
-    locks.abort();
     subscriptions.abort();
 }
 
@@ -207,127 +224,55 @@ fn watch_config() -> watcher::Config {
         .timeout(WATCH_TIMEOUT_SECONDS)
 }
 
-/// A watched kind as the workers know it: its objects by UID.
-enum Seen<T> {
-    /// The whole list, after a (re)list.
-    Listed(HashMap<String, T>),
-    /// An object added or changed; `None` when it does not decode (it is
-    /// then left out).
-    Applied(String, Option<T>),
-    Deleted(String),
-}
-
-/// Follows `api` with a watch, handing each change (decoded) to `apply`. A
-/// failed watch is logged as about `what` and retried after `backoff`.
-async fn follow<K, T>(
-    api: Api<K>,
-    decode: impl Fn(K) -> Option<T>,
-    what: &str,
-    backoff: StdDuration,
-    mut apply: impl FnMut(Seen<T>),
-) where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let mut events = watcher(api, watch_config()).boxed();
-    let mut fresh = HashMap::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => fresh.clear(),
-            Ok(watcher::Event::InitApply(object)) => {
-                if let Some(uid) = object.uid()
-                    && let Some(decoded) = decode(object)
-                {
-                    fresh.insert(uid, decoded);
-                }
-            }
-            Ok(watcher::Event::InitDone) => apply(Seen::Listed(std::mem::take(&mut fresh))),
-            Ok(watcher::Event::Apply(object)) => {
-                if let Some(uid) = object.uid() {
-                    apply(Seen::Applied(uid, decode(object)));
-                }
-            }
-            Ok(watcher::Event::Delete(object)) => {
-                if let Some(uid) = object.uid() {
-                    apply(Seen::Deleted(uid));
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "notifications: watching {what} failed; retrying");
-                tokio::time::sleep(leader::jitter(backoff)).await;
-            }
-        }
-    }
-}
-
-async fn watch_locks(shared: Arc<Shared>) {
-    let resource = ApiResource::erase::<DeploymentLock>(&());
-    let client = shared.notifier.client.clone();
-    let api: Api<DynamicObject> = match &shared.notifier.namespace {
-        Some(namespace) => Api::namespaced_with(client, namespace, &resource),
-        None => Api::all_with(client, &resource),
-    };
-    let decode = |object: DynamicObject| -> Option<DeploymentLock> {
-        // A malformed lock is reported by the lock controller; here it is
-        // only left out.
-        decode_lock(serde_json::to_value(object).ok()?).ok()
-    };
-    let backoff = StdDuration::from_secs(2);
-    follow(api, decode, "DeploymentLocks", backoff, |seen| {
-        shared.with(|known| match seen {
-            Seen::Listed(locks) => {
-                known.locks = locks;
-                known.locks_listed = true;
-            }
-            Seen::Applied(uid, Some(lock)) => {
-                known.locks.insert(uid, lock);
-            }
-            Seen::Applied(uid, None) | Seen::Deleted(uid) => {
-                known.locks.remove(&uid);
-            }
-        });
-        shared.bump();
-    })
-    .await
-}
-
 async fn watch_subscriptions(shared: Arc<Shared>) {
     let client = shared.notifier.client.clone();
     let api: Api<NotificationSubscription> = match &shared.notifier.namespace {
         Some(namespace) => Api::namespaced(client, namespace),
         None => Api::all(client),
     };
-    // Retried also when the CRD is not installed: notifications are
-    // optional, locks work without them.
-    let backoff = StdDuration::from_secs(5);
-    follow(
-        api,
-        Some,
-        "NotificationSubscriptions",
-        backoff,
-        |seen| match seen {
-            Seen::Listed(subscriptions) => {
+    let mut events = watcher(api, watch_config()).boxed();
+    let mut fresh = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => fresh.clear(),
+            Ok(watcher::Event::InitApply(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    fresh.insert(uid, sub);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let subscriptions = std::mem::take(&mut fresh);
                 shared.with(|known| {
                     known.subscriptions = subscriptions;
                     known.subscriptions_listed = true;
                 });
                 shared.bump();
             }
-            Seen::Applied(uid, Some(sub)) => {
-                // Workers keep their own status: a status write (one per
-                // message) wakes nobody, a spec change wakes all.
-                let generation = sub.metadata.generation;
-                let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
-                if previous.is_none_or(|old| old.metadata.generation != generation) {
+            Ok(watcher::Event::Apply(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    // Workers keep their own status: a status write (one
+                    // per message) wakes nobody, a spec change wakes all.
+                    let generation = sub.metadata.generation;
+                    let previous = shared.with(|known| known.subscriptions.insert(uid, sub));
+                    if previous.is_none_or(|old| old.metadata.generation != generation) {
+                        shared.bump();
+                    }
+                }
+            }
+            Ok(watcher::Event::Delete(sub)) => {
+                if let Some(uid) = sub.uid() {
+                    shared.with(|known| known.subscriptions.remove(&uid));
                     shared.bump();
                 }
             }
-            Seen::Applied(uid, None) | Seen::Deleted(uid) => {
-                shared.with(|known| known.subscriptions.remove(&uid));
-                shared.bump();
+            Err(err) => {
+                // Also when the CRD is not installed: notifications are
+                // optional, locks work without them.
+                tracing::warn!(error = %err, "notifications: watching NotificationSubscriptions failed; retrying");
+                tokio::time::sleep(leader::jitter(StdDuration::from_secs(5))).await;
             }
-        },
-    )
-    .await
+        }
+    }
 }
 
 /// Runs `request` with the controller's request time limit.
@@ -373,6 +318,35 @@ enum Delivery {
     Stopped,
 }
 
+/// Which locks a worker looks at next.
+#[derive(Debug, Default)]
+enum Due {
+    /// Every lock it covers: at the start, after a relist, a missed change,
+    /// a subscription change or a timer (a reminder).
+    #[default]
+    All,
+    /// Only these locks changed.
+    Changed(HashSet<LockKey>),
+}
+
+impl Due {
+    fn add(&mut self, key: LockKey) {
+        match self {
+            Due::All => {}
+            Due::Changed(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+}
+
+/// A receiver built from the Secrets, and for which generation and when.
+struct CachedReceiver {
+    receiver: Receiver,
+    generation: Option<i64>,
+    loaded: Instant,
+}
+
 /// One subscription's delivery loop.
 struct Worker {
     shared: Arc<Shared>,
@@ -385,6 +359,10 @@ struct Worker {
     object: NotificationSubscription,
     status: NotificationSubscriptionStatus,
     term: watch::Receiver<bool>,
+    receiver: Option<CachedReceiver>,
+    /// Per lock (name) of this namespace, when something becomes due by
+    /// itself (a reminder), on the API server's clock.
+    timers: HashMap<String, DateTime<Utc>>,
 }
 
 async fn worker(
@@ -412,6 +390,7 @@ async fn worker(
         }
     };
     let status = object.status.clone().unwrap_or_default();
+    tracing::debug!(subscription = %name, %namespace, "notifications: delivering for a subscription");
     let mut worker = Worker {
         shared,
         api,
@@ -421,6 +400,8 @@ async fn worker(
         object,
         status,
         term,
+        receiver: None,
+        timers: HashMap::new(),
     };
     worker.run().await;
 }
@@ -436,6 +417,9 @@ impl Worker {
 
     async fn run(&mut self) {
         let mut changes = self.shared.changed.subscribe();
+        // Subscribed before the first read of the cache: no change is missed.
+        let mut lock_changes = self.shared.locks.subscribe();
+        let mut due = Due::All;
         loop {
             let Some(sub) = self
                 .shared
@@ -446,18 +430,26 @@ impl Worker {
             self.object.spec = sub.spec.clone();
             self.object.metadata.generation = sub.metadata.generation;
             changes.borrow_and_update();
-            let wake = match load_receiver(&self.shared.notifier.client, &sub).await {
+            let wake = match self.configure(&sub).await {
                 Err(err) => {
                     tracing::warn!(subscription = %self.name, namespace = %self.namespace, error = %err, "notifications: subscription not ready");
                     self.set_ready(false, err.reason(), &err.to_string()).await;
+                    due = Due::All;
                     Some(Instant::now() + CONFIG_RETRY)
                 }
-                Ok(receiver) => {
+                Ok((receiver, coverage)) => {
                     if !self.is_ready() {
                         self.set_ready(true, "Configured", "the receiver's Secrets are valid")
                             .await;
                     }
-                    match self.deliver_due(&receiver).await {
+                    match self
+                        .deliver_due(
+                            &receiver,
+                            &coverage,
+                            std::mem::replace(&mut due, Due::Changed(HashSet::new())),
+                        )
+                        .await
+                    {
                         Some(wake) => wake,
                         None => return,
                     }
@@ -470,11 +462,62 @@ impl Worker {
                 }
             };
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = sleep => {}
+                changed = changes.changed() => {
+                    if changed.is_err() { return }
+                    due = Due::All;
+                }
+                change = lock_changes.recv() => {
+                    let mut change = change;
+                    // Take every change already waiting, then plan once.
+                    loop {
+                        match change {
+                            Ok(LockChange::Changed(key)) => {
+                                if key.namespace == self.namespace {
+                                    due.add(key);
+                                }
+                            }
+                            Ok(LockChange::Listed) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                                due = Due::All;
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        }
+                        change = match lock_changes.try_recv() {
+                            Ok(next) => Ok(next),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(broadcast::error::RecvError::Lagged(n))
+                            }
+                            Err(_) => break,
+                        };
+                    }
+                }
+                _ = sleep => due = Due::All,
                 _ = self.term.wait_for(|ended| *ended) => return,
             }
         }
+    }
+
+    /// The locks covered, and the receiver, built from the Secrets when
+    /// there is none yet, the subscription changed, or it is older than
+    /// [`CONFIG_RETRY`].
+    async fn configure(
+        &mut self,
+        sub: &NotificationSubscription,
+    ) -> Result<(Receiver, Coverage), ConfigError> {
+        let coverage = sub.spec.coverage()?;
+        if let Some(cached) = &self.receiver
+            && cached.generation == sub.metadata.generation
+            && cached.loaded.elapsed() < CONFIG_RETRY
+        {
+            return Ok((cached.receiver.clone(), coverage));
+        }
+        self.receiver = None;
+        let receiver = load_receiver(&self.shared.notifier.client, sub).await?;
+        self.receiver = Some(CachedReceiver {
+            receiver: receiver.clone(),
+            generation: sub.metadata.generation,
+            loaded: Instant::now(),
+        });
+        Ok((receiver, coverage))
     }
 
     fn is_ready(&self) -> bool {
@@ -485,9 +528,14 @@ impl Worker {
             && self.status.observed_generation == self.object.metadata.generation
     }
 
-    /// Delivers everything due; `Some(next wake)` (None inside: only on a
-    /// change), or `None` when the term ended.
-    async fn deliver_due(&mut self, receiver: &Receiver) -> Option<Option<Instant>> {
+    /// Delivers everything due for the locks in `due`; `Some(next wake)`
+    /// (None inside: only on a change), or `None` when the term ended.
+    async fn deliver_due(
+        &mut self,
+        receiver: &Receiver,
+        coverage: &Coverage,
+        due: Due,
+    ) -> Option<Option<Instant>> {
         let since = self
             .object
             .metadata
@@ -495,28 +543,61 @@ impl Worker {
             .as_ref()
             .and_then(|time| DateTime::<Utc>::from_timestamp_micros(time.0.as_microsecond()))
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let mut locks: Vec<DeploymentLock> = self.shared.with(|known| {
-            known
-                .locks
-                .values()
-                .filter(|lock| lock.namespace().as_deref() == Some(self.namespace.as_str()))
-                .filter(|lock| self.object.spec.covers(&lock.spec.environment))
-                .cloned()
-                .collect()
-        });
-        locks.sort_by(|a, b| a.spec.environment.cmp(&b.spec.environment));
-        let mut next_due: Option<DateTime<Utc>> = None;
+        let store = &self.shared.locks.store;
+        let in_namespace =
+            |lock: &DeploymentLock| lock.namespace().as_deref() == Some(self.namespace.as_str());
         let mut dirty = false;
-        // Cursors of deleted locks go: a lock created again is a new UID.
-        let live: Vec<String> = self
-            .shared
-            .with(|known| known.locks.keys().cloned().collect());
-        let before = self.status.cursors.len();
-        self.status
-            .cursors
-            .retain(|cursor| live.contains(&cursor.lock_uid));
-        dirty |= before != self.status.cursors.len();
+        let mut locks: Vec<Arc<DeploymentLock>> = match &due {
+            Due::All => {
+                // Cursors of deleted locks go: a lock created again is a
+                // new UID.
+                let live: HashSet<String> = store
+                    .state_filter(|lock| in_namespace(lock))
+                    .iter()
+                    .filter_map(|lock| lock.uid())
+                    .collect();
+                let before = self.status.cursors.len();
+                self.status
+                    .cursors
+                    .retain(|cursor| live.contains(&cursor.lock_uid));
+                dirty |= before != self.status.cursors.len();
+                store.state_filter(|lock| in_namespace(lock) && coverage.covers(lock))
+            }
+            Due::Changed(keys) => {
+                let mut locks = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let current = store.get(&key.object_ref());
+                    // Deleted (or replaced by a lock of the same name): its
+                    // cursor goes.
+                    let current_uid = current.as_ref().and_then(|lock| lock.uid());
+                    let before = self.status.cursors.len();
+                    self.status.cursors.retain(|cursor| {
+                        cursor.environment != key.name
+                            || Some(&cursor.lock_uid) == current_uid.as_ref()
+                    });
+                    dirty |= before != self.status.cursors.len();
+                    if let Some(lock) = current
+                        && in_namespace(&lock)
+                        && coverage.covers(&lock)
+                    {
+                        locks.push(lock);
+                    }
+                }
+                locks
+            }
+        };
+        locks.sort_by(|a, b| a.spec.environment.cmp(&b.spec.environment));
+        // The locks planned now get their next timer afresh.
+        match &due {
+            Due::All => self.timers.clear(),
+            Due::Changed(keys) => {
+                for key in keys {
+                    self.timers.remove(&key.name);
+                }
+            }
+        }
         for lock in locks {
+            let lock = lock.as_ref();
             let Some(uid) = lock.uid() else { continue };
             let known = self
                 .status
@@ -527,13 +608,13 @@ impl Worker {
             let cursor = match known {
                 Some(cursor) => cursor,
                 None => {
-                    let cursor = plan::initial_cursor(&lock, &uid, since);
+                    let cursor = plan::initial_cursor(lock, &uid, since);
                     self.set_cursor(cursor.clone());
                     dirty = true;
                     cursor
                 }
             };
-            let plan = plan::plan(&self.object.spec, &lock, &uid, &cursor, self.now());
+            let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
             if let Some((first, last)) = plan.gap {
                 self.shared.notifier.metrics.count(self.provider(), "gap");
                 let note = format!(
@@ -560,17 +641,17 @@ impl Worker {
                 }
             }
             if let Some(due) = plan.next_due {
-                next_due = Some(next_due.map_or(due, |next| next.min(due)));
+                self.timers.insert(lock.name_any(), due);
             }
         }
         if dirty {
             self.write_status().await;
         }
-        Some(next_due.map(|due| {
+        Some(self.timers.values().min().map(|due| {
             self.shared
                 .notifier
                 .clock
-                .wake_for(due, Instant::now(), StdDuration::from_millis(250))
+                .wake_for(*due, Instant::now(), StdDuration::from_millis(250))
         }))
     }
 

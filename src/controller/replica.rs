@@ -183,6 +183,9 @@ impl Replica {
                 .run(term.clone()),
             )
         });
+        // One watch of the locks this term, shared by the reconciles and
+        // the notification workers.
+        let (lock_watch, lock_view) = super::lockwatch::lock_watch();
         // Team notifications: a task of its own, never in the lock path.
         let notifications = tokio::spawn(super::notify::run(
             super::notify::Notifier {
@@ -192,6 +195,7 @@ impl Replica {
                 metrics: self.metrics.notify.clone(),
                 instance: identity.to_string(),
             },
+            lock_view,
             term.clone(),
         ));
         let context = Arc::new(Context::new(
@@ -213,7 +217,7 @@ impl Replica {
             }
         };
         tokio::select! {
-            _ = super::run(self.namespace.clone(), context, term.clone()) => {}
+            _ = super::run(self.namespace.clone(), context, term.clone(), lock_watch) => {}
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);

@@ -89,6 +89,8 @@ pub async fn test(
         expires_at: holder.map(|h| h.expires_at),
         deployment_id: holder.and_then(|h| h.deployment_id.clone()),
         overridden: None,
+        waiter_id: None,
+        waiting_for: None,
     };
     let provider = receiver.provider.as_str();
     let status = receiver
@@ -103,14 +105,26 @@ pub async fn test(
 
 /// What `status -v` says about the subscriptions in `namespace` that cover
 /// `environment`: their names and providers, "none", or why it cannot tell.
-pub async fn covering(client: &Client, namespace: &str, environment: &Environment) -> String {
+pub async fn covering(
+    client: &Client,
+    namespace: &str,
+    environment: &Environment,
+    lock: Option<&DeploymentLock>,
+) -> String {
     let subscriptions: Api<NotificationSubscription> = Api::namespaced(client.clone(), namespace);
     match subscriptions.list(&Default::default()).await {
         Ok(list) => {
             let names: Vec<String> = list
                 .items
                 .iter()
-                .filter(|sub| sub.spec.covers(environment.as_str()))
+                .filter(|sub| match (lock, sub.spec.coverage()) {
+                    (Some(lock), Ok(coverage)) => coverage.covers(lock),
+                    // No lock object yet: it has no labels.
+                    (None, Ok(coverage)) => {
+                        coverage.covers_labelled(environment.as_str(), &Default::default())
+                    }
+                    (_, Err(_)) => false,
+                })
                 .map(|sub| {
                     format!(
                         "{} ({})",

@@ -20,12 +20,13 @@ pub mod send;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::{Selector, SelectorExt};
+use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::HistoryAction;
+use crate::crd::{DeploymentLock, HistoryAction};
 
 /// Condition type saying whether a subscription can deliver (its Secrets
 /// are present and well formed).
@@ -101,8 +102,16 @@ pub struct NotificationSubscriptionSpec {
     #[schemars(schema_with = "environments_schema")]
     pub environments: Vec<String>,
 
+    /// Label selector on the DeploymentLocks covered (standard
+    /// `matchLabels` / `matchExpressions`); combined with `environments`: a
+    /// lock is covered when both say so. Absent: no label condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "lock_selector_schema")]
+    pub lock_selector: Option<LabelSelector>,
+
     /// Transitions sent; empty means all of them (Acquired, TookOverExpired,
-    /// Extended, Released, ForceAcquired, ForceReleased, Cleared, Expired).
+    /// Extended, Released, ForceAcquired, ForceReleased, Cleared, Expired,
+    /// WaiterQueued).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub events: Vec<NotifyEvent>,
@@ -131,15 +140,19 @@ pub enum NotifyEvent {
     /// The holding passed its expiry (observed by the controller; not a
     /// history entry).
     Expired,
+    /// A client took a new place in the lock's wait queue (once per place,
+    /// by its ID; observed by the controller, not a history entry).
+    WaiterQueued,
 }
 
 impl NotifyEvent {
     const EXPIRED: &'static str = "Expired";
+    const WAITER_QUEUED: &'static str = "WaiterQueued";
 
     /// Every event, in the schema's order.
     pub fn all() -> impl Iterator<Item = NotifyEvent> {
         let transitions = HistoryAction::ALL.into_iter().map(NotifyEvent::Transition);
-        transitions.chain([NotifyEvent::Expired])
+        transitions.chain([NotifyEvent::Expired, NotifyEvent::WaiterQueued])
     }
 
     /// The name it is written as.
@@ -150,6 +163,7 @@ impl NotifyEvent {
                 .and_then(|name| name.as_str().map(str::to_string))
                 .unwrap_or_default(),
             NotifyEvent::Expired => Self::EXPIRED.to_string(),
+            NotifyEvent::WaiterQueued => Self::WAITER_QUEUED.to_string(),
         }
     }
 }
@@ -165,6 +179,7 @@ impl Serialize for NotifyEvent {
         match self {
             NotifyEvent::Transition(action) => action.serialize(serializer),
             NotifyEvent::Expired => serializer.serialize_str(Self::EXPIRED),
+            NotifyEvent::WaiterQueued => serializer.serialize_str(Self::WAITER_QUEUED),
         }
     }
 }
@@ -175,6 +190,9 @@ impl<'de> Deserialize<'de> for NotifyEvent {
         let name = String::deserialize(deserializer)?;
         if name == Self::EXPIRED {
             return Ok(NotifyEvent::Expired);
+        }
+        if name == Self::WAITER_QUEUED {
+            return Ok(NotifyEvent::WaiterQueued);
         }
         let action: Result<HistoryAction, value::Error> =
             HistoryAction::deserialize(name.as_str().into_deserializer());
@@ -380,6 +398,11 @@ pub struct DeliveryCursor {
     pub reminder_lock_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder_count: Option<i64>,
+    /// IDs of the queue places already handled that are still in the queue
+    /// (kept only while the subscription asks for WaiterQueued).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::crd::MAX_QUEUE_ENTRIES))]
+    pub queued_ids: Vec<String>,
 }
 
 /// DeploymentLock names: DNS-1123 labels (bounded, so the API server's CEL
@@ -397,10 +420,102 @@ fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// `spec.lockSelector`: a metav1 LabelSelector, bounded (so the CEL rules
+/// stay cheap) and checked as the API server checks selectors (In and NotIn
+/// need values, Exists and DoesNotExist take none).
+fn lock_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a lock must carry, each with exactly this value.",
+                "type": "object",
+                "maxProperties": 32,
+                "additionalProperties": {"type": "string", "maxLength": 63},
+            },
+            "matchExpressions": {
+                "description": "Requirements a lock's labels must all meet.",
+                "type": "array",
+                "maxItems": 16,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {"type": "string", "minLength": 1, "maxLength": 317},
+                        "operator": {
+                            "description": "In, NotIn, Exists or DoesNotExist.",
+                            "type": "string",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                        },
+                        "values": {
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": {"type": "string", "maxLength": 63},
+                        },
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                        "message": "lockSelector: In and NotIn need values, Exists and DoesNotExist take none",
+                    }],
+                },
+            },
+        },
+        "x-kubernetes-map-type": "atomic",
+    })
+}
+
+/// A `spec.lockSelector` that is not a valid label selector.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.lockSelector is not a valid label selector: {0}")]
+pub struct InvalidLockSelector(#[source] pub kube::core::ParseExpressionError);
+
+/// Which locks of its namespace a subscription covers.
+#[derive(Clone, Debug)]
+pub struct Coverage {
+    environments: Vec<String>,
+    selector: Option<Selector>,
+}
+
+impl Coverage {
+    /// Whether `lock` is covered.
+    pub fn covers(&self, lock: &DeploymentLock) -> bool {
+        self.covers_labelled(&lock.spec.environment, lock.labels())
+    }
+
+    /// Whether a lock named `environment` with `labels` is covered.
+    pub fn covers_labelled(
+        &self,
+        environment: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        (self.environments.is_empty() || self.environments.iter().any(|e| e == environment))
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|selector| selector.matches(labels))
+    }
+}
+
 impl NotificationSubscriptionSpec {
-    /// Whether this subscription covers the lock named `environment`.
-    pub fn covers(&self, environment: &str) -> bool {
-        self.environments.is_empty() || self.environments.iter().any(|e| e == environment)
+    /// The locks this subscription covers; an error when its lock selector
+    /// is malformed (the schema refuses most such selectors).
+    pub fn coverage(&self) -> Result<Coverage, InvalidLockSelector> {
+        let selector = match &self.lock_selector {
+            Some(selector) => {
+                Some(Selector::try_from(selector.clone()).map_err(InvalidLockSelector)?)
+            }
+            None => None,
+        };
+        Ok(Coverage {
+            environments: self.environments.clone(),
+            selector,
+        })
+    }
+
+    /// Whether this subscription covers `lock` (a lock of its namespace);
+    /// a malformed selector covers nothing.
+    pub fn covers(&self, lock: &DeploymentLock) -> bool {
+        self.coverage().is_ok_and(|coverage| coverage.covers(lock))
     }
 
     /// The transitions asked for (all when the list is empty).
@@ -430,6 +545,8 @@ impl NotificationSubscriptionSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::DeploymentLockSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     #[test]
     fn events_are_written_as_their_names_and_read_back() {
@@ -444,7 +561,8 @@ mod tests {
                 "ForceAcquired",
                 "ForceReleased",
                 "Cleared",
-                "Expired"
+                "Expired",
+                "WaiterQueued"
             ]
         );
         for event in NotifyEvent::all() {
@@ -463,5 +581,79 @@ mod tests {
             message.contains("\"Deleted\"") && message.contains("Cleared, Expired"),
             "{message}"
         );
+    }
+
+    fn lock(name: &str, labels: &[(&str, &str)]) -> DeploymentLock {
+        let mut lock = DeploymentLock::new(
+            name,
+            DeploymentLockSpec {
+                environment: name.into(),
+                ..Default::default()
+            },
+        );
+        lock.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        lock
+    }
+
+    fn requirement(key: &str, operator: &str, values: Option<&[&str]>) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.map(|values| values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn environments_and_the_lock_selector_both_apply() {
+        let spec = NotificationSubscriptionSpec {
+            environments: vec!["production".into(), "staging".into()],
+            lock_selector: Some(LabelSelector {
+                match_labels: Some([("tier".to_string(), "prod".to_string())].into()),
+                match_expressions: Some(vec![requirement(
+                    "team",
+                    "In",
+                    Some(&["payments", "search"]),
+                )]),
+            }),
+            ..Default::default()
+        };
+        let coverage = spec.coverage().unwrap();
+        let covered = |name, labels: &[(&str, &str)]| coverage.covers(&lock(name, labels));
+        assert!(covered(
+            "production",
+            &[("tier", "prod"), ("team", "payments")]
+        ));
+        assert!(!covered(
+            "production",
+            &[("tier", "test"), ("team", "payments")]
+        ));
+        assert!(!covered("production", &[("tier", "prod"), ("team", "web")]));
+        assert!(!covered("production", &[("tier", "prod")]));
+        assert!(!covered(
+            "canary",
+            &[("tier", "prod"), ("team", "payments")]
+        ));
+        // No selector: every environment named (or every lock).
+        let all = NotificationSubscriptionSpec::default().coverage().unwrap();
+        assert!(all.covers(&lock("anything", &[])));
+    }
+
+    #[test]
+    fn a_selector_the_api_server_would_refuse_is_an_error_not_coverage() {
+        let spec = NotificationSubscriptionSpec {
+            lock_selector: Some(LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![requirement("team", "Near", Some(&["x"]))]),
+            }),
+            ..Default::default()
+        };
+        let err = spec.coverage().unwrap_err();
+        assert!(err.to_string().contains("spec.lockSelector"), "{err}");
+        assert!(!spec.covers(&lock("production", &[("team", "x")])));
     }
 }

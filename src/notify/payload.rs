@@ -33,6 +33,8 @@ pub enum Occurrence {
     /// The lock has been held longer than the reminder threshold
     /// (the reminder's number: 1, 2, ...).
     Reminder(i64),
+    /// A client took a new place in the wait queue (its place: 1, 2, ...).
+    WaiterQueued(usize),
     /// `deploylock notify test`.
     Test,
 }
@@ -52,6 +54,7 @@ impl Occurrence {
             },
             Occurrence::Expired => "Expired",
             Occurrence::Reminder(_) => "Reminder",
+            Occurrence::WaiterQueued(_) => "WaiterQueued",
             Occurrence::Test => "Test",
         }
     }
@@ -84,6 +87,10 @@ pub struct Message {
     pub deployment_id: Option<String>,
     /// For a forced takeover: the holding that was overridden.
     pub overridden: Option<OverriddenHolding>,
+    /// For a queued waiter: the ID of its queue place, and the current
+    /// holder's display label (None: the lock is free).
+    pub waiter_id: Option<String>,
+    pub waiting_for: Option<String>,
 }
 
 /// A request body and its headers, ready to send.
@@ -121,6 +128,9 @@ impl Message {
             },
             Occurrence::Expired => format!("{env} lock expired"),
             Occurrence::Reminder(n) => format!("{env} still locked (reminder {n})"),
+            Occurrence::WaiterQueued(place) => {
+                format!("{env} wanted: waiter queued (place {place})")
+            }
             Occurrence::Test => format!("deploylock test message for {env}"),
         }
     }
@@ -134,7 +144,12 @@ impl Message {
         if let Some(owner) = &self.owner
             && Some(owner) != self.by.as_ref()
         {
-            line.push_str(&format!(" (holder {owner})"));
+            let role = if self.waiter_id.is_some() {
+                "as"
+            } else {
+                "holder"
+            };
+            line.push_str(&format!(" ({role} {owner})"));
         }
         if let Some(reason) = &self.reason
             && !reason.is_empty()
@@ -148,6 +163,9 @@ impl Message {
             )
         {
             line.push_str(&format!(" (until {})", time(until)));
+        }
+        if let Some(holder) = &self.waiting_for {
+            line.push_str(&format!("; held by {holder}"));
         }
         line
     }
@@ -173,7 +191,13 @@ impl Message {
             }
         };
         push("By", self.by.clone());
-        push("Holder", self.owner.clone());
+        let owner_label = if self.waiter_id.is_some() {
+            "Waiter"
+        } else {
+            "Holder"
+        };
+        push(owner_label, self.owner.clone());
+        push("Waiting for", self.waiting_for.clone());
         push("Reason", self.reason.clone().filter(|r| !r.is_empty()));
         push("Type", self.lock_type.map(|t| t.to_string()));
         push("Since", self.acquired_at.as_ref().map(time));
@@ -186,6 +210,7 @@ impl Message {
                 .map(|o| format!("{} ({}): {}", o.owner, o.user, o.reason)),
         );
         push("Lock ID", self.lock_id.clone());
+        push("Queue place ID", self.waiter_id.clone());
         facts
     }
 
@@ -216,6 +241,15 @@ impl Message {
                 _ => None,
             },
         );
+        put(
+            "queuePosition",
+            match self.occurrence {
+                Occurrence::WaiterQueued(place) => Some(Value::from(place)),
+                _ => None,
+            },
+        );
+        put("waiterId", self.waiter_id.clone().map(Value::from));
+        put("waitingFor", self.waiting_for.clone().map(Value::from));
         put("lockId", self.lock_id.clone().map(Value::from));
         put("by", self.by.clone().map(Value::from));
         put("owner", self.owner.clone().map(Value::from));
@@ -357,6 +391,7 @@ fn discord(message: &Message, style: &Style) -> Value {
         }
         Occurrence::Transition(HistoryAction::Released | HistoryAction::Cleared) => 0x2E_B6_7D,
         Occurrence::Expired | Occurrence::Reminder(_) => 0xEC_B2_2E,
+        Occurrence::WaiterQueued(_) => 0x9B_59_B6,
         _ => 0x36_C5_F0,
     };
     let mut body = json!({
@@ -471,6 +506,8 @@ mod tests {
                 owner: "alice".into(),
                 reason: "release 2.1".into(),
             }),
+            waiter_id: None,
+            waiting_for: None,
         }
     }
 
@@ -544,6 +581,54 @@ mod tests {
         assert_eq!(body["id"], "uid-1-7");
         assert_eq!(body["type"], "dev.deploylock.lock.forceacquired");
         assert_eq!(body["data"]["deploymentId"], "run-42");
+    }
+
+    #[test]
+    fn a_queued_waiter_says_who_and_why_for_every_provider() {
+        let mut message = sample();
+        message.key = "uid-1-queued-w9".into();
+        message.occurrence = Occurrence::WaiterQueued(2);
+        message.sequence = None;
+        message.by = Some("bob".into());
+        message.owner = Some("bob-ci".into());
+        message.reason = Some("release 2.2".into());
+        message.lock_id = None;
+        message.lock_type = None;
+        message.acquired_at = None;
+        message.expires_at = None;
+        message.deployment_id = None;
+        message.overridden = None;
+        message.waiter_id = Some("w9".into());
+        message.waiting_for = Some("on-call".into());
+        assert_eq!(
+            message.summary(),
+            "production wanted: waiter queued (place 2) by bob (as bob-ci): release 2.2; held by on-call"
+        );
+        for provider in [
+            ProviderType::Slack,
+            ProviderType::Msteams,
+            ProviderType::Discord,
+            ProviderType::Googlechat,
+            ProviderType::Mattermost,
+            ProviderType::Generic,
+            ProviderType::GenericHmac,
+            ProviderType::Cloudevents,
+        ] {
+            let text =
+                String::from_utf8(render(provider, &message, &Style::default()).body).unwrap();
+            for needle in ["bob", "bob-ci", "release 2.2", "place 2", "uid-1-queued-w9"] {
+                assert!(text.contains(needle), "{provider:?} lacks {needle}: {text}");
+            }
+        }
+        let body = message.to_json();
+        assert_eq!(body["event"], "WaiterQueued");
+        assert_eq!(body["queuePosition"], 2);
+        assert_eq!(body["waiterId"], "w9");
+        assert_eq!(body["waitingFor"], "on-call");
+        assert_eq!(
+            cloudevent_type(&message.occurrence),
+            "dev.deploylock.lock.waiterqueued"
+        );
     }
 
     #[test]

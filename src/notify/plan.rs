@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::payload::{Message, Occurrence};
 use super::{DeliveryCursor, NotificationSubscriptionSpec, NotifyEvent};
-use crate::crd::{DeploymentLock, HistoryAction, HistoryEntry, LockState, LockType};
+use crate::crd::{DeploymentLock, HistoryAction, HistoryEntry, LockState, LockType, Waiter};
 
 /// One thing to do, in order: send `message` (absent when the subscription
 /// does not ask for this transition) and then record `cursor`.
@@ -44,6 +44,11 @@ pub fn reminder_key(uid: &str, lock_id: &str, number: i64) -> String {
     format!("{uid}-reminder-{lock_id}-{number}")
 }
 
+/// Idempotency key of a queue place.
+pub fn queued_key(uid: &str, waiter_id: &str) -> String {
+    format!("{uid}-queued-{waiter_id}")
+}
+
 /// The cursor of a lock first seen by a subscription: what happened before
 /// the subscription was created counts as handled (no flood of old news).
 pub fn initial_cursor(lock: &DeploymentLock, uid: &str, since: DateTime<Utc>) -> DeliveryCursor {
@@ -61,6 +66,13 @@ pub fn initial_cursor(lock: &DeploymentLock, uid: &str, since: DateTime<Utc>) ->
         .as_ref()
         .filter(|holder| holder.expires_at < since)
         .map(|holder| holder.lock_id.clone());
+    let queued_ids = lock
+        .spec
+        .queue
+        .iter()
+        .filter(|waiter| waiter.since < since)
+        .map(|waiter| waiter.id.clone())
+        .collect();
     DeliveryCursor {
         lock_uid: uid.to_string(),
         environment: lock.spec.environment.clone(),
@@ -68,6 +80,7 @@ pub fn initial_cursor(lock: &DeploymentLock, uid: &str, since: DateTime<Utc>) ->
         expired_lock_id,
         reminder_lock_id: None,
         reminder_count: None,
+        queued_ids,
     }
 }
 
@@ -115,6 +128,8 @@ pub fn history_message(lock: &DeploymentLock, uid: &str, entry: &HistoryEntry) -
         overridden: holder
             .filter(|_| entry.action == HistoryAction::ForceAcquired)
             .and_then(|h| h.overrode.clone()),
+        waiter_id: None,
+        waiting_for: None,
     }
 }
 
@@ -145,7 +160,46 @@ fn holding_message(
         expires_at: Some(holder.expires_at),
         deployment_id: holder.deployment_id.clone(),
         overridden: holder.overrode.clone(),
+        waiter_id: None,
+        waiting_for: None,
     })
+}
+
+/// The message for a new place in the wait queue (`place`: 1, 2, ...).
+pub fn queued_message(
+    lock: &DeploymentLock,
+    uid: &str,
+    waiter: &Waiter,
+    place: usize,
+    now: DateTime<Utc>,
+) -> Message {
+    let holder = lock.spec.holder.as_ref().filter(|h| now < h.expires_at);
+    let state = match holder {
+        Some(h) if h.lock_type == LockType::Emergency => LockState::ForceLocked,
+        Some(_) => LockState::Locked,
+        None => LockState::Available,
+    };
+    Message {
+        key: queued_key(uid, &waiter.id),
+        occurrence: Occurrence::WaiterQueued(place),
+        namespace: lock.metadata.namespace.clone().unwrap_or_default(),
+        environment: lock.spec.environment.clone(),
+        lock_uid: uid.to_string(),
+        sequence: None,
+        at: waiter.since,
+        state,
+        lock_id: None,
+        by: Some(waiter.user.clone()),
+        owner: Some(waiter.owner.clone()),
+        reason: Some(waiter.reason.clone()),
+        lock_type: None,
+        acquired_at: None,
+        expires_at: None,
+        deployment_id: None,
+        overridden: None,
+        waiter_id: Some(waiter.id.clone()),
+        waiting_for: holder.map(|h| h.owner.clone()),
+    }
 }
 
 /// What is due for `lock` under `spec`, after `cursor`, at `now` (API
@@ -161,6 +215,13 @@ pub fn plan(
     let mut plan = Plan::default();
     let mut current = cursor.clone();
     current.environment = lock.spec.environment.clone();
+    // Places that left the queue are forgotten (the list stays bounded by
+    // the queue's); the change rides on the next step's cursor.
+    let wants_queue = wanted.contains(&NotifyEvent::WaiterQueued);
+    current
+        .queued_ids
+        .retain(|id| wants_queue && lock.spec.queue.iter().any(|waiter| &waiter.id == id));
+    let forgot = current.queued_ids != cursor.queued_ids;
 
     let mut entries: Vec<&HistoryEntry> = lock
         .spec
@@ -210,6 +271,27 @@ pub fn plan(
         });
     }
 
+    if wants_queue {
+        // Queue order: newest-first waiters are served first, so "place" is
+        // each waiter's position as the lock shows the queue.
+        for (index, waiter) in lock.spec.queue.iter().enumerate() {
+            if current.queued_ids.contains(&waiter.id) {
+                continue;
+            }
+            current.queued_ids.push(waiter.id.clone());
+            plan.steps.push(Step {
+                message: Some(queued_message(
+                    lock,
+                    uid,
+                    waiter,
+                    index.saturating_add(1),
+                    now,
+                )),
+                cursor: current.clone(),
+            });
+        }
+    }
+
     if let (Some(reminder), Some(holder)) = (&spec.reminder, &lock.spec.holder)
         && now < holder.expires_at
     {
@@ -255,6 +337,12 @@ pub fn plan(
                 }
             }
         }
+    }
+    if forgot && plan.steps.is_empty() {
+        plan.steps.push(Step {
+            message: None,
+            cursor: current,
+        });
     }
     plan
 }
@@ -406,6 +494,69 @@ mod tests {
         let released = lock(vec![], None);
         let after = plan(&spec, &released, "u", &cursor, t(400));
         assert!(after.steps.is_empty() && after.next_due.is_none());
+    }
+
+    fn waiter(id: &str, since: i64) -> Waiter {
+        Waiter {
+            id: id.into(),
+            user: "bob".into(),
+            owner: "bob-ci".into(),
+            reason: "release 2.2".into(),
+            since: t(since),
+            heartbeat_at: t(since),
+            newest_first: false,
+        }
+    }
+
+    #[test]
+    fn each_queue_place_is_announced_once_and_forgotten_when_it_leaves() {
+        let mut held = lock(vec![], Some(holder(0, 1000)));
+        held.spec.queue = vec![waiter("w1", 10)];
+        let first = plan(&spec(), &held, "u", &DeliveryCursor::default(), t(20));
+        assert_eq!(keys(&first), vec!["u-queued-w1"]);
+        let message = first.steps[0].message.as_ref().unwrap();
+        assert_eq!(message.occurrence, Occurrence::WaiterQueued(1));
+        assert_eq!(message.by.as_deref(), Some("bob"));
+        assert_eq!(message.reason.as_deref(), Some("release 2.2"));
+        assert_eq!(message.waiting_for.as_deref(), Some("alice"));
+        let cursor = first.steps[0].cursor.clone();
+        // A heartbeat changes nothing; a second waiter is announced alone.
+        held.spec.queue[0].heartbeat_at = t(25);
+        assert!(plan(&spec(), &held, "u", &cursor, t(25)).steps.is_empty());
+        held.spec.queue.push(waiter("w2", 30));
+        let second = plan(&spec(), &held, "u", &cursor, t(30));
+        assert_eq!(keys(&second), vec!["u-queued-w2"]);
+        let cursor = second.steps[0].cursor.clone();
+        // w1 leaves: its ID is forgotten without a message.
+        held.spec.queue.remove(0);
+        let left = plan(&spec(), &held, "u", &cursor, t(40));
+        assert_eq!(keys(&left), Vec::<String>::new());
+        assert_eq!(left.steps.len(), 1);
+        assert_eq!(left.steps[0].cursor.queued_ids, vec!["w2".to_string()]);
+    }
+
+    #[test]
+    fn queue_places_are_neither_announced_nor_tracked_unless_asked_for() {
+        let mut spec = spec();
+        spec.events = vec![NotifyEvent::Transition(HistoryAction::Acquired)];
+        let mut held = lock(vec![], Some(holder(0, 1000)));
+        held.spec.queue = vec![waiter("w1", 10)];
+        let plan = plan(&spec, &held, "u", &DeliveryCursor::default(), t(20));
+        assert!(plan.steps.is_empty());
+    }
+
+    #[test]
+    fn places_taken_before_the_subscription_count_as_announced() {
+        let mut held = lock(vec![], Some(holder(0, 1000)));
+        held.spec.queue = vec![waiter("old", 10), waiter("new", 30)];
+        let cursor = initial_cursor(&held, "u", t(20));
+        assert_eq!(cursor.queued_ids, vec!["old".to_string()]);
+        let plan = plan(&spec(), &held, "u", &cursor, t(40));
+        assert_eq!(keys(&plan), vec!["u-queued-new"]);
+        assert_eq!(
+            plan.steps[0].message.as_ref().unwrap().occurrence,
+            Occurrence::WaiterQueued(2)
+        );
     }
 
     proptest! {

@@ -45,6 +45,8 @@ pub enum ConfigError {
     InvalidCa { secret: String, reason: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error(transparent)]
+    InvalidLockSelector(#[from] super::InvalidLockSelector),
 }
 
 impl ConfigError {
@@ -58,6 +60,7 @@ impl ConfigError {
             ConfigError::InvalidProxy { .. } => "InvalidProxy",
             ConfigError::InvalidCa { .. } => "InvalidCA",
             ConfigError::Client(_) => "ClientError",
+            ConfigError::InvalidLockSelector(_) => "InvalidLockSelector",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! what arrives and can fail, stall, be slow or be down.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -1090,4 +1091,319 @@ async fn expiry_is_announced_once_with_a_stable_key() {
     assert_eq!(expired["state"], "Expired");
     assert_eq!(expired["deploymentId"], "run-7");
     assert_eq!(expired["idempotencyKey"], expired_key.as_str());
+}
+
+/// Starts `deploylock acquire` waiting in the queue as `identity`, and
+/// returns once the lock shows its place (on a watch).
+async fn start_waiter(setup: &Setup, identity: Identity, owner: &str, reason: &str) -> Child {
+    let mut command = cluster().deploylock_command(identity, &setup.namespace);
+    command
+        .args([
+            "acquire",
+            "--wait-timeout",
+            "120",
+            "--owner",
+            owner,
+            "--reason",
+            reason,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => panic!("cannot start the waiter {owner}: {err}"),
+    };
+    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let owner = owner.to_string();
+    let queued = move |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == owner))
+    };
+    if let Err(err) = tokio::time::timeout(WAIT, await_condition(api, "production", queued)).await {
+        panic!("the waiter never joined the queue: {err}");
+    }
+    child
+}
+
+fn expect_acquired(child: Child, who: &str) {
+    let output = match child.wait_with_output() {
+        Ok(output) => output,
+        Err(err) => panic!("{who}: {err}"),
+    };
+    assert!(
+        output.status.success(),
+        "{who} did not acquire: {:?} {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_waiter_is_announced_once_per_place_with_who_and_why() {
+    let setup = setup("notify-queue").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup
+        .secret("chat", &[("address", &receiver.url("/slack"))])
+        .await;
+    setup
+        .subscription(
+            "queue",
+            json!({
+                "events": ["WaiterQueued"],
+                "provider": {"type": "generic", "secretRef": {"name": "hook"}}
+            }),
+        )
+        .await;
+    setup
+        .subscription(
+            "chat",
+            json!({
+                "events": ["WaiterQueued"],
+                "provider": {"type": "slack", "secretRef": {"name": "chat"}}
+            }),
+        )
+        .await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-queue", &[]);
+    setup.await_ready("queue", "True", None).await;
+    setup.await_ready("chat", "True", None).await;
+    setup.cli(Identity::Alice, &["acquire", "--reason", "Deploying 2.1.0"]);
+    let bob = start_waiter(&setup, Identity::Bob, "bob-ci", "release 2.2").await;
+    let carol = start_waiter(&setup, Identity::Carol, "carol", "hotfix 2.1.1").await;
+    let lock = setup.lock("production").await;
+    let uid = lock.uid().expect("a UID");
+    let places: Vec<(String, String)> = lock
+        .spec
+        .queue
+        .iter()
+        .map(|w| (w.owner.clone(), format!("{uid}-queued-{}", w.id)))
+        .collect();
+    assert_eq!(places.len(), 2, "two places: {places:?}");
+    // Each waiter renews its place every few seconds (a lock change each
+    // time): wait for a renewal of both before looking for repeats.
+    let renewed_from = lock.spec.queue.iter().map(|w| w.heartbeat_at).min();
+    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let renewed = move |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| {
+            lock.spec.queue.len() == 2
+                && lock
+                    .spec
+                    .queue
+                    .iter()
+                    .all(|w| Some(w.heartbeat_at) > renewed_from)
+        })
+    };
+    if let Err(err) = tokio::time::timeout(WAIT, await_condition(api, "production", renewed)).await
+    {
+        panic!("the waiters did not renew their places: {err}");
+    }
+    let requests = receiver
+        .wait_for("a message per place and subscription", WAIT, |r| {
+            delivered_on(r, "/hook").len() >= 2 && delivered_on(r, "/slack").len() >= 2
+        })
+        .await;
+    let generic = delivered_on(&requests, "/hook");
+    let keys: Vec<String> = generic.iter().map(|r| key_of(r)).collect();
+    let expected: Vec<String> = places.iter().map(|(_, key)| key.clone()).collect();
+    assert_eq!(keys, expected, "one message per place, in queue order");
+    let first = generic[0].json();
+    assert_eq!(first["event"], "WaiterQueued");
+    assert_eq!(first["environment"], "production");
+    assert_eq!(first["by"], "bob");
+    assert_eq!(first["owner"], "bob-ci");
+    assert_eq!(first["reason"], "release 2.2");
+    assert_eq!(first["queuePosition"], 1);
+    assert_eq!(first["waitingFor"], "alice");
+    assert_eq!(first["state"], "Locked");
+    let second = generic[1].json();
+    assert_eq!(second["owner"], "carol");
+    assert_eq!(second["reason"], "hotfix 2.1.1");
+    assert_eq!(second["queuePosition"], 2);
+    let slack = delivered_on(&requests, "/slack");
+    let text = slack[0].json()["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        text.contains("waiter queued (place 1) by bob (as bob-ci): release 2.2; held by alice"),
+        "{text}"
+    );
+    // The queue moves on: alice releases, bob then carol take the lock.
+    setup.cli(Identity::Alice, &["release"]);
+    expect_acquired(bob, "bob-ci");
+    setup.cli(Identity::Bob, &["release"]);
+    expect_acquired(carol, "carol");
+    // Both places left the queue; once the subscription's cursor has
+    // forgotten them the controller has seen every renewal since: still
+    // exactly one message per place.
+    setup
+        .await_subscription("queue", "both places forgotten", |sub| {
+            sub.status.as_ref().is_some_and(|status| {
+                status.cursors.iter().any(|c| c.lock_uid == uid)
+                    && status
+                        .cursors
+                        .iter()
+                        .all(|c| c.lock_uid != uid || c.queued_ids.is_empty())
+            })
+        })
+        .await;
+    let generic_keys: Vec<String> = delivered_on(&receiver.requests(), "/hook")
+        .iter()
+        .map(|r| key_of(r))
+        .collect();
+    assert_eq!(generic_keys, expected, "no repeat for a renewed place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_selector_and_environments_choose_the_locks_covered() {
+    let setup = setup("notify-select").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/prod"))])
+        .await;
+    setup
+        .secret("payments", &[("address", &receiver.url("/payments"))])
+        .await;
+    // Every lock labelled tier=prod.
+    setup
+        .subscription(
+            "prod",
+            json!({
+                "lockSelector": {"matchLabels": {"tier": "prod"}},
+                "events": ["Acquired"],
+                "provider": {"type": "generic", "secretRef": {"name": "hook"}}
+            }),
+        )
+        .await;
+    // production or staging, and only when the team label is payments.
+    setup
+        .subscription(
+            "payments",
+            json!({
+                "environments": ["production", "staging"],
+                "lockSelector": {"matchExpressions": [
+                    {"key": "team", "operator": "In", "values": ["payments"]}
+                ]},
+                "events": ["Acquired"],
+                "provider": {"type": "generic", "secretRef": {"name": "payments"}}
+            }),
+        )
+        .await;
+    // A selector the API server cannot use is refused with the reason.
+    let refused = setup
+        .subscriptions()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "deploylock.dev/v1",
+                "kind": "NotificationSubscription",
+                "metadata": {"name": "bad-selector"},
+                "spec": {
+                    "lockSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]},
+                    "provider": {"type": "generic", "secretRef": {"name": "hook"}}
+                }
+            }))
+            .expect("a subscription"),
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("In and NotIn need values"),
+            "{}",
+            status.message
+        ),
+        other => panic!("a selector without values was not refused: {other:?}"),
+    }
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-select", &[]);
+    setup.await_ready("prod", "True", None).await;
+    setup.await_ready("payments", "True", None).await;
+    // The locks exist (and are labelled) before the transitions watched.
+    let labels = [
+        ("production", json!({"tier": "prod", "team": "payments"})),
+        ("staging", json!({"tier": "test", "team": "payments"})),
+        ("canary", json!({"tier": "prod", "team": "search"})),
+        ("sandbox", json!({"team": "payments"})),
+    ];
+    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    for (environment, labels) in &labels {
+        setup.cli(
+            Identity::Alice,
+            &["acquire", "-e", environment, "--reason", "first"],
+        );
+        setup.cli(Identity::Alice, &["release", "-e", environment]);
+        let patch = json!({"metadata": {"labels": labels}});
+        if let Err(err) = api
+            .patch(environment, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            panic!("cannot label {environment}: {err}");
+        }
+    }
+    for (environment, _) in &labels {
+        setup.cli(
+            Identity::Bob,
+            &["acquire", "-e", environment, "--reason", "watched"],
+        );
+    }
+    // Last, a transition both subscriptions cover: once its message is in,
+    // every earlier change was judged.
+    setup.cli(Identity::Bob, &["release", "-e", "production"]);
+    setup.cli(
+        Identity::Alice,
+        &["acquire", "-e", "production", "--reason", "sentinel"],
+    );
+    let requests = receiver
+        .wait_for("the sentinel on both paths", WAIT, |r| {
+            ["/prod", "/payments"].iter().all(|path| {
+                delivered_on(r, path)
+                    .iter()
+                    .any(|r| r.json()["reason"] == "sentinel")
+            })
+        })
+        .await;
+    let covered = |path: &str| -> Vec<(String, String)> {
+        delivered_on(&requests, path)
+            .iter()
+            .map(|r| {
+                let body = r.json();
+                (
+                    body["environment"].as_str().unwrap_or_default().to_string(),
+                    body["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .filter(|(_, reason)| reason != "first")
+            .collect()
+    };
+    let mut prod = covered("/prod");
+    prod.sort();
+    assert_eq!(
+        prod,
+        vec![
+            ("canary".to_string(), "watched".to_string()),
+            ("production".to_string(), "sentinel".to_string()),
+            ("production".to_string(), "watched".to_string()),
+        ],
+        "tier=prod: canary and production"
+    );
+    let mut payments = covered("/payments");
+    payments.sort();
+    assert_eq!(
+        payments,
+        vec![
+            ("production".to_string(), "sentinel".to_string()),
+            ("production".to_string(), "watched".to_string()),
+            ("staging".to_string(), "watched".to_string()),
+        ],
+        "team=payments among production and staging (not sandbox)"
+    );
+    // status -v names the subscriptions covering each lock.
+    let output = cluster().deploylock(
+        Identity::Alice,
+        &setup.namespace,
+        &["status", "-v", "-e", "canary"],
+    );
+    expect_exit(&output, 0, "status -v");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("Notifications: prod (generic)"), "{stdout}");
 }
