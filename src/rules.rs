@@ -326,11 +326,12 @@ pub fn next_waiter(spec: &DeploymentLockSpec, now: DateTime<Utc>) -> Option<&Wai
     choose_next(&live_waiters(spec, now))
 }
 
-/// `next_waiter` among live waiters in arrival order.
+/// `next_waiter` among live waiters in arrival order: a freeze window's
+/// place first, then the newest newest-first waiter, else the first.
 fn choose_next<'a>(live: &[&'a Waiter]) -> Option<&'a Waiter> {
     live.iter()
-        .rev()
-        .find(|waiter| waiter.newest_first)
+        .find(|waiter| waiter.user == crate::windows::WINDOW_HOLDER)
+        .or_else(|| live.iter().rev().find(|waiter| waiter.newest_first))
         .or_else(|| live.first())
         .copied()
 }

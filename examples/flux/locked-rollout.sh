@@ -40,10 +40,35 @@ trap 'exit 130' INT
 requested="$deployment_id"
 kubectl patch "$ks" -n "$namespace" --type=merge -p "{\"spec\":{\"suspend\":false},\
 \"metadata\":{\"annotations\":{\"reconcile.fluxcd.io/requestedAt\":\"$requested\"}}}"
-# The controller writes lastHandledReconcileAt with the outcome (the Ready condition).
+# The controller acknowledges the request (lastHandledReconcileAt), then
+# reports the outcome: Ready True or False for the current generation
+# (Unknown while it reconciles; a first reconcile may acknowledge before it
+# has any Ready condition at all).
 kubectl wait "$ks" -n "$namespace" --timeout="$timeout" \
   --for=jsonpath='{.status.lastHandledReconcileAt}'="$requested"
-ready="$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')"
+ready_of() {
+  kubectl get "$ks" -n "$namespace" -o jsonpath='{.metadata.generation}/{.status.observedGeneration}/{.status.conditions[?(@.type=="Ready")].status}'
+}
+case "$timeout" in
+  *m) seconds_left=$((${timeout%m} * 60)) ;;
+  *s) seconds_left=${timeout%s} ;;
+  *) seconds_left=1500 ;;
+esac
+while :; do
+  state="$(ready_of)"
+  generation="${state%%/*}"
+  rest="${state#*/}"
+  observed="${rest%%/*}"
+  ready="${rest#*/}"
+  if [ "$generation" = "$observed" ] && { [ "$ready" = True ] || [ "$ready" = False ]; }; then
+    break
+  fi
+  seconds_left=$((seconds_left - 2))
+  if [ "$seconds_left" -le 0 ]; then
+    break
+  fi
+  sleep 2
+done
 if [ "$ready" != True ]; then
   echo "Kustomization $namespace/$kustomization is not Ready:" \
     "$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')" >&2

@@ -140,21 +140,7 @@ impl Replica {
     ) {
         let identity = self.identity.as_str();
         tracing::info!(identity, "leading; reconciling");
-        // This term ends on a stop or when leadership is lost.
-        let (term_sender, term) = watch::channel(false);
-        {
-            let mut stop = stop.clone();
-            let leadership = leadership.clone();
-            let term_sender = term_sender.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.wait_for(|stopped| *stopped) => {}
-                    _ = leader::lost(leadership) => {}
-                    _ = term_sender.closed() => {}
-                }
-                let _ = term_sender.send(true);
-            });
-        }
+        let (term_sender, term) = term_until_stopped_or_lost(stop, leadership);
         let clock_lease = ClockWriter {
             api: Api::namespaced(self.client.clone(), &self.clock_lease_namespace),
             name: self.clock_lease_name.clone(),
@@ -162,42 +148,10 @@ impl Replica {
             clock: clock.clone(),
         }
         .spawn(term.clone());
-        if self.gitops_gating {
-            let gating = super::gitops::GitOpsGating {
-                client: self.client.clone(),
-                namespace: self.namespace.clone(),
-                instance: identity.to_string(),
-                clock: clock.clone(),
-            };
-            tokio::spawn(gating.run(term.clone()));
-        }
-        let windows = self.window_client.clone().map(|holder_client| {
-            tokio::spawn(
-                super::windows::FreezeWindows {
-                    client: self.client.clone(),
-                    holder_client,
-                    namespace: self.namespace.clone(),
-                    clock: clock.clone(),
-                    instance: identity.to_string(),
-                }
-                .run(term.clone()),
-            )
-        });
         // One watch of the locks this term, shared by the reconciles and
         // the notification workers.
         let (lock_watch, lock_view) = super::lockwatch::lock_watch();
-        // Team notifications: a task of its own, never in the lock path.
-        let notifications = tokio::spawn(super::notify::run(
-            super::notify::Notifier {
-                client: self.client.clone(),
-                namespace: self.namespace.clone(),
-                clock: clock.clone(),
-                metrics: self.metrics.notify.clone(),
-                instance: identity.to_string(),
-            },
-            lock_view,
-            term.clone(),
-        ));
+        let side_tasks = self.spawn_side_tasks(clock, &term, lock_view);
         let context = Arc::new(Context::new(
             self.client.clone(),
             self.metrics.clone(),
@@ -221,9 +175,74 @@ impl Replica {
             _ = drained => tracing::warn!("reconciles still running after {DRAIN:?}; abandoned"),
         }
         let _ = term_sender.send(true);
-        notifications.abort();
-        if let Some(windows) = windows {
-            windows.abort();
+        for task in side_tasks {
+            task.abort();
         }
     }
+
+    /// The leader's tasks beside the reconciles, each ending with the term:
+    /// GitOps gating (if on), freeze windows (if on) and team notifications
+    /// (never in the lock path).
+    fn spawn_side_tasks(
+        &self,
+        clock: &ServerClock,
+        term: &watch::Receiver<bool>,
+        lock_view: super::lockwatch::LockView,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let instance = self.identity.clone();
+        let mut tasks = Vec::new();
+        if self.gitops_gating {
+            let gating = super::gitops::GitOpsGating {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                instance: instance.clone(),
+                clock: clock.clone(),
+            };
+            tasks.push(tokio::spawn(gating.run(term.clone())));
+        }
+        if let Some(holder_client) = self.window_client.clone() {
+            let windows = super::windows::FreezeWindows {
+                client: self.client.clone(),
+                holder_client,
+                namespace: self.namespace.clone(),
+                clock: clock.clone(),
+                instance: instance.clone(),
+            };
+            tasks.push(tokio::spawn(windows.run(term.clone())));
+        }
+        let notifier = super::notify::Notifier {
+            client: self.client.clone(),
+            namespace: self.namespace.clone(),
+            clock: clock.clone(),
+            metrics: self.metrics.notify.clone(),
+            instance,
+        };
+        tasks.push(tokio::spawn(super::notify::run(
+            notifier,
+            lock_view,
+            term.clone(),
+        )));
+        tasks
+    }
+}
+
+/// A term's end: true on a stop or when leadership is lost (or when the
+/// returned sender is dropped).
+fn term_until_stopped_or_lost(
+    stop: &watch::Receiver<bool>,
+    leadership: &watch::Receiver<Leadership>,
+) -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    let (term_sender, term) = watch::channel(false);
+    let mut stop = stop.clone();
+    let leadership = leadership.clone();
+    let sender = term_sender.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => {}
+            _ = leader::lost(leadership) => {}
+            _ = sender.closed() => {}
+        }
+        let _ = sender.send(true);
+    });
+    (term_sender, term)
 }

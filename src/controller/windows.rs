@@ -84,6 +84,8 @@ struct Shared {
     windows: FreezeWindows,
     /// Queued waits for the lock, by window UID and environment.
     waits: Mutex<HashMap<(String, String), JoinHandle<()>>>,
+    /// True once this term as the leader ends: queued waits stop with it.
+    term: watch::Receiver<bool>,
 }
 
 impl FreezeWindows {
@@ -111,6 +113,7 @@ impl FreezeWindows {
         let shared = Arc::new(Shared {
             windows: self,
             waits: Mutex::new(HashMap::new()),
+            term: term.clone(),
         });
         let mut ended = term.clone();
         Controller::new(api, watcher::Config::default().timeout(20))
@@ -189,12 +192,18 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
     };
     let last_opened = parse_time(status.last_opened.as_deref());
     match plan::next_step(&recurrence, window.spec.suspend, last_opened, now) {
-        Step::Open(interval) => open(&target, interval, &mut status).await?,
+        Step::Open(interval) => {
+            // Back to back: the previous opening ends as this one starts.
+            if let Some(previous) = status.open.take() {
+                close(&shared, &window, &uid, &previous).await;
+            }
+            open(&target, interval, &mut status).await?;
+        }
         Step::Wait { .. } => {
             if let Some(opening) = status.open.clone() {
                 match parse_time(Some(&opening.end)) {
                     Some(end) if end > now => {
-                        keep_open(&target, &opening, end, now).await;
+                        status.open = Some(keep_open(&target, &opening, end, now).await);
                     }
                     _ => {
                         status.open = None;
@@ -368,9 +377,14 @@ async fn environments_of(
     };
     // The namespace-wide freeze is not an environment (it needs force).
     names.retain(|name| name != STOP_THE_LINE);
-    // One total order, as every multi-lock taker uses.
+    // One total order, as every multi-lock taker uses; at most as many as a
+    // window may name (anyone may create locks: the status stays bounded).
     names.sort();
     names.dedup();
+    if names.len() > crate::windows::MAX_WINDOW_ENVIRONMENTS {
+        tracing::warn!(window = %window.name_any(), locks = names.len(), "freeze window: more locks than a window takes; the first {} by name", crate::windows::MAX_WINDOW_ENVIRONMENTS);
+        names.truncate(crate::windows::MAX_WINDOW_ENVIRONMENTS);
+    }
     Ok(names.iter().filter_map(|name| name.parse().ok()).collect())
 }
 
@@ -390,8 +404,8 @@ fn take_request(window: &FreezeWindow, uid: &str, interval: Interval) -> TakeReq
         duration: chrono::Duration::seconds(crate::crd::MAX_DURATION_SECONDS),
         deployment_id: Some(deployment_id(uid, interval.start)),
         metadata: BTreeMap::from([("freezeWindow".to_string(), window.name_any())]),
-        // The window's place goes before the first-come waiters'.
-        order: QueueOrder::NewestFirst,
+        // The rules serve a window's place before every other.
+        order: QueueOrder::OldestFirst,
         not_after: Some(interval.end),
     }
 }
@@ -487,7 +501,9 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
     let Ok(mut waits) = shared.waits.lock() else {
         return;
     };
-    if waits.get(&key).is_some_and(|wait| !wait.is_finished()) {
+    // One wait per environment and opening in a term: once it took the
+    // lock (or gave up), a later loss (an admin's override) stands.
+    if waits.contains_key(&key) {
         return;
     }
     let minimum = chrono::Duration::seconds(crate::crd::MIN_DURATION_SECONDS);
@@ -500,17 +516,23 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
     let request = take_request(window, uid, interval);
     let environment = environment.clone();
     let name = window.name_any();
+    let mut term = shared.term.clone();
     let wait = tokio::spawn(async move {
         let mut signals = Signals::none();
-        let taken = queue::take(
+        let mut progress = ();
+        let taking = queue::take(
             &store,
             &environment,
             &request,
             Some(deadline),
             &mut signals,
-            &mut (),
-        )
-        .await;
+            &mut progress,
+        );
+        // A replica that stops leading stops waiting (its place drops out).
+        let taken = tokio::select! {
+            taken = taking => taken,
+            _ = term.wait_for(|ended| *ended) => return,
+        };
         match taken {
             Ok(_) => {
                 tracing::info!(window = %name, %environment, "freeze window: took the lock from the queue")
@@ -537,38 +559,59 @@ fn cancel_waits(shared: &Arc<Shared>, uid: &str) {
 }
 
 /// While an opening lasts: queued environments keep waiting (also after a
-/// restart or a new leader), and holdings shorter than the opening are
-/// extended before they run out.
-async fn keep_open(target: &Target<'_>, opening: &Opening, end: DateTime<Utc>, now: DateTime<Utc>) {
+/// restart or a new leader, unless the window took the lock in this opening
+/// already), failed ones are tried again, and holdings shorter than the
+/// opening are extended before they run out. Returns the opening with what
+/// became of each environment.
+async fn keep_open(
+    target: &Target<'_>,
+    opening: &Opening,
+    end: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Opening {
     let (shared, window, namespace, uid) = target.parts();
+    let mut updated = opening.clone();
     let Some(start) = parse_time(Some(&opening.start)) else {
-        return;
+        return updated;
     };
     let interval = Interval { start, end };
     let ours = deployment_id(uid, start);
     let store = LockStore::new(shared.windows.holder_client.clone(), namespace);
-    for entry in &opening.environments {
+    for entry in &mut updated.environments {
         let Ok(environment) = entry.name.parse::<Environment>() else {
             continue;
         };
-        if entry.outcome == "Queued" {
-            queue_for(target, &environment, interval);
-            continue;
-        }
         let Ok(observed) = store.read(&environment).await else {
             continue;
         };
-        let Some(holder) = observed.holder() else {
-            continue;
-        };
-        let short = holder.expires_at < end && holder.expires_at - now < RENEW_BEFORE;
-        if holder.deployment_id.as_deref() == Some(ours.as_str()) && short {
-            let extend = extend_request(window, &holder.lock_id, end);
-            if let Err(err) = store.apply(&environment, &extend).await {
-                tracing::warn!(window = %window.name_any(), %environment, error = %err, "freeze window: cannot extend its holding");
+        match observed.holder() {
+            Some(holder) if holder.deployment_id.as_deref() == Some(ours.as_str()) => {
+                entry.outcome = "Held".to_string();
+                let short = holder.expires_at < end && holder.expires_at - now < RENEW_BEFORE;
+                if short {
+                    let extend = extend_request(window, &holder.lock_id, end);
+                    if let Err(err) = store.apply(&environment, &extend).await {
+                        tracing::warn!(window = %window.name_any(), %environment, error = %err, "freeze window: cannot extend its holding");
+                    }
+                }
             }
+            _ if taken_since(&observed, start) => {}
+            _ if entry.outcome == "Queued" => queue_for(target, &environment, interval),
+            _ if entry.outcome == "Failed" => *entry = take(target, &environment, interval).await,
+            _ => {}
         }
     }
+    updated
+}
+
+/// Whether the window took the lock since `start` (and lost it since: an
+/// admin's override, which stands until the next opening).
+fn taken_since(observed: &crate::store::Observed, start: DateTime<Utc>) -> bool {
+    observed.spec().is_some_and(|spec| {
+        spec.history
+            .iter()
+            .any(|entry| entry.by == WINDOW_HOLDER && entry.at >= start)
+    })
 }
 
 fn summarize(outcomes: &[EnvironmentOutcome]) -> String {

@@ -55,6 +55,12 @@ pub const MAX_WINDOW_ENVIRONMENTS: usize = 64;
     ),
     printcolumn(name = "Time Zone", type_ = "string", json_path = ".spec.timeZone"),
     printcolumn(
+        name = "Environments",
+        type_ = "string",
+        json_path = ".spec.environments",
+        description = "Environments frozen (empty with allEnvironments)"
+    ),
+    printcolumn(
         name = "Open",
         type_ = "string",
         json_path = ".status.open.end",
@@ -211,6 +217,7 @@ pub struct Opening {
     pub start: String,
     pub end: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_WINDOW_ENVIRONMENTS))]
     pub environments: Vec<EnvironmentOutcome>,
 }
 

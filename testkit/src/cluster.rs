@@ -134,22 +134,7 @@ fn start_cluster(binaries: Binaries) -> Result<TestCluster, String> {
         bin_dir: PathBuf::from(bin_dir.trim()),
         binaries,
     };
-    // The CRD is installed from a runtime of its own: each #[tokio::test] has
-    // its own runtime, and a kube Client must not outlive the runtime it was
-    // built on.
-    let kubeconfig = cluster.kubeconfig(Identity::Admin);
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|err| err.to_string())?;
-        runtime.block_on(async {
-            let client = client_from(&kubeconfig).await?;
-            install_crd(&client).await.map_err(|err| err.to_string())
-        })
-    })
-    .join()
-    .map_err(|_| "the CRD installer panicked".to_string())??;
+    cluster.apply_crd_blocking(DeploymentLock::crd())?;
     let rbac = cluster.kubectl(
         Identity::Admin,
         &[
@@ -333,11 +318,19 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client, String> {
     Client::try_from(config).map_err(|err| format!("cannot build a client: {err}"))
 }
 
-/// Applies the CRD generated from the Rust types and waits, on a watch, until
-/// the API server reports it Established.
+/// Applies the DeploymentLock CRD generated from the Rust types and waits,
+/// on a watch, until the API server reports it Established.
 pub async fn install_crd(client: &Client) -> Result<CustomResourceDefinition, kube::Error> {
+    apply_crd(client, DeploymentLock::crd()).await
+}
+
+/// Applies a CRD generated from the Rust types (server-side) and waits, on a
+/// watch, until the API server reports it Established.
+pub async fn apply_crd(
+    client: &Client,
+    crd: CustomResourceDefinition,
+) -> Result<CustomResourceDefinition, kube::Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = DeploymentLock::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
     crds.patch(
         &name,
@@ -357,6 +350,28 @@ pub async fn install_crd(client: &Client) -> Result<CustomResourceDefinition, ku
 }
 
 impl TestCluster {
+    /// [`apply_crd`] as the admin, from a runtime of its own: each
+    /// #[tokio::test] has its own runtime, and a kube Client must not outlive
+    /// the runtime it was built on.
+    pub fn apply_crd_blocking(&self, crd: CustomResourceDefinition) -> Result<(), String> {
+        let kubeconfig = self.kubeconfig(Identity::Admin);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|err| err.to_string())?;
+            runtime.block_on(async {
+                let client = client_from(&kubeconfig).await?;
+                apply_crd(&client, crd)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                Ok(())
+            })
+        })
+        .join()
+        .map_err(|_| "the CRD installer panicked".to_string())?
+    }
+
     /// The cluster's directory (kubeconfigs, logs, server PIDs).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::wait::await_condition;
 use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -26,41 +25,9 @@ const WAIT: Duration = Duration::from_secs(90);
 
 static CRD: OnceLock<Result<(), String>> = OnceLock::new();
 
-/// Installs the NotificationSubscription CRD once (from a runtime of its
-/// own, like support.rs does for the DeploymentLock CRD).
+/// Installs the NotificationSubscription CRD once.
 fn install_subscription_crd() {
-    let result = CRD.get_or_init(|| {
-        let kubeconfig = cluster().kubeconfig(Identity::Admin);
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|err| err.to_string())?;
-            runtime.block_on(async {
-                let client = crate::support::client_from(&kubeconfig).await?;
-                let crds: Api<CustomResourceDefinition> = Api::all(client);
-                let crd = NotificationSubscription::crd();
-                let name = crd.name_any();
-                crds.patch(
-                    &name,
-                    &PatchParams::apply("deploylock-tests").force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .map_err(|err| err.to_string())?;
-                tokio::time::timeout(
-                    Duration::from_secs(60),
-                    await_condition(crds, &name, conditions::is_crd_established()),
-                )
-                .await
-                .map_err(|_| "the subscription CRD was not established".to_string())?
-                .map_err(|err| err.to_string())?;
-                Ok(())
-            })
-        })
-        .join()
-        .map_err(|_| "the CRD installer panicked".to_string())?
-    });
+    let result = CRD.get_or_init(|| cluster().apply_crd_blocking(NotificationSubscription::crd()));
     if let Err(reason) = result {
         panic!("cannot install the NotificationSubscription CRD: {reason}");
     }

@@ -11,10 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 use deploylock::windows::{FreezeWindow, WINDOW_HOLDER};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{CustomResourceExt, ResourceExt};
+use kube::CustomResourceExt;
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
 use serde_json::json;
 
 use crate::support::{
@@ -25,38 +24,7 @@ static CRD: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// The FreezeWindow CRD, generated from the Rust types, once per run.
 fn install_window_crd() {
-    let result = CRD.get_or_init(|| {
-        let kubeconfig = cluster().kubeconfig(Identity::Admin);
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|err| err.to_string())?;
-            runtime.block_on(async {
-                let client = crate::support::client_from(&kubeconfig).await?;
-                let crds: Api<CustomResourceDefinition> = Api::all(client);
-                let crd = FreezeWindow::crd();
-                let name = crd.name_any();
-                crds.patch(
-                    &name,
-                    &PatchParams::apply("deploylock-tests").force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .map_err(|err| err.to_string())?;
-                tokio::time::timeout(
-                    Duration::from_secs(60),
-                    await_condition(crds, &name, conditions::is_crd_established()),
-                )
-                .await
-                .map_err(|_| "the FreezeWindow CRD was not established".to_string())?
-                .map_err(|err| err.to_string())?;
-                Ok(())
-            })
-        })
-        .join()
-        .map_err(|_| "the CRD installer panicked".to_string())?
-    });
+    let result = CRD.get_or_init(|| cluster().apply_crd_blocking(FreezeWindow::crd()));
     if let Err(err) = result {
         panic!("cannot install the FreezeWindow CRD: {err}");
     }
@@ -97,32 +65,37 @@ fn apply_window(cluster: &TestCluster, namespace: &str, window: &serde_json::Val
     expect_exit(&output, 0, "kubectl apply the FreezeWindow");
 }
 
-/// Waits, on a watch, until `environment` satisfies `condition` (2 minutes
-/// at most) and returns the lock then.
+/// Waits, on a watch, until the object `name` satisfies `condition` (2
+/// minutes at most) and returns it then.
+async fn await_object<K>(api: &Api<K>, name: &str, what: &str, condition: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let waited = tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(api.clone(), name, move |object: Option<&K>| {
+            object.is_some_and(&condition)
+        }),
+    )
+    .await;
+    match waited {
+        Ok(Ok(Some(object))) => object,
+        Ok(Ok(None)) => panic!("{name}: deleted while waiting until {what}"),
+        Ok(Err(err)) => panic!("{name}: watch failed waiting until {what}: {err}"),
+        Err(_) => panic!(
+            "{name}: not {what} after 2 minutes: {:?}",
+            api.get(name).await
+        ),
+    }
+}
+
 async fn await_lock(
     api: &Api<DeploymentLock>,
     environment: &str,
     what: &str,
     condition: impl Fn(&DeploymentLock) -> bool,
 ) -> DeploymentLock {
-    let waited = tokio::time::timeout(
-        Duration::from_secs(120),
-        await_condition(
-            api.clone(),
-            environment,
-            move |lock: Option<&DeploymentLock>| lock.is_some_and(&condition),
-        ),
-    )
-    .await;
-    match waited {
-        Ok(Ok(Some(lock))) => lock,
-        Ok(Ok(None)) => panic!("{environment}: deleted while waiting for {what}"),
-        Ok(Err(err)) => panic!("{environment}: watch failed waiting for {what}: {err}"),
-        Err(_) => panic!(
-            "{environment}: not {what} after 2 minutes: {:?}",
-            stored(api, environment).await.spec
-        ),
-    }
+    await_object(api, environment, what, condition).await
 }
 
 fn held_by_window(lock: &DeploymentLock) -> bool {
@@ -146,17 +119,7 @@ async fn await_window(
     what: &str,
     condition: impl Fn(&FreezeWindow) -> bool,
 ) -> FreezeWindow {
-    let waited = tokio::time::timeout(
-        Duration::from_secs(120),
-        await_condition(api.clone(), name, move |window: Option<&FreezeWindow>| {
-            window.is_some_and(&condition)
-        }),
-    )
-    .await;
-    match waited {
-        Ok(Ok(Some(window))) => window,
-        other => panic!("window {name}: not {what}: {other:?}"),
-    }
+    await_object(api, name, what, condition).await
 }
 
 #[tokio::test]
@@ -243,9 +206,20 @@ async fn a_window_takes_its_locks_at_its_start_queues_behind_a_holder_and_ends_a
         stderr_of(&refused)
     );
 
-    // A controller killed and started again mid-window takes nothing twice.
-    drop(controller);
-    let controller = cluster.spawn_controller(&ns, "window-open", &[]);
+    // alice tries to jump ahead of the window with a newest-first place: the
+    // window's place is served first all the same.
+    let mut jumper = cluster
+        .deploylock_command(Identity::Alice, &ns)
+        .args(["acquire", "-e", "staging", "--reason", "Jump the freeze"])
+        .args(["--wait-timeout", "100", "--queue", "newest-first"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start alice's acquire: {err}"));
+    await_lock(&locks, "staging", "with alice queued", |lock| {
+        lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
+    })
+    .await;
 
     // bob releases staging: the window takes it, to the same end.
     expect_exit(
@@ -253,11 +227,25 @@ async fn a_window_takes_its_locks_at_its_start_queues_behind_a_holder_and_ends_a
         0,
         "bob releases staging",
     );
-    let staging = await_lock(&locks, "staging", "held by the window", held_by_window).await;
+    let staging = await_lock(&locks, "staging", "held by someone", |lock| {
+        lock.spec.holder.is_some()
+    })
+    .await;
+    assert_eq!(
+        holder_of(&staging).user,
+        WINDOW_HOLDER,
+        "the window is served first"
+    );
     assert!(
         holder_of(&staging).expires_at <= end,
         "held past the window's end"
     );
+    let _ = jumper.kill();
+    let _ = jumper.wait();
+
+    // A controller killed and started again mid-window takes nothing twice.
+    drop(controller);
+    let controller = cluster.spawn_controller(&ns, "window-open", &[]);
 
     // At the end, both holdings are over (expired, then cleared).
     for environment in ["production", "staging"] {

@@ -187,3 +187,51 @@ fn leaving_the_queue_gives_up_the_place() {
         "queue changes leave no history entry"
     );
 }
+
+#[test]
+fn a_freeze_windows_place_is_served_before_every_other() {
+    let window = person(deploylock::windows::WINDOW_HOLDER);
+    let (mut spec, _) = change(
+        None,
+        t0(),
+        &acquire(&person("alice"), "lock-a", Duration::minutes(30)),
+    );
+    // bob first in line, the window next, carol newest-first after it.
+    spec = queue_change(
+        &spec,
+        t0() + Duration::seconds(1),
+        &join(&person("bob"), "bob", false),
+    );
+    spec = queue_change(
+        &spec,
+        t0() + Duration::seconds(2),
+        &join(&window, "window", false),
+    );
+    spec = queue_change(
+        &spec,
+        t0() + Duration::seconds(3),
+        &join(&person("carol"), "carol", true),
+    );
+    let now = t0() + Duration::seconds(5);
+    let (spec, _) = change(Some(&spec), now, &release(&person("alice"), None));
+    assert_eq!(
+        next_waiter(&spec, now).map(|w| w.id.as_str()),
+        Some("window")
+    );
+    for (who, place) in [("bob", "bob"), ("carol", "carol")] {
+        match refusal(
+            Some(&spec),
+            now,
+            &queued_acquire(&person(who), "lock-x", place),
+        ) {
+            Refusal::QueuedBehind { next, .. } => assert_eq!(next.id, "window"),
+            other => panic!("{who} was not kept behind the window: {other:?}"),
+        }
+    }
+    let (taken, _) = change(
+        Some(&spec),
+        now,
+        &queued_acquire(&window, "lock-w", "window"),
+    );
+    assert_eq!(taken.holder.map(|h| h.user), Some(window.user));
+}
