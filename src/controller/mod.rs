@@ -776,6 +776,26 @@ async fn create_event(
     regarding: ObjectReference,
     text: &EventText,
 ) -> Result<bool, Error> {
+    let reporter = (
+        &context.client,
+        &context.clock,
+        context.settings.instance.as_str(),
+    );
+    post_event(reporter, namespace, name, regarding, text).await
+}
+
+/// The client, clock and instance name an Event is reported with.
+type Reporter<'a> = (&'a Client, &'a ServerClock, &'a str);
+
+/// Creates one Event as the controller; false if it already existed. The
+/// one place an Event object is built (locks and freeze windows).
+async fn post_event(
+    (client, clock, instance): Reporter<'_>,
+    namespace: &str,
+    name: String,
+    regarding: ObjectReference,
+    text: &EventText,
+) -> Result<bool, Error> {
     let event = Event {
         metadata: kube::core::ObjectMeta {
             name: Some(name),
@@ -783,7 +803,7 @@ async fn create_event(
             ..Default::default()
         },
         event_time: Some(MicroTime(to_timestamp_micros(
-            context.clock.lower_bound(Instant::now()),
+            clock.lower_bound(Instant::now()),
         ))),
         action: Some(text.reason.to_string()),
         reason: Some(text.reason.to_string()),
@@ -791,10 +811,10 @@ async fn create_event(
         note: Some(truncate(&text.note, 1024)),
         regarding: Some(regarding),
         reporting_controller: Some(CONTROLLER_NAME.to_string()),
-        reporting_instance: Some(truncate(&context.settings.instance, 128)),
+        reporting_instance: Some(truncate(instance, 128)),
         ..Default::default()
     };
-    let events: Api<Event> = Api::namespaced(context.client.clone(), namespace);
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
     match timed(events.create(&PostParams::default(), &event)).await {
         Ok(_) => Ok(true),
         Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => Ok(false),

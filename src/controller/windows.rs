@@ -14,10 +14,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -40,7 +38,8 @@ use crate::windows::{
     WhenHeld, deployment_id,
 };
 
-use super::{CONTROLLER_NAME, Error, timed};
+use super::plan::EventText;
+use super::{Error, post_event, timed};
 
 /// The field manager of the status writes.
 const FIELD_MANAGER: &str = "deploylock-controller";
@@ -642,41 +641,22 @@ async fn event(
     context: &FreezeWindows,
     window: &FreezeWindow,
     name: &str,
-    reason: &str,
+    reason: &'static str,
     note: String,
 ) {
     let Some(namespace) = window.namespace() else {
         return;
     };
-    let regarding = ObjectReference {
-        api_version: Some(FreezeWindow::api_version(&()).to_string()),
-        kind: Some(FreezeWindow::kind(&()).to_string()),
-        name: Some(window.name_any()),
-        namespace: Some(namespace.clone()),
-        uid: window.uid(),
-        ..Default::default()
+    let text = EventText {
+        suffix: String::new(),
+        reason,
+        event_type: "Normal",
+        note,
     };
-    let now = context.clock.lower_bound(Instant::now());
-    let event = Event {
-        metadata: kube::core::ObjectMeta {
-            name: Some(name.chars().take(253).collect()),
-            namespace: Some(namespace.clone()),
-            ..Default::default()
-        },
-        event_time: Some(super::clock::micro_time(now)),
-        action: Some(reason.to_string()),
-        reason: Some(reason.to_string()),
-        type_: Some("Normal".to_string()),
-        note: Some(note.chars().take(1024).collect()),
-        regarding: Some(regarding),
-        reporting_controller: Some(CONTROLLER_NAME.to_string()),
-        reporting_instance: Some(context.instance.chars().take(128).collect()),
-        ..Default::default()
-    };
-    let events: Api<Event> = Api::namespaced(context.client.clone(), &namespace);
-    match timed(events.create(&PostParams::default(), &event)).await {
-        Ok(_) => {}
-        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => {}
-        Err(err) => tracing::warn!(error = %err, "cannot record the freeze window's Event"),
+    let reporter = (&context.client, &context.clock, context.instance.as_str());
+    let name: String = name.chars().take(253).collect();
+    let posted = post_event(reporter, &namespace, name, window.object_ref(&()), &text).await;
+    if let Err(err) = posted {
+        tracing::warn!(error = %err, "cannot record the freeze window's Event");
     }
 }
