@@ -20,7 +20,9 @@
 //! The lock object is watched too: the moment it names another holding (a
 //! force-release, a takeover) the command is stopped the same way. When the
 //! command exits the holding is released, retried until it succeeds or the
-//! holding expires.
+//! holding expires; a holding found already taken or released then (a loss
+//! the watch could not see in time, e.g. on a partitioned connection) is
+//! reported as a loss, never as success.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -244,13 +246,25 @@ async fn conclude(
     signals: &mut Signals,
 ) -> ExecOutcome {
     match stopping {
-        None => {
-            let release_error = release(store, plan, deadlines.expiry, signals).await.err();
-            ExecOutcome::Exited {
+        None => match release(store, plan, deadlines.expiry, signals).await {
+            Ok(Released::Now) => ExecOutcome::Exited {
                 code,
-                release_error,
-            }
-        }
+                release_error: None,
+            },
+            // Taken over (or force-released) while the command ran, and
+            // neither the watch nor a renewal saw it before the command
+            // ended: the command ran without the lock, which must not read
+            // as success.
+            Ok(Released::AlreadyGone(now_held_by)) => ExecOutcome::LockLost {
+                now_held_by,
+                renewal_error: None,
+                child_code: code,
+            },
+            Err(why) => ExecOutcome::Exited {
+                code,
+                release_error: Some(why),
+            },
+        },
         Some(loss) => {
             let (now_held_by, renewal_error) = match loss {
                 Loss::TakenBy(holder) => (holder, None),
@@ -288,6 +302,15 @@ fn signal_group(group: Option<Pid>, signal: Signal) {
     }
 }
 
+/// How exec's release of its holding went.
+enum Released {
+    /// The holding was ours and is released.
+    Now,
+    /// The holding had already ended: taken over or released by someone
+    /// else (the current holder, if any).
+    AlreadyGone(Option<Box<LockHolder>>),
+}
+
 /// Releases the holding, retrying transient failures until `until` (the
 /// holding's earliest expiry: after it there is nothing left to release).
 /// A signal ends the retries.
@@ -296,7 +319,7 @@ async fn release(
     plan: &ExecPlan,
     until: Instant,
     signals: &mut Signals,
-) -> Result<(), String> {
+) -> Result<Released, String> {
     let request = Request::Release {
         actor: plan.actor.clone(),
         lock_id: Some(plan.holding.lock_id.clone()),
@@ -305,10 +328,13 @@ async fn release(
     loop {
         let attempt = tokio::time::timeout_at(until, store.apply(&plan.environment, &request));
         let err = match attempt.await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => return Ok(Released::Now),
             // Not ours any more: nothing to release.
-            Ok(Err(Error::Refused(Refusal::LockLost { .. } | Refusal::NotHolder(_)))) => {
-                return Ok(());
+            Ok(Err(Error::Refused(Refusal::LockLost { current, .. }))) => {
+                return Ok(Released::AlreadyGone(current));
+            }
+            Ok(Err(Error::Refused(Refusal::NotHolder(holder)))) => {
+                return Ok(Released::AlreadyGone(Some(holder)));
             }
             Ok(Err(err)) => err,
             Err(_) => return Err("the holding expired before the API server answered".into()),

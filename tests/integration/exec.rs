@@ -1974,6 +1974,70 @@ async fn a_release_retried_through_a_partition_succeeds_once_it_heals() {
     );
 }
 
+/// A takeover exec cannot see while its command runs (its connection is
+/// partitioned, so neither the watch nor a renewal learns of it) and the
+/// command ends before exec's deadline: the release then finds the holding
+/// gone. The command ran without the lock for a moment, so exec reports the
+/// loss (exit 7, naming the new holder) instead of the command's 0, and
+/// writes nothing.
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_exec_learns_of_only_at_its_release_is_reported_as_a_loss() {
+    let cluster = cluster();
+    let ns = cluster.namespace("exec-unseen-takeover").await;
+    let api = locks_api(cluster, &ns).await;
+    let dir = temp_dir();
+    let go = fifo(dir.path(), "go");
+    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
+    let mut exec = Exec::start_command(
+        deploylock_via(&proxy, &ns),
+        &[
+            "--duration",
+            "1",
+            "--reason",
+            "partitioned deploy",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ],
+        &[("GO", &go)],
+        dir.path(),
+    );
+    exec.read_until("ready");
+    let holding = await_holding(&api, "production").await;
+    proxy.set(Fault::BlackHole);
+    let taken = cluster.deploylock(
+        Identity::Bob,
+        &ns,
+        &["acquire", "--force", "--reason", "hotfix"],
+    );
+    expect_exit(&taken, 0, "bob's forced acquire past the partitioned exec");
+    let_go(&go);
+    exec.read_until("done go");
+    await_proc("a failed release attempt", || {
+        exec.stderr().contains("release failed; retrying")
+    })
+    .await;
+    proxy.set(Fault::None);
+    let finished = exec.finish(StdDuration::from_secs(60)).await;
+    finished.expect_code(7, "exec whose holding was taken over unseen");
+    assert!(
+        finished.stderr.contains("lost the lock on production") && finished.stderr.contains("bob"),
+        "the loss or the new holder is not reported:\n{}",
+        finished.stderr
+    );
+    let lock = stored(&api, "production").await;
+    let holder = holder_of(&lock);
+    assert_eq!(holder.user, "bob");
+    assert_eq!(
+        holder.overrode.as_ref().map(|o| o.lock_id.as_str()),
+        Some(holding.lock_id.as_str())
+    );
+    assert_eq!(last_history(&lock).action, HistoryAction::ForceAcquired);
+}
+
 /// SIGHUP to exec: forwarded to the command like SIGINT and SIGTERM (a
 /// command without a handler dies of it: 129). Under `nohup` (SIGHUP
 /// ignored when exec starts) it stays ignored by exec, its watchdog and the
