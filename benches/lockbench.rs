@@ -22,6 +22,12 @@ mod notify_section;
 #[path = "lockbench/gitops.rs"]
 mod gitops;
 
+#[path = "lockbench/gate.rs"]
+mod gate;
+
+#[path = "lockbench/windows.rs"]
+mod windows;
+
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration as StdDuration, Instant};
@@ -891,6 +897,14 @@ async fn main() {
     if runs("gitops") {
         eprintln!("[bench] GitOps gating");
         gitops::gitops_gating(&mut rows).await;
+    }
+    if runs("gate") {
+        eprintln!("[bench] workload gate on vs off");
+        gate::gate_cost(&mut rows).await;
+    }
+    if runs("windows") {
+        eprintln!("[bench] freeze windows: start → held");
+        windows::window_opening(&mut rows).await;
     }
     if runs("scale") {
         eprintln!("[bench] controller scale (1,000 and 10,000 locks)");

@@ -6,14 +6,16 @@
 //! stopped with SIGSTOP), the execs' connections frozen, reset and
 //! black-holed (some for longer than a holding can go unrenewed), execs
 //! killed with SIGKILL of their process group mid-command, and hostile
-//! clients sending forbidden writes throughout. Reports how many operations
+//! clients sending forbidden writes throughout, and every history transition
+//! notified to a flaky loopback receiver (each entry delivered at least once,
+//! none that did not happen). Reports how many operations
 //! it checked; exits 1 on any violation. TORTURE_SECONDS sets the length
 //! (default 720).
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use testkit::{TestCluster, repo_root, torture, torture_hostile};
+use testkit::{TestCluster, repo_root, torture, torture_hostile, torture_notify};
 
 /// The shared control plane, with this package's binaries.
 fn cluster() -> &'static TestCluster {
@@ -42,6 +44,7 @@ async fn main() -> ExitCode {
     let cluster = cluster();
     let namespace = cluster.enforced_namespace("torture-long").await;
     let target = torture::Target::on(cluster, &namespace);
+    let notifications = torture_notify::Notifications::subscribe(cluster, &namespace).await;
     eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
     let duration = Duration::from_secs(seconds);
     let plan = torture::Plan {
@@ -81,12 +84,17 @@ async fn main() -> ExitCode {
             }
             round += 1;
         }
-        round
+        // The controller outlives the run: it still has notifications to send.
+        (round, controller)
     };
-    let (log, faults) = tokio::join!(engine, chaos);
+    let (log, (faults, _controller)) = tokio::join!(engine, chaos);
     // Let the restarted servers settle before reading the final objects.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (checked, violations) = torture::check(&target, &log).await;
+    let (checked, mut violations) = torture::check(&target, &log).await;
+    let notified = notifications
+        .check(&log.recorded.history, Duration::from_secs(300))
+        .await;
+    violations.extend(notified.violations.iter().cloned());
     let ops = &log.ops;
     let (unknown, first_unknown) = torture::ambiguous(ops);
     println!(
@@ -98,6 +106,10 @@ async fn main() -> ExitCode {
     println!("hostile: {}", torture_hostile::summary(&log.attempts));
     println!("{}", torture_hostile::by_attack(&log.attempts));
     println!("exec: {}", torture::command_report(&log));
+    println!(
+        "notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them, reported",
+        notified.entries, notified.requests, notified.reported_lost
+    );
     for violation in &violations {
         println!("VIOLATION {violation}");
     }

@@ -11,6 +11,7 @@ mod fault;
 pub mod receiver;
 pub mod torture;
 pub mod torture_hostile;
+pub mod torture_notify;
 
 pub use cluster::*;
 pub use fault::{Fault, FaultProxy};

@@ -22,6 +22,9 @@ pub enum Mode {
     Stall,
     /// Record, wait this long, then answer 200 (a slow receiver).
     Slow(Duration),
+    /// Answer 503 to every `n`th request (counted from the mode's start),
+    /// 200 to the others: a flaky receiver, deterministic.
+    FailEvery(u32),
 }
 
 /// One request as it arrived.
@@ -66,6 +69,8 @@ impl Request {
 struct State {
     mode: Mode,
     requests: Vec<Request>,
+    /// Requests counted by [`Mode::FailEvery`] since the mode was set.
+    counted: u32,
 }
 
 pub struct Receiver {
@@ -141,6 +146,7 @@ impl Receiver {
             state: Arc::new(Mutex::new(State {
                 mode: Mode::Accept,
                 requests: Vec::new(),
+                counted: 0,
             })),
             changed: watch::channel(0).0,
             server: Mutex::new(None),
@@ -180,7 +186,9 @@ impl Receiver {
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        self.state.lock().unwrap().mode = mode;
+        let mut state = self.state.lock().unwrap();
+        state.mode = mode;
+        state.counted = 0;
     }
 
     /// Closes the port: connections are refused until [`Receiver::up`].
@@ -221,6 +229,25 @@ impl Receiver {
         timeout: Duration,
         done: impl Fn(&[Request]) -> bool,
     ) -> Vec<Request> {
+        match self.wait_until(timeout, done).await {
+            Ok(requests) => requests,
+            Err(requests) => panic!(
+                "receiver: {what} not seen within {timeout:?}; recorded: {:#?}",
+                requests
+                    .iter()
+                    .map(|r| (r.answered, r.header("idempotency-key").map(str::to_string)))
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// Waits until `done` holds for the requests recorded so far: `Ok` with
+    /// them, or `Err` with everything recorded when `timeout` ran out.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[Request]) -> bool,
+    ) -> Result<Vec<Request>, Vec<Request>> {
         let mut changes = self.changed.subscribe();
         let waited = tokio::time::timeout(timeout, async {
             loop {
@@ -232,16 +259,7 @@ impl Receiver {
             }
         })
         .await;
-        match waited {
-            Ok(requests) => requests,
-            Err(_) => panic!(
-                "receiver: {what} not seen within {timeout:?}; recorded: {:#?}",
-                self.requests()
-                    .iter()
-                    .map(|r| (r.answered, r.header("idempotency-key").map(str::to_string)))
-                    .collect::<Vec<_>>()
-            ),
-        }
+        waited.map_err(|_| self.requests())
     }
 }
 
@@ -295,6 +313,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Mode::Accept | Mode::Slow(_) => Some(200),
         Mode::Fail(status) => Some(status),
         Mode::Stall => None,
+        Mode::FailEvery(n) => {
+            let mut state = state.lock().unwrap();
+            state.counted = state.counted.wrapping_add(1);
+            Some(if n > 0 && state.counted % n == 0 {
+                503
+            } else {
+                200
+            })
+        }
     };
     state.lock().unwrap().requests.push(Request {
         method,

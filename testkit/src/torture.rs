@@ -47,6 +47,7 @@ use tokio::time::Instant;
 
 use deploylock::crd::{DeploymentLock, HistoryAction};
 use deploylock::error::Error;
+use deploylock::notify::plan::history_key;
 use deploylock::rules::{AcquireRequest, Actor, Request};
 use deploylock::store::{self, LockStore, Outcome};
 
@@ -311,6 +312,9 @@ pub struct Recorded {
     pub expiry: HashMap<String, DateTime<Utc>>,
     /// Versions written by the hostile field manager, and hostile creates.
     pub hostile: Vec<String>,
+    /// Every history entry seen, by its idempotency key (`<lock UID>-<sequence>`):
+    /// (environment, action).
+    pub history: BTreeMap<String, (String, HistoryAction)>,
 }
 
 /// Everything a run produced.
@@ -590,6 +594,19 @@ fn note_version(recorded: &mut Recorded, object: &DynamicObject) {
         ));
     }
     let spec = &object.data["spec"];
+    let uid = object.metadata.uid.as_deref().unwrap_or_default();
+    for entry in spec["history"].as_array().into_iter().flatten() {
+        let (Some(sequence), Ok(action)) = (
+            entry["sequence"].as_i64(),
+            serde_json::from_value::<HistoryAction>(entry["action"].clone()),
+        ) else {
+            continue;
+        };
+        recorded
+            .history
+            .entry(history_key(uid, sequence))
+            .or_insert_with(|| (name.clone(), action));
+    }
     let holder = std::iter::once(&spec["holder"]);
     let entries = spec["history"].as_array().into_iter().flatten();
     for item in holder.chain(entries) {

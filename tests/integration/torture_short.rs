@@ -3,7 +3,8 @@
 //! and `deploylock` processes in a namespace where the admission policy is
 //! enforced, a hostile client sending forbidden writes, the execs' connections
 //! frozen, reset and black-holed by a proxy, execs killed with SIGKILL of
-//! their process group mid-command, the controller killed midway.
+//! their process group mid-command, the controller killed midway, and every
+//! history transition notified to a flaky loopback receiver.
 
 use std::time::Duration as StdDuration;
 
@@ -16,6 +17,7 @@ use testkit::torture::{
     lost_refusals, outcomes, run,
 };
 use testkit::torture_hostile::{Answer, by_attack, summary};
+use testkit::torture_notify::Notifications;
 
 // The fault proxies run on the test's runtime while exec workers block
 // threads of their own: a second worker thread keeps the proxies forwarding.
@@ -26,6 +28,7 @@ async fn short_torture_run_finds_no_violation() {
     let target = Target::on(cluster, &namespace);
     let seed = Utc::now().timestamp_nanos_opt().unwrap_or(7) as u64;
     eprintln!("torture seed {seed}");
+    let notifications = Notifications::subscribe(cluster, &namespace).await;
     // The controller is killed with SIGKILL and restarted midway.
     let controller = cluster.spawn_controller(&namespace, "torture", &[]);
     let plan = Plan {
@@ -55,7 +58,19 @@ async fn short_torture_run_finds_no_violation() {
     };
     let (log, _restarted) = tokio::join!(engine, chaos);
     let ops = &log.ops;
-    let (checked, violations) = check(&target, &log).await;
+    let (checked, mut violations) = check(&target, &log).await;
+    let notified = notifications
+        .check(&log.recorded.history, StdDuration::from_secs(120))
+        .await;
+    eprintln!(
+        "torture: notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them (while the killed controller's lease ran out), reported; {} violations",
+        notified.entries,
+        notified.requests,
+        notified.reported_lost,
+        notified.violations.len()
+    );
+    let entries = notified.entries;
+    violations.extend(notified.violations);
     let (unknown, first_unknown) = ambiguous(ops);
     eprintln!(
         "torture: {checked} operations, hostile writes and commands checked, {} lost/refused as expected, {unknown} of unknown outcome ({first_unknown:?}), {} violations",
@@ -106,6 +121,10 @@ async fn short_torture_run_finds_no_violation() {
         })
         .count();
     assert!(acquisitions > 10, "too few transitions: {acquisitions}");
+    assert!(
+        entries > 10,
+        "too few history entries for the notification check: {entries}"
+    );
     // The hostile client was answered, and refused.
     let refused = log
         .attempts
