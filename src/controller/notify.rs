@@ -26,7 +26,6 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -38,6 +37,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+use crate::conditions;
 use crate::crd::DeploymentLock;
 use crate::notify::payload::Message;
 use crate::notify::send::{ConfigError, Receiver, SendError};
@@ -521,10 +521,7 @@ impl Worker {
     }
 
     fn is_ready(&self) -> bool {
-        self.status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == READY_CONDITION && c.status == "True")
+        conditions::is_true(&self.status.conditions, READY_CONDITION)
             && self.status.observed_generation == self.object.metadata.generation
     }
 
@@ -814,34 +811,21 @@ impl Worker {
     }
 
     async fn set_ready(&mut self, ready: bool, reason: &str, message: &str) {
-        let status = if ready { "True" } else { "False" };
-        let unchanged = self.status.conditions.iter().any(|c| {
-            c.type_ == READY_CONDITION
-                && c.status == status
-                && c.reason == reason
-                && c.message == message
-        }) && self.status.observed_generation == self.object.metadata.generation;
-        if unchanged {
+        let message: String = message.chars().take(1024).collect();
+        let observation = conditions::Observation {
+            type_: READY_CONDITION,
+            status: ready,
+            reason,
+            message: &message,
+        };
+        let generation = self.object.metadata.generation;
+        if observation.is_recorded_in(&self.status.conditions)
+            && self.status.observed_generation == generation
+        {
             return;
         }
-        let transition = self
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY_CONDITION && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| Time(clock::micro_time(self.now()).0));
-        self.status
-            .conditions
-            .retain(|c| c.type_ != READY_CONDITION);
-        self.status.conditions.push(Condition {
-            type_: READY_CONDITION.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message: message.chars().take(1024).collect(),
-            observed_generation: self.object.metadata.generation,
-            last_transition_time: transition,
-        });
+        let now = self.now();
+        observation.record(&mut self.status.conditions, generation, now);
         self.status.observed_generation = self.object.metadata.generation;
         self.write_status().await;
     }
