@@ -371,6 +371,18 @@ fn describe(value: Option<&Value>) -> String {
     }
 }
 
+/// What [`decide`] reads off a GitOps object, shared by its cases.
+struct Target<'a> {
+    kind: GitOpsKind,
+    object: &'a Value,
+    /// The gated field's name, for notes.
+    field: String,
+    /// The gated field's value now.
+    current: Option<Value>,
+    /// Whether that value is the gated one.
+    gated_now: bool,
+}
+
 /// What to do with `object` (a GitOps object of `kind`, as stored) given its
 /// bound lock as stored (`None`: unbound, or no such lock). `None`: nothing.
 pub fn decide(kind: GitOpsKind, object: &Value, lock: Option<&Value>) -> Option<Change> {
@@ -382,151 +394,197 @@ pub fn decide(kind: GitOpsKind, object: &Value, lock: Option<&Value>) -> Option<
         let holding = holding_of(lock?)?;
         (!binding.deployers.contains(&holding.user)).then_some((binding, holding))
     });
-    let saved = saved_of(object);
-    let path = kind.field();
-    let current = field_value(object, path);
-    let field = kind.field_name();
-    let gated_now = kind.is_gated(current.as_ref());
-
-    match (gating, saved) {
+    let current = field_value(object, kind.field());
+    let target = Target {
+        kind,
+        object,
+        field: kind.field_name(),
+        gated_now: kind.is_gated(current.as_ref()),
+        current,
+    };
+    match (gating, saved_of(object)) {
         (None, SavedState::Absent) => None,
-        (Some((binding, holding)), saved) => {
-            let previous = match &saved {
-                SavedState::Readable(saved) => Some(saved),
-                _ => None,
-            };
-            let action = match (&saved, gated_now) {
-                (SavedState::Absent | SavedState::Unreadable(_), _) => Action::Gated,
-                (SavedState::Readable(_), false) => Action::Regated,
-                (SavedState::Readable(saved), true)
-                    if saved.lock_id != holding.lock_id
-                        || saved.lock_namespace != binding.lock_namespace
-                        || saved.environment != binding.environment
-                        || saved.holder != holding.user =>
-                {
-                    Action::HandedOver
-                }
-                (SavedState::Readable(_), true) => return None,
-            };
-            // The value to restore: the current one unless the field is
-            // already gated under a readable saved state (then keep that).
-            let value = match (action, previous) {
-                (Action::HandedOver, Some(previous)) => previous.value.clone(),
-                _ => current.clone(),
-            };
-            let record = Saved {
-                field: field.clone(),
-                value,
-                lock_namespace: binding.lock_namespace.clone(),
-                environment: binding.environment.clone(),
-                lock_id: holding.lock_id.clone(),
-                holder: holding.user.clone(),
-            };
-            let text = serde_json::to_string(&record).ok()?;
-            let patch = if gated_now {
-                json!({})
-            } else {
-                nested(path, kind.gated_value())
-            };
-            let unreadable = match &saved {
-                SavedState::Unreadable(err) => {
-                    format!(
-                        " (the saved state was unreadable: {err}; the current value is kept as the original)"
-                    )
-                }
-                _ => String::new(),
-            };
-            let holder = if holding.owner.is_empty() || holding.owner == holding.user {
-                holding.user.clone()
-            } else {
-                format!("{} ({})", holding.user, holding.owner)
-            };
-            let note = match action {
-                Action::Regated => format!(
-                    "{field} was changed to {} while {}/{} is locked by {holder}: {} again; the change is kept for when the lock is released or expires",
-                    describe(current.as_ref()),
-                    binding.lock_namespace,
-                    binding.environment,
-                    kind.gated_verb(),
-                ),
-                _ => format!(
-                    "{} while {}/{} is locked by {holder} until {}, reason: {:?}; {field} was {} and comes back when the lock is released or expires{unreadable}",
-                    capitalized(kind.gated_verb()),
-                    binding.lock_namespace,
-                    binding.environment,
-                    holding.expires_at,
-                    holding.reason,
-                    describe(record.value.as_ref()),
-                ),
-            };
-            Some(Change {
-                action,
-                patch: with_annotation(patch, object, Value::String(text)),
-                changes_field: !gated_now,
-                saved: Some(record),
-                note,
-            })
-        }
-        (None, SavedState::Readable(saved)) => {
-            let (action, patch) = if gated_now {
-                (
-                    Action::Restored,
-                    nested(path, saved.value.clone().unwrap_or(Value::Null)),
-                )
-            } else {
-                (Action::KeptEdit, json!({}))
-            };
-            let changes_field =
-                action == Action::Restored && current.as_ref() != saved.value.as_ref();
-            let why = match &binding {
-                Some(binding)
-                    if binding.lock_namespace == saved.lock_namespace
-                        && binding.environment == saved.environment =>
-                {
-                    format!(
-                        "{}/{} is no longer locked",
-                        saved.lock_namespace, saved.environment
-                    )
-                }
-                Some(binding) => format!(
-                    "the object is now bound to {}/{}, which is not locked",
-                    binding.lock_namespace, binding.environment
-                ),
-                None => format!(
-                    "the object is no longer bound to {}/{} (label {ENVIRONMENT_LABEL} removed)",
-                    saved.lock_namespace, saved.environment
-                ),
-            };
-            let note = match action {
-                Action::Restored => format!(
-                    "{why} (was held by {}): {field} restored to {}",
-                    saved.holder,
-                    describe(saved.value.as_ref())
-                ),
-                _ => format!(
-                    "{why} (was held by {}): {field} had been changed to {} meanwhile and is kept",
-                    saved.holder,
-                    describe(current.as_ref())
-                ),
-            };
-            Some(Change {
-                action,
-                patch: with_annotation(patch, object, Value::Null),
-                changes_field,
-                saved: Some(saved),
-                note,
-            })
-        }
+        (Some((binding, holding)), saved) => gate(&target, binding, &holding, &saved),
+        (None, SavedState::Readable(saved)) => Some(release(&target, binding.as_ref(), saved)),
         (None, SavedState::Unreadable(err)) => Some(Change {
             action: Action::Abandoned,
             patch: with_annotation(json!({}), object, Value::Null),
             changes_field: false,
             saved: None,
             note: format!(
-                "the lock no longer gates this object, but the saved state ({SAVED_ANNOTATION}) is unreadable ({err}): {field} is left as it is ({})",
-                describe(current.as_ref())
+                "the lock no longer gates this object, but the saved state ({SAVED_ANNOTATION}) is unreadable ({err}): {} is left as it is ({})",
+                target.field,
+                describe(target.current.as_ref())
             ),
         }),
+    }
+}
+
+/// The object is bound to a lock held by someone who is not one of its
+/// deployers: gate it (or gate it again, or record the new holding).
+/// `None` when it is gated under this very holding already.
+fn gate(
+    target: &Target<'_>,
+    binding: &Binding,
+    holding: &Holding,
+    saved: &SavedState,
+) -> Option<Change> {
+    let action = gate_action(binding, holding, saved, target.gated_now)?;
+    // The value to restore: the current one unless the field is already
+    // gated under a readable saved state (then keep that).
+    let value = match (action, saved) {
+        (Action::HandedOver, SavedState::Readable(previous)) => previous.value.clone(),
+        _ => target.current.clone(),
+    };
+    let record = Saved {
+        field: target.field.clone(),
+        value,
+        lock_namespace: binding.lock_namespace.clone(),
+        environment: binding.environment.clone(),
+        lock_id: holding.lock_id.clone(),
+        holder: holding.user.clone(),
+    };
+    let text = serde_json::to_string(&record).ok()?;
+    let patch = if target.gated_now {
+        json!({})
+    } else {
+        nested(target.kind.field(), target.kind.gated_value())
+    };
+    let note = gate_note(target, action, binding, holding, saved, &record);
+    Some(Change {
+        action,
+        patch: with_annotation(patch, target.object, Value::String(text)),
+        changes_field: !target.gated_now,
+        saved: Some(record),
+        note,
+    })
+}
+
+/// Which gating action the saved state and the field call for; `None`
+/// when the field is gated under the same holding already.
+fn gate_action(
+    binding: &Binding,
+    holding: &Holding,
+    saved: &SavedState,
+    gated_now: bool,
+) -> Option<Action> {
+    match (saved, gated_now) {
+        (SavedState::Absent | SavedState::Unreadable(_), _) => Some(Action::Gated),
+        (SavedState::Readable(_), false) => Some(Action::Regated),
+        (SavedState::Readable(saved), true)
+            if saved.lock_id != holding.lock_id
+                || saved.lock_namespace != binding.lock_namespace
+                || saved.environment != binding.environment
+                || saved.holder != holding.user =>
+        {
+            Some(Action::HandedOver)
+        }
+        (SavedState::Readable(_), true) => None,
+    }
+}
+
+/// For people: why the object is (again) gated and what comes back later.
+fn gate_note(
+    target: &Target<'_>,
+    action: Action,
+    binding: &Binding,
+    holding: &Holding,
+    saved: &SavedState,
+    record: &Saved,
+) -> String {
+    let field = &target.field;
+    let holder = if holding.owner.is_empty() || holding.owner == holding.user {
+        holding.user.clone()
+    } else {
+        format!("{} ({})", holding.user, holding.owner)
+    };
+    match action {
+        Action::Regated => format!(
+            "{field} was changed to {} while {}/{} is locked by {holder}: {} again; the change is kept for when the lock is released or expires",
+            describe(target.current.as_ref()),
+            binding.lock_namespace,
+            binding.environment,
+            target.kind.gated_verb(),
+        ),
+        _ => {
+            let unreadable = match saved {
+                SavedState::Unreadable(err) => format!(
+                    " (the saved state was unreadable: {err}; the current value is kept as the original)"
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "{} while {}/{} is locked by {holder} until {}, reason: {:?}; {field} was {} and comes back when the lock is released or expires{unreadable}",
+                capitalized(target.kind.gated_verb()),
+                binding.lock_namespace,
+                binding.environment,
+                holding.expires_at,
+                holding.reason,
+                describe(record.value.as_ref()),
+            )
+        }
+    }
+}
+
+/// The lock no longer gates the object and a readable saved state is on it:
+/// restore the saved value, or keep an edit made meanwhile.
+fn release(target: &Target<'_>, binding: Option<&Binding>, saved: Saved) -> Change {
+    let field = &target.field;
+    let (action, patch) = if target.gated_now {
+        (
+            Action::Restored,
+            nested(
+                target.kind.field(),
+                saved.value.clone().unwrap_or(Value::Null),
+            ),
+        )
+    } else {
+        (Action::KeptEdit, json!({}))
+    };
+    let changes_field =
+        action == Action::Restored && target.current.as_ref() != saved.value.as_ref();
+    let why = release_reason(binding, &saved);
+    let note = match action {
+        Action::Restored => format!(
+            "{why} (was held by {}): {field} restored to {}",
+            saved.holder,
+            describe(saved.value.as_ref())
+        ),
+        _ => format!(
+            "{why} (was held by {}): {field} had been changed to {} meanwhile and is kept",
+            saved.holder,
+            describe(target.current.as_ref())
+        ),
+    };
+    Change {
+        action,
+        patch: with_annotation(patch, target.object, Value::Null),
+        changes_field,
+        saved: Some(saved),
+        note,
+    }
+}
+
+/// Why the saved lock no longer gates the object, for people.
+fn release_reason(binding: Option<&Binding>, saved: &Saved) -> String {
+    match binding {
+        Some(binding)
+            if binding.lock_namespace == saved.lock_namespace
+                && binding.environment == saved.environment =>
+        {
+            format!(
+                "{}/{} is no longer locked",
+                saved.lock_namespace, saved.environment
+            )
+        }
+        Some(binding) => format!(
+            "the object is now bound to {}/{}, which is not locked",
+            binding.lock_namespace, binding.environment
+        ),
+        None => format!(
+            "the object is no longer bound to {}/{} (label {ENVIRONMENT_LABEL} removed)",
+            saved.lock_namespace, saved.environment
+        ),
     }
 }
 

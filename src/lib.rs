@@ -10,6 +10,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod cli;
+pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;

@@ -454,11 +454,9 @@ pub fn windows_table(
                 .and_then(crate::crd::parse_time)
                 .map_or_else(|| "-".to_string(), |time| super::report::when(time, now))
         };
-        let not_ready = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == crate::windows::READY_CONDITION && c.status == "False")
-            .map(|c| format!("not ready: {}", c.message));
+        let not_ready =
+            crate::conditions::false_condition(&status.conditions, crate::windows::READY_CONDITION)
+                .map(|c| format!("not ready: {}", c.message));
         let mut cells = vec![
             window.name_any(),
             spec.schedule.clone().unwrap_or_else(|| "once".to_string()),

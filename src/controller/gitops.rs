@@ -19,25 +19,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::crd::DeploymentLock;
 use crate::gitops::{self, Change, GitOpsKind, SavedState};
 use crate::servertime::ServerClock;
 
-use super::CONTROLLER_NAME;
+use super::plan::EventText;
+use super::{Reporter, post_event};
 
 /// How often a kind whose CRD is not installed is looked for again.
 pub const DISCOVERY_PERIOD: Duration = Duration::from_secs(30);
@@ -200,6 +195,14 @@ struct KindContext {
 }
 
 impl KindContext {
+    fn reporter(&self) -> Reporter<'_> {
+        (
+            &self.gating.client,
+            &self.gating.clock,
+            self.gating.instance.as_str(),
+        )
+    }
+
     fn in_scope(&self, lock_namespace: &str) -> bool {
         self.gating
             .namespace
@@ -318,36 +321,22 @@ async fn record(
     bound_lock: Option<&DynamicObject>,
 ) {
     let kind = context.kind;
-    let reason = change.action.reason(kind);
-    let holding = change
-        .saved
-        .as_ref()
-        .map(|saved| short_id(&saved.lock_id))
-        .unwrap_or_default();
-    let mut tag = format!("{}-{holding}", reason.to_lowercase());
-    if matches!(
-        change.action,
-        gitops::Action::Regated | gitops::Action::Abandoned
-    ) {
-        tag.push('-');
-        tag.push_str(&short_id(&object.resource_version().unwrap_or_default()));
-    }
+    let tag = event_tag(kind, object, change);
     let namespace = object.namespace().unwrap_or_default();
     let uid = object.meta().uid.clone().unwrap_or_default();
-    let object_ref = object.object_ref(&context.resource);
     let event_name = format!(
         "{}.{}.{tag}",
         truncate(&object.name_any(), 180),
         short_id(&uid)
     );
-    if let Err(err) = create_event(
-        context,
+    let text = event_text(kind, change, change.note.clone());
+    let object_ref = object.object_ref(&context.resource);
+    if let Err(err) = post_event(
+        context.reporter(),
         &namespace,
         event_name,
         object_ref,
-        reason,
-        change.action.event_type(),
-        change.note.clone(),
+        &text,
     )
     .await
     {
@@ -358,19 +347,7 @@ async fn record(
     let Some((lock_namespace, environment)) = gitops::lock_of(change) else {
         return;
     };
-    let lock = match bound_lock {
-        Some(lock)
-            if lock.namespace().as_deref() == Some(lock_namespace)
-                && lock.name_any() == environment =>
-        {
-            Some(lock.clone())
-        }
-        _ => timed(context.locks(lock_namespace).get_opt(environment))
-            .await
-            .ok()
-            .flatten(),
-    };
-    let Some(lock) = lock else {
+    let Some(lock) = gating_lock(context, bound_lock, lock_namespace, environment).await else {
         return;
     };
     let lock_uid = lock.meta().uid.clone().unwrap_or_default();
@@ -382,14 +359,13 @@ async fn record(
         short_id(&uid)
     );
     let note = format!("{kind} {namespace}/{}: {}", object.name_any(), change.note);
-    if let Err(err) = create_event(
-        context,
+    let text = event_text(kind, change, note);
+    if let Err(err) = post_event(
+        context.reporter(),
         lock_namespace,
         event_name,
         lock_ref,
-        reason,
-        change.action.event_type(),
-        note,
+        &text,
     )
     .await
     {
@@ -397,38 +373,55 @@ async fn record(
     }
 }
 
-/// Creates one Event; an existing one (same name: recorded already) is fine.
-async fn create_event(
+/// What makes a change's Event names unique: the action and the holding,
+/// and for a regate or an abandon (which may recur under one holding) the
+/// object's resourceVersion.
+fn event_tag(kind: GitOpsKind, object: &DynamicObject, change: &Change) -> String {
+    let holding = change
+        .saved
+        .as_ref()
+        .map(|saved| short_id(&saved.lock_id))
+        .unwrap_or_default();
+    let mut tag = format!("{}-{holding}", change.action.reason(kind).to_lowercase());
+    if matches!(
+        change.action,
+        gitops::Action::Regated | gitops::Action::Abandoned
+    ) {
+        tag.push('-');
+        tag.push_str(&short_id(&object.resource_version().unwrap_or_default()));
+    }
+    tag
+}
+
+fn event_text(kind: GitOpsKind, change: &Change, note: String) -> EventText {
+    EventText {
+        // The name is built by `record`.
+        suffix: String::new(),
+        reason: change.action.reason(kind),
+        event_type: change.action.event_type(),
+        note,
+    }
+}
+
+/// The lock `lock_namespace/environment` as stored: the bound lock already
+/// read when it is that one, else read now (`None` when gone or unreadable).
+async fn gating_lock(
     context: &KindContext,
-    namespace: &str,
-    name: String,
-    regarding: ObjectReference,
-    reason: &str,
-    event_type: &str,
-    note: String,
-) -> Result<(), Error> {
-    let now: DateTime<Utc> = context.gating.clock.lower_bound(Instant::now());
-    let event = Event {
-        metadata: kube::core::ObjectMeta {
-            name: Some(name),
-            namespace: Some(namespace.to_string()),
-            ..Default::default()
-        },
-        event_time: Some(super::clock::micro_time(now)),
-        action: Some(reason.to_string()),
-        reason: Some(reason.to_string()),
-        type_: Some(event_type.to_string()),
-        note: Some(truncate(&note, 1024)),
-        regarding: Some(regarding),
-        reporting_controller: Some(CONTROLLER_NAME.to_string()),
-        reporting_instance: Some(truncate(&context.gating.instance, 128)),
-        ..Default::default()
-    };
-    let events: Api<Event> = Api::namespaced(context.gating.client.clone(), namespace);
-    match timed(events.create(&PostParams::default(), &event)).await {
-        Ok(_) => Ok(()),
-        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => Ok(()),
-        Err(err) => Err(err),
+    bound_lock: Option<&DynamicObject>,
+    lock_namespace: &str,
+    environment: &str,
+) -> Option<DynamicObject> {
+    match bound_lock {
+        Some(lock)
+            if lock.namespace().as_deref() == Some(lock_namespace)
+                && lock.name_any() == environment =>
+        {
+            Some(lock.clone())
+        }
+        _ => timed(context.locks(lock_namespace).get_opt(environment))
+            .await
+            .ok()
+            .flatten(),
     }
 }
 

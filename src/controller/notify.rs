@@ -26,7 +26,6 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -38,6 +37,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+use crate::conditions;
 use crate::crd::DeploymentLock;
 use crate::notify::payload::Message;
 use crate::notify::send::{ConfigError, Receiver, SendError};
@@ -521,10 +521,7 @@ impl Worker {
     }
 
     fn is_ready(&self) -> bool {
-        self.status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == READY_CONDITION && c.status == "True")
+        conditions::is_true(&self.status.conditions, READY_CONDITION)
             && self.status.observed_generation == self.object.metadata.generation
     }
 
@@ -536,18 +533,40 @@ impl Worker {
         coverage: &Coverage,
         due: Due,
     ) -> Option<Option<Instant>> {
-        let since = self
-            .object
+        let since = self.created_at();
+        let (locks, mut dirty) = self.locks_due(coverage, &due);
+        self.reset_timers(&due);
+        for lock in locks {
+            dirty = self
+                .deliver_lock(receiver, lock.as_ref(), since, dirty)
+                .await?;
+        }
+        if dirty {
+            self.write_status().await;
+        }
+        Some(self.next_wake())
+    }
+
+    /// When the subscription was created (a lock's first cursor starts
+    /// there); the earliest time when it is unknown.
+    fn created_at(&self) -> DateTime<Utc> {
+        self.object
             .metadata
             .creation_timestamp
             .as_ref()
             .and_then(|time| DateTime::<Utc>::from_timestamp_micros(time.0.as_microsecond()))
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    /// The covered locks of the namespace that `due` names, by environment,
+    /// after dropping the cursors of deleted (or replaced) locks; and
+    /// whether a cursor was dropped (the status is then to be written).
+    fn locks_due(&mut self, coverage: &Coverage, due: &Due) -> (Vec<Arc<DeploymentLock>>, bool) {
         let store = &self.shared.locks.store;
         let in_namespace =
             |lock: &DeploymentLock| lock.namespace().as_deref() == Some(self.namespace.as_str());
         let mut dirty = false;
-        let mut locks: Vec<Arc<DeploymentLock>> = match &due {
+        let mut locks: Vec<Arc<DeploymentLock>> = match due {
             Due::All => {
                 // Cursors of deleted locks go: a lock created again is a
                 // new UID.
@@ -587,8 +606,12 @@ impl Worker {
             }
         };
         locks.sort_by(|a, b| a.spec.environment.cmp(&b.spec.environment));
-        // The locks planned now get their next timer afresh.
-        match &due {
+        (locks, dirty)
+    }
+
+    /// The locks planned now get their next timer afresh.
+    fn reset_timers(&mut self, due: &Due) {
+        match due {
             Due::All => self.timers.clear(),
             Due::Changed(keys) => {
                 for key in keys {
@@ -596,63 +619,82 @@ impl Worker {
                 }
             }
         }
-        for lock in locks {
-            let lock = lock.as_ref();
-            let Some(uid) = lock.uid() else { continue };
-            let known = self
-                .status
-                .cursors
-                .iter()
-                .find(|cursor| cursor.lock_uid == uid)
-                .cloned();
-            let cursor = match known {
-                Some(cursor) => cursor,
-                None => {
-                    let cursor = plan::initial_cursor(lock, &uid, since);
-                    self.set_cursor(cursor.clone());
-                    dirty = true;
-                    cursor
-                }
-            };
-            let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
-            if let Some((first, last)) = plan.gap {
-                self.shared.notifier.metrics.count(self.provider(), "gap");
-                let note = format!(
-                    "history entries {first} to {last} of {} were dropped from the lock (it keeps {}) before they could be delivered",
-                    lock.spec.environment,
-                    crate::crd::MAX_HISTORY_ENTRIES
-                );
-                tracing::warn!(subscription = %self.name, "{note}");
-                self.event("NotificationsLost", &format!("{uid}-gap-{first}"), note)
-                    .await;
+    }
+
+    /// Plans one lock and sends its messages, writing the cursor after each
+    /// one. Takes and returns whether a cursor moved without being written;
+    /// `None` when the worker was stopped.
+    async fn deliver_lock(
+        &mut self,
+        receiver: &Receiver,
+        lock: &DeploymentLock,
+        since: DateTime<Utc>,
+        mut dirty: bool,
+    ) -> Option<bool> {
+        let Some(uid) = lock.uid() else {
+            return Some(dirty);
+        };
+        let known = self
+            .status
+            .cursors
+            .iter()
+            .find(|cursor| cursor.lock_uid == uid)
+            .cloned();
+        let cursor = match known {
+            Some(cursor) => cursor,
+            None => {
+                let cursor = plan::initial_cursor(lock, &uid, since);
+                self.set_cursor(cursor.clone());
+                dirty = true;
+                cursor
             }
-            for step in plan.steps {
-                if let Some(message) = &step.message {
-                    match self.deliver(receiver, message).await {
-                        Delivery::Stopped => return None,
-                        Delivery::Delivered | Delivery::GaveUp => {}
-                    }
-                    self.set_cursor(step.cursor);
-                    self.write_status().await;
-                    dirty = false;
-                } else {
-                    self.set_cursor(step.cursor);
-                    dirty = true;
+        };
+        let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
+        if let Some((first, last)) = plan.gap {
+            self.report_gap(lock, &uid, first, last).await;
+        }
+        for step in plan.steps {
+            if let Some(message) = &step.message {
+                match self.deliver(receiver, message).await {
+                    Delivery::Stopped => return None,
+                    Delivery::Delivered | Delivery::GaveUp => {}
                 }
-            }
-            if let Some(due) = plan.next_due {
-                self.timers.insert(lock.name_any(), due);
+                self.set_cursor(step.cursor);
+                self.write_status().await;
+                dirty = false;
+            } else {
+                self.set_cursor(step.cursor);
+                dirty = true;
             }
         }
-        if dirty {
-            self.write_status().await;
+        if let Some(due) = plan.next_due {
+            self.timers.insert(lock.name_any(), due);
         }
-        Some(self.timers.values().min().map(|due| {
+        Some(dirty)
+    }
+
+    /// History entries `first` to `last` left the lock before they were
+    /// delivered: counted, logged and recorded as an Event.
+    async fn report_gap(&mut self, lock: &DeploymentLock, uid: &str, first: i64, last: i64) {
+        self.shared.notifier.metrics.count(self.provider(), "gap");
+        let note = format!(
+            "history entries {first} to {last} of {} were dropped from the lock (it keeps {}) before they could be delivered",
+            lock.spec.environment,
+            crate::crd::MAX_HISTORY_ENTRIES
+        );
+        tracing::warn!(subscription = %self.name, "{note}");
+        self.event("NotificationsLost", &format!("{uid}-gap-{first}"), note)
+            .await;
+    }
+
+    /// The earliest reminder timer, as a wake-up instant.
+    fn next_wake(&self) -> Option<Instant> {
+        self.timers.values().min().map(|due| {
             self.shared
                 .notifier
                 .clock
                 .wake_for(*due, Instant::now(), StdDuration::from_millis(250))
-        }))
+        })
     }
 
     fn set_cursor(&mut self, cursor: DeliveryCursor) {
@@ -769,34 +811,21 @@ impl Worker {
     }
 
     async fn set_ready(&mut self, ready: bool, reason: &str, message: &str) {
-        let status = if ready { "True" } else { "False" };
-        let unchanged = self.status.conditions.iter().any(|c| {
-            c.type_ == READY_CONDITION
-                && c.status == status
-                && c.reason == reason
-                && c.message == message
-        }) && self.status.observed_generation == self.object.metadata.generation;
-        if unchanged {
+        let message: String = message.chars().take(1024).collect();
+        let observation = conditions::Observation {
+            type_: READY_CONDITION,
+            status: ready,
+            reason,
+            message: &message,
+        };
+        let generation = self.object.metadata.generation;
+        if observation.is_recorded_in(&self.status.conditions)
+            && self.status.observed_generation == generation
+        {
             return;
         }
-        let transition = self
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY_CONDITION && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| Time(clock::micro_time(self.now()).0));
-        self.status
-            .conditions
-            .retain(|c| c.type_ != READY_CONDITION);
-        self.status.conditions.push(Condition {
-            type_: READY_CONDITION.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message: message.chars().take(1024).collect(),
-            observed_generation: self.object.metadata.generation,
-            last_transition_time: transition,
-        });
+        let now = self.now();
+        observation.record(&mut self.status.conditions, generation, now);
         self.status.observed_generation = self.object.metadata.generation;
         self.write_status().await;
     }

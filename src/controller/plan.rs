@@ -4,10 +4,9 @@
 //! again. The reconcile ([`super::reconcile`]) carries the plan out.
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
+use crate::conditions;
 use crate::crd::{
     DeploymentLock, DeploymentLockSpec, DeploymentLockStatus, HistoryAction, HistoryEntry,
     LockHolder, LockState,
@@ -158,34 +157,21 @@ pub fn desired_status(
         ),
         None => "available".to_string(),
     };
-    let previous = current
-        .conditions
-        .iter()
-        .find(|condition| condition.type_ == LOCKED_CONDITION);
-    let status_value = if locked { "True" } else { "False" };
     let generation = lock.meta().generation;
-    let transition_time = match previous {
-        Some(previous) if previous.status == status_value => previous.last_transition_time.clone(),
-        _ => Time(to_timestamp(now)),
-    };
+    let locked_condition = conditions::Observation {
+        type_: LOCKED_CONDITION,
+        status: locked,
+        reason: &state.to_string(),
+        message: &message,
+    }
+    .condition(&current.conditions, generation, now);
     DeploymentLockStatus {
         state: Some(state),
         lock_id: holder.map(|holder| holder.lock_id.clone()),
-        conditions: vec![Condition {
-            type_: LOCKED_CONDITION.to_string(),
-            status: status_value.to_string(),
-            reason: state.to_string(),
-            message,
-            observed_generation: generation,
-            last_transition_time: transition_time,
-        }],
+        conditions: vec![locked_condition],
         observed_generation: generation,
         last_event_sequence: Some(last_event_sequence),
     }
-}
-
-pub(crate) fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
-    Timestamp::from_second(time.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// An Event's content, decided from what it announces.

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -23,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::conditions;
 use crate::crd::{DeploymentLock, LockType};
 use crate::environment::Environment;
 use crate::error::Error as LockError;
@@ -303,25 +303,15 @@ fn set_ready(
     now: DateTime<Utc>,
     window: &FreezeWindow,
 ) {
-    let value = if ready { "True" } else { "False" };
-    let unchanged = status.conditions.iter().any(|c| {
-        c.type_ == READY_CONDITION
-            && c.status == value
-            && c.reason == reason
-            && c.message == message
-    });
-    if unchanged {
-        return;
+    let observation = conditions::Observation {
+        type_: READY_CONDITION,
+        status: ready,
+        reason,
+        message,
+    };
+    if !observation.is_recorded_in(&status.conditions) {
+        observation.record(&mut status.conditions, window.metadata.generation, now);
     }
-    status.conditions.retain(|c| c.type_ != READY_CONDITION);
-    status.conditions.push(Condition {
-        type_: READY_CONDITION.to_string(),
-        status: value.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
-        last_transition_time: Time(super::plan::to_timestamp(now)),
-        observed_generation: window.metadata.generation,
-    });
 }
 
 async fn write_status(

@@ -28,9 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::{DeploymentLock, HistoryAction};
 
-/// Condition type saying whether a subscription can deliver (its Secrets
-/// are present and well formed).
-pub const READY_CONDITION: &str = "Ready";
+/// Condition type saying whether the spec is usable (the shared one).
+pub use crate::conditions::READY_CONDITION;
 /// Header carrying the idempotency key of every delivery.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// Header carrying the HMAC-SHA256 signature of the body (`generic-hmac`),

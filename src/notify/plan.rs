@@ -3,10 +3,12 @@
 //! observed, and the reminder for a long-held lock. Pure, so the property
 //! tests can check that nothing is skipped, repeated or reordered.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Duration, Utc};
 
 use super::payload::{Message, Occurrence};
-use super::{DeliveryCursor, NotificationSubscriptionSpec, NotifyEvent};
+use super::{DeliveryCursor, NotificationSubscriptionSpec, NotifyEvent, Reminder};
 use crate::crd::{DeploymentLock, HistoryAction, HistoryEntry, LockState, LockType, Waiter};
 
 /// One thing to do, in order: send `message` (absent when the subscription
@@ -202,58 +204,64 @@ pub fn queued_message(
     }
 }
 
-/// What is due for `lock` under `spec`, after `cursor`, at `now` (API
-/// server clock).
-pub fn plan(
-    spec: &NotificationSubscriptionSpec,
-    lock: &DeploymentLock,
-    uid: &str,
-    cursor: &DeliveryCursor,
-    now: DateTime<Utc>,
-) -> Plan {
-    let wanted = spec.wanted();
-    let mut plan = Plan::default();
-    let mut current = cursor.clone();
-    current.environment = lock.spec.environment.clone();
-    // Places that left the queue are forgotten (the list stays bounded by
-    // the queue's); the change rides on the next step's cursor.
-    let wants_queue = wanted.contains(&NotifyEvent::WaiterQueued);
-    current
-        .queued_ids
-        .retain(|id| wants_queue && lock.spec.queue.iter().any(|waiter| &waiter.id == id));
-    let forgot = current.queued_ids != cursor.queued_ids;
+/// A plan being built: each step records the cursor as it stands after it.
+struct Planning<'a> {
+    lock: &'a DeploymentLock,
+    uid: &'a str,
+    wanted: BTreeSet<NotifyEvent>,
+    current: DeliveryCursor,
+    plan: Plan,
+}
 
-    let mut entries: Vec<&HistoryEntry> = lock
-        .spec
-        .history
-        .iter()
-        .filter(|entry| entry.sequence > cursor.sequence)
-        .collect();
-    entries.sort_by_key(|entry| entry.sequence);
-    if let Some(first) = entries.first()
-        && first.sequence > cursor.sequence.saturating_add(1)
-    {
-        plan.gap = Some((cursor.sequence.saturating_add(1), first.sequence - 1));
-    }
-    for entry in entries {
-        current.sequence = entry.sequence;
-        let message = wanted
-            .contains(&NotifyEvent::from(entry.action))
-            .then(|| history_message(lock, uid, entry));
-        plan.steps.push(Step {
+impl Planning<'_> {
+    fn push(&mut self, message: Option<Message>) {
+        self.plan.steps.push(Step {
             message,
-            cursor: current.clone(),
+            cursor: self.current.clone(),
         });
     }
 
-    let status = lock.status.as_ref();
-    if let (Some(holder), Some(LockState::Expired)) =
-        (&lock.spec.holder, status.and_then(|s| s.state))
-        && status.and_then(|s| s.lock_id.as_deref()) == Some(holder.lock_id.as_str())
-        && current.expired_lock_id.as_deref() != Some(holder.lock_id.as_str())
-    {
-        current.expired_lock_id = Some(holder.lock_id.clone());
-        let message = if wanted.contains(&NotifyEvent::Expired) {
+    /// The history entries after the cursor, in sequence order; a gap when
+    /// the first of them is not the next one.
+    fn history(&mut self, after: i64) {
+        let (lock, uid) = (self.lock, self.uid);
+        let mut entries: Vec<&HistoryEntry> = lock
+            .spec
+            .history
+            .iter()
+            .filter(|entry| entry.sequence > after)
+            .collect();
+        entries.sort_by_key(|entry| entry.sequence);
+        if let Some(first) = entries.first()
+            && first.sequence > after.saturating_add(1)
+        {
+            self.plan.gap = Some((after.saturating_add(1), first.sequence - 1));
+        }
+        for entry in entries {
+            self.current.sequence = entry.sequence;
+            let message = self
+                .wanted
+                .contains(&NotifyEvent::from(entry.action))
+                .then(|| history_message(lock, uid, entry));
+            self.push(message);
+        }
+    }
+
+    /// The expiry of the current holding, once the controller observed it.
+    fn expiry(&mut self) {
+        let (lock, uid) = (self.lock, self.uid);
+        let status = lock.status.as_ref();
+        let Some(holder) = &lock.spec.holder else {
+            return;
+        };
+        if status.and_then(|s| s.state) != Some(LockState::Expired)
+            || status.and_then(|s| s.lock_id.as_deref()) != Some(holder.lock_id.as_str())
+            || self.current.expired_lock_id.as_deref() == Some(holder.lock_id.as_str())
+        {
+            return;
+        }
+        self.current.expired_lock_id = Some(holder.lock_id.clone());
+        let message = if self.wanted.contains(&NotifyEvent::Expired) {
             holding_message(
                 lock,
                 uid,
@@ -265,86 +273,112 @@ pub fn plan(
         } else {
             None
         };
-        plan.steps.push(Step {
-            message,
-            cursor: current.clone(),
-        });
+        self.push(message);
     }
 
-    if wants_queue {
+    /// Each new place in the wait queue.
+    fn queue(&mut self, now: DateTime<Utc>) {
+        let (lock, uid) = (self.lock, self.uid);
         // Queue order: newest-first waiters are served first, so "place" is
         // each waiter's position as the lock shows the queue.
         for (index, waiter) in lock.spec.queue.iter().enumerate() {
-            if current.queued_ids.contains(&waiter.id) {
+            if self.current.queued_ids.contains(&waiter.id) {
                 continue;
             }
-            current.queued_ids.push(waiter.id.clone());
-            plan.steps.push(Step {
-                message: Some(queued_message(
-                    lock,
-                    uid,
-                    waiter,
-                    index.saturating_add(1),
-                    now,
-                )),
-                cursor: current.clone(),
-            });
+            self.current.queued_ids.push(waiter.id.clone());
+            let message = queued_message(lock, uid, waiter, index.saturating_add(1), now);
+            self.push(Some(message));
         }
     }
 
-    if let (Some(reminder), Some(holder)) = (&spec.reminder, &lock.spec.holder)
-        && now < holder.expires_at
-    {
-        let after = Duration::seconds(reminder.after_seconds);
-        let first = holder.acquired_at + after;
+    /// The reminder due for a long-held lock, if any not yet sent, and when
+    /// the next one falls due.
+    fn reminder(&mut self, reminder: &Reminder, now: DateTime<Utc>) {
+        let (lock, uid) = (self.lock, self.uid);
+        let Some(holder) = lock.spec.holder.as_ref().filter(|h| now < h.expires_at) else {
+            return;
+        };
+        let first = holder.acquired_at + Duration::seconds(reminder.after_seconds);
         if now < first {
-            plan.next_due = Some(first);
+            self.plan.next_due = Some(first);
+            return;
+        }
+        let held_past = (now - first).num_seconds();
+        let number = match reminder.repeat_seconds {
+            Some(every) if every > 0 => 1 + held_past / every,
+            _ => 1,
+        };
+        let sent = if self.current.reminder_lock_id.as_deref() == Some(holder.lock_id.as_str()) {
+            self.current.reminder_count.unwrap_or(0)
         } else {
-            let held_past = (now - first).num_seconds();
-            let number = match reminder.repeat_seconds {
-                Some(every) if every > 0 => 1 + held_past / every,
-                _ => 1,
-            };
-            let sent = if current.reminder_lock_id.as_deref() == Some(holder.lock_id.as_str()) {
-                current.reminder_count.unwrap_or(0)
+            0
+        };
+        if number > sent {
+            self.current.reminder_lock_id = Some(holder.lock_id.clone());
+            self.current.reminder_count = Some(number);
+            let state = if holder.lock_type == LockType::Emergency {
+                LockState::ForceLocked
             } else {
-                0
+                LockState::Locked
             };
-            if number > sent {
-                current.reminder_lock_id = Some(holder.lock_id.clone());
-                current.reminder_count = Some(number);
-                let state = if holder.lock_type == LockType::Emergency {
-                    LockState::ForceLocked
-                } else {
-                    LockState::Locked
-                };
-                plan.steps.push(Step {
-                    message: holding_message(
-                        lock,
-                        uid,
-                        reminder_key(uid, &holder.lock_id, number),
-                        Occurrence::Reminder(number),
-                        now,
-                        state,
-                    ),
-                    cursor: current.clone(),
-                });
-            }
-            if let Some(every) = reminder.repeat_seconds.filter(|every| *every > 0) {
-                let next = first + Duration::seconds(every.saturating_mul(number));
-                if next < holder.expires_at {
-                    plan.next_due = Some(next);
-                }
+            let message = holding_message(
+                lock,
+                uid,
+                reminder_key(uid, &holder.lock_id, number),
+                Occurrence::Reminder(number),
+                now,
+                state,
+            );
+            self.push(message);
+        }
+        if let Some(every) = reminder.repeat_seconds.filter(|every| *every > 0) {
+            let next = first + Duration::seconds(every.saturating_mul(number));
+            if next < holder.expires_at {
+                self.plan.next_due = Some(next);
             }
         }
     }
-    if forgot && plan.steps.is_empty() {
-        plan.steps.push(Step {
-            message: None,
-            cursor: current,
-        });
+}
+
+/// What is due for `lock` under `spec`, after `cursor`, at `now` (API
+/// server clock): history entries, the observed expiry, new queue places,
+/// then a reminder.
+pub fn plan(
+    spec: &NotificationSubscriptionSpec,
+    lock: &DeploymentLock,
+    uid: &str,
+    cursor: &DeliveryCursor,
+    now: DateTime<Utc>,
+) -> Plan {
+    let wanted = spec.wanted();
+    let mut current = cursor.clone();
+    current.environment = lock.spec.environment.clone();
+    // Places that left the queue are forgotten (the list stays bounded by
+    // the queue's); the change rides on the next step's cursor.
+    let wants_queue = wanted.contains(&NotifyEvent::WaiterQueued);
+    current
+        .queued_ids
+        .retain(|id| wants_queue && lock.spec.queue.iter().any(|waiter| &waiter.id == id));
+    let forgot = current.queued_ids != cursor.queued_ids;
+    let mut planning = Planning {
+        lock,
+        uid,
+        wanted,
+        current,
+        plan: Plan::default(),
+    };
+    planning.history(cursor.sequence);
+    planning.expiry();
+    if wants_queue {
+        planning.queue(now);
     }
-    plan
+    if let Some(reminder) = &spec.reminder {
+        planning.reminder(reminder, now);
+    }
+    if forgot && planning.plan.steps.is_empty() {
+        planning.push(None);
+    }
+    planning.plan
 }
 
 #[cfg(test)]

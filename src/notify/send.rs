@@ -130,6 +130,51 @@ fn text(secret: &Secret, name: &str, key: &'static str) -> Result<Option<String>
         })
 }
 
+/// The receiver's address from the Secret `name`: an http or https URL
+/// with a host.
+fn address(secret: &Secret, name: &str) -> Result<reqwest::Url, ConfigError> {
+    let address = text(secret, name, ADDRESS_KEY)?.ok_or_else(|| ConfigError::MissingKey {
+        secret: name.to_string(),
+        key: ADDRESS_KEY,
+    })?;
+    reqwest::Url::parse(&address)
+        .map_err(|err| err.to_string())
+        .and_then(|url| {
+            if matches!(url.scheme(), "http" | "https") && url.host().is_some() {
+                Ok(url)
+            } else {
+                Err("the scheme must be http or https, with a host".to_string())
+            }
+        })
+        .map_err(|reason| ConfigError::InvalidAddress {
+            secret: name.to_string(),
+            reason,
+        })
+}
+
+/// The CA certificates of the CA Secret `name` (at least one).
+fn certificates(name: &str, ca: &Secret) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let pem = CA_KEYS
+        .iter()
+        .find_map(|key| ca.data.as_ref().and_then(|data| data.get(*key)))
+        .ok_or_else(|| ConfigError::MissingKey {
+            secret: name.to_string(),
+            key: "ca.crt",
+        })?;
+    let certificates =
+        reqwest::Certificate::from_pem_bundle(&pem.0).map_err(|err| ConfigError::InvalidCa {
+            secret: name.to_string(),
+            reason: err.to_string(),
+        })?;
+    if certificates.is_empty() {
+        return Err(ConfigError::InvalidCa {
+            secret: name.to_string(),
+            reason: "no certificate found".into(),
+        });
+    }
+    Ok(certificates)
+}
+
 impl Receiver {
     /// The receiver `provider` describes, from its Secret and its CA Secret.
     pub fn from_secrets(
@@ -138,23 +183,7 @@ impl Receiver {
         ca: Option<&Secret>,
     ) -> Result<Self, ConfigError> {
         let name = &provider.secret_ref.name;
-        let address = text(secret, name, ADDRESS_KEY)?.ok_or_else(|| ConfigError::MissingKey {
-            secret: name.clone(),
-            key: ADDRESS_KEY,
-        })?;
-        let address = reqwest::Url::parse(&address)
-            .map_err(|err| err.to_string())
-            .and_then(|url| {
-                if matches!(url.scheme(), "http" | "https") && url.host().is_some() {
-                    Ok(url)
-                } else {
-                    Err("the scheme must be http or https, with a host".to_string())
-                }
-            })
-            .map_err(|reason| ConfigError::InvalidAddress {
-                secret: name.clone(),
-                reason,
-            })?;
+        let address = address(secret, name)?;
         let token = text(secret, name, TOKEN_KEY)?.filter(|token| !token.is_empty());
         if provider.provider_type == ProviderType::GenericHmac && token.is_none() {
             return Err(ConfigError::MissingKey {
@@ -181,26 +210,7 @@ impl Receiver {
             None => builder.no_proxy(),
         };
         if let (Some(reference), Some(ca)) = (&provider.ca_secret_ref, ca) {
-            let pem = CA_KEYS
-                .iter()
-                .find_map(|key| ca.data.as_ref().and_then(|data| data.get(*key)))
-                .ok_or_else(|| ConfigError::MissingKey {
-                    secret: reference.name.clone(),
-                    key: "ca.crt",
-                })?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem.0).map_err(|err| {
-                ConfigError::InvalidCa {
-                    secret: reference.name.clone(),
-                    reason: err.to_string(),
-                }
-            })?;
-            if certificates.is_empty() {
-                return Err(ConfigError::InvalidCa {
-                    secret: reference.name.clone(),
-                    reason: "no certificate found".into(),
-                });
-            }
-            for certificate in certificates {
+            for certificate in certificates(&reference.name, ca)? {
                 builder = builder.add_root_certificate(certificate);
             }
         }

@@ -23,8 +23,8 @@ use schedule::{Interval, Recurrence, ScheduleError};
 /// The identity the controller takes windows' locks as (it impersonates
 /// it): a user name no person or ServiceAccount can have.
 pub const WINDOW_HOLDER: &str = "deploylock:freeze-windows";
-/// Condition type saying whether a window's spec is usable.
-pub const READY_CONDITION: &str = "Ready";
+/// Condition type saying whether the spec is usable (the shared one).
+pub use crate::conditions::READY_CONDITION;
 /// Longest opening: 90 days.
 pub const MAX_WINDOW_HOURS: i64 = 90 * 24;
 /// Most environments one window names.
