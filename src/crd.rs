@@ -36,6 +36,10 @@ pub const MAX_METADATA_KEY_LEN: usize = 63;
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 /// History entries kept on the object; the oldest is dropped first.
 pub const MAX_HISTORY_ENTRIES: usize = 20;
+
+/// The lock whose holding freezes every other environment of its namespace
+/// (config/admission/stop-the-line.yaml).
+pub const STOP_THE_LINE: &str = "stop-the-line";
 /// Waiters the queue may hold.
 pub const MAX_QUEUE_ENTRIES: usize = 64;
 /// Largest fencing token or history sequence: JSON's safe integer range, so

@@ -57,10 +57,16 @@ pub async fn gate_cost(rows: &mut Vec<Row>) {
         }
     }));
     for namespace in [&bound, &unbound] {
+        // Not the aggregated `edit`: no controller-manager fills it here.
+        apply(&json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "bench-workloads", "namespace": namespace},
+            "rules": [{"apiGroups": ["apps"], "verbs": ["*"], "resources": ["deployments"]}]
+        }));
         apply(&json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": "bench-workloads", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bench-workloads"},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
         }));
         apply(&json!({

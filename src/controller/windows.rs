@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conditions;
-use crate::crd::{DeploymentLock, LockType};
+use crate::crd::{DeploymentLock, LockType, STOP_THE_LINE};
 use crate::environment::Environment;
 use crate::error::Error as LockError;
 use crate::queue::{self, QueueOrder, TakeRequest};
@@ -47,7 +47,6 @@ const FIELD_MANAGER: &str = "deploylock-controller";
 /// holding) is extended when this little of it is left.
 const RENEW_BEFORE: chrono::Duration = chrono::Duration::hours(24);
 /// The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml).
-const STOP_THE_LINE: &str = "stop-the-line";
 /// How often a missing FreezeWindow CRD is looked for again.
 const CRD_RECHECK: Duration = Duration::from_secs(30);
 /// Looked at again at least this often (a missed watch event).
