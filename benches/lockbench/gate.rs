@@ -106,9 +106,20 @@ pub async fn gate_cost(rows: &mut Vec<Row>) {
         }
         started.elapsed().as_secs_f64() * 1000.0
     };
-    // One warm-up each (connections, the policy's compiled CEL).
-    update(gated.clone(), 0).await;
-    update(open.clone(), 0).await;
+    // Warm-up (connections, the policy's compiled CEL), once the new
+    // RoleBindings are in the API server's RBAC cache.
+    for api in [&gated, &open] {
+        let patch = json!({"metadata": {"annotations": {"bench/round": "0"}}});
+        let mut attempts = 0;
+        while let Err(err) = api
+            .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            attempts += 1;
+            assert!(attempts < 50, "alice cannot update the Deployment: {err}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for round in 1..=UPDATES {
         on.push(update(gated.clone(), round).await);
