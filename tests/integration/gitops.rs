@@ -19,7 +19,8 @@ use deploylock::gitops::{
 };
 
 use crate::support::{
-    self, ControllerProcess, Identity, TestCluster, cluster, expect_exit, repo_root, stdout_of,
+    self, ControllerProcess, Identity, TestCluster, cluster, expect_exit, helm_template, repo_root,
+    stdout_of,
 };
 
 const ENVIRONMENT: &str = "production";
@@ -1017,22 +1018,7 @@ async fn kinds_without_their_crd_are_skipped_and_the_others_gated() {
 #[test]
 fn the_chart_grants_gitops_rights_only_when_enabled() {
     let cluster = cluster();
-    let render = |extra: &[&str]| {
-        let output = std::process::Command::new(cluster.bin_dir().join("helm"))
-            .args(["template", "deploylock"])
-            .arg(repo_root().join("charts/deploylock"))
-            .args([
-                "--namespace",
-                "deploylock-system",
-                "--kube-version",
-                "1.35.0",
-            ])
-            .args(extra)
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run helm: {err}"));
-        expect_exit(&output, 0, "helm template");
-        stdout_of(&output)
-    };
+    let render = helm_template;
     let off = render(&[]);
     assert!(
         !off.contains("--gitops-gating")

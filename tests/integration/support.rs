@@ -3,7 +3,7 @@
 //! this binary share (waits on a watch, queue waiters, lock writes).
 
 use std::fmt::Debug;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -169,4 +169,61 @@ pub async fn apply_lock_spec(
     {
         panic!("cannot write {environment}: {err}");
     }
+}
+
+/// Asserts that a process succeeded, showing what it said otherwise; its
+/// stdout.
+#[track_caller]
+pub fn ok(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}\n{}",
+        stdout_of(output),
+        stderr_of(output)
+    );
+    stdout_of(output)
+}
+
+/// The chart's directory.
+pub fn chart_dir() -> String {
+    repo_root().join("charts/deploylock").display().to_string()
+}
+
+/// Keeps helm's caches out of the user's home directory: in a temp dir of
+/// this test process.
+pub fn isolate_helm(command: &mut Command) -> &mut Command {
+    let home = std::env::temp_dir().join(format!("deploylock-helm-{}", std::process::id()));
+    command
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+}
+
+/// The pinned helm (against `kubeconfig`, if any).
+pub fn helm(kubeconfig: Option<&std::path::Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(cluster().bin_dir().join("helm"));
+    if let Some(kubeconfig) = kubeconfig {
+        command.arg("--kubeconfig").arg(kubeconfig);
+    }
+    match isolate_helm(&mut command).args(args).output() {
+        Ok(output) => output,
+        Err(err) => panic!("cannot run helm: {err}"),
+    }
+}
+
+/// The chart rendered as in deploylock-system for Kubernetes 1.35, with
+/// `extra` arguments (`--set`, `--show-only`).
+pub fn helm_template(extra: &[&str]) -> String {
+    let chart = chart_dir();
+    let mut args = vec![
+        "template",
+        "deploylock",
+        chart.as_str(),
+        "--namespace",
+        "deploylock-system",
+        "--kube-version",
+        "1.35.0",
+    ];
+    args.extend_from_slice(extra);
+    ok(&helm(None, &args), "helm template")
 }
