@@ -411,17 +411,17 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
 #[derive(JsonSchema)]
 #[schemars(extend("format" = "date-time"))]
 #[allow(dead_code)] // Never built: only its schema and functions are used.
-struct StrictTime(#[schemars(regex(pattern = DATE_TIME_PATTERN))] String);
+pub(crate) struct StrictTime(#[schemars(regex(pattern = DATE_TIME_PATTERN))] String);
 
 impl StrictTime {
-    fn serialize<S: serde::Serializer>(
+    pub(crate) fn serialize<S: serde::Serializer>(
         time: &DateTime<Utc>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 
-    fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> Result<DateTime<Utc>, D::Error> {
         Self::parse::<D::Error>(String::deserialize(deserializer)?)
@@ -438,10 +438,10 @@ impl StrictTime {
 
 /// [`StrictTime`]'s serde for an optional date-time (absent when `None`);
 /// its schema is `#[schemars(with = "StrictTime")]`.
-struct StrictOptionalTime;
+pub(crate) struct StrictOptionalTime;
 
 impl StrictOptionalTime {
-    fn serialize<S: serde::Serializer>(
+    pub(crate) fn serialize<S: serde::Serializer>(
         time: &Option<DateTime<Utc>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -451,7 +451,7 @@ impl StrictOptionalTime {
         }
     }
 
-    fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<DateTime<Utc>>, D::Error> {
         Option::<String>::deserialize(deserializer)?

@@ -325,6 +325,37 @@ enum Delivery {
     Stopped,
 }
 
+/// Adds `first` and every lock change of `namespace` already waiting to
+/// `due`, so that a burst is planned once; false when the feed closed.
+fn take_lock_changes(
+    namespace: &str,
+    first: Result<LockChange, broadcast::error::RecvError>,
+    lock_changes: &mut broadcast::Receiver<LockChange>,
+    due: &mut Due,
+) -> bool {
+    let mut change = first;
+    loop {
+        match change {
+            Ok(LockChange::Changed(key)) => {
+                if key.namespace == namespace {
+                    due.add(key);
+                }
+            }
+            Ok(LockChange::Listed) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                *due = Due::All;
+            }
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+        change = match lock_changes.try_recv() {
+            Ok(next) => Ok(next),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                Err(broadcast::error::RecvError::Lagged(n))
+            }
+            Err(_) => return true,
+        };
+    }
+}
+
 /// Which locks a worker looks at next.
 #[derive(Debug, Default)]
 enum Due {
@@ -480,27 +511,8 @@ impl Worker {
                     due = Due::All;
                 }
                 change = lock_changes.recv() => {
-                    let mut change = change;
-                    // Take every change already waiting, then plan once.
-                    loop {
-                        match change {
-                            Ok(LockChange::Changed(key)) => {
-                                if key.namespace == self.namespace {
-                                    due.add(key);
-                                }
-                            }
-                            Ok(LockChange::Listed) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                                due = Due::All;
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        }
-                        change = match lock_changes.try_recv() {
-                            Ok(next) => Ok(next),
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                Err(broadcast::error::RecvError::Lagged(n))
-                            }
-                            Err(_) => break,
-                        };
+                    if !take_lock_changes(&self.namespace, change, &mut lock_changes, &mut due) {
+                        return;
                     }
                 }
                 _ = sleep => due = Due::All,
