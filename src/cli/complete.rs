@@ -346,22 +346,23 @@ fn starts_command(command: &clap::Command) -> bool {
 }
 
 async fn lock_names(client: kube::Client, namespace: String) -> Result<Vec<String>, kube::Error> {
-    let locks: Api<DeploymentLock> = Api::namespaced(client, &namespace);
-    let listed = locks.list_metadata(&ListParams::default()).await?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter_map(|lock| lock.metadata.name)
-        .collect())
+    names(Api::<DeploymentLock>::namespaced(client, &namespace)).await
 }
 
 async fn namespace_names(client: kube::Client, _: String) -> Result<Vec<String>, kube::Error> {
-    let namespaces: Api<Namespace> = Api::all(client);
-    let listed = namespaces.list_metadata(&ListParams::default()).await?;
+    names(Api::<Namespace>::all(client)).await
+}
+
+/// The names of the objects `api` lists (metadata only).
+async fn names<K>(api: Api<K>) -> Result<Vec<String>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let listed = api.list_metadata(&ListParams::default()).await?;
     Ok(listed
         .items
         .into_iter()
-        .filter_map(|namespace| namespace.metadata.name)
+        .filter_map(|object| object.metadata.name)
         .collect())
 }
 

@@ -137,6 +137,14 @@ fn plain_table(header: &[&str]) -> Table {
     table
 }
 
+/// A listing's table: `header`, after a NAMESPACE column with `-A`.
+fn listing_table(mut header: Vec<&str>, all_namespaces: bool) -> Table {
+    if all_namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    plain_table(&header)
+}
+
 /// Adds a row with every cell escaped: no cell of a table legitimately holds
 /// a control character, so none is trusted to be free of one.
 fn add_row(table: &mut Table, cells: Vec<String>) {
@@ -261,7 +269,7 @@ pub fn caller_holding(view: &LockView, caller: &str) -> String {
 
 /// `list` as kubectl prints `get`.
 pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: bool) -> String {
-    let mut header = vec![
+    let header = vec![
         "ENVIRONMENT",
         "STATE",
         "HOLDER",
@@ -270,10 +278,7 @@ pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: 
         "EXPIRES",
         "AGE",
     ];
-    if all_namespaces {
-        header.insert(0, "NAMESPACE");
-    }
-    let mut table = plain_table(&header);
+    let mut table = listing_table(header, all_namespaces);
     for lock in locks {
         let holder = lock.spec.holder.as_ref();
         let age = lock
@@ -432,7 +437,7 @@ pub fn windows_table(
     all_namespaces: bool,
 ) -> String {
     use kube::ResourceExt;
-    let mut header = vec![
+    let header = vec![
         "NAME",
         "SCHEDULE",
         "TIME ZONE",
@@ -442,10 +447,7 @@ pub fn windows_table(
         "ENVIRONMENTS",
         "REASON",
     ];
-    if all_namespaces {
-        header.insert(0, "NAMESPACE");
-    }
-    let mut table = plain_table(&header);
+    let mut table = listing_table(header, all_namespaces);
     for window in windows {
         let spec = &window.spec;
         let status = window.status.clone().unwrap_or_default();
