@@ -24,6 +24,7 @@ pub mod complete;
 mod exec;
 mod generated;
 pub mod input;
+mod multi;
 pub mod progress;
 pub mod render;
 pub mod report;
@@ -128,11 +129,12 @@ async fn execute(
     signals: &mut Signals,
     clock: &mut Option<ServerClock>,
 ) -> Result<Exit, Error> {
-    let global = &cli.global;
     // Refuse incomplete requests before touching the cluster.
     if let Action::Exec(args) = &cli.action {
         exec::check(args)?;
     }
+    multi::check(cli)?;
+    let mut global = cli.global.clone();
     let options = ConnectOptions {
         kubeconfig: global.kubeconfig.clone(),
         context: global.context.clone(),
@@ -147,6 +149,11 @@ async fn execute(
     })?;
     let store = LockStore::new(client, &namespace);
     *clock = Some(store.server_clock());
+    match interruptible(signals, multi::targets(&store, cli)).await? {
+        multi::Targets::One(environment) => global.environment = environment,
+        several => return multi::run(&store, cli, several, signals).await,
+    }
+    let global = &global;
     match &cli.action {
         Action::Acquire(args) if !args.extend => {
             let applied =
