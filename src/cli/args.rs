@@ -129,6 +129,11 @@ expire on the API server's clock and SIGKILL a safety margin before it. If exec
 itself dies (even by SIGKILL), its watchdog stops the command and everything it
 started the same way.
 
+With several environments (-e a -e b, --all-environments) every lock is taken (in name
+order, all or none), renewed and watched; losing any one stops the command. The
+command then gets DEPLOYLOCK_ENVIRONMENT, DEPLOYLOCK_LOCK_ID and DEPLOYLOCK_FENCING_TOKEN
+as space-separated lists in that order, and DEPLOYLOCK_GROUP_ID.
+
 Exit code: the command's own (128+N if signal N ended it, 127 if it could not start);
 3 or 4 if the lock could not be acquired; 7 if the lock was lost while it ran;
 8 if the command ended but the lock could not be released (it expires on its own).";
