@@ -114,11 +114,13 @@ pub async fn run(cli: Cli) -> ExitCode {
     // and releasing.
     let mut signals = Signals::new();
     let mut clock = None;
-    match execute(&cli, &mut signals, &mut clock).await {
+    // The environment acted on, once known (--all-environments may find one).
+    let mut global = cli.global.clone();
+    match execute(&cli, &mut signals, &mut clock, &mut global.environment).await {
         Ok(exit) => exit.into(),
         Err(err) => {
             let now = clock.as_ref().and_then(ServerClock::now);
-            report::print_failure(&err, &cli.global, now.unwrap_or_else(Utc::now)).into()
+            report::print_failure(&err, &global, now.unwrap_or_else(Utc::now)).into()
         }
     }
 }
@@ -128,6 +130,7 @@ async fn execute(
     cli: &Cli,
     signals: &mut Signals,
     clock: &mut Option<ServerClock>,
+    acted_on: &mut crate::environment::Environment,
 ) -> Result<Exit, Error> {
     // Refuse incomplete requests before touching the cluster.
     if let Action::Exec(args) = &cli.action {
@@ -150,7 +153,10 @@ async fn execute(
     let store = LockStore::new(client, &namespace);
     *clock = Some(store.server_clock());
     match interruptible(signals, multi::targets(&store, cli)).await? {
-        multi::Targets::One(environment) => global.environment = environment,
+        multi::Targets::One(environment) => {
+            acted_on.clone_from(&environment);
+            global.environment = environment;
+        }
         several => return multi::run(&store, cli, several, signals).await,
     }
     let global = &global;

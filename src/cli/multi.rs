@@ -242,8 +242,8 @@ impl Failed {
         );
         let (message, exit) = report::describe_for(&self.error, &self.environment, &scope, now);
         eprintln!(
-            "deploylock: could not acquire {}: {message}",
-            self.environment
+            "deploylock: could not acquire {}",
+            named(&self.environment, &message)
         );
         if !self.released.is_empty() {
             eprintln!(
@@ -516,7 +516,7 @@ fn report_each(
                 let server_now: DateTime<Utc> = now;
                 let (message, code) =
                     report::describe_for(&error, &environment, &scope, server_now);
-                eprintln!("deploylock: {environment}: {message}");
+                eprintln!("deploylock: {}", named(&environment, &message));
                 if exit == Exit::Success {
                     exit = code;
                 }
@@ -694,10 +694,47 @@ fn fail_on(
         global.kubeconfig.as_deref(),
     );
     let (message, exit) = report::describe_for(error, environment, &scope, now);
-    eprintln!("deploylock: {environment}: {message}");
+    eprintln!("deploylock: {}", named(environment, &message));
     if global.output != OutputFormat::Table && report::is_refusal(error) {
         let report = ErrorReport::new(error, environment, &scope, now);
         out!("{}", render::structured(&report, global.output));
     }
     exit
+}
+
+/// `message` about one of several environments, starting with its name
+/// ("b: …"); most messages already do.
+fn named(environment: &Environment, message: &str) -> String {
+    if message.starts_with(&format!("{environment}:")) {
+        message.to_string()
+    } else {
+        format!("{environment}: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_of_one_of_several_name_it_once() {
+        let b: Environment = "b".parse().unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            named(&b, "b: the lock is held by bob"),
+            "b: the lock is held by bob"
+        );
+        assert_eq!(
+            named(&b, "timed out waiting for b"),
+            "b: timed out waiting for b"
+        );
+        assert_eq!(named(&b, "bob holds it"), "b: bob holds it");
+    }
+
+    #[test]
+    fn group_ids_are_checked_like_the_schema() {
+        assert!(group_id("5f0c0f6e-1b2a-4c3d-9e8f-0a1b2c3d4e5f").is_ok());
+        for bad in ["", "a b", "a/b", &"x".repeat(65), "\u{1b}[31m"] {
+            assert!(group_id(bad).is_err(), "{bad:?}");
+        }
+    }
 }
