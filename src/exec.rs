@@ -23,9 +23,10 @@
 //! With several environments (`-e a -e b`) every holding is renewed and
 //! watched on its own; the deadlines the command is stopped at are the
 //! earliest over all of them ([`StopDeadlines::earliest`]), and the loss of
-//! any one stops the command. When the
-//! command exits the holding is released, retried until it succeeds or the
-//! holding expires; a holding found already taken or released then (a loss
+//! any one stops the command.
+//!
+//! When the command exits each holding is released, retried until it
+//! succeeds or the holding expires; a holding found already taken or released then (a loss
 //! the watch could not see in time, e.g. on a partitioned connection) is
 //! reported as a loss, never as success.
 
@@ -103,9 +104,7 @@ impl StopDeadlines {
             expiry,
         }
     }
-}
 
-impl StopDeadlines {
     /// The earliest of each deadline over several holdings: the command
     /// must be stopped before any one of them can expire. None for none.
     pub fn earliest(all: impl IntoIterator<Item = StopDeadlines>) -> Option<Self> {
