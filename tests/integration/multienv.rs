@@ -487,3 +487,78 @@ async fn single_environment_actions_refuse_several() {
     assert_eq!(holder_of(&stored(&api, "a").await).group_id, None);
     assert!(lock_opt(&api, "b").await.is_none());
 }
+
+/// A signal while waiting for a later lock gives up all of them: the locks
+/// taken so far are released again (exit 130, naming the lock waited for).
+#[tokio::test]
+async fn a_signal_while_waiting_releases_the_locks_taken() {
+    use kube::runtime::wait::await_condition;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let cluster = cluster();
+    let namespace = cluster.namespace("multienv-signal").await;
+    let api = locks_api(cluster, &namespace).await;
+    let bob = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &["-e", "b", "acquire", "--reason", "hotfix"],
+    );
+    expect_exit(&bob, 0, "bob takes b");
+    let alice = spawn(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &[
+            "-e",
+            "b",
+            "-e",
+            "a",
+            "acquire",
+            "--reason",
+            "migration",
+            "--wait-timeout",
+            "300",
+        ],
+    );
+    // a is taken first, then alice queues for b: wait for her place there.
+    let queued = |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.user == "alice"))
+    };
+    match tokio::time::timeout(WAIT, await_condition(api.clone(), "b", queued)).await {
+        Ok(Ok(_)) => {}
+        other => panic!("alice never queued for b: {other:?}"),
+    }
+    assert_eq!(
+        holders(&api, &["a"]).await[0]
+            .as_ref()
+            .map(|(user, group)| (user.as_str(), group.is_some())),
+        Some(("alice", true)),
+        "a is not alice's, in a group, while she waits for b"
+    );
+    let pid = alice
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .unwrap_or_else(|| panic!("no PID"));
+    if let Err(err) = kill(Pid::from_raw(pid), Signal::SIGTERM) {
+        panic!("cannot signal alice's acquire: {err}");
+    }
+    let output = finish(alice, "alice's acquire").await;
+    expect_exit(&output, 130, "alice's acquire after SIGTERM");
+    let said = stderr_of(&output);
+    assert!(said.contains("could not acquire b"), "{said}");
+    assert!(
+        said.contains("released again the locks taken before it: a"),
+        "{said}"
+    );
+    assert_eq!(
+        holders(&api, &["a", "b"]).await,
+        vec![None, Some(("bob".to_string(), None))]
+    );
+    let b = stored(&api, "b").await;
+    assert!(
+        b.spec.queue.iter().all(|w| w.user != "alice"),
+        "alice left her place in b's queue: {:?}",
+        b.spec.queue
+    );
+}
