@@ -562,3 +562,66 @@ async fn a_signal_while_waiting_releases_the_locks_taken() {
         b.spec.queue
     );
 }
+
+/// `wait` for several returns once all of them are free: one still held
+/// makes it time out (exit 4, naming it) although the other is free.
+#[tokio::test]
+async fn wait_for_several_returns_when_all_are_free() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("multienv-wait").await;
+    for environment in ["a", "b"] {
+        let held = cluster.deploylock(
+            Identity::Bob,
+            &namespace,
+            &["-e", environment, "acquire", "--reason", "hotfix"],
+        );
+        expect_exit(&held, 0, environment);
+    }
+    let waiter = spawn(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &[
+            "-e",
+            "a",
+            "-e",
+            "b",
+            "wait",
+            "--wait-timeout",
+            "120",
+            "-o",
+            "json",
+        ],
+    );
+    let released = cluster.deploylock(Identity::Bob, &namespace, &["-e", "a", "release"]);
+    expect_exit(&released, 0, "bob releases a");
+    // b is still held: a short wait times out on b, although a is free.
+    let short = cluster.deploylock(
+        Identity::Alice,
+        &namespace,
+        &["-e", "a", "-e", "b", "wait", "--wait-timeout", "1"],
+    );
+    expect_exit(&short, 4, "a wait for a and b while b is held");
+    assert!(stderr_of(&short).contains("b"), "{}", stderr_of(&short));
+    let released = cluster.deploylock(Identity::Bob, &namespace, &["-e", "b", "release"]);
+    expect_exit(&released, 0, "bob releases b");
+    let output = finish(waiter, "alice's wait").await;
+    expect_exit(&output, 0, "the wait for a and b");
+    let views: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("not JSON ({err}): {}", stdout_of(&output)));
+    let states: Vec<(&str, &str)> = views
+        .as_array()
+        .map(|views| {
+            views
+                .iter()
+                .map(|v| {
+                    (
+                        v["environment"].as_str().unwrap_or_default(),
+                        v["state"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(states, [("a", "Available"), ("b", "Available")], "{views}");
+}
