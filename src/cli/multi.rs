@@ -400,7 +400,9 @@ async fn release_taken(
             lock_id: Some(holder.lock_id.clone()),
         };
         match release_retrying(store, &entry.environment, &request, until, signals).await {
-            Ok(()) => released.push(entry.environment.clone()),
+            Ok(true) => released.push(entry.environment.clone()),
+            // Already not ours (taken over, force-released): nothing left.
+            Ok(false) => {}
             Err(why) => left_held.push((entry.environment.clone(), holder.lock_id.clone(), why)),
         }
     }
@@ -408,22 +410,25 @@ async fn release_taken(
     (released, left_held)
 }
 
-/// One release, retrying transient faults until `until`. A holding already
-/// over (taken over, force-released) counts as released: it is not ours.
+/// One release, retrying transient faults until `until`: Ok(true) once
+/// released, Ok(false) if the holding was already over (taken over,
+/// force-released: nothing of ours is left).
 async fn release_retrying(
     store: &LockStore,
     environment: &Environment,
     request: &Request,
     until: Instant,
     signals: &mut Signals,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let mut backoff = StdDuration::from_millis(250);
     loop {
         let attempt = tokio::time::timeout_at(until, store.apply(environment, request));
         let err = match attempt.await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(Error::Refused(Refusal::LockLost { .. } | Refusal::NotHolder(_)))) => {
-                return Ok(());
+            Ok(Ok(_)) => return Ok(true),
+            Ok(Err(Error::Refused(
+                Refusal::LockLost { .. } | Refusal::NotHolder(_) | Refusal::NotHeld,
+            ))) => {
+                return Ok(false);
             }
             Ok(Err(err)) => err,
             Err(_) => return Err("no answer from the API server in time".into()),
