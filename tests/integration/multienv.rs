@@ -625,3 +625,62 @@ async fn wait_for_several_returns_when_all_are_free() {
         .unwrap_or_default();
     assert_eq!(states, [("a", "Available"), ("b", "Available")], "{views}");
 }
+
+/// While a later lock is waited for, the ones taken are renewed (at a third
+/// of --duration): a wait longer than the duration does not let them expire.
+#[tokio::test]
+async fn locks_taken_are_renewed_while_a_later_one_is_waited_for() {
+    use kube::runtime::wait::await_condition;
+
+    let cluster = cluster();
+    let namespace = cluster.namespace("multienv-renew").await;
+    let api = locks_api(cluster, &namespace).await;
+    let bob = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &["-e", "b", "acquire", "--reason", "hotfix"],
+    );
+    expect_exit(&bob, 0, "bob takes b");
+    let alice = spawn(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &[
+            "-e",
+            "a",
+            "-e",
+            "b",
+            "acquire",
+            "--reason",
+            "migration",
+            "--duration",
+            "1",
+            "--wait-timeout",
+            "120",
+        ],
+    );
+    // a's holding extended by alice while she waits for b (about 20 s in).
+    let renewed = |lock: Option<&DeploymentLock>| {
+        lock.is_some_and(|lock| {
+            lock.spec
+                .history
+                .last()
+                .is_some_and(|entry| entry.action == HistoryAction::Extended && entry.by == "alice")
+        })
+    };
+    let limit = StdDuration::from_secs(50);
+    let a = match tokio::time::timeout(limit, await_condition(api.clone(), "a", renewed)).await {
+        Ok(Ok(Some(lock))) => lock,
+        other => panic!("a was not renewed while alice waited for b: {other:?}"),
+    };
+    let first_holding = holder_of(&a).lock_id.clone();
+    let released = cluster.deploylock(Identity::Bob, &namespace, &["-e", "b", "release"]);
+    expect_exit(&released, 0, "bob releases b");
+    let output = finish(alice, "alice's acquire").await;
+    expect_exit(&output, 0, "alice's acquire of a and b");
+    let a = stored(&api, "a").await;
+    let b = stored(&api, "b").await;
+    assert_eq!(holder_of(&a).lock_id, first_holding, "a's holding changed");
+    assert_eq!(holder_of(&a).group_id, holder_of(&b).group_id);
+    assert!(holder_of(&a).group_id.is_some());
+}
