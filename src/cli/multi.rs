@@ -82,14 +82,17 @@ pub fn check(cli: &Cli) -> Result<(), Error> {
     let Some(flag) = flag else {
         return Ok(());
     };
+    if let Action::List(_) | Action::Windows(_) = &cli.action {
+        return Err(Error::InvalidInput(format!(
+            "list and windows show every environment of the namespace, but {flag}: give no -e/--environment"
+        )));
+    }
     if !takes_several(&cli.action) {
         let what = match &cli.action {
             Action::Acquire(_) => "acquire --extend",
             Action::Status => "status",
             Action::ForceRelease(_) => "force-release",
-            Action::List(_) => "list",
             Action::History => "history",
-            Action::Windows(_) => "windows",
             Action::Notify(_) => "notify",
             _ => "this action",
         };
