@@ -189,6 +189,13 @@ pub struct LockHolder {
     /// The holding this one overrode, when it was taken with --force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrode: Option<OverriddenHolding>,
+
+    /// Lock group ID: shared by the holdings one multi-environment acquire
+    /// (`-e a -e b`, `--all-environments`) took together. Fixed when the
+    /// holding starts, like its other fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_ID_LEN), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub group_id: Option<String>,
 }
 
 /// The holding an emergency lock replaced.

@@ -35,6 +35,11 @@ pub struct Environment(String);
 pub struct InvalidEnvironment(pub String);
 
 impl Environment {
+    /// The environment actions act on when no -e is given.
+    pub fn production() -> Self {
+        Environment("production".to_string())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -18,9 +18,15 @@
 //! exec ends (SIGKILL of exec or of exec's process group included).
 //!
 //! The lock object is watched too: the moment it names another holding (a
-//! force-release, a takeover) the command is stopped the same way. When the
-//! command exits the holding is released, retried until it succeeds or the
-//! holding expires; a holding found already taken or released then (a loss
+//! force-release, a takeover) the command is stopped the same way.
+//!
+//! With several environments (`-e a -e b`) every holding is renewed and
+//! watched on its own; the deadlines the command is stopped at are the
+//! earliest over all of them ([`StopDeadlines::earliest`]), and the loss of
+//! any one stops the command.
+//!
+//! When the command exits each holding is released, retried until it
+//! succeeds or the holding expires; a holding found already taken or released then (a loss
 //! the watch could not see in time, e.g. on a partitioned connection) is
 //! reported as a loss, never as success.
 
@@ -98,23 +104,80 @@ impl StopDeadlines {
             expiry,
         }
     }
+
+    /// The earliest of each deadline over several holdings: the command
+    /// must be stopped before any one of them can expire. None for none.
+    pub fn earliest(all: impl IntoIterator<Item = StopDeadlines>) -> Option<Self> {
+        all.into_iter().reduce(|a, b| StopDeadlines {
+            term: a.term.min(b.term),
+            kill: a.kill.min(b.kill),
+            expiry: a.expiry.min(b.expiry),
+        })
+    }
 }
 
-/// What `exec` needs besides the store.
+/// One lock held for the command.
 #[derive(Clone, Debug)]
-pub struct ExecPlan {
+pub struct HeldLock {
     pub environment: Environment,
-    pub actor: Actor,
     /// The holding taken for the command.
     pub holding: LockHolder,
     pub fencing_token: i64,
     /// When the command must be stopped unless the holding is renewed.
     pub deadlines: StopDeadlines,
-    /// The local instant of the request whose answer gave the holding.
+    /// The local instant of the request whose answer gave the holding (or
+    /// its last renewal).
     pub taken_at: Instant,
+}
+
+/// What `exec` needs besides the store.
+#[derive(Clone, Debug)]
+pub struct ExecPlan {
+    pub actor: Actor,
+    /// The locks held for the command, in lock order: at least one.
+    pub held: Vec<HeldLock>,
+    /// The lock group ID of the holdings, when there are several.
+    pub group_id: Option<String>,
     /// Time between SIGTERM and SIGKILL once the lock is lost.
     pub grace: StdDuration,
     pub command: Vec<String>,
+}
+
+impl ExecPlan {
+    /// The variables the command runs with. With one environment:
+    /// DEPLOYLOCK_ENVIRONMENT, DEPLOYLOCK_LOCK_ID and DEPLOYLOCK_FENCING_TOKEN
+    /// of its holding; with several, space-separated lists of them in lock
+    /// order (the n-th lock ID and token are the n-th environment's), and
+    /// DEPLOYLOCK_GROUP_ID.
+    pub fn command_environment(&self, namespace: &str) -> BTreeMap<&'static str, String> {
+        use crate::multienv::space_separated;
+        let held = &self.held;
+        let mut env = BTreeMap::from([
+            (
+                "DEPLOYLOCK_ENVIRONMENT",
+                space_separated(held.iter().map(|h| &h.environment)),
+            ),
+            ("DEPLOYLOCK_NAMESPACE", namespace.to_string()),
+            (
+                "DEPLOYLOCK_LOCK_ID",
+                space_separated(held.iter().map(|h| &h.holding.lock_id)),
+            ),
+            (
+                "DEPLOYLOCK_HOLDER",
+                held.first()
+                    .map(|h| h.holding.user.clone())
+                    .unwrap_or_else(|| self.actor.user.clone()),
+            ),
+            (
+                "DEPLOYLOCK_FENCING_TOKEN",
+                space_separated(held.iter().map(|h| h.fencing_token)),
+            ),
+        ]);
+        if let Some(group_id) = &self.group_id {
+            env.insert("DEPLOYLOCK_GROUP_ID", group_id.clone());
+        }
+        env
+    }
 }
 
 /// How the command ended.
@@ -125,14 +188,18 @@ pub enum ExecOutcome {
     /// could not be released, if it could not (it expires on its own).
     Exited {
         code: i32,
-        release_error: Option<String>,
+        release_errors: Vec<(Environment, String)>,
     },
     /// The command could not be started (the lock was released).
     CouldNotStart { error: String },
-    /// The lock was lost while the child ran; the child was stopped.
-    /// `renewal_error` says why renewing failed, when that was the cause.
+    /// The lock of `environment` was lost while the child ran; the child
+    /// was stopped. `renewal_error` says why renewing failed, when that was
+    /// the cause; `release_errors` name the other holdings that could not
+    /// be released afterwards.
     LockLost {
+        environment: Environment,
         now_held_by: Option<Box<LockHolder>>,
+        release_errors: Vec<(Environment, String)>,
         renewal_error: Option<String>,
         child_code: i32,
     },
@@ -144,12 +211,13 @@ enum Loss {
     RenewalFailed(String),
 }
 
-/// What the renewal and watch tasks tell the main loop.
+/// What the renewal and watch tasks tell the main loop, each about the
+/// holding at an index of [`ExecPlan::held`].
 #[derive(Debug)]
 enum Event {
-    Renewed(StopDeadlines),
-    RenewalFailed(String),
-    Lost(Loss),
+    Renewed(usize, StopDeadlines),
+    RenewalFailed(usize, String),
+    Lost(usize, Loss),
 }
 
 /// Runs the command while holding the lock, then releases it. `signals`
@@ -165,58 +233,89 @@ pub async fn run_while_holding(
             "exec needs a command after `--`, e.g. deploylock exec --reason \"deploy\" -- ./deploy.sh".into(),
         ));
     }
-    let env: BTreeMap<&str, String> = BTreeMap::from([
-        ("DEPLOYLOCK_ENVIRONMENT", plan.environment.to_string()),
-        ("DEPLOYLOCK_NAMESPACE", store.namespace().to_string()),
-        ("DEPLOYLOCK_LOCK_ID", plan.holding.lock_id.clone()),
-        ("DEPLOYLOCK_HOLDER", plan.holding.user.clone()),
-        ("DEPLOYLOCK_FENCING_TOKEN", plan.fencing_token.to_string()),
-    ]);
-    let mut deadlines = plan.deadlines;
+    let env = plan.command_environment(store.namespace());
+    let mut per_holding: Vec<StopDeadlines> = plan.held.iter().map(|h| h.deadlines).collect();
+    let Some(mut deadlines) = StopDeadlines::earliest(per_holding.iter().copied()) else {
+        return Err(Error::InvalidInput("exec holds no lock".into()));
+    };
     let mut watchdog = match Watchdog::start(&plan, deadlines, &env).await {
         Ok(watchdog) => watchdog,
         Err(error) => {
-            let released = release(store, &plan, deadlines.expiry, signals).await;
-            if let Err(err) = released {
-                tracing::warn!(error = %err, "could not release the lock; it will expire on its own");
+            for (held, until) in plan.held.iter().zip(&per_holding) {
+                let released = release(store, &plan.actor, held, until.expiry, signals).await;
+                if let Err(err) = released {
+                    tracing::warn!(environment = %held.environment, error = %err, "could not release the lock; it will expire on its own");
+                }
             }
             return Ok(ExecOutcome::CouldNotStart { error });
         }
     };
 
     let (event_sender, mut events) = mpsc::channel::<Event>(8);
-    let keeper = tokio::spawn(keep_alive(
-        store.clone(),
-        plan.clone(),
-        event_sender.clone(),
-    ));
-    let watcher = tokio::spawn(watch_for_loss(store.clone(), plan.clone(), event_sender));
+    let mut tasks = Vec::with_capacity(plan.held.len() * 2);
+    for (index, held) in plan.held.iter().enumerate() {
+        tasks.push(tokio::spawn(keep_alive(
+            store.clone(),
+            plan.actor.clone(),
+            held.clone(),
+            index,
+            plan.grace,
+            event_sender.clone(),
+        )));
+        tasks.push(tokio::spawn(watch_for_loss(
+            store.clone(),
+            held.clone(),
+            index,
+            event_sender.clone(),
+        )));
+    }
+    drop(event_sender);
 
-    let mut last_renewal_error: Option<String> = None;
-    let mut stopping: Option<Loss> = None;
+    let mut last_renewal_errors: Vec<Option<String>> = vec![None; plan.held.len()];
+    let mut stopping: Option<(usize, Loss)> = None;
     let code = loop {
         tokio::select! {
             status = watchdog.child.wait() => break exit_code(status),
             Some(event) = events.recv(), if stopping.is_none() => match event {
-                Event::Renewed(renewed) => {
-                    deadlines = renewed;
-                    last_renewal_error = None;
+                Event::Renewed(index, renewed) => {
+                    if let Some(slot) = per_holding.get_mut(index) {
+                        *slot = renewed;
+                    }
+                    if let Some(slot) = last_renewal_errors.get_mut(index) {
+                        *slot = None;
+                    }
+                    // The earliest over all holdings: one renewed holding
+                    // must not move the deadline of another.
+                    if let Some(earliest) = StopDeadlines::earliest(per_holding.iter().copied()) {
+                        deadlines = earliest;
+                    }
                     watchdog.send_deadlines(deadlines).await;
                 }
-                Event::RenewalFailed(why) => last_renewal_error = Some(why),
-                Event::Lost(loss) => {
+                Event::RenewalFailed(index, why) => {
+                    if let Some(slot) = last_renewal_errors.get_mut(index) {
+                        *slot = Some(why);
+                    }
+                }
+                Event::Lost(index, loss) => {
                     watchdog.send("stop").await;
-                    stopping = Some(loss);
+                    stopping = Some((index, loss));
                 }
             },
             // The watchdog stops the command at the same instant on its own;
             // this is for the report (and in case the watchdog is wedged).
             _ = tokio::time::sleep_until(deadlines.term), if stopping.is_none() => {
                 watchdog.send("stop").await;
-                let why = last_renewal_error
-                    .take()
+                // The holding whose deadline came first.
+                let index = per_holding
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, d)| d.term)
+                    .map_or(0, |(index, _)| index);
+                let why = last_renewal_errors
+                    .get_mut(index)
+                    .and_then(Option::take)
                     .unwrap_or_else(|| "no renewal succeeded in time".to_string());
-                stopping = Some(Loss::RenewalFailed(why));
+                stopping = Some((index, Loss::RenewalFailed(why)));
             }
             _ = tokio::time::sleep_until(deadlines.kill), if stopping.is_some() => {
                 // Belt and braces: the watchdog kills the whole tree now.
@@ -229,58 +328,83 @@ pub async fn run_while_holding(
             }
         }
     };
-    keeper.abort();
-    watcher.abort();
+    for task in &tasks {
+        task.abort();
+    }
     drop(watchdog);
-    Ok(conclude(store, &plan, deadlines, stopping, code, signals).await)
+    Ok(conclude(store, &plan, &per_holding, stopping, code, signals).await)
 }
 
-/// After the command ended: release the holding (unless it was lost to
-/// someone else) and say how it went.
+/// After the command ended: release the holdings (but one lost to someone
+/// else) and say how it went.
 async fn conclude(
     store: &LockStore,
     plan: &ExecPlan,
-    deadlines: StopDeadlines,
-    stopping: Option<Loss>,
+    per_holding: &[StopDeadlines],
+    stopping: Option<(usize, Loss)>,
     code: i32,
     signals: &mut Signals,
 ) -> ExecOutcome {
-    match stopping {
-        None => match release(store, plan, deadlines.expiry, signals).await {
-            Ok(Released::Now) => ExecOutcome::Exited {
-                code,
-                release_error: None,
-            },
-            // Taken over (or force-released) while the command ran, and
-            // neither the watch nor a renewal saw it before the command
-            // ended: the command ran without the lock, which must not read
-            // as success.
-            Ok(Released::AlreadyGone(now_held_by)) => ExecOutcome::LockLost {
+    let mut release_errors = Vec::new();
+    let Some((lost_index, loss)) = stopping else {
+        let mut gone = None;
+        for (held, deadlines) in plan.held.iter().zip(per_holding) {
+            match release(store, &plan.actor, held, deadlines.expiry, signals).await {
+                Ok(Released::Now) => {}
+                // Taken over (or force-released) while the command ran, and
+                // neither the watch nor a renewal saw it before the command
+                // ended: the command ran without the lock, which must not
+                // read as success.
+                Ok(Released::AlreadyGone(now_held_by)) => {
+                    if gone.is_none() {
+                        gone = Some((held.environment.clone(), now_held_by));
+                    }
+                }
+                Err(why) => release_errors.push((held.environment.clone(), why)),
+            }
+        }
+        return match gone {
+            Some((environment, now_held_by)) => ExecOutcome::LockLost {
+                environment,
                 now_held_by,
+                release_errors,
                 renewal_error: None,
                 child_code: code,
             },
-            Err(why) => ExecOutcome::Exited {
+            None => ExecOutcome::Exited {
                 code,
-                release_error: Some(why),
+                release_errors,
             },
-        },
-        Some(loss) => {
-            let (now_held_by, renewal_error) = match loss {
-                Loss::TakenBy(holder) => (holder, None),
-                Loss::RenewalFailed(why) => {
-                    // The holding may still be valid for a moment: free it
-                    // for the next one if the server can be reached.
-                    let _ = release(store, plan, deadlines.expiry, signals).await;
-                    (None, Some(why))
-                }
-            };
-            ExecOutcome::LockLost {
-                now_held_by,
-                renewal_error,
-                child_code: code,
+        };
+    };
+    let (now_held_by, renewal_error) = match loss {
+        Loss::TakenBy(holder) => (holder, None),
+        Loss::RenewalFailed(why) => (None, Some(why)),
+    };
+    for (index, (held, deadlines)) in plan.held.iter().zip(per_holding).enumerate() {
+        if index == lost_index {
+            if renewal_error.is_some() {
+                // The holding may still be valid for a moment: free it
+                // for the next one if the server can be reached.
+                let _ = release(store, &plan.actor, held, deadlines.expiry, signals).await;
             }
+            continue;
         }
+        match release(store, &plan.actor, held, deadlines.expiry, signals).await {
+            Ok(_) => {}
+            Err(why) => release_errors.push((held.environment.clone(), why)),
+        }
+    }
+    ExecOutcome::LockLost {
+        environment: plan
+            .held
+            .get(lost_index)
+            .map(|held| held.environment.clone())
+            .unwrap_or_else(Environment::production),
+        now_held_by,
+        release_errors,
+        renewal_error,
+        child_code: code,
     }
 }
 
@@ -316,17 +440,18 @@ enum Released {
 /// A signal ends the retries.
 async fn release(
     store: &LockStore,
-    plan: &ExecPlan,
+    actor: &Actor,
+    held: &HeldLock,
     until: Instant,
     signals: &mut Signals,
 ) -> Result<Released, String> {
     let request = Request::Release {
-        actor: plan.actor.clone(),
-        lock_id: Some(plan.holding.lock_id.clone()),
+        actor: actor.clone(),
+        lock_id: Some(held.holding.lock_id.clone()),
     };
     let mut backoff = StdDuration::from_millis(250);
     loop {
-        let attempt = tokio::time::timeout_at(until, store.apply(&plan.environment, &request));
+        let attempt = tokio::time::timeout_at(until, store.apply(&held.environment, &request));
         let err = match attempt.await {
             Ok(Ok(_)) => return Ok(Released::Now),
             // Not ours any more: nothing to release.
@@ -355,53 +480,61 @@ async fn release(
 
 /// Renews at a third of the duration from the last renewal; on failure
 /// retries quickly (the main loop stops the command at the deadline).
-async fn keep_alive(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event>) {
-    let duration = Duration::seconds(plan.holding.duration_seconds);
-    let seconds = u64::try_from(plan.holding.duration_seconds).unwrap_or(60);
+async fn keep_alive(
+    store: LockStore,
+    actor: Actor,
+    held: HeldLock,
+    index: usize,
+    grace: StdDuration,
+    events: mpsc::Sender<Event>,
+) {
+    let duration = Duration::seconds(held.holding.duration_seconds);
+    let seconds = u64::try_from(held.holding.duration_seconds).unwrap_or(60);
     let interval =
         StdDuration::from_millis(seconds.saturating_mul(1000) / 3).max(StdDuration::from_secs(1));
-    let mut next_renewal = plan.taken_at + interval;
+    let mut next_renewal = held.taken_at + interval;
     let mut backoff = StdDuration::from_millis(500);
     loop {
         tokio::time::sleep_until(next_renewal).await;
         let request = Request::Extend {
-            actor: plan.actor.clone(),
+            actor: actor.clone(),
             duration,
-            lock_id: Some(plan.holding.lock_id.clone()),
+            lock_id: Some(held.holding.lock_id.clone()),
             not_after: None,
         };
-        let event = match store.apply(&plan.environment, &request).await {
+        let event = match store.apply(&held.environment, &request).await {
             Ok(applied) => {
                 let observed = &applied.observed;
                 backoff = StdDuration::from_millis(500);
                 next_renewal = observed.sent + interval;
                 match observed.holder() {
-                    Some(holder) if holder.lock_id == plan.holding.lock_id => {
-                        tracing::debug!(expires_at = %holder.expires_at, "lock renewed");
-                        Event::Renewed(StopDeadlines::for_holding(
-                            observed,
-                            holder.expires_at,
-                            plan.grace,
-                        ))
+                    Some(holder) if holder.lock_id == held.holding.lock_id => {
+                        tracing::debug!(environment = %held.environment, expires_at = %holder.expires_at, "lock renewed");
+                        Event::Renewed(
+                            index,
+                            StopDeadlines::for_holding(observed, holder.expires_at, grace),
+                        )
                     }
-                    other => Event::Lost(Loss::TakenBy(other.cloned().map(Box::new))),
+                    other => Event::Lost(index, Loss::TakenBy(other.cloned().map(Box::new))),
                 }
             }
             Err(Error::Refused(Refusal::LockLost { current, .. })) => {
-                Event::Lost(Loss::TakenBy(current))
+                Event::Lost(index, Loss::TakenBy(current))
             }
             Err(Error::Refused(Refusal::NotHolder(holder))) => {
-                Event::Lost(Loss::TakenBy(Some(holder)))
+                Event::Lost(index, Loss::TakenBy(Some(holder)))
             }
-            Err(Error::Refused(refusal)) => Event::Lost(Loss::RenewalFailed(refusal.to_string())),
+            Err(Error::Refused(refusal)) => {
+                Event::Lost(index, Loss::RenewalFailed(refusal.to_string()))
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "renewal failed; retrying until the lock would expire");
                 next_renewal = Instant::now() + backoff;
                 backoff = (backoff * 2).min(MAX_RENEWAL_BACKOFF);
-                Event::RenewalFailed(err.to_string())
+                Event::RenewalFailed(index, err.to_string())
             }
         };
-        let lost = matches!(event, Event::Lost(_));
+        let lost = matches!(event, Event::Lost(..));
         if events.send(event).await.is_err() || lost {
             return;
         }
@@ -411,12 +544,17 @@ async fn keep_alive(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event
 /// Watches the lock object and reports the first version naming another
 /// holding (or none). A watch that stays silent for a renewal interval is
 /// started again (a dead connection sends nothing, not even an error).
-async fn watch_for_loss(store: LockStore, plan: ExecPlan, events: mpsc::Sender<Event>) {
-    let seconds = u64::try_from(plan.holding.duration_seconds).unwrap_or(60);
+async fn watch_for_loss(
+    store: LockStore,
+    held: HeldLock,
+    index: usize,
+    events: mpsc::Sender<Event>,
+) {
+    let seconds = u64::try_from(held.holding.duration_seconds).unwrap_or(60);
     let quiet_limit = StdDuration::from_secs((seconds / 3).clamp(5, 60));
     let mut resource_version = "0".to_string();
     loop {
-        let mut stream = match store.watch(&plan.environment, &resource_version).await {
+        let mut stream = match store.watch(&held.environment, &resource_version).await {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!(error = %err, "watch failed; retrying");
@@ -438,16 +576,16 @@ async fn watch_for_loss(store: LockStore, plan: ExecPlan, events: mpsc::Sender<E
                         .unwrap_or(resource_version);
                     let current = lock.spec.holder.clone();
                     if current.as_ref().map(|h| h.lock_id.as_str())
-                        != Some(plan.holding.lock_id.as_str())
+                        != Some(held.holding.lock_id.as_str())
                     {
                         let _ = events
-                            .send(Event::Lost(Loss::TakenBy(current.map(Box::new))))
+                            .send(Event::Lost(index, Loss::TakenBy(current.map(Box::new))))
                             .await;
                         return;
                     }
                 }
                 Ok(Some(WatchEvent::Deleted(_))) => {
-                    let _ = events.send(Event::Lost(Loss::TakenBy(None))).await;
+                    let _ = events.send(Event::Lost(index, Loss::TakenBy(None))).await;
                     return;
                 }
                 Ok(Some(WatchEvent::Bookmark(bookmark))) => {
@@ -897,4 +1035,34 @@ fn descendants(root: Pid) -> Vec<Pid> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadlines(base: Instant, term: u64, kill: u64, expiry: u64) -> StopDeadlines {
+        let at = |seconds| base + StdDuration::from_secs(seconds);
+        StopDeadlines {
+            term: at(term),
+            kill: at(kill),
+            expiry: at(expiry),
+        }
+    }
+
+    /// Several holdings: each deadline is the earliest of any holding, even
+    /// when they come from different holdings.
+    #[test]
+    fn the_earliest_deadlines_are_taken_over_all_holdings() {
+        let base = Instant::now();
+        let first = deadlines(base, 100, 110, 111);
+        let second = deadlines(base, 90, 115, 116);
+        let third = deadlines(base, 95, 105, 120);
+        assert_eq!(
+            StopDeadlines::earliest([first, second, third]),
+            Some(deadlines(base, 90, 105, 111))
+        );
+        assert_eq!(StopDeadlines::earliest([first]), Some(first));
+        assert_eq!(StopDeadlines::earliest([]), None);
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`rules`]: the lock rules, pure functions deciding every transition.
 //! - [`servertime`]: the API server's clock, measured to better than a second.
 //! - [`store`]: the Kubernetes I/O applying the rules; [`queue`]: waiting for the lock.
+//! - [`multienv`]: several environments at once (lock order, lock group ID).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -18,6 +19,7 @@ pub mod environment;
 pub mod error;
 pub mod exec;
 pub mod gitops;
+pub mod multienv;
 pub mod notify;
 pub mod queue;
 pub mod rules;

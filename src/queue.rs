@@ -77,6 +77,8 @@ pub struct TakeRequest {
     pub order: QueueOrder,
     /// The holding ends at this instant at the latest (a freeze window's end).
     pub not_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// The lock group ID shared by a multi-environment acquire's holdings.
+    pub group_id: Option<String>,
 }
 
 impl TakeRequest {
@@ -93,6 +95,7 @@ impl TakeRequest {
             metadata: self.metadata.clone(),
             waiter_id,
             not_after: self.not_after,
+            group_id: self.group_id.clone(),
         }
     }
 }

@@ -64,6 +64,9 @@ pub struct AcquireRequest {
     /// The holding ends at this instant at the latest (its duration is cut
     /// to the whole seconds left): a freeze window's end.
     pub not_after: Option<DateTime<Utc>>,
+    /// The lock group ID of a multi-environment acquire (the same on each
+    /// of its holdings).
+    pub group_id: Option<String>,
 }
 
 /// Everything a client may ask of a lock.
@@ -488,6 +491,7 @@ fn decide_acquire(
         deployment_id: request.deployment_id.clone(),
         metadata: request.metadata.clone(),
         overrode,
+        group_id: request.group_id.clone(),
     };
     let mut next = spec.clone();
     next.fencing_token = next_counter(spec.fencing_token)?;

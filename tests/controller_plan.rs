@@ -53,6 +53,7 @@ fn acquire(user: &str, lock_id: &str, duration: Duration) -> Request {
         metadata: BTreeMap::new(),
         waiter_id: None,
         not_after: None,
+        group_id: None,
     })
 }
 

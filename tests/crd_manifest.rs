@@ -62,6 +62,11 @@ fn schema_bounds_are_the_rust_constants() {
             json!(MAX_HISTORY_ENTRIES),
         ),
         (format!("{holder}/lockId/maxLength"), json!(MAX_ID_LEN)),
+        (format!("{holder}/groupId/maxLength"), json!(MAX_ID_LEN)),
+        (
+            format!("{holder}/groupId/pattern"),
+            json!("^[A-Za-z0-9-]+$"),
+        ),
         (format!("{holder}/user/maxLength"), json!(MAX_NAME_LEN)),
         (format!("{holder}/owner/maxLength"), json!(MAX_NAME_LEN)),
         (

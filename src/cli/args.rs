@@ -25,10 +25,28 @@ pub struct Cli {
 }
 
 /// Options every action accepts.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// Environment whose lock to act on (the DeploymentLock's name).
-    #[arg(short = 'e', long, global = true, default_value = "production", value_parser = input::environment)]
+    /// Environment whose lock to act on (the DeploymentLock's name; default:
+    /// production). acquire, release, extend, wait and exec take it repeated
+    /// (-e a -e b): every lock, taken in name order, all or none.
+    #[arg(
+        id = "environment",
+        short = 'e',
+        long = "environment",
+        global = true,
+        value_name = "ENVIRONMENT",
+        action = clap::ArgAction::Append,
+        value_parser = input::environment
+    )]
+    pub environments: Vec<Environment>,
+    /// acquire, release, extend, wait, exec: every DeploymentLock of the
+    /// namespace, as the API server lists them (instead of -e).
+    #[arg(long, global = true, conflicts_with = "environment")]
+    pub all_environments: bool,
+    /// The environment of a single-environment action: the one -e given, or
+    /// production ([`GlobalArgs::resolve`] sets it after parsing).
+    #[arg(skip = Environment::production())]
     pub environment: Environment,
     /// Namespace of the DeploymentLocks (default: the kubeconfig context's).
     #[arg(short = 'n', long, global = true, value_parser = input::namespace)]
@@ -45,6 +63,15 @@ pub struct GlobalArgs {
     /// Show every field (status) and debug logs on stderr.
     #[arg(short = 'v', long, global = true)]
     pub verbose: bool,
+}
+
+impl GlobalArgs {
+    /// Fills in [`GlobalArgs::environment`]: the first -e, else production.
+    pub fn resolve(&mut self) {
+        if let Some(first) = self.environments.first() {
+            self.environment = first.clone();
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +128,11 @@ renewal succeeds in time, the command gets SIGTERM --grace before the lock could
 expire on the API server's clock and SIGKILL a safety margin before it. If exec
 itself dies (even by SIGKILL), its watchdog stops the command and everything it
 started the same way.
+
+With several environments (-e a -e b, --all-environments) every lock is taken (in name
+order, all or none), renewed and watched; losing any one stops the command. The
+command then gets DEPLOYLOCK_ENVIRONMENT, DEPLOYLOCK_LOCK_ID and DEPLOYLOCK_FENCING_TOKEN
+as space-separated lists in that order, and DEPLOYLOCK_GROUP_ID.
 
 Exit code: the command's own (128+N if signal N ended it, 127 if it could not start);
 3 or 4 if the lock could not be acquired; 7 if the lock was lost while it ran;
@@ -173,6 +205,10 @@ pub struct ReleaseArgs {
     /// shares your identity), nothing is released and the exit code is 0.
     #[arg(long, conflicts_with = "lock_id", value_parser = |s: &str| input::label("--deployment-id", s))]
     pub deployment_id: Option<String>,
+    /// Release your holdings of this lock group (as a multi-environment
+    /// acquire printed it), in whichever environments of the namespace they are.
+    #[arg(long, conflicts_with_all = ["lock_id", "deployment_id"], value_parser = super::multi::group_id)]
+    pub group_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -228,7 +264,10 @@ pub fn parse_as(bin_name: &'static str) -> Result<Cli, ExitCode> {
         .try_get_matches()
         .and_then(|matches| Cli::from_arg_matches(&matches));
     match parsed {
-        Ok(cli) => Ok(cli),
+        Ok(mut cli) => {
+            cli.global.resolve();
+            Ok(cli)
+        }
         Err(err) => {
             use clap::error::ErrorKind;
             if matches!(
@@ -294,8 +333,11 @@ mod tests {
         // Extending needs no reason.
         let extend = Cli::try_parse_from(["deploylock", "acquire", "--extend"]);
         assert!(extend.is_ok(), "{extend:?}");
-        let environment = Cli::try_parse_from(["deploylock", "-e", "staging", "status"])
-            .map(|cli| cli.global.environment.to_string());
+        let environment =
+            Cli::try_parse_from(["deploylock", "-e", "staging", "status"]).map(|mut cli| {
+                cli.global.resolve();
+                cli.global.environment.to_string()
+            });
         assert_eq!(environment.ok().as_deref(), Some("staging"));
     }
 }

@@ -6,10 +6,11 @@ use std::time::Duration as StdDuration;
 use crate::crd::{LockHolder, LockType};
 use crate::environment::Environment;
 use crate::error::Error;
-use crate::exec::{ExecOutcome, ExecPlan, StopDeadlines, run_while_holding};
+use crate::exec::{ExecOutcome, ExecPlan, HeldLock, StopDeadlines, run_while_holding};
+use crate::multienv::space_separated;
 use crate::rules::Actor;
 use crate::signals::Signals;
-use crate::store::LockStore;
+use crate::store::{LockStore, Observed};
 
 use super::report::{self, Exit};
 use super::{ExecArgs, GlobalArgs, render};
@@ -39,48 +40,117 @@ pub async fn run(
     // queue, one while the command runs is passed on to it.
     let applied =
         super::writes::take_lock(store, global, &args.lock, LockType::Automatic, signals).await?;
-    let observed = &applied.observed;
+    let grace = StdDuration::from_secs(args.grace);
+    let held = held_lock(&global.environment, &applied.observed, grace)?;
+    eprintln!(
+        "deploylock: {} acquired (lock ID {}, fencing token {}); running {:?}",
+        global.environment,
+        held.holding.lock_id,
+        held.fencing_token,
+        args.command.join(" ")
+    );
+    let plan = ExecPlan {
+        actor: Actor::new(held.holding.user.clone(), Some(held.holding.owner.clone())),
+        held: vec![held],
+        group_id: None,
+        grace,
+        command: args.command.clone(),
+    };
+    let outcome = run_while_holding(store, plan, signals).await?;
+    Ok(report_outcome(outcome))
+}
+
+/// `exec` with several environments: takes all their locks (in lock order,
+/// all or none, one lock group), then runs the command holding all of them.
+pub async fn run_several(
+    store: &LockStore,
+    global: &GlobalArgs,
+    args: &ExecArgs,
+    environments: &[Environment],
+    signals: &mut Signals,
+) -> Result<Exit, Error> {
+    let taken = super::multi::take_all(
+        store,
+        &args.lock,
+        LockType::Automatic,
+        environments,
+        signals,
+    )
+    .await;
+    let (group_id, taken) = match taken {
+        Ok(taken) => taken,
+        Err(failed) => return Ok(failed.report(store, global)),
+    };
+    let grace = StdDuration::from_secs(args.grace);
+    let mut held = Vec::with_capacity(taken.len());
+    for entry in &taken {
+        held.push(held_lock(
+            &entry.environment,
+            &entry.applied.observed,
+            grace,
+        )?);
+    }
+    let Some(first) = held.first() else {
+        return Err(Error::Api("no lock was taken".into()));
+    };
+    let actor = Actor::new(
+        first.holding.user.clone(),
+        Some(first.holding.owner.clone()),
+    );
+    eprintln!(
+        "deploylock: {} acquired (lock group ID {group_id}, lock IDs {}, fencing tokens {}); running {:?}",
+        space_separated(held.iter().map(|h| &h.environment)),
+        space_separated(held.iter().map(|h| &h.holding.lock_id)),
+        space_separated(held.iter().map(|h| h.fencing_token)),
+        args.command.join(" ")
+    );
+    let plan = ExecPlan {
+        actor,
+        held,
+        group_id: Some(group_id),
+        grace,
+        command: args.command.clone(),
+    };
+    let outcome = run_while_holding(store, plan, signals).await?;
+    Ok(report_outcome(outcome))
+}
+
+/// A holding as exec keeps it: its stop deadlines from the read that gave it.
+fn held_lock(
+    environment: &Environment,
+    observed: &Observed,
+    grace: StdDuration,
+) -> Result<HeldLock, Error> {
     let Some(holding) = observed.holder().cloned() else {
         return Err(Error::Api("the lock was written without a holder".into()));
     };
-    let fencing_token = observed.spec().map(|s| s.fencing_token).unwrap_or_default();
-    eprintln!(
-        "deploylock: {} acquired (lock ID {}, fencing token {fencing_token}); running {:?}",
-        global.environment,
-        holding.lock_id,
-        args.command.join(" ")
-    );
-    let grace = StdDuration::from_secs(args.grace);
-    let plan = ExecPlan {
-        environment: global.environment.clone(),
-        actor: Actor::new(holding.user.clone(), Some(holding.owner.clone())),
-        fencing_token,
+    Ok(HeldLock {
+        environment: environment.clone(),
+        fencing_token: observed.spec().map(|s| s.fencing_token).unwrap_or_default(),
         deadlines: StopDeadlines::for_holding(observed, holding.expires_at, grace),
         taken_at: observed.sent,
-        grace,
-        command: args.command.clone(),
         holding,
-    };
-    let outcome = run_while_holding(store, plan, signals).await?;
-    Ok(report_outcome(&global.environment, outcome))
+    })
 }
 
 /// Says how the command ended; the exit code is the command's own unless
 /// the lock failed it.
-fn report_outcome(environment: &Environment, outcome: ExecOutcome) -> Exit {
+fn report_outcome(outcome: ExecOutcome) -> Exit {
     match outcome {
         ExecOutcome::Exited {
             code,
-            release_error: None,
-        } => Exit::Child(code),
+            release_errors,
+        } if release_errors.is_empty() => Exit::Child(code),
         ExecOutcome::Exited {
             code,
-            release_error: Some(why),
+            release_errors,
         } => {
-            eprintln!(
-                "deploylock: warning: the command exited with {code} but the lock on {environment} could not be released ({}); it stays held until it expires (see `deploylock status`)",
-                render::Safe(&why)
-            );
+            for (environment, why) in &release_errors {
+                eprintln!(
+                    "deploylock: warning: the command exited with {code} but the lock on {environment} could not be released ({}); it stays held until it expires (see `deploylock status`)",
+                    render::Safe(why)
+                );
+            }
             Exit::NotReleased
         }
         ExecOutcome::CouldNotStart { error } => {
@@ -88,16 +158,24 @@ fn report_outcome(environment: &Environment, outcome: ExecOutcome) -> Exit {
             Exit::Child(127)
         }
         ExecOutcome::LockLost {
+            environment,
             now_held_by,
+            release_errors,
             renewal_error,
             child_code,
         } => {
             report_loss(
-                environment,
+                &environment,
                 now_held_by.as_deref(),
                 renewal_error,
                 child_code,
             );
+            for (other, why) in &release_errors {
+                eprintln!(
+                    "deploylock: warning: the lock on {other} could not be released after the loss of {environment} ({}); it stays held until it expires (see `deploylock status`)",
+                    render::Safe(why)
+                );
+            }
             Exit::LockLost
         }
     }

@@ -24,6 +24,7 @@ pub mod complete;
 mod exec;
 mod generated;
 pub mod input;
+mod multi;
 pub mod progress;
 pub mod render;
 pub mod report;
@@ -113,11 +114,13 @@ pub async fn run(cli: Cli) -> ExitCode {
     // and releasing.
     let mut signals = Signals::new();
     let mut clock = None;
-    match execute(&cli, &mut signals, &mut clock).await {
+    // The environment acted on, once known (--all-environments may find one).
+    let mut global = cli.global.clone();
+    match execute(&cli, &mut signals, &mut clock, &mut global.environment).await {
         Ok(exit) => exit.into(),
         Err(err) => {
             let now = clock.as_ref().and_then(ServerClock::now);
-            report::print_failure(&err, &cli.global, now.unwrap_or_else(Utc::now)).into()
+            report::print_failure(&err, &global, now.unwrap_or_else(Utc::now)).into()
         }
     }
 }
@@ -127,12 +130,14 @@ async fn execute(
     cli: &Cli,
     signals: &mut Signals,
     clock: &mut Option<ServerClock>,
+    acted_on: &mut crate::environment::Environment,
 ) -> Result<Exit, Error> {
-    let global = &cli.global;
     // Refuse incomplete requests before touching the cluster.
     if let Action::Exec(args) = &cli.action {
         exec::check(args)?;
     }
+    multi::check(cli)?;
+    let mut global = cli.global.clone();
     let options = ConnectOptions {
         kubeconfig: global.kubeconfig.clone(),
         context: global.context.clone(),
@@ -147,6 +152,14 @@ async fn execute(
     })?;
     let store = LockStore::new(client, &namespace);
     *clock = Some(store.server_clock());
+    match interruptible(signals, multi::targets(&store, cli)).await? {
+        multi::Targets::One(environment) => {
+            acted_on.clone_from(&environment);
+            global.environment = environment;
+        }
+        several => return multi::run(&store, cli, several, signals).await,
+    }
+    let global = &global;
     match &cli.action {
         Action::Acquire(args) if !args.extend => {
             let applied =

@@ -196,6 +196,9 @@ pub fn status_table(view: &LockView, verbose: bool) -> String {
         lines.push(("Reason", holder.reason.clone()));
         lines.push(("Type", holder.lock_type.to_string()));
         lines.push(("Lock ID", holder.lock_id.clone()));
+        if let Some(group_id) = &holder.group_id {
+            lines.push(("Lock group ID", group_id.clone()));
+        }
         lines.push(("Acquired", when(holder.acquired_at, now)));
         lines.push(("Expires", when(holder.expires_at, now)));
         if let Some(deployment) = &holder.deployment_id {

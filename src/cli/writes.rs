@@ -3,6 +3,7 @@
 //! force-release.
 
 use crate::crd::LockType;
+use crate::environment::Environment;
 use crate::error::Error;
 use crate::queue::{self, TakeRequest};
 use crate::rules::{Actor, Request};
@@ -23,6 +24,22 @@ pub async fn take_lock(
     lock_type: LockType,
     signals: &mut Signals,
 ) -> Result<Applied, Error> {
+    let deadline = deadline_after(args.wait_timeout);
+    let env = &global.environment;
+    take_one(store, env, args, lock_type, None, deadline, signals).await
+}
+
+/// Takes the lock of `env` as `args` say, in lock group `group_id` (a
+/// multi-environment acquire), waiting in its queue until `deadline`.
+pub async fn take_one(
+    store: &LockStore,
+    env: &Environment,
+    args: &AcquireArgs,
+    lock_type: LockType,
+    group_id: Option<String>,
+    deadline: Option<tokio::time::Instant>,
+    signals: &mut Signals,
+) -> Result<Applied, Error> {
     let request = TakeRequest {
         owner: args.owner.clone(),
         lock_type,
@@ -33,9 +50,8 @@ pub async fn take_lock(
         metadata: args.metadata.clone().unwrap_or_default(),
         order: args.queue,
         not_after: None,
+        group_id,
     };
-    let deadline = deadline_after(args.wait_timeout);
-    let env = &global.environment;
     match deadline {
         Some(_) => {
             let mut progress = WaitProgress::acquiring(env);

@@ -394,6 +394,7 @@ fn take_request(window: &FreezeWindow, uid: &str, interval: Interval) -> TakeReq
         // The rules serve a window's place before every other.
         order: QueueOrder::OldestFirst,
         not_after: Some(interval.end),
+        group_id: None,
     }
 }
 

@@ -433,6 +433,7 @@ mod tests {
             deployment_id: Some("run-1".into()),
             metadata: Default::default(),
             overrode: None,
+            group_id: None,
         }
     }
 

@@ -672,6 +672,7 @@ async fn in_process_worker(worker: Worker, store: LockStore, mut rng: Rng) {
                     metadata: BTreeMap::new(),
                     waiter_id: None,
                     not_after: None,
+                    group_id: None,
                 })
             }
         };

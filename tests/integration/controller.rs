@@ -63,6 +63,7 @@ async fn put_short_lock(
         deployment_id: None,
         metadata: Default::default(),
         overrode: None,
+        group_id: None,
     });
     apply_lock_spec(api, environment, &spec).await;
     expires_at

@@ -537,3 +537,112 @@ fn value_of_key<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a str> 
         _ => None,
     }
 }
+
+/// examples/cross-environment-migration: the migration runs holding both
+/// environments' locks in one lock group, they are released after it (and
+/// after a failed step), and a held environment refuses the whole migration.
+#[tokio::test]
+async fn cross_environment_migration_example_runs_against_the_control_plane() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("example-migration").await;
+    let temp = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let alice = kubeconfig_in(Identity::Alice, &namespace, temp.path());
+    let api: Api<DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let script = "cross-environment-migration/migrate.sh";
+
+    // The step records the group it ran under, read back while it holds.
+    let record = temp.path().join("groups");
+    let step = temp.path().join("step.sh");
+    std::fs::write(
+        &step,
+        format!(
+            "#!/bin/sh\necho \"$DEPLOYLOCK_GROUP_ID $1 $2\" >> '{}'\necho migrating \"$1\" \"$2\"\n",
+            record.display()
+        ),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&step, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+    let step = step.display().to_string();
+    let output = run_script(script, &["MIG-42"], &alice, &[("MIGRATE_COMMAND", &step)]);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("holding production staging (lock group "),
+        "{stdout}"
+    );
+    let recorded = std::fs::read_to_string(&record).unwrap_or_else(|err| panic!("{err}"));
+    let lines: Vec<Vec<&str>> = recorded.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 2, "{recorded}");
+    assert_eq!(
+        (lines[0][1], lines[1][1]),
+        ("production", "staging"),
+        "{recorded}"
+    );
+    assert_eq!(lines[0][0], lines[1][0], "one lock group: {recorded}");
+    for environment in ["production", "staging"] {
+        let lock = api
+            .get(environment)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert!(lock.spec.holder.is_none(), "{environment} released");
+        let history = &lock.spec.history;
+        let last: Vec<HistoryAction> = history[history.len().saturating_sub(2)..]
+            .iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(last, [HistoryAction::Acquired, HistoryAction::Released]);
+        assert_eq!(
+            history.last().map(|e| e.reason.as_str()),
+            Some("Migration MIG-42")
+        );
+    }
+
+    // A failed step: exec passes its code on, both locks are released.
+    let output = run_script(script, &["MIG-43"], &alice, &[("MIGRATE_COMMAND", "false")]);
+    assert_eq!(output.status.code(), Some(1));
+    for environment in ["production", "staging"] {
+        let lock = api
+            .get(environment)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert!(
+            lock.spec.holder.is_none(),
+            "{environment} released after a failure"
+        );
+    }
+
+    // staging held by bob: nothing runs, production is released again.
+    let held = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &["-e", "staging", "acquire", "--reason", "hotfix"],
+    );
+    assert!(held.status.success());
+    let output = run_script(
+        script,
+        &["MIG-44"],
+        &alice,
+        &[("WAIT_TIMEOUT", "1"), ("MIGRATE_COMMAND", "false")],
+    );
+    assert_eq!(output.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("could not acquire staging"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("holding"));
+    let production = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        production.spec.holder.is_none(),
+        "production released again"
+    );
+}

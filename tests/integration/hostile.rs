@@ -345,6 +345,29 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             write: |object, now| extension(object, "alice", "2099-01-01T00:00:00Z", now),
         },
         Attack {
+            what: "the holder gives its holding a lock group ID in a valid extension",
+            actor: Identity::Alice,
+            write: |object, now| {
+                let expires_at = stamp(now + Duration::minutes(50));
+                let mut entry = next_entry(object, "Extended", "alice", now);
+                entry["expiresAt"] = json!(expires_at);
+                Write::JsonPatch(json!([
+                    { "op": "replace", "path": "/spec/holder/expiresAt", "value": expires_at },
+                    { "op": "add", "path": "/spec/holder/groupId", "value": "another-group" },
+                    { "op": "add", "path": "/spec/history/-", "value": entry }
+                ]))
+            },
+        },
+        Attack {
+            what: "a non-holder sets the lock group ID of the holding",
+            actor: Identity::Bob,
+            write: |_, _| {
+                Write::JsonPatch(json!([
+                    { "op": "add", "path": "/spec/holder/groupId", "value": "bobs-group" }
+                ]))
+            },
+        },
+        Attack {
             what: "a non-holder extends the holding in the holder's name",
             actor: Identity::Bob,
             write: |object, now| extension(object, "bob", &stamp(now + Duration::hours(2)), now),

@@ -18,6 +18,7 @@ mod gate;
 mod gitops;
 mod hostile;
 mod install;
+mod multienv;
 mod node;
 mod notify;
 mod queue;

@@ -969,6 +969,7 @@ async fn put_expiring_lock(
             deployment_id: Some("run-7".into()),
             metadata: Default::default(),
             overrode: None,
+            group_id: None,
         }),
         fencing_token: 1,
         queue: vec![],

@@ -51,6 +51,7 @@ fn any_hostile_spec() -> impl Strategy<Value = DeploymentLockSpec> {
                     deployment_id: None,
                     metadata: BTreeMap::new(),
                     overrode: None,
+                    group_id: None,
                 });
                 DeploymentLockSpec {
                     environment: ENV.into(),

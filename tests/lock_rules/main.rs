@@ -61,6 +61,7 @@ fn acquire_request(
         metadata: BTreeMap::new(),
         waiter_id: None,
         not_after: None,
+        group_id: None,
     }
 }
 
