@@ -693,7 +693,11 @@ impl Watchdog {
                 tracing::warn!(?peer, "a stranger connected to the watchdog's socket");
             }
         };
+        // Handshake first: a command that exits at once takes the watchdog
+        // down right after its "started" line, and then both are ready; the
+        // line (already sent) is what counts.
         let outcome = tokio::select! {
+            biased;
             result = handshake => result.map_err(|err| format!("cannot talk to the watchdog: {err}")),
             status = child.wait() => Err(format!("the watchdog ended before starting it ({status:?})")),
         };
