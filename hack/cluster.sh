@@ -35,7 +35,9 @@
 #   controller  CN=deploylock-controller                (the controller's identity)
 # Each identity starts with no permissions beyond Kubernetes' defaults;
 # RBAC for them comes from the manifests deploylock ships.
-set -euo pipefail
+set -Eeuo pipefail
+# A failing step says which (openssl's own words are in logs/pki.log).
+trap 'echo "[cluster] failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache_root="${DEPLOYLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deploylock}"
@@ -109,10 +111,10 @@ make_identity() { # <name> <CN> <O or empty>
   subj="/CN=$cn"
   [[ -n "$org" ]] && subj="/O=$org$subj"
   openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/pki/$name.key" \
-    -subj "$subj" -out "$dir/pki/$name.csr" 2>/dev/null
+    -subj "$subj" -out "$dir/pki/$name.csr" 2>>"$dir/logs/pki.log"
   openssl x509 -req -in "$dir/pki/$name.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
     -CAcreateserial -days 30 -out "$dir/pki/$name.crt" \
-    -extfile <(printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>/dev/null
+    -extfile <(printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>>"$dir/logs/pki.log"
   cat >"$dir/kubeconfigs/$name.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -247,14 +249,14 @@ start_cluster() {
 
   log "generating certificates and identities"
   openssl req -x509 -new -newkey rsa:2048 -nodes -days 30 -keyout "$dir/pki/ca.key" \
-    -subj "/CN=deploylock-local-ca" -out "$dir/pki/ca.crt" 2>/dev/null
+    -subj "/CN=deploylock-local-ca" -out "$dir/pki/ca.crt" 2>>"$dir/logs/pki.log"
   openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/pki/apiserver.key" \
-    -subj "/CN=kube-apiserver" -out "$dir/pki/apiserver.csr" 2>/dev/null
+    -subj "/CN=kube-apiserver" -out "$dir/pki/apiserver.csr" 2>>"$dir/logs/pki.log"
   openssl x509 -req -in "$dir/pki/apiserver.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
     -CAcreateserial -days 30 -out "$dir/pki/apiserver.crt" \
-    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>/dev/null
-  openssl genrsa -out "$dir/pki/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n') 2>>"$dir/logs/pki.log"
+  openssl genrsa -out "$dir/pki/sa.key" 2048 2>>"$dir/logs/pki.log"
+  openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>>"$dir/logs/pki.log"
   make_identity admin deploylock-admin system:masters
   make_identity alice alice deploylock:users
   make_identity bob bob deploylock:users
