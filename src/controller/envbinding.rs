@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -32,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::conditions::Observation;
 use crate::envbinding::{
-    EnvironmentBinding, EnvironmentBindingStatus, LOCK_NAMESPACE_LABEL, MANAGED_BY,
+    EnvironmentBinding, EnvironmentBindingStatus, GATE_POLICY, LOCK_NAMESPACE_LABEL, MANAGED_BY,
     MANAGED_BY_LABEL, Ownership, READY_CONDITION, ownership, render_policy_binding, selector_text,
 };
 use crate::servertime::ServerClock;
@@ -44,7 +46,8 @@ use super::{Error, WATCH_TIMEOUT_SECONDS, post_event, timed};
 const FIELD_MANAGER: &str = "deploylock-controller";
 /// How often a missing EnvironmentBinding CRD is looked for again.
 const CRD_RECHECK: Duration = Duration::from_secs(30);
-/// How soon a refused write (RBAC not yet granted) is tried again.
+/// How soon a refused binding (RBAC not yet granted, the policy or the
+/// name not yet free) is tried again.
 const RETRY_REFUSED: Duration = Duration::from_secs(30);
 /// Events about cluster-scoped objects live in `default`.
 const EVENT_NAMESPACE: &str = "default";
@@ -180,6 +183,15 @@ async fn reconcile(
             announce: true,
             then: Action::requeue(RETRY_REFUSED),
         },
+        None if !policy_installed(&context.client).await? => Outcome {
+            ready: false,
+            reason: "PolicyMissing",
+            message: format!(
+                "the workload gate's ValidatingAdmissionPolicy {GATE_POLICY} is not installed (config/admission/workload-gate.yaml, or the chart's workloadGate.enabled): nothing would be gated"
+            ),
+            announce: true,
+            then: Action::requeue(RETRY_REFUSED),
+        },
         None => apply(&policy_bindings, desired, existing.as_ref(), &binding).await?,
     };
     record(&context, &binding, &outcome).await?;
@@ -195,15 +207,17 @@ async fn apply(
     binding: &EnvironmentBinding,
 ) -> Result<Outcome, Error> {
     let name = binding.spec.policy_binding_name();
-    // Applied only over the version just read as ours: a same-named
-    // binding written in between is not taken over.
+    // Forced (undoing edits by hand) only over the version just read as
+    // ours; a create is not forced, so a same-named binding written in
+    // between conflicts instead of being taken over.
     desired.metadata.resource_version = existing.and_then(|existing| existing.resource_version());
-    let applied = timed(policy_bindings.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&desired),
-    ))
-    .await;
+    let params = PatchParams::apply(FIELD_MANAGER);
+    let params = if existing.is_some() {
+        params.force()
+    } else {
+        params
+    };
+    let applied = timed(policy_bindings.patch(&name, &params, &Patch::Apply(&desired))).await;
     match applied {
         Ok(_) => Ok(Outcome {
             ready: true,
@@ -218,11 +232,14 @@ async fn apply(
             then: Action::await_change(),
         }),
         Err(Error::Kube(kube::Error::Api(status))) if matches!(status.code, 403 | 422) => {
-            let (reason, then) = if status.code == 403 {
-                ("Forbidden", Action::requeue(RETRY_REFUSED))
+            // Either may change without the binding changing (RBAC
+            // granted, the policy installed): looked at again.
+            let reason = if status.code == 403 {
+                "Forbidden"
             } else {
-                ("Invalid", Action::await_change())
+                "Invalid"
             };
+            let then = Action::requeue(RETRY_REFUSED);
             Ok(Outcome {
                 ready: false,
                 reason,
@@ -234,6 +251,18 @@ async fn apply(
                 then,
             })
         }
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether the workload gate's policy is installed: without it the API
+/// server refuses a binding with a parameter (it cannot tell what reading
+/// the parameter needs). Unknown (no right to read it) counts as installed.
+async fn policy_installed(client: &Client) -> Result<bool, Error> {
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    match timed(policies.get_opt(GATE_POLICY)).await {
+        Ok(found) => Ok(found.is_some()),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 403 => Ok(true),
         Err(err) => Err(err),
     }
 }

@@ -25,16 +25,25 @@ use crate::support::{
 const ENVIRONMENT: &str = "production";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The CRD and the controller's extra role, installed once.
+/// The CRD, the controller's extra role and the gate's policy, installed once.
 fn install() {
     static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let cluster = cluster();
     let installed = INSTALLED.get_or_init(|| {
         cluster.apply_crd_blocking(EnvironmentBinding::crd())?;
         let role = repo_root().join("config/rbac/environment-bindings.yaml");
+        // The gate's policy too (gate.rs applies it as well): the API server
+        // refuses a binding to a policy it does not know.
+        let policy = repo_root().join("config/admission/workload-gate.yaml");
         let applied = cluster.kubectl(
             Identity::Admin,
-            &["apply", "-f", &role.display().to_string()],
+            &[
+                "apply",
+                "-f",
+                &role.display().to_string(),
+                "-f",
+                &policy.display().to_string(),
+            ],
         );
         if !applied.status.success() {
             return Err(stderr_of(&applied));
