@@ -36,6 +36,10 @@ pub const MAX_METADATA_KEY_LEN: usize = 63;
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 /// History entries kept on the object; the oldest is dropped first.
 pub const MAX_HISTORY_ENTRIES: usize = 20;
+
+/// The lock whose holding freezes every other environment of its namespace
+/// (config/admission/stop-the-line.yaml).
+pub const STOP_THE_LINE: &str = "stop-the-line";
 /// Waiters the queue may hold.
 pub const MAX_QUEUE_ENTRIES: usize = 64;
 /// Largest fencing token or history sequence: JSON's safe integer range, so
@@ -407,17 +411,17 @@ pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
 #[derive(JsonSchema)]
 #[schemars(extend("format" = "date-time"))]
 #[allow(dead_code)] // Never built: only its schema and functions are used.
-struct StrictTime(#[schemars(regex(pattern = DATE_TIME_PATTERN))] String);
+pub(crate) struct StrictTime(#[schemars(regex(pattern = DATE_TIME_PATTERN))] String);
 
 impl StrictTime {
-    fn serialize<S: serde::Serializer>(
+    pub(crate) fn serialize<S: serde::Serializer>(
         time: &DateTime<Utc>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
     }
 
-    fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> Result<DateTime<Utc>, D::Error> {
         Self::parse::<D::Error>(String::deserialize(deserializer)?)
@@ -434,10 +438,10 @@ impl StrictTime {
 
 /// [`StrictTime`]'s serde for an optional date-time (absent when `None`);
 /// its schema is `#[schemars(with = "StrictTime")]`.
-struct StrictOptionalTime;
+pub(crate) struct StrictOptionalTime;
 
 impl StrictOptionalTime {
-    fn serialize<S: serde::Serializer>(
+    pub(crate) fn serialize<S: serde::Serializer>(
         time: &Option<DateTime<Utc>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -447,7 +451,7 @@ impl StrictOptionalTime {
         }
     }
 
-    fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<DateTime<Utc>>, D::Error> {
         Option::<String>::deserialize(deserializer)?

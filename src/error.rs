@@ -6,6 +6,10 @@
 use crate::crd::LockHolder;
 use crate::rules::Refusal;
 
+/// How the stop-the-line policy's refusal begins
+/// (config/admission/stop-the-line.yaml; a test ties them together).
+pub const STOP_THE_LINE_DENIAL: &str = "the namespace is frozen: stop-the-line is held by ";
+
 /// What the API server (or the way to it) answered, in the words shown to
 /// the user, with the kube error behind it when there is one.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +113,11 @@ pub enum Error {
     #[error("timed out waiting for the lock")]
     WaitTimedOut(Option<Box<LockHolder>>),
 
+    /// The wait timeout passed while the namespace was frozen: its
+    /// `stop-the-line` lock was held (by this holding) all along.
+    #[error("timed out waiting for the namespace's freeze (stop-the-line) to end")]
+    WaitTimedOutFrozen(Box<LockHolder>),
+
     /// Interrupted (Ctrl-C) while waiting.
     #[error("interrupted")]
     Interrupted,
@@ -184,6 +193,13 @@ impl Error {
     /// one from the admission policy. Right after an API server starts, RBAC
     /// refuses everyone until its caches are filled, so a waiting client
     /// retries this for a short while; the policy's refusal is final.
+    /// Whether the API server refused an acquisition because the namespace
+    /// is frozen (the stop-the-line policy): a waiter waits that out.
+    pub fn is_stop_the_line_refusal(&self) -> bool {
+        matches!(self, Error::Forbidden(ApiFailure { message, .. })
+            if message.contains(STOP_THE_LINE_DENIAL))
+    }
+
     pub fn is_authorization_refusal(&self) -> bool {
         match self {
             Error::Forbidden(ApiFailure { message, .. }) => {
@@ -225,4 +241,27 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         current = source;
     }
     current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stop_the_line_denial_is_the_policys_and_only_it_is_recognised() {
+        let policy = include_str!("../config/admission/stop-the-line.yaml");
+        assert!(
+            policy.contains(&format!("'{STOP_THE_LINE_DENIAL}'")),
+            "config/admission/stop-the-line.yaml no longer begins its message with {STOP_THE_LINE_DENIAL:?}"
+        );
+        let denied = |message: &str| Error::Forbidden(ApiFailure::new(message));
+        assert!(
+            denied(&format!(
+                "admission webhook denied request: {STOP_THE_LINE_DENIAL}carol until ..."
+            ))
+            .is_stop_the_line_refusal()
+        );
+        assert!(!denied("user \"bob\" cannot update resource").is_stop_the_line_refusal());
+        assert!(!Error::Api(ApiFailure::new(STOP_THE_LINE_DENIAL)).is_stop_the_line_refusal());
+    }
 }

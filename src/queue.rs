@@ -14,7 +14,7 @@ use std::time::Duration as StdDuration;
 
 use tokio::time::Instant;
 
-use crate::crd::{HistoryAction, LockHolder, LockType, Waiter};
+use crate::crd::{HistoryAction, LockHolder, LockType, STOP_THE_LINE, Waiter};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::{self, AcquireRequest, Actor, Refusal, Request};
@@ -47,6 +47,9 @@ pub trait Progress {
     fn held(&mut self, holder: &LockHolder, observed: &Observed);
     /// The lock is free but `waiting` clients are queued; `next` goes first.
     fn queued(&mut self, next: &Waiter, waiting: usize, observed: &Observed);
+    /// The namespace is frozen: `holder` holds its `stop-the-line` lock
+    /// (seen in `observed`).
+    fn frozen(&mut self, holder: &LockHolder, observed: &Observed);
     /// The wait is over: the lock is ours, or free.
     fn finished(&mut self, observed: &Observed);
 }
@@ -55,6 +58,7 @@ pub trait Progress {
 impl Progress for () {
     fn held(&mut self, _: &LockHolder, _: &Observed) {}
     fn queued(&mut self, _: &Waiter, _: usize, _: &Observed) {}
+    fn frozen(&mut self, _: &LockHolder, _: &Observed) {}
     fn finished(&mut self, _: &Observed) {}
 }
 
@@ -198,7 +202,17 @@ async fn queue_step(
     }
     // One read decides: on a hand-off the lock is usually ours to take;
     // otherwise the refusal says until when to sleep.
-    let Refused { refusal, observed } = match store.try_apply(environment, &turn.acquire).await? {
+    let attempt = match store.try_apply(environment, &turn.acquire).await {
+        // The namespace is frozen: our place is kept (heartbeats are not
+        // acquisitions), and the freeze is waited out like a holder.
+        Err(err) if err.is_stop_the_line_refusal() => {
+            return wait_out_freeze(store, turn, *next_heartbeat, progress)
+                .await
+                .map(|()| None);
+        }
+        attempt => attempt?,
+    };
+    let Refused { refusal, observed } = match attempt {
         Ok(applied) => return Ok(Some(applied)),
         Err(refused) => refused,
     };
@@ -232,6 +246,38 @@ async fn queue_step(
     let until = wake.min(*next_heartbeat).min(turn.deadline);
     store.wait_for_change(&observed, until).await?;
     Ok(None)
+}
+
+/// While the namespace's `stop-the-line` lock is held: waits for it to
+/// change, its holding to expire, our next heartbeat or the deadline (then
+/// [`Error::WaitTimedOutFrozen`]).
+async fn wait_out_freeze(
+    store: &LockStore,
+    turn: &Turn,
+    next_heartbeat: Instant,
+    progress: &mut (dyn Progress + Send),
+) -> Result<(), Error> {
+    let line: Environment = STOP_THE_LINE
+        .parse()
+        .map_err(|_| Error::InvalidInput(format!("{STOP_THE_LINE} is not an environment name")))?;
+    let observed = store.read(&line).await?;
+    // Released, and the API server's policy has not seen it yet: try again
+    // after a short wait for another change.
+    let Some(holder) = observed.holder().cloned() else {
+        let soon = (Instant::now() + StdDuration::from_millis(500)).min(turn.deadline);
+        return store.wait_for_change(&observed, soon).await;
+    };
+    progress.frozen(&holder, &observed);
+    if Instant::now() >= turn.deadline {
+        return Err(Error::WaitTimedOutFrozen(Box::new(holder)));
+    }
+    // Past its expiry the freeze lasts until the controller marks it
+    // Expired: a change, seen on the watch (no spinning meanwhile).
+    let expiry = observed
+        .local_deadline(holder.expires_at)
+        .max(Instant::now() + StdDuration::from_secs(1));
+    let until = expiry.min(next_heartbeat).min(turn.deadline);
+    store.wait_for_change(&observed, until).await
 }
 
 /// Waits until the lock is free, without a place in the queue (`deploylock

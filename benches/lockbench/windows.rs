@@ -41,9 +41,11 @@ pub async fn window_opening(rows: &mut Vec<Row>) {
             "apiVersion": "deploylock.dev/v1",
             "kind": "FreezeWindow",
             "metadata": {"name": format!("bench-{index}")},
+            // Two minutes: a holding lasts at least one, and an opening with
+            // less than that left is skipped.
             "spec": {
                 "start": start.to_rfc3339_opts(SecondsFormat::Secs, true),
-                "end": (start + chrono::Duration::seconds(60)).to_rfc3339_opts(SecondsFormat::Secs, true),
+                "end": (start + chrono::Duration::seconds(120)).to_rfc3339_opts(SecondsFormat::Secs, true),
                 "environments": [environment],
                 "reason": "bench window",
             }

@@ -135,7 +135,7 @@ pub async fn notifications(rows: &mut Vec<Row>) {
         unit: "ms",
         baseline: None,
         target: "p99 ≤ 1000".into(),
-        note: "from the CLI's exit to a loopback receiver reading the request; leader's watch + one status write per message".into(),
+        note: "from the CLI's exit to a loopback receiver reading the request; the leader's one lock watch, the cursor written at most once a second".into(),
     });
 
     // Acquire latency with 0 and then 10 subscriptions on the namespace.

@@ -89,6 +89,17 @@ impl Progress for WaitProgress {
         self.show(line);
     }
 
+    fn frozen(&mut self, holder: &LockHolder, observed: &Observed) {
+        let line = format!(
+            "waiting for {}: the namespace is frozen, stop-the-line held by {} until {}, reason: \"{}\"",
+            self.environment,
+            report::holder_name(holder),
+            report::when(holder.expires_at, observed.server_time),
+            holder.reason
+        );
+        self.show(line);
+    }
+
     fn finished(&mut self, observed: &Observed) {
         if let Some(bar) = self.spinner.take() {
             bar.finish_and_clear();

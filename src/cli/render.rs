@@ -449,10 +449,8 @@ pub fn windows_table(
     for window in windows {
         let spec = &window.spec;
         let status = window.status.clone().unwrap_or_default();
-        let at = |text: &Option<String>| {
-            text.as_deref()
-                .and_then(crate::crd::parse_time)
-                .map_or_else(|| "-".to_string(), |time| super::report::when(time, now))
+        let at = |time: &Option<DateTime<Utc>>| {
+            time.map_or_else(|| "-".to_string(), |time| super::report::when(time, now))
         };
         let not_ready =
             crate::conditions::false_condition(&status.conditions, crate::windows::READY_CONDITION)

@@ -257,7 +257,10 @@ impl ErrorReport {
 /// A refusal of the lock (held, not yours, over, timed out waiting): what
 /// `-o json|yaml` also reports as an object on stdout.
 pub fn is_refusal(err: &Error) -> bool {
-    matches!(err, Error::Refused(_) | Error::WaitTimedOut(_))
+    matches!(
+        err,
+        Error::Refused(_) | Error::WaitTimedOut(_) | Error::WaitTimedOutFrozen(_)
+    )
 }
 
 /// The kind of an error, one stable word.
@@ -286,7 +289,7 @@ fn error_reason(err: &Error) -> &'static str {
         Error::Unauthorized(_) => "Unauthorized",
         Error::Forbidden(_) => "Forbidden",
         Error::Contention(_) => "Contention",
-        Error::WaitTimedOut(_) => "WaitTimedOut",
+        Error::WaitTimedOut(_) | Error::WaitTimedOutFrozen(_) => "WaitTimedOut",
         Error::Malformed(_) => "Malformed",
         Error::Api(_) => "Api",
         Error::Interrupted => "Interrupted",
@@ -305,6 +308,7 @@ fn named_holder(err: &Error) -> Option<&LockHolder> {
         ) => Some(holder),
         Error::Refused(Refusal::LockLost { current, .. }) => current.as_deref(),
         Error::WaitTimedOut(holder) => holder.as_deref(),
+        Error::WaitTimedOutFrozen(holder) => Some(holder),
         _ => None,
     }
 }
@@ -356,7 +360,7 @@ pub fn exit_for(err: &Error) -> Exit {
         Error::Config(_) | Error::Unreachable(_) | Error::CrdNotInstalled(_) => Exit::Unreachable,
         Error::Unauthorized(_) | Error::Forbidden(_) => Exit::Forbidden,
         Error::Contention(_) | Error::Malformed(_) | Error::Api(_) => Exit::Failure,
-        Error::WaitTimedOut(_) => Exit::WaitTimeout,
+        Error::WaitTimedOut(_) | Error::WaitTimedOutFrozen(_) => Exit::WaitTimeout,
         Error::Interrupted => Exit::Interrupted,
     }
 }
@@ -527,6 +531,10 @@ fn describe_lines(
             };
             vec![format!("timed out waiting for {env}{held}")]
         }
+        Error::WaitTimedOutFrozen(holder) => vec![format!(
+            "timed out waiting for {env}: the namespace is still frozen, stop-the-line held by {}",
+            holding(holder, now)
+        )],
         Error::Malformed(malformed) => vec![
             format!(
                 "the DeploymentLock {:?} in namespace {:?} is malformed and cannot be read ({}: {})",

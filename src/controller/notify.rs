@@ -8,11 +8,14 @@
 //! message is due or a cursor moves). A worker plans what is due for each lock it covers
 //! ([`plan::plan`]: history entries after its cursor, observed expiries,
 //! queued waiters, reminders), sends each message with capped exponential backoff
-//! and, after each one, writes the cursor to the subscription's status with
-//! a conditional replace (resourceVersion). After a restart, a hand-over or
-//! an API server restart a new worker reads the cursor back and resumes
-//! after it: a message is repeated only when a crash fell between its
-//! delivery and the cursor write, and then carries the same key.
+//! and writes the cursor to the subscription's status with a conditional
+//! replace (resourceVersion), at most once per [`STATUS_WRITE_INTERVAL`] (a
+//! busy lock costs the API server one status write a second per
+//! subscription, not one per transition), and when its term ends. After a
+//! restart, a hand-over or an API server restart a new worker reads the
+//! cursor back and resumes after it: a message is repeated only when a crash
+//! fell between its delivery and the cursor write (at most the last
+//! interval's messages), and then carries the same key.
 //!
 //! Workers are separate tasks with bounded requests: a slow or dead
 //! receiver delays only its own subscription, never a lock operation (which
@@ -58,6 +61,10 @@ use super::{CONTROLLER_NAME, REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, clock, lead
 const CONFIG_RETRY: StdDuration = StdDuration::from_secs(10);
 /// First wait after a failed attempt; it doubles up to the subscription's cap.
 const FIRST_BACKOFF: StdDuration = StdDuration::from_secs(1);
+/// The least time between two status writes of a subscription: the cursor
+/// moves in memory with every message and reaches the API server at most
+/// this late (a crash in between repeats those messages, same keys).
+const STATUS_WRITE_INTERVAL: StdDuration = StdDuration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -318,6 +325,37 @@ enum Delivery {
     Stopped,
 }
 
+/// Adds `first` and every lock change of `namespace` already waiting to
+/// `due`, so that a burst is planned once; false when the feed closed.
+fn take_lock_changes(
+    namespace: &str,
+    first: Result<LockChange, broadcast::error::RecvError>,
+    lock_changes: &mut broadcast::Receiver<LockChange>,
+    due: &mut Due,
+) -> bool {
+    let mut change = first;
+    loop {
+        match change {
+            Ok(LockChange::Changed(key)) => {
+                if key.namespace == namespace {
+                    due.add(key);
+                }
+            }
+            Ok(LockChange::Listed) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                *due = Due::All;
+            }
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+        change = match lock_changes.try_recv() {
+            Ok(next) => Ok(next),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                Err(broadcast::error::RecvError::Lagged(n))
+            }
+            Err(_) => return true,
+        };
+    }
+}
+
 /// Which locks a worker looks at next.
 #[derive(Debug, Default)]
 enum Due {
@@ -363,6 +401,10 @@ struct Worker {
     /// Per lock (name) of this namespace, when something becomes due by
     /// itself (a reminder), on the API server's clock.
     timers: HashMap<String, DateTime<Utc>>,
+    /// The status in memory is ahead of the one written.
+    unwritten: bool,
+    /// When the status was last written (None: not yet by this worker).
+    written_at: Option<Instant>,
 }
 
 async fn worker(
@@ -402,6 +444,8 @@ async fn worker(
         term,
         receiver: None,
         timers: HashMap::new(),
+        unwritten: false,
+        written_at: None,
     };
     worker.run().await;
 }
@@ -467,32 +511,18 @@ impl Worker {
                     due = Due::All;
                 }
                 change = lock_changes.recv() => {
-                    let mut change = change;
-                    // Take every change already waiting, then plan once.
-                    loop {
-                        match change {
-                            Ok(LockChange::Changed(key)) => {
-                                if key.namespace == self.namespace {
-                                    due.add(key);
-                                }
-                            }
-                            Ok(LockChange::Listed) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                                due = Due::All;
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        }
-                        change = match lock_changes.try_recv() {
-                            Ok(next) => Ok(next),
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                Err(broadcast::error::RecvError::Lagged(n))
-                            }
-                            Err(_) => break,
-                        };
+                    if !take_lock_changes(&self.namespace, change, &mut lock_changes, &mut due) {
+                        return;
                     }
                 }
                 _ = sleep => due = Due::All,
-                _ = self.term.wait_for(|ended| *ended) => return,
+                _ = self.term.wait_for(|ended| *ended) => break,
             }
+        }
+        // The term ended: the cursor as far as it went, for fewer repeats by
+        // the next leader.
+        if self.unwritten {
+            self.write_status().await;
         }
     }
 
@@ -541,10 +571,17 @@ impl Worker {
                 .deliver_lock(receiver, lock.as_ref(), since, dirty)
                 .await?;
         }
-        if dirty {
+        self.unwritten |= dirty;
+        if self.unwritten && self.status_write_due().is_none() {
             self.write_status().await;
         }
         Some(self.next_wake())
+    }
+
+    /// When the unwritten status may be written, if not now.
+    fn status_write_due(&self) -> Option<Instant> {
+        let at = self.written_at? + STATUS_WRITE_INTERVAL;
+        (at > Instant::now()).then_some(at)
     }
 
     /// When the subscription was created (a lock's first cursor starts
@@ -660,8 +697,11 @@ impl Worker {
                     Delivery::Delivered | Delivery::GaveUp => {}
                 }
                 self.set_cursor(step.cursor);
-                self.write_status().await;
-                dirty = false;
+                dirty = true;
+                if self.status_write_due().is_none() {
+                    self.write_status().await;
+                    dirty = false;
+                }
             } else {
                 self.set_cursor(step.cursor);
                 dirty = true;
@@ -689,12 +729,14 @@ impl Worker {
 
     /// The earliest reminder timer, as a wake-up instant.
     fn next_wake(&self) -> Option<Instant> {
-        self.timers.values().min().map(|due| {
+        let timer = self.timers.values().min().map(|due| {
             self.shared
                 .notifier
                 .clock
                 .wake_for(*due, Instant::now(), StdDuration::from_millis(250))
-        })
+        });
+        let write = self.status_write_due().filter(|_| self.unwritten);
+        timer.into_iter().chain(write).min()
     }
 
     fn set_cursor(&mut self, cursor: DeliveryCursor) {
@@ -834,6 +876,8 @@ impl Worker {
     /// a conflict, reads the object again and writes once more, keeping the
     /// highest delivered sequence of each cursor (a cursor never goes back).
     async fn write_status(&mut self) {
+        // Also on failure: the next attempt comes an interval later.
+        self.written_at = Some(Instant::now());
         for _ in 0..5 {
             let mut object = self.object.clone();
             object.status = Some(self.status.clone());
@@ -846,6 +890,7 @@ impl Worker {
             {
                 Ok(written) => {
                     self.object.metadata = written.metadata;
+                    self.unwritten = false;
                     return;
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {

@@ -211,6 +211,7 @@ impl Replica {
                 namespace: self.namespace.clone(),
                 clock: clock.clone(),
                 instance: instance.clone(),
+                locks: lock_view.clone(),
             };
             tasks.push(tokio::spawn(windows.run(term.clone())));
         }

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conditions;
-use crate::crd::{DeploymentLock, LockType};
+use crate::crd::{LockType, STOP_THE_LINE};
 use crate::environment::Environment;
 use crate::error::Error as LockError;
 use crate::queue::{self, QueueOrder, TakeRequest};
@@ -38,8 +38,9 @@ use crate::windows::{
     WhenHeld, deployment_id,
 };
 
+use super::lockwatch::LockView;
 use super::plan::EventText;
-use super::{Error, post_event, timed};
+use super::{Error, REQUEST_TIMEOUT, post_event, timed};
 
 /// The field manager of the status writes.
 const FIELD_MANAGER: &str = "deploylock-controller";
@@ -47,7 +48,6 @@ const FIELD_MANAGER: &str = "deploylock-controller";
 /// holding) is extended when this little of it is left.
 const RENEW_BEFORE: chrono::Duration = chrono::Duration::hours(24);
 /// The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml).
-const STOP_THE_LINE: &str = "stop-the-line";
 /// How often a missing FreezeWindow CRD is looked for again.
 const CRD_RECHECK: Duration = Duration::from_secs(30);
 /// Looked at again at least this often (a missed watch event).
@@ -63,6 +63,9 @@ pub struct FreezeWindows {
     pub namespace: Option<String>,
     pub clock: ServerClock,
     pub instance: String,
+    /// The leader's shared watch of the locks (an all-environments window
+    /// takes the locks it holds).
+    pub locks: LockView,
 }
 
 /// One window being reconciled, and where.
@@ -143,10 +146,6 @@ fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
-    text.and_then(crate::crd::parse_time)
-}
-
 async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Action, Error> {
     let context = &shared.windows;
     let (Some(namespace), Some(uid)) = (window.namespace(), window.uid()) else {
@@ -189,8 +188,7 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
         namespace: &namespace,
         uid: &uid,
     };
-    let last_opened = parse_time(status.last_opened.as_deref());
-    match plan::next_step(&recurrence, window.spec.suspend, last_opened, now) {
+    match plan::next_step(&recurrence, window.spec.suspend, status.last_opened, now) {
         Step::Open(interval) => {
             // Back to back: the previous opening ends as this one starts.
             if let Some(previous) = status.open.take() {
@@ -200,21 +198,18 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
         }
         Step::Wait { .. } => {
             if let Some(opening) = status.open.clone() {
-                match parse_time(Some(&opening.end)) {
-                    Some(end) if end > now => {
-                        status.open = Some(keep_open(&target, &opening, end, now).await);
-                    }
-                    _ => {
-                        status.open = None;
-                        close(&shared, &window, &uid, &opening).await;
-                    }
+                if opening.end > now {
+                    status.open = Some(keep_open(&target, &opening, now).await);
+                } else {
+                    status.open = None;
+                    close(&shared, &window, &uid, &opening).await;
                 }
             }
         }
     }
     let next = recurrence.current_or_next(now);
-    status.next_start = next.map(|interval| format_time(interval.start));
-    status.next_end = next.map(|interval| format_time(interval.end));
+    status.next_start = next.map(|interval| interval.start);
+    status.next_end = next.map(|interval| interval.end);
     write_status(context, &namespace, &name, &old_status, &status).await?;
     Ok(requeue(context, &recurrence, &window, &status, now))
 }
@@ -233,10 +228,10 @@ async fn open(
         outcomes.push(take(target, &environment, interval).await);
     }
     let summary = summarize(&outcomes);
-    status.last_opened = Some(format_time(interval.start));
+    status.last_opened = Some(interval.start);
     status.open = Some(Opening {
-        start: format_time(interval.start),
-        end: format_time(interval.end),
+        start: interval.start,
+        end: interval.end,
         environments: outcomes,
     });
     let name = window.name_any();
@@ -252,11 +247,10 @@ async fn open(
 /// An opening is over: its holdings expired at its end; queued waits stop.
 async fn close(shared: &Arc<Shared>, window: &FreezeWindow, uid: &str, opening: &Opening) {
     cancel_waits(shared, uid);
-    let start = parse_time(Some(&opening.start)).map_or(0, |start| start.timestamp());
-    let event_name = format!("{}.closed.{start}", window.name_any());
+    let event_name = format!("{}.closed.{}", window.name_any(), opening.start.timestamp());
     let note = format!(
         "Freeze window closed; its holdings expired at {}",
-        opening.end
+        format_time(opening.end)
     );
     event(&shared.windows, window, &event_name, "WindowClosed", note).await;
 }
@@ -270,15 +264,11 @@ fn requeue(
     status: &FreezeWindowStatus,
     now: DateTime<Utc>,
 ) -> Action {
-    let last_opened = parse_time(status.last_opened.as_deref());
-    let mut wake = match plan::next_step(recurrence, window.spec.suspend, last_opened, now) {
+    let mut wake = match plan::next_step(recurrence, window.spec.suspend, status.last_opened, now) {
         Step::Open(_) => Some(now),
         Step::Wait { until } => until,
     };
-    let open_until = status
-        .open
-        .as_ref()
-        .and_then(|opening| parse_time(Some(&opening.end)));
+    let open_until = status.open.as_ref().map(|opening| opening.end);
     if let Some(end) = open_until {
         let renew = now
             .checked_add_signed(chrono::Duration::hours(1))
@@ -354,11 +344,19 @@ async fn environments_of(
     namespace: &str,
 ) -> Result<Vec<Environment>, Error> {
     let mut names: Vec<String> = if window.spec.all_environments {
-        let api: Api<DeploymentLock> = Api::namespaced(context.client.clone(), namespace);
-        timed(api.list(&Default::default()))
-            .await?
-            .items
-            .into_iter()
+        // The cache, once it holds a complete list (no request of its own).
+        if tokio::time::timeout(REQUEST_TIMEOUT, context.locks.listed())
+            .await
+            .is_err()
+        {
+            return Err(Error::Timeout(REQUEST_TIMEOUT));
+        }
+        context
+            .locks
+            .store
+            .state()
+            .iter()
+            .filter(|lock| lock.namespace().as_deref() == Some(namespace))
             .map(|lock| lock.name_any())
             .collect()
     } else {
@@ -552,17 +550,10 @@ fn cancel_waits(shared: &Arc<Shared>, uid: &str) {
 /// already), failed ones are tried again, and holdings shorter than the
 /// opening are extended before they run out. Returns the opening with what
 /// became of each environment.
-async fn keep_open(
-    target: &Target<'_>,
-    opening: &Opening,
-    end: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Opening {
+async fn keep_open(target: &Target<'_>, opening: &Opening, now: DateTime<Utc>) -> Opening {
     let (shared, window, namespace, uid) = target.parts();
     let mut updated = opening.clone();
-    let Some(start) = parse_time(Some(&opening.start)) else {
-        return updated;
-    };
+    let (start, end) = (opening.start, opening.end);
     let interval = Interval { start, end };
     let ours = deployment_id(uid, start);
     let store = LockStore::new(shared.windows.holder_client.clone(), namespace);

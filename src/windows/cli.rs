@@ -26,7 +26,7 @@ pub async fn list(
         Api::namespaced(client.clone(), namespace)
     };
     let mut windows = api.list(&ListParams::default()).await?.items;
-    // Open ones first, then by next start (RFC 3339 in UTC sorts by time);
+    // Open ones first, then by next start;
     // windows without one (not Ready, or over) last.
     windows.sort_by_key(|window| {
         let status = window.status.clone().unwrap_or_default();

@@ -17,7 +17,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{DATE_TIME_PATTERN, MAX_ENVIRONMENT_LEN, MAX_REASON_LEN};
+use crate::crd::{
+    DATE_TIME_PATTERN, MAX_ENVIRONMENT_LEN, MAX_REASON_LEN, StrictOptionalTime, StrictTime,
+};
 use schedule::{Interval, Recurrence, ScheduleError};
 
 /// The identity the controller takes windows' locks as (it impersonates
@@ -189,12 +191,22 @@ pub struct FreezeWindowStatus {
     pub conditions: Vec<Condition>,
 
     /// Start of the current or next opening.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_start: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "StrictOptionalTime"
+    )]
+    #[schemars(with = "Option<StrictTime>")]
+    pub next_start: Option<DateTime<Utc>>,
 
     /// End of the current or next opening.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_end: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "StrictOptionalTime"
+    )]
+    #[schemars(with = "Option<StrictTime>")]
+    pub next_end: Option<DateTime<Utc>>,
 
     /// The opening under way, once the controller has taken its locks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,8 +214,13 @@ pub struct FreezeWindowStatus {
 
     /// Start of the last opening the controller handled: each opening's
     /// locks are taken once, so an admin's override stands until the next.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_opened: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "StrictOptionalTime"
+    )]
+    #[schemars(with = "Option<StrictTime>")]
+    pub last_opened: Option<DateTime<Utc>>,
 
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,8 +231,14 @@ pub struct FreezeWindowStatus {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Opening {
-    pub start: String,
-    pub end: String,
+    /// When the opening started.
+    #[serde(with = "StrictTime")]
+    #[schemars(with = "StrictTime")]
+    pub start: DateTime<Utc>,
+    /// When it ends: the window's holdings expire then.
+    #[serde(with = "StrictTime")]
+    #[schemars(with = "StrictTime")]
+    pub end: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_WINDOW_ENVIRONMENTS))]
     pub environments: Vec<EnvironmentOutcome>,

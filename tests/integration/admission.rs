@@ -20,12 +20,14 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use futures::StreamExt;
 use kube::api::Api;
-use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
-use crate::support::{ControllerProcess, Identity, await_clock_past_token, cluster, repo_root};
+use crate::support::{
+    ControllerProcess, Identity, await_clock_past_token, await_object, cluster, repo_root,
+    status_is_current,
+};
 
 const WAIT: StdDuration = StdDuration::from_secs(60);
 
@@ -512,21 +514,16 @@ fn prepare(
 /// generation and holding, every history entry announced), so that it does
 /// not write while the cell runs.
 async fn await_reconciled(api: &Api<DeploymentLock>, environment: &str) {
-    let caught_up = |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            let last = lock.spec.history.last().map_or(0, |entry| entry.sequence);
-            let holding = lock.spec.holder.as_ref().map(|holder| &holder.lock_id);
-            lock.status.as_ref().is_some_and(|status| {
-                status.observed_generation == lock.metadata.generation
-                    && status.last_event_sequence == Some(last)
-                    && status.lock_id.as_ref() == holding
-            })
-        })
+    let caught_up = |lock: &DeploymentLock| {
+        let last = lock.spec.history.last().map_or(0, |entry| entry.sequence);
+        status_is_current(lock)
+            && lock
+                .status
+                .as_ref()
+                .and_then(|status| status.last_event_sequence)
+                == Some(last)
     };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), environment, caught_up)).await {
-        Ok(Ok(Some(_))) => {}
-        other => panic!("the controller did not reconcile {environment}: {other:?}"),
-    }
+    await_object(api, environment, "reconciled", WAIT, caught_up).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1285,23 +1282,14 @@ async fn takeover_of_an_expired_lock_once_the_clock_passed_its_expiry() {
         stdout_of(&output)
     );
 
-    let expired = |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            let holding = lock.spec.holder.as_ref().map(|holder| &holder.lock_id);
-            lock.status.as_ref().is_some_and(|status| {
-                status.state == Some(LockState::Expired) && status.lock_id.as_ref() == holding
-            })
+    let expired = |lock: &DeploymentLock| {
+        let holding = lock.spec.holder.as_ref().map(|holder| &holder.lock_id);
+        lock.status.as_ref().is_some_and(|status| {
+            status.state == Some(LockState::Expired) && status.lock_id.as_ref() == holding
         })
     };
-    match tokio::time::timeout(
-        StdDuration::from_secs(120),
-        await_condition(api.clone(), "production", expired),
-    )
-    .await
-    {
-        Ok(Ok(Some(_))) => {}
-        other => panic!("the controller did not mark production Expired: {other:?}"),
-    }
+    let limit = StdDuration::from_secs(120);
+    await_object(&api, "production", "marked Expired", limit, expired).await;
 
     let took_over = cluster.deploylock(
         Identity::Bob,

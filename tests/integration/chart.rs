@@ -2,41 +2,9 @@
 //! plane: lint, schema, server-side dry run of every rendered object whose
 //! kind this control plane serves, install and uninstall.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::support::{ExtraCluster, Identity, cluster, repo_root};
-
-fn chart_dir() -> String {
-    repo_root().join("charts/deploylock").display().to_string()
-}
-
-fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> Output {
-    let mut command = Command::new(cluster().bin_dir().join("helm"));
-    if let Some(kubeconfig) = kubeconfig {
-        command.arg("--kubeconfig").arg(kubeconfig);
-    }
-    // Keep helm's caches out of the user's home directory.
-    let home = std::env::temp_dir().join(format!("deploylock-helm-{}", std::process::id()));
-    command
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    match command.args(args).output() {
-        Ok(output) => output,
-        Err(err) => panic!("cannot run helm: {err}"),
-    }
-}
-
-fn ok(output: &Output, what: &str) -> String {
-    assert!(
-        output.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use crate::support::{ExtraCluster, Identity, chart_dir, cluster, helm, ok, repo_root};
 
 fn kinds(rendered: &str) -> Vec<String> {
     rendered

@@ -14,16 +14,12 @@ use serde_json::Value;
 
 use deploylock::crd::{DeploymentLock, LockState};
 
-use crate::node::{CHART_INSTALLED, ChartRelease, DEPLOYLOCK_IMAGE, NodeCluster, node_cluster, ok};
-use crate::support::repo_root;
+use crate::node::{CHART_INSTALLED, ChartRelease, DEPLOYLOCK_IMAGE, NodeCluster, node_cluster};
+use crate::support::{chart_dir, ok};
 
 const NAMESPACE: &str = "deploylock-system";
 const RELEASE: &str = "deploylock";
 const WAIT: Duration = Duration::from_secs(180);
-
-fn chart_dir() -> String {
-    repo_root().join("charts/deploylock").display().to_string()
-}
 
 /// The controller pods, as JSON objects.
 fn controller_pods(node: &NodeCluster) -> Vec<Value> {

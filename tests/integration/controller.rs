@@ -16,7 +16,7 @@ use deploylock::crd::{
     LockType,
 };
 
-use crate::support::{ControllerProcess, Identity, cluster};
+use crate::support::{Identity, apply_lock_spec, await_leader, await_object, cluster};
 
 const WAIT: StdDuration = StdDuration::from_secs(60);
 
@@ -64,22 +64,7 @@ async fn put_short_lock(
         metadata: Default::default(),
         overrode: None,
     });
-    let patch = json!({
-        "apiVersion": "deploylock.dev/v1",
-        "kind": "DeploymentLock",
-        "metadata": { "name": environment },
-        "spec": spec,
-    });
-    if let Err(err) = api
-        .patch(
-            environment,
-            &PatchParams::apply("deploylock-tests").force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        panic!("cannot write {environment}: {err}");
-    }
+    apply_lock_spec(api, environment, &spec).await;
     expires_at
 }
 
@@ -88,32 +73,24 @@ async fn await_state(
     environment: &str,
     state: LockState,
 ) -> DeploymentLock {
-    let condition = move |lock: Option<&DeploymentLock>| {
-        lock.and_then(|lock| lock.status.as_ref())
-            .and_then(|status| status.state)
-            == Some(state)
+    let condition = move |lock: &DeploymentLock| {
+        lock.status.as_ref().and_then(|status| status.state) == Some(state)
     };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), environment, condition)).await {
-        Ok(Ok(Some(lock))) => lock,
-        other => panic!("{environment} did not become {state}: {other:?}"),
-    }
+    await_object(api, environment, &format!("{state}"), WAIT, condition).await
 }
 
 /// Waits until the controller has announced every history entry.
 async fn await_events_announced(api: &Api<DeploymentLock>, environment: &str) -> DeploymentLock {
-    let condition = |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            let last = lock.spec.history.last().map_or(0, |entry| entry.sequence);
-            lock.status
-                .as_ref()
-                .and_then(|status| status.last_event_sequence)
-                == Some(last)
-        })
-    };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), environment, condition)).await {
-        Ok(Ok(Some(lock))) => lock,
-        other => panic!("events of {environment} were not announced: {other:?}"),
-    }
+    await_object(api, environment, "announced", WAIT, events_announced).await
+}
+
+/// Whether the controller has announced every history entry of the lock.
+fn events_announced(lock: &DeploymentLock) -> bool {
+    let last = lock.spec.history.last().map_or(0, |entry| entry.sequence);
+    lock.status
+        .as_ref()
+        .and_then(|status| status.last_event_sequence)
+        == Some(last)
 }
 
 async fn event_reasons(namespace: &str, environment: &str) -> Vec<String> {
@@ -148,25 +125,6 @@ async fn lease_holder(namespace: &str, lease: &str) -> Option<String> {
         .and_then(|lease| lease.spec)
         .and_then(|spec| spec.holder_identity)
         .filter(|holder| !holder.is_empty())
-}
-
-/// Waits (on a watch) until the Lease is held by one of `candidates`.
-async fn await_leader(namespace: &str, lease: &str, candidates: &[&ControllerProcess]) -> String {
-    let leases: Api<Lease> = Api::namespaced(cluster().client(Identity::Admin).await, namespace);
-    let identities: Vec<String> = candidates.iter().map(|c| c.identity()).collect();
-    let condition = move |lease: Option<&Lease>| {
-        lease
-            .and_then(|lease| lease.spec.as_ref())
-            .and_then(|spec| spec.holder_identity.as_ref())
-            .is_some_and(|holder| identities.contains(holder))
-    };
-    match tokio::time::timeout(WAIT, await_condition(leases, lease, condition)).await {
-        Ok(Ok(Some(lease))) => lease
-            .spec
-            .and_then(|s| s.holder_identity)
-            .unwrap_or_default(),
-        other => panic!("no leader for {lease}: {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -417,7 +375,7 @@ async fn one_leader_among_two_and_fast_handover() {
     let lease_args = LEASE_ARGS;
     let first = cluster.spawn_controller(&namespace, "leader", &lease_args);
     let second = cluster.spawn_controller(&namespace, "leader", &lease_args);
-    let leader = await_leader(&namespace, "leader", &[&first, &second]).await;
+    let leader = await_leader(&namespace, "leader", &[&first, &second], WAIT).await;
     let (leader_process, standby) = if leader == first.identity() {
         (first, second)
     } else {
@@ -442,7 +400,7 @@ async fn one_leader_among_two_and_fast_handover() {
     // within the Lease duration.
     let started = std::time::Instant::now();
     leader_process.signal("TERM");
-    let new_leader = await_leader(&namespace, "leader", &[&standby]).await;
+    let new_leader = await_leader(&namespace, "leader", &[&standby], WAIT).await;
     let handover = started.elapsed();
     eprintln!("hand-over after SIGTERM took {handover:?}");
     assert_eq!(new_leader, standby.identity());
@@ -457,7 +415,7 @@ async fn one_leader_among_two_and_fast_handover() {
     let expires_at = put_short_lock(&api, "production", Duration::seconds(3)).await;
     await_state(&api, "production", LockState::Locked).await;
     standby.signal("KILL");
-    let _ = await_leader(&namespace, "leader", &[&third]).await;
+    let _ = await_leader(&namespace, "leader", &[&third], WAIT).await;
     let expired = await_state(&api, "production", LockState::Expired).await;
     assert!(Utc::now() >= expires_at);
     assert!(expired.spec.holder.is_some());

@@ -10,7 +10,7 @@ use kube::api::Api;
 
 use deploylock::crd::{DeploymentLock, HistoryAction};
 
-use crate::support::{Identity, cluster, repo_root};
+use crate::support::{Identity, cluster, ok, repo_root};
 
 /// Kinds this control plane serves (no Argo, no Flux, no Prometheus operator).
 const SERVED_KINDS: [&str; 5] = [
@@ -357,13 +357,7 @@ async fn github_actions_workflow_runs_under_act() {
         let output = command
             .output()
             .unwrap_or_else(|err| panic!("cannot run {what}: {err}"));
-        assert!(
-            output.status.success(),
-            "{what} failed:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        ok(&output, what)
     };
 
     // The release, as `make dist` packs it, served where the variable points.

@@ -15,8 +15,8 @@ use kube::runtime::wait::await_condition;
 use deploylock::crd::{DeploymentLock, HistoryAction};
 
 use crate::example_tools::HostProcess;
-use crate::node::{CHART_INSTALLED, ChartRelease, NodeCluster, node_cluster, ok};
-use crate::support::repo_root;
+use crate::node::{CHART_INSTALLED, ChartRelease, NodeCluster, node_cluster};
+use crate::support::{ok, repo_root};
 
 const WAIT: Duration = Duration::from_secs(180);
 const HOOKS_ACCOUNT: &str = "system:serviceaccount:my-app:deploylock-hooks";

@@ -19,7 +19,6 @@ use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::wait::await_condition;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -30,9 +29,9 @@ use deploylock::crd::{
 };
 
 use crate::support::{
-    ExtraCluster, Fault, FaultProxy, Identity, TestCluster, client_from, cluster, expect_exit,
-    holder_of, holdings_since_creation, install_crd, last_history, locks_api, status_json,
-    stderr_of, stdout_of, stored,
+    ExtraCluster, Fault, FaultProxy, Identity, TestCluster, await_object, client_from, cluster,
+    expect_exit, holder_of, holdings_since_creation, install_crd, last_history, locks_api,
+    status_json, stderr_of, stdout_of, stored,
 };
 
 /// Longest wait for anything that should take a second or two.
@@ -75,25 +74,6 @@ fn expect_acquired_then_released(lock: &DeploymentLock, what: &str) -> String {
     );
     assert_eq!(released.by, "alice", "{what}: {history:?}");
     acquired.lock_id.clone()
-}
-
-/// Waits, on a watch, until the lock satisfies `condition`.
-async fn await_lock(
-    api: &Api<DeploymentLock>,
-    environment: &str,
-    what: &str,
-    limit: StdDuration,
-    condition: impl Fn(&DeploymentLock) -> bool,
-) -> DeploymentLock {
-    let matches = move |lock: Option<&DeploymentLock>| lock.is_some_and(&condition);
-    match tokio::time::timeout(limit, await_condition(api.clone(), environment, matches)).await {
-        Ok(Ok(Some(lock))) => lock,
-        Ok(other) => panic!("{environment}: waiting until {what} failed: {other:?}"),
-        Err(_) => panic!(
-            "{environment}: not {what} after {limit:?}; now: {:?}",
-            api.get_opt(environment).await
-        ),
-    }
 }
 
 /// `deploylock exec` running in the background: stdout piped (the command's
@@ -349,7 +329,7 @@ impl Drop for Orphan {
 
 /// The holding taken by a running exec, once the lock has one (watched).
 async fn await_holding(api: &Api<DeploymentLock>, environment: &str) -> LockHolder {
-    let lock = await_lock(api, environment, "held", WAIT, |lock| {
+    let lock = await_object(api, environment, "held", WAIT, |lock| {
         lock.spec.holder.is_some()
     })
     .await;
@@ -623,7 +603,7 @@ async fn exec_with_wait_timeout_runs_the_command_once_the_lock_is_released() {
         &[("F", &ran)],
         dir.path(),
     );
-    await_lock(&api, "production", "queued for alice", WAIT, |lock| {
+    await_object(&api, "production", "queued for alice", WAIT, |lock| {
         lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
     })
     .await;
@@ -1296,7 +1276,7 @@ async fn killed_exec_takes_its_command_down_and_leaves_a_lock_that_expires() {
     );
 
     let _controller = cluster.spawn_controller(&ns, "exec-kill9", &[]);
-    let expired = await_lock(
+    let expired = await_object(
         &api,
         "production",
         "Expired",
@@ -1511,7 +1491,7 @@ async fn partition_stops_the_command_before_expiry(fault: Fault, name: &str) {
     let holding = await_holding(&api, "production").await;
 
     // Just after the first renewal (at a third of the minute).
-    let renewed = await_lock(
+    let renewed = await_object(
         &api,
         "production",
         "renewed",
@@ -1886,7 +1866,7 @@ async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_unt
     // runs out, and the controller marks it Expired at its expiry.
     proxy.set(Fault::None);
     let _controller = cluster.spawn_controller(&ns, "exec-unreleased", &[]);
-    let expired = await_lock(
+    let expired = await_object(
         &api,
         "production",
         "Expired",
@@ -2205,7 +2185,7 @@ async fn ctrl_c_in_every_phase_of_exec_wait_timeout_exits_130_and_leaves_nothing
         &[],
         dir.path(),
     );
-    await_lock(&api, "production", "queued for alice", WAIT, |lock| {
+    await_object(&api, "production", "queued for alice", WAIT, |lock| {
         lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
     })
     .await;
@@ -2238,7 +2218,7 @@ async fn ctrl_c_in_every_phase_of_exec_wait_timeout_exits_130_and_leaves_nothing
         &[],
         dir.path(),
     );
-    await_lock(&api, "production", "queued for alice", WAIT, |lock| {
+    await_object(&api, "production", "queued for alice", WAIT, |lock| {
         lock.spec.queue.iter().any(|waiter| waiter.user == "alice")
     })
     .await;

@@ -1,11 +1,12 @@
 //! Stop the line (config/admission/stop-the-line.yaml): while an admin holds
 //! the lock `stop-the-line`, no environment of the namespace can be acquired,
-//! new ones included; holders keep theirs, and an admin's --force passes.
+//! new ones included; holders keep theirs, an admin's --force passes, and a
+//! waiter waits the freeze out.
 
-use deploylock::crd::HistoryAction;
+use deploylock::crd::{DeploymentLock, HistoryAction};
 
 use crate::support::{
-    Identity, cluster, expect_exit, last_history, locks_api, stderr_of, stored,
+    Identity, cluster, expect_exit, holder_of, last_history, locks_api, stderr_of, stored,
     until_answer_changes,
 };
 
@@ -159,4 +160,120 @@ async fn stop_the_line_freezes_every_environment_but_an_admins_force() {
         "the line moves again",
     );
     expect_exit(&after, 0, "alice acquires once the line moves");
+}
+
+/// A waiter (`--wait-timeout`) meeting a frozen namespace waits the freeze
+/// out in its queue place, saying so, and takes the lock once the line
+/// moves; one whose timeout passes first exits 4 naming the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_waits_out_a_freeze_and_takes_the_lock_when_the_line_moves() {
+    let cluster = cluster();
+    let ns = cluster.enforced_namespace("stop-the-line-wait").await;
+    let deploylock = |identity: Identity, args: &[&str]| cluster.deploylock(identity, &ns, args);
+    expect_exit(
+        &deploylock(
+            Identity::Carol,
+            &["acquire", "-e", "stop-the-line", "--reason", "Incident 13"],
+        ),
+        0,
+        "carol stops the line",
+    );
+    // The policy sees the freeze once its parameter cache has the lock.
+    let mut probe = 0;
+    let frozen = until_answer_changes(
+        || {
+            probe += 1;
+            let name = format!("probe-{probe}");
+            let output = deploylock(
+                Identity::Bob,
+                &["acquire", "-e", &name, "--reason", "probe"],
+            );
+            if output.status.success() {
+                expect_exit(
+                    &deploylock(Identity::Bob, &["release", "-e", &name]),
+                    0,
+                    "release the probe",
+                );
+            }
+            output
+        },
+        true,
+        "the freeze takes effect",
+    );
+    expect_exit(&frozen, 5, "an acquire without a wait is refused at once");
+
+    let timed_out = deploylock(
+        Identity::Alice,
+        &[
+            "acquire",
+            "-e",
+            "production",
+            "--reason",
+            "Deploy",
+            "--wait-timeout",
+            "3",
+        ],
+    );
+    expect_exit(&timed_out, 4, "a waiter whose timeout passes while frozen");
+    assert!(
+        stderr_of(&timed_out)
+            .contains("the namespace is still frozen, stop-the-line held by carol")
+            && stderr_of(&timed_out).contains("Incident 13"),
+        "{}",
+        stderr_of(&timed_out)
+    );
+
+    let mut waiter = cluster.deploylock_command(Identity::Alice, &ns);
+    waiter
+        .args([
+            "acquire",
+            "-e",
+            "production",
+            "--reason",
+            "Deploy 3.1",
+            "--wait-timeout",
+            "120",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let waiter = match waiter.spawn() {
+        Ok(child) => child,
+        Err(err) => panic!("cannot start the waiter: {err}"),
+    };
+    // Its place in production's queue is kept while frozen.
+    let api = locks_api(cluster, &ns).await;
+    let queued = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kube::runtime::wait::await_condition(
+            api.clone(),
+            "production",
+            |lock: Option<&DeploymentLock>| {
+                lock.is_some_and(|lock| lock.spec.queue.iter().any(|waiter| waiter.user == "alice"))
+            },
+        ),
+    )
+    .await;
+    assert!(
+        matches!(queued, Ok(Ok(Some(_)))),
+        "alice's place never appeared: {queued:?}"
+    );
+    expect_exit(
+        &deploylock(Identity::Carol, &["release", "-e", "stop-the-line"]),
+        0,
+        "carol releases the line",
+    );
+    let output = match tokio::task::spawn_blocking(move || waiter.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        other => panic!("the waiter did not finish: {other:?}"),
+    };
+    expect_exit(
+        &output,
+        0,
+        "the waiter takes production once the line moves",
+    );
+    let lock = stored(&api, "production").await;
+    let holder = holder_of(&lock);
+    assert_eq!(holder.user, "alice");
+    assert_eq!(holder.reason, "Deploy 3.1");
+    assert!(lock.spec.queue.is_empty(), "{:?}", lock.spec.queue);
 }

@@ -9,7 +9,7 @@ use std::process::Output;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of, until_answer_changes,
+    Identity, TestCluster, cluster, helm_template, ok, repo_root, stderr_of, until_answer_changes,
 };
 
 const ENVIRONMENT: &str = "production";
@@ -52,10 +52,6 @@ fn kubectl_as(
     }
 }
 
-fn ok(output: &Output, what: &str) {
-    expect_exit(output, 0, what);
-}
-
 fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
     let text = manifest.to_string();
     ok(
@@ -81,36 +77,23 @@ async fn set_up(test: &str) -> Gate {
 /// namespace `workloads`.
 fn bind_with_chart(cluster: &TestCluster, gate: &Gate) {
     let (lock_namespace, workloads) = (&gate.lock_namespace, &gate.workloads);
-    let rendered = match std::process::Command::new(cluster.bin_dir().join("helm"))
-        .args(["template", "deploylock"])
-        .arg(repo_root().join("charts/deploylock"))
-        .args([
-            "--namespace",
-            "deploylock-system",
-            "--kube-version",
-            "1.35.0",
-        ])
-        .args(["--show-only", "templates/workload-gate.yaml"])
-        .args(["--set", "workloadGate.enabled=true"])
-        .args([
-            "--set",
-            &format!("workloadGate.environments[0].name={ENVIRONMENT}"),
-        ])
-        .args([
-            "--set",
-            &format!("workloadGate.environments[0].lockNamespace={lock_namespace}"),
-        ])
-        .args([
-            "--set",
-            &format!("workloadGate.environments[0].namespaces={{{workloads}}}"),
-        ])
-        .output()
-    {
-        Ok(output) => output,
-        Err(err) => panic!("cannot run helm: {err}"),
-    };
-    ok(&rendered, "helm template of the workload gate");
-    let bindings: String = String::from_utf8_lossy(&rendered.stdout)
+    let name = format!("workloadGate.environments[0].name={ENVIRONMENT}");
+    let lock_namespace_value =
+        format!("workloadGate.environments[0].lockNamespace={lock_namespace}");
+    let namespaces = format!("workloadGate.environments[0].namespaces={{{workloads}}}");
+    let rendered = helm_template(&[
+        "--show-only",
+        "templates/workload-gate.yaml",
+        "--set",
+        "workloadGate.enabled=true",
+        "--set",
+        &name,
+        "--set",
+        &lock_namespace_value,
+        "--set",
+        &namespaces,
+    ]);
+    let bindings: String = rendered
         .split("\n---")
         .filter(|doc| doc.contains("kind: ValidatingAdmissionPolicyBinding"))
         .collect::<Vec<_>>()

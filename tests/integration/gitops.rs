@@ -11,7 +11,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::runtime::wait::await_condition;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -20,7 +19,8 @@ use deploylock::gitops::{
 };
 
 use crate::support::{
-    ControllerProcess, Identity, TestCluster, cluster, expect_exit, repo_root, stdout_of,
+    self, ControllerProcess, Identity, TestCluster, cluster, expect_exit, helm_template, repo_root,
+    stdout_of,
 };
 
 const ENVIRONMENT: &str = "production";
@@ -164,24 +164,9 @@ async fn await_object(
     what: &str,
     ready: impl Fn(&DynamicObject) -> bool,
 ) -> DynamicObject {
-    let waited = tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            api(client, kind, namespace),
-            name,
-            move |object: Option<&DynamicObject>| object.is_some_and(&ready),
-        ),
-    )
-    .await;
-    match waited {
-        Ok(Ok(Some(object))) => object,
-        other => {
-            let now = api(client, kind, namespace).get(name).await;
-            panic!(
-                "{kind} {namespace}/{name}: {what} did not happen within 30 s ({other:?}); now: {now:?}"
-            )
-        }
-    }
+    let what = format!("{kind} {namespace}/{name}: {what}");
+    let limit = Duration::from_secs(30);
+    support::await_object(&api(client, kind, namespace), name, &what, limit, ready).await
 }
 
 /// Events (events.k8s.io) in `namespace` about `name`, with `reason`.
@@ -1033,22 +1018,7 @@ async fn kinds_without_their_crd_are_skipped_and_the_others_gated() {
 #[test]
 fn the_chart_grants_gitops_rights_only_when_enabled() {
     let cluster = cluster();
-    let render = |extra: &[&str]| {
-        let output = std::process::Command::new(cluster.bin_dir().join("helm"))
-            .args(["template", "deploylock"])
-            .arg(repo_root().join("charts/deploylock"))
-            .args([
-                "--namespace",
-                "deploylock-system",
-                "--kube-version",
-                "1.35.0",
-            ])
-            .args(extra)
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run helm: {err}"));
-        expect_exit(&output, 0, "helm template");
-        stdout_of(&output)
-    };
+    let render = helm_template;
     let off = render(&[]);
     assert!(
         !off.contains("--gitops-gating")

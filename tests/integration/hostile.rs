@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 
 use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
-use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of};
+use crate::support::{
+    Identity, TestCluster, await_object, cluster, expect_exit, status_is_current, stderr_of,
+};
 use testkit::torture_hostile::{entry_for, first_token, holding, new_lock, stamp};
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -605,20 +607,18 @@ fn bad_creates() -> Vec<BadCreate> {
 /// Waits until the controller's status matches the stored spec (state,
 /// holding, generation): proof that it still reconciles this lock.
 async fn await_reconciled(api: &Api<DeploymentLock>, name: &str, state: LockState) {
-    let reconciled = move |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            let holding = lock.spec.holder.as_ref().map(|holder| &holder.lock_id);
-            lock.status.as_ref().is_some_and(|status| {
-                status.state == Some(state)
-                    && status.lock_id.as_ref() == holding
-                    && status.observed_generation == lock.metadata.generation
-            })
-        })
+    let reconciled = move |lock: &DeploymentLock| {
+        status_is_current(lock)
+            && lock.status.as_ref().and_then(|status| status.state) == Some(state)
     };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), name, reconciled)).await {
-        Ok(Ok(Some(_))) => {}
-        other => panic!("the controller did not reconcile {name} to {state}: {other:?}"),
-    }
+    await_object(
+        api,
+        name,
+        &format!("reconciled to {state}"),
+        WAIT,
+        reconciled,
+    )
+    .await;
 }
 
 fn assert_refused(answer: &Answer, what: &str, tool: &str) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use crate::support::{client_from, repo_root};
+use crate::support::{client_from, isolate_helm, ok, repo_root};
 
 /// The image `make image` builds from ./Dockerfile: the chart's default and
 /// the examples' image.
@@ -146,14 +146,10 @@ impl NodeCluster {
 
     /// The pinned helm against this cluster, with its caches in a temp dir.
     pub fn helm(&self, args: &[&str]) -> Output {
-        let home = std::env::temp_dir().join(format!("deploylock-helm-{}", std::process::id()));
         let mut command = Command::new(self.bin_dir.join("helm"));
-        command
+        isolate_helm(&mut command)
             .arg("--kubeconfig")
             .arg(self.admin_kubeconfig())
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data"))
             .args(args);
         output_with_input(command, None, "helm")
     }
@@ -198,16 +194,6 @@ fn output_with_input(mut command: Command, input: Option<&str>, what: &str) -> O
     child
         .wait_with_output()
         .unwrap_or_else(|err| panic!("{what}: {err}"))
-}
-
-pub fn ok(output: &Output, what: &str) -> String {
-    assert!(
-        output.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// What `hack/cluster.sh down` must leave: no process started from the

@@ -3,14 +3,12 @@
 //! what arrives and can fail, stall, be slow or be down.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::await_condition;
 use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -19,7 +17,9 @@ use deploylock::crd::{DeploymentLock, HistoryAction};
 use deploylock::notify::{DeliveryResult, NotificationSubscription};
 
 use crate::receiver::{Mode, Receiver, Request, TestCa};
-use crate::support::{Identity, cluster, expect_exit};
+use crate::support::{
+    Identity, apply_lock_spec, await_object, cluster, expect_acquired, expect_exit, start_waiter,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -63,6 +63,10 @@ impl Setup {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    fn locks(&self) -> Api<DeploymentLock> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
     async fn subscription(&self, name: &str, spec: Value) {
         let object: NotificationSubscription = match serde_json::from_value(json!({
             "apiVersion": "deploylock.dev/v1",
@@ -89,22 +93,7 @@ impl Setup {
         what: &str,
         condition: impl Fn(&NotificationSubscription) -> bool,
     ) -> NotificationSubscription {
-        let waited = tokio::time::timeout(
-            WAIT,
-            await_condition(
-                self.subscriptions(),
-                name,
-                move |sub: Option<&NotificationSubscription>| sub.is_some_and(&condition),
-            ),
-        )
-        .await;
-        match waited {
-            Ok(Ok(Some(sub))) => sub,
-            other => {
-                let now = self.subscriptions().get_opt(name).await;
-                panic!("subscription {name}: {what} not seen: {other:?}; now: {now:#?}")
-            }
-        }
+        await_object(&self.subscriptions(), name, what, WAIT, condition).await
     }
 
     async fn await_ready(
@@ -995,23 +984,8 @@ async fn put_expiring_lock(
             expires_at: Some(expires_at),
         }],
     };
-    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
-    let patch = json!({
-        "apiVersion": "deploylock.dev/v1",
-        "kind": "DeploymentLock",
-        "metadata": {"name": environment},
-        "spec": spec,
-    });
-    if let Err(err) = api
-        .patch(
-            environment,
-            &PatchParams::apply("deploylock-tests").force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        panic!("cannot write {environment}: {err}");
-    }
+    let api = setup.locks();
+    apply_lock_spec(&api, environment, &spec).await;
     lock_id
 }
 
@@ -1060,50 +1034,6 @@ async fn expiry_is_announced_once_with_a_stable_key() {
     assert_eq!(expired["idempotencyKey"], expired_key.as_str());
 }
 
-/// Starts `deploylock acquire` waiting in the queue as `identity`, and
-/// returns once the lock shows its place (on a watch).
-async fn start_waiter(setup: &Setup, identity: Identity, owner: &str, reason: &str) -> Child {
-    let mut command = cluster().deploylock_command(identity, &setup.namespace);
-    command
-        .args([
-            "acquire",
-            "--wait-timeout",
-            "120",
-            "--owner",
-            owner,
-            "--reason",
-            reason,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(err) => panic!("cannot start the waiter {owner}: {err}"),
-    };
-    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
-    let owner = owner.to_string();
-    let queued = move |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == owner))
-    };
-    if let Err(err) = tokio::time::timeout(WAIT, await_condition(api, "production", queued)).await {
-        panic!("the waiter never joined the queue: {err}");
-    }
-    child
-}
-
-fn expect_acquired(child: Child, who: &str) {
-    let output = match child.wait_with_output() {
-        Ok(output) => output,
-        Err(err) => panic!("{who}: {err}"),
-    };
-    assert!(
-        output.status.success(),
-        "{who} did not acquire: {:?} {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_waiter_is_announced_once_per_place_with_who_and_why() {
     let setup = setup("notify-queue").await;
@@ -1136,8 +1066,15 @@ async fn a_queued_waiter_is_announced_once_per_place_with_who_and_why() {
     setup.await_ready("queue", "True", None).await;
     setup.await_ready("chat", "True", None).await;
     setup.cli(Identity::Alice, &["acquire", "--reason", "Deploying 2.1.0"]);
-    let bob = start_waiter(&setup, Identity::Bob, "bob-ci", "release 2.2").await;
-    let carol = start_waiter(&setup, Identity::Carol, "carol", "hotfix 2.1.1").await;
+    let bob = start_waiter(&setup.locks(), Identity::Bob, "bob-ci", "release 2.2", &[]).await;
+    let carol = start_waiter(
+        &setup.locks(),
+        Identity::Carol,
+        "carol",
+        "hotfix 2.1.1",
+        &[],
+    )
+    .await;
     let lock = setup.lock("production").await;
     let uid = lock.uid().expect("a UID");
     let places: Vec<(String, String)> = lock
@@ -1150,21 +1087,16 @@ async fn a_queued_waiter_is_announced_once_per_place_with_who_and_why() {
     // Each waiter renews its place every few seconds (a lock change each
     // time): wait for a renewal of both before looking for repeats.
     let renewed_from = lock.spec.queue.iter().map(|w| w.heartbeat_at).min();
-    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
-    let renewed = move |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            lock.spec.queue.len() == 2
-                && lock
-                    .spec
-                    .queue
-                    .iter()
-                    .all(|w| Some(w.heartbeat_at) > renewed_from)
-        })
+    let api = setup.locks();
+    let renewed = move |lock: &DeploymentLock| {
+        lock.spec.queue.len() == 2
+            && lock
+                .spec
+                .queue
+                .iter()
+                .all(|w| Some(w.heartbeat_at) > renewed_from)
     };
-    if let Err(err) = tokio::time::timeout(WAIT, await_condition(api, "production", renewed)).await
-    {
-        panic!("the waiters did not renew their places: {err}");
-    }
+    await_object(&api, "production", "renewed by both waiters", WAIT, renewed).await;
     let requests = receiver
         .wait_for("a message per place and subscription", WAIT, |r| {
             delivered_on(r, "/hook").len() >= 2 && delivered_on(r, "/slack").len() >= 2
@@ -1292,7 +1224,7 @@ async fn lock_selector_and_environments_choose_the_locks_covered() {
         ("canary", json!({"tier": "prod", "team": "search"})),
         ("sandbox", json!({"team": "payments"})),
     ];
-    let api: Api<DeploymentLock> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let api = setup.locks();
     for (environment, labels) in &labels {
         setup.cli(
             Identity::Alice,

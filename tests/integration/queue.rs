@@ -5,11 +5,12 @@
 use std::process::{Child, Stdio};
 
 use kube::api::Api;
-use kube::runtime::wait::await_condition;
 
 use deploylock::crd::DeploymentLock;
 
-use crate::support::{Identity, cluster};
+use crate::support::{
+    self, Identity, await_leader, await_object, await_queued, cluster, expect_acquired,
+};
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
@@ -21,43 +22,12 @@ fn identity_of(i: usize) -> Identity {
     }
 }
 
-/// Starts a waiter and returns once its place is in the queue (seen on a
-/// watch), so that waiters arrive in a known order.
-async fn start_waiter(
-    api: &Api<DeploymentLock>,
-    namespace: &str,
-    i: usize,
-    extra: &[&str],
-) -> Child {
+/// Starts waiter `i` (its owner `waiter-<i>`) and returns once its place is
+/// in the queue.
+async fn start_waiter(api: &Api<DeploymentLock>, i: usize, extra: &[&str]) -> Child {
     let owner = format!("waiter-{i}");
     let reason = format!("deploy {i}");
-    let mut command = cluster().deploylock_command(identity_of(i), namespace);
-    command
-        .args([
-            "acquire",
-            "--wait-timeout",
-            "120",
-            "--owner",
-            &owner,
-            "--reason",
-            &reason,
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(err) => panic!("cannot start {owner}: {err}"),
-    };
-    let queued = move |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == owner))
-    };
-    if let Err(err) =
-        tokio::time::timeout(WAIT, await_condition(api.clone(), "production", queued)).await
-    {
-        panic!("waiter-{i} never joined the queue: {err}");
-    }
-    child
+    support::start_waiter(api, identity_of(i), &owner, &reason, extra).await
 }
 
 async fn holder_owner(api: &Api<DeploymentLock>) -> Option<String> {
@@ -65,20 +35,6 @@ async fn holder_owner(api: &Api<DeploymentLock>) -> Option<String> {
         Ok(lock) => lock.spec.holder.map(|holder| holder.owner),
         Err(err) => panic!("cannot read the lock: {err}"),
     }
-}
-
-/// Waits for a waiter process to finish and asserts it got the lock.
-fn expect_acquired(child: Child, who: &str) {
-    let output = match child.wait_with_output() {
-        Ok(output) => output,
-        Err(err) => panic!("{who}: {err}"),
-    };
-    assert!(
-        output.status.success(),
-        "{who} did not acquire: {:?} {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 fn release(namespace: &str, identity: Identity) {
@@ -105,7 +61,7 @@ async fn five_waiters_are_served_in_arrival_order() {
 
     let mut waiters = Vec::new();
     for i in 0..5 {
-        waiters.push(start_waiter(&api, &namespace, i, &[]).await);
+        waiters.push(start_waiter(&api, i, &[]).await);
     }
     let lock = api
         .get("production")
@@ -159,7 +115,7 @@ async fn newest_first_serves_the_newest_waiter() {
     assert!(first.status.success());
     let mut waiters = Vec::new();
     for i in 0..3 {
-        waiters.push(start_waiter(&api, &namespace, i, &["--queue", "newest-first"]).await);
+        waiters.push(start_waiter(&api, i, &["--queue", "newest-first"]).await);
     }
     release(&namespace, Identity::Alice);
     let newest = waiters.pop().unwrap_or_else(|| panic!("three waiters"));
@@ -186,8 +142,8 @@ async fn a_killed_waiter_drops_out_and_does_not_block_the_queue() {
         &["acquire", "--reason", "holder"],
     );
     assert!(first.status.success());
-    let mut doomed = start_waiter(&api, &namespace, 0, &[]).await;
-    let survivor = start_waiter(&api, &namespace, 1, &[]).await;
+    let mut doomed = start_waiter(&api, 0, &[]).await;
+    let survivor = start_waiter(&api, 1, &[]).await;
     if let Err(err) = doomed.kill() {
         panic!("cannot SIGKILL waiter-0: {err}");
     }
@@ -270,7 +226,7 @@ async fn sigint_while_waiting_exits_130_and_leaves_the_queue() {
         &["acquire", "--reason", "holder"],
     );
     assert!(first.status.success());
-    let waiter = start_waiter(&api, &namespace, 0, &[]).await;
+    let waiter = start_waiter(&api, 0, &[]).await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(waiter.id()).unwrap_or(0));
     if let Err(err) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT) {
         panic!("cannot send SIGINT: {err}");
@@ -348,14 +304,7 @@ async fn waiters_keep_their_order_through_api_server_and_etcd_restarts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start {owner}: {err}"));
-        let queued = move |lock: Option<&DeploymentLock>| {
-            lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == owner))
-        };
-        if let Err(err) =
-            tokio::time::timeout(WAIT, await_condition(api.clone(), "production", queued)).await
-        {
-            panic!("waiter-{i} never joined the queue: {err}");
-        }
+        await_queued(&api, &owner).await;
         waiters.push(child);
     }
 
@@ -420,54 +369,25 @@ async fn waiters_keep_their_order_through_api_server_and_etcd_restarts() {
     );
 }
 
-/// Waits (on a watch of the Lease) until one of `candidates` leads, and
-/// returns its identity.
-async fn await_leader(
-    namespace: &str,
-    lease: &str,
-    candidates: &[&crate::support::ControllerProcess],
-) -> String {
-    use k8s_openapi::api::coordination::v1::Lease;
-    let leases: Api<Lease> = Api::namespaced(cluster().client(Identity::Admin).await, namespace);
-    let identities: Vec<String> = candidates.iter().map(|c| c.identity()).collect();
-    let leads = move |lease: Option<&Lease>| {
-        lease
-            .and_then(|lease| lease.spec.as_ref())
-            .and_then(|spec| spec.holder_identity.as_ref())
-            .is_some_and(|holder| identities.contains(holder))
-    };
-    match tokio::time::timeout(WAIT, await_condition(leases, lease, leads)).await {
-        Ok(Ok(Some(lease))) => lease
-            .spec
-            .and_then(|spec| spec.holder_identity)
-            .unwrap_or_default(),
-        other => panic!("no leader of {lease} among the candidates: {other:?}"),
-    }
-}
-
 /// Waits (on a watch) until the controller's status names the holding of
 /// `owner` as Locked.
 async fn await_status_of(api: &Api<DeploymentLock>, owner: &str) -> DeploymentLock {
     use deploylock::crd::LockState;
+    let what = format!("reported as Locked by {owner}");
     let owner = owner.to_string();
-    let reconciled = move |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| {
-            let holding = lock
-                .spec
-                .holder
-                .as_ref()
-                .filter(|holder| holder.owner == owner);
-            let status = lock.status.as_ref();
-            holding.is_some_and(|holder| {
-                status.and_then(|s| s.state) == Some(LockState::Locked)
-                    && status.and_then(|s| s.lock_id.as_deref()) == Some(holder.lock_id.as_str())
-            })
+    let reconciled = move |lock: &DeploymentLock| {
+        let holding = lock
+            .spec
+            .holder
+            .as_ref()
+            .filter(|holder| holder.owner == owner);
+        let status = lock.status.as_ref();
+        holding.is_some_and(|holder| {
+            status.and_then(|s| s.state) == Some(LockState::Locked)
+                && status.and_then(|s| s.lock_id.as_deref()) == Some(holder.lock_id.as_str())
         })
     };
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), "production", reconciled)).await {
-        Ok(Ok(Some(lock))) => lock,
-        other => panic!("the controller never reported the holding as Locked: {other:?}"),
-    }
+    await_object(api, "production", &what, WAIT, reconciled).await
 }
 
 /// Three waiters queue in an enforced namespace watched by two controllers
@@ -489,7 +409,7 @@ async fn waiters_keep_their_order_through_a_controller_failover() {
         Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let first = cluster.spawn_controller(&namespace, "failover", &[]);
     let second = cluster.spawn_controller(&namespace, "failover", &[]);
-    let leader = await_leader(&namespace, "failover", &[&first, &second]).await;
+    let leader = await_leader(&namespace, "failover", &[&first, &second], WAIT).await;
     let (leader, standby) = if leader == first.identity() {
         (first, second)
     } else {
@@ -509,7 +429,7 @@ async fn waiters_keep_their_order_through_a_controller_failover() {
     await_status_of(&api, "holder").await;
     let mut waiters = Vec::new();
     for i in 0..3 {
-        waiters.push(start_waiter(&api, &namespace, i, &[]).await);
+        waiters.push(start_waiter(&api, i, &[]).await);
     }
 
     leader.signal("KILL");
@@ -519,7 +439,7 @@ async fn waiters_keep_their_order_through_a_controller_failover() {
     expect_acquired(waiter, "waiter-0");
     assert_eq!(holder_owner(&api).await.as_deref(), Some("waiter-0"));
 
-    let new_leader = await_leader(&namespace, "failover", &[&standby]).await;
+    let new_leader = await_leader(&namespace, "failover", &[&standby], WAIT).await;
     assert_eq!(new_leader, standby.identity());
     await_status_of(&api, "waiter-0").await;
     let mut waiters: Vec<Child> = waiters.collect();
@@ -649,14 +569,7 @@ async fn ctrl_c_in_every_phase_of_acquire_wait_timeout_exits_130_and_leaves_noth
         "queued",
     ]);
     let child = foreground(command);
-    let queued = |lock: Option<&DeploymentLock>| {
-        lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.owner == "interrupted"))
-    };
-    if let Err(err) =
-        tokio::time::timeout(WAIT, await_condition(api.clone(), "production", queued)).await
-    {
-        panic!("the waiter never joined the queue: {err}");
-    }
+    await_queued(&api, "interrupted").await;
     ctrl_c_exits_130(child, "Ctrl-C while queued").await;
     let lock = api
         .get("production")

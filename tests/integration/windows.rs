@@ -13,11 +13,11 @@ use deploylock::crd::{DeploymentLock, HistoryAction, LockType};
 use deploylock::windows::{FreezeWindow, WINDOW_HOLDER};
 use kube::CustomResourceExt;
 use kube::api::Api;
-use kube::runtime::wait::await_condition;
 use serde_json::json;
 
 use crate::support::{
-    Identity, TestCluster, cluster, expect_exit, holder_of, locks_api, stderr_of, stored,
+    Identity, TestCluster, await_object, cluster, expect_exit, holder_of, locks_api, stderr_of,
+    stored,
 };
 
 static CRD: OnceLock<Result<(), String>> = OnceLock::new();
@@ -65,29 +65,9 @@ fn apply_window(cluster: &TestCluster, namespace: &str, window: &serde_json::Val
     expect_exit(&output, 0, "kubectl apply the FreezeWindow");
 }
 
-/// Waits, on a watch, until the object `name` satisfies `condition` (2
-/// minutes at most) and returns it then.
-async fn await_object<K>(api: &Api<K>, name: &str, what: &str, condition: impl Fn(&K) -> bool) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let waited = tokio::time::timeout(
-        Duration::from_secs(120),
-        await_condition(api.clone(), name, move |object: Option<&K>| {
-            object.is_some_and(&condition)
-        }),
-    )
-    .await;
-    match waited {
-        Ok(Ok(Some(object))) => object,
-        Ok(Ok(None)) => panic!("{name}: deleted while waiting until {what}"),
-        Ok(Err(err)) => panic!("{name}: watch failed waiting until {what}: {err}"),
-        Err(_) => panic!(
-            "{name}: not {what} after 2 minutes: {:?}",
-            api.get(name).await
-        ),
-    }
-}
+/// How long a window test waits for the controller (an opening starts at
+/// the next whole minute).
+const WAIT: Duration = Duration::from_secs(120);
 
 async fn await_lock(
     api: &Api<DeploymentLock>,
@@ -95,7 +75,7 @@ async fn await_lock(
     what: &str,
     condition: impl Fn(&DeploymentLock) -> bool,
 ) -> DeploymentLock {
-    await_object(api, environment, what, condition).await
+    await_object(api, environment, what, WAIT, condition).await
 }
 
 fn held_by_window(lock: &DeploymentLock) -> bool {
@@ -119,7 +99,7 @@ async fn await_window(
     what: &str,
     condition: impl Fn(&FreezeWindow) -> bool,
 ) -> FreezeWindow {
-    await_object(api, name, what, condition).await
+    await_object(api, name, what, WAIT, condition).await
 }
 
 #[tokio::test]
