@@ -608,6 +608,41 @@ async fn a_same_named_policy_binding_deploylock_did_not_create_is_left_alone() {
     })
     .await;
     assert_eq!(selected_names(&ours), json!(["shop"]));
-    let deleted = bindings.delete(&name, &DeleteParams::default()).await;
-    assert!(deleted.is_ok(), "delete the binding: {deleted:?}");
+
+    // A second EnvironmentBinding of the same environment does not take the
+    // first one's policy binding.
+    let second = format!("{name}-again");
+    expect_exit(
+        &create_as(
+            cluster,
+            Identity::Admin,
+            &binding_manifest(&second, &lock_namespace, json!({"namespaces": ["other"]})),
+            false,
+        ),
+        0,
+        "create a second EnvironmentBinding of the environment",
+    );
+    let refused = await_binding(
+        &bindings,
+        &second,
+        "the second one Ready=False",
+        |binding| ready_of(binding).is_some_and(|(status, _, _)| status == "False"),
+    )
+    .await;
+    let (_, reason, message) = ready_of(&refused).unwrap_or_default();
+    assert_eq!(reason, "NameTaken");
+    assert!(
+        message.contains(&format!("already bound by EnvironmentBinding {name}")),
+        "{message}"
+    );
+    let kept = match policy_bindings.get(&vap_name).await {
+        Ok(kept) => kept,
+        Err(err) => panic!("the policy binding is gone: {err}"),
+    };
+    assert_eq!(kept.resource_version(), ours.resource_version());
+    assert_eq!(selected_names(&kept), json!(["shop"]));
+    for binding in [&second, &name] {
+        let deleted = bindings.delete(binding, &DeleteParams::default()).await;
+        assert!(deleted.is_ok(), "delete {binding}: {deleted:?}");
+    }
 }
