@@ -52,7 +52,8 @@ crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --bin crdgen > crds/deploymentlocks.deploylock.dev.yaml
 	$(CARGO) run --quiet --bin crdgen notificationsubscriptions > crds/notificationsubscriptions.deploylock.dev.yaml
 	$(CARGO) run --quiet --bin crdgen freezewindows > crds/freezewindows.deploylock.dev.yaml
-	@cp crds/deploymentlocks.deploylock.dev.yaml crds/notificationsubscriptions.deploylock.dev.yaml crds/freezewindows.deploylock.dev.yaml charts/deploylock/crds/
+	$(CARGO) run --quiet --bin crdgen environmentbindings > crds/environmentbindings.deploylock.dev.yaml
+	@cp crds/deploymentlocks.deploylock.dev.yaml crds/notificationsubscriptions.deploylock.dev.yaml crds/freezewindows.deploylock.dev.yaml crds/environmentbindings.deploylock.dev.yaml charts/deploylock/crds/
 	@echo "wrote crds/*.yaml and their copies in charts/deploylock/crds/"
 
 .PHONY: completions

@@ -36,6 +36,8 @@ Then give people the roles (ClusterRoles deploylock-viewer, deploylock-user, dep
   kubectl create namespace my-app --dry-run=client -o yaml | kubectl apply -f -
   kubectl create rolebinding deploylock-users -n my-app --clusterrole deploylock-user --group my-team
 To gate workloads while a lock is held (README "Freezing an environment"), bind
-environments to their namespaces: config/admission/workload-gate-binding.example.yaml
+environments to their namespaces: config/admission/workload-gate-binding.example.yaml,
+or EnvironmentBindings (kubectl explain environmentbinding.spec) kept by a controller
+run with --environment-bindings (RBAC: config/rbac/environment-bindings.yaml)
 To remove enforcement: kubectl delete validatingadmissionpolicybinding deploylock.dev
 NOTE

@@ -15,6 +15,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod envbinding;
 pub mod environment;
 pub mod error;
 pub mod exec;

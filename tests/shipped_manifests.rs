@@ -20,6 +20,10 @@ fn the_charts_policies_are_the_configs() {
             "config/admission/workload-gate.yaml",
             "charts/deploylock/files/workload-gate.yaml",
         ),
+        (
+            "config/rbac/environment-bindings.yaml",
+            "charts/deploylock/files/environment-bindings-clusterrole.yaml",
+        ),
     ] {
         assert!(
             read(config) == read(chart),

@@ -1,5 +1,6 @@
 //! Prints a CRD manifest generated from the Rust types: the DeploymentLock
-//! CRD, or with `notificationsubscriptions` / `freezewindows` those CRDs.
+//! CRD, or with `notificationsubscriptions` / `freezewindows` /
+//! `environmentbindings` those CRDs.
 
 use std::process::ExitCode;
 
@@ -9,9 +10,10 @@ fn main() -> ExitCode {
         None | Some("deploymentlocks") => deploylock::crdgen::crd_manifest_yaml(),
         Some("notificationsubscriptions") => deploylock::crdgen::subscription_crd_manifest_yaml(),
         Some("freezewindows") => deploylock::crdgen::window_crd_manifest_yaml(),
+        Some("environmentbindings") => deploylock::crdgen::environment_binding_crd_manifest_yaml(),
         Some(other) => {
             eprintln!(
-                "crdgen: unknown CRD {other:?}: use deploymentlocks, notificationsubscriptions or freezewindows"
+                "crdgen: unknown CRD {other:?}: use deploymentlocks, notificationsubscriptions, freezewindows or environmentbindings"
             );
             return ExitCode::from(2);
         }

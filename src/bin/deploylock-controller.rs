@@ -98,6 +98,10 @@ struct Args {
     /// controller impersonates (RBAC: impersonate that user; the chart grants it).
     #[arg(long, env = "DEPLOYLOCK_FREEZE_WINDOWS", default_value_t = true, action = clap::ArgAction::Set)]
     freeze_windows: bool,
+    /// Keep the workload gate's ValidatingAdmissionPolicyBinding of each EnvironmentBinding
+    /// (RBAC: config/rbac/environment-bindings.yaml; the chart's workloadGate.environmentBindings).
+    #[arg(long, env = "DEPLOYLOCK_ENVIRONMENT_BINDINGS")]
+    environment_bindings: bool,
     /// Path to a kubeconfig (default: in-cluster, $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -269,6 +273,7 @@ async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerEr
         retention: args.retention,
         gitops_gating: args.gitops_gating,
         window_client,
+        environment_bindings: args.environment_bindings,
     };
     replica.run(stop).await;
     Ok(())

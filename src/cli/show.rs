@@ -41,6 +41,15 @@ pub async fn status(store: &LockStore, global: &GlobalArgs, observed: &Observed)
         let gates =
             crate::gitops::cli::gates(store.client(), store.namespace(), env.as_str()).await;
         outln!("Gates: {gates}");
+        let bound = crate::envbinding::cli::gated_namespaces(
+            store.client(),
+            store.namespace(),
+            env.as_str(),
+        )
+        .await;
+        if let Some(bound) = bound {
+            outln!("Workload gate: {}", render::Safe(&bound));
+        }
     }
 }
 

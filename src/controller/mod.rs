@@ -23,6 +23,7 @@
 //! `deploylock_malformed_locks` metric) and skipped; the others go on.
 
 pub mod clock;
+pub mod envbinding;
 pub mod gitops;
 pub mod leader;
 pub mod lockwatch;

@@ -47,6 +47,9 @@ pub struct Replica {
     /// Freeze windows (see [`super::windows`]): a client acting as the
     /// window identity, or `None` with `--freeze-windows=false`.
     pub window_client: Option<Client>,
+    /// EnvironmentBindings to policy bindings (`--environment-bindings`,
+    /// see [`super::envbinding`]), by the leader.
+    pub environment_bindings: bool,
 }
 
 /// Retries `attempt` (with a short backoff) until it succeeds or a stop is
@@ -181,7 +184,8 @@ impl Replica {
     }
 
     /// The leader's tasks beside the reconciles, each ending with the term:
-    /// GitOps gating (if on), freeze windows (if on) and team notifications
+    /// GitOps gating (if on), freeze windows (if on), environment bindings
+    /// (if on) and team notifications
     /// (never in the lock path).
     fn spawn_side_tasks(
         &self,
@@ -210,6 +214,15 @@ impl Replica {
                 locks: lock_view.clone(),
             };
             tasks.push(tokio::spawn(windows.run(term.clone())));
+        }
+        if self.environment_bindings {
+            let bindings = super::envbinding::EnvironmentBindings {
+                client: self.client.clone(),
+                namespace: self.namespace.clone(),
+                clock: clock.clone(),
+                instance: instance.clone(),
+            };
+            tasks.push(tokio::spawn(bindings.run(term.clone())));
         }
         let notifier = super::notify::Notifier {
             client: self.client.clone(),

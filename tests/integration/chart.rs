@@ -38,6 +38,7 @@ async fn chart_lints_and_refuses_bad_values() {
     for crd in [
         "deploymentlocks.deploylock.dev.yaml",
         "notificationsubscriptions.deploylock.dev.yaml",
+        "environmentbindings.deploylock.dev.yaml",
     ] {
         let chart_crd = repo_root().join("charts/deploylock/crds").join(crd);
         assert!(
@@ -208,7 +209,14 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "workloadGate.environments[0].namespaces={shop,payments}",
         "--set",
         "workloadGate.environments[1].name=staging",
+        "--set",
+        "workloadGate.environmentBindings=true",
     ]);
+    assert!(
+        all_on.contains("- --environment-bindings")
+            && all_on.contains("name: deploylock-controller-environment-bindings"),
+        "workloadGate.environmentBindings adds the flag and the controller's role"
+    );
     let all_kinds = kinds(&all_on);
     assert_eq!(
         all_kinds

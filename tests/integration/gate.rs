@@ -22,10 +22,10 @@ enum Writer {
     As(&'static str),
 }
 
-struct Gate {
-    lock_namespace: String,
-    workloads: String,
-    unbound: String,
+pub(crate) struct Gate {
+    pub(crate) lock_namespace: String,
+    pub(crate) workloads: String,
+    pub(crate) unbound: String,
     deployer: String,
 }
 
@@ -68,23 +68,15 @@ fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
 /// `lock_namespace`) to the namespace `workloads`; RBAC so that every writer
 /// may change workloads there and in `unbound`.
 async fn set_up(test: &str) -> Gate {
-    let cluster = cluster();
-    let lock_namespace = cluster.namespace(&format!("{test}-locks")).await;
-    let workloads = cluster.namespace(&format!("{test}-shop")).await;
-    let unbound = cluster.namespace(&format!("{test}-other")).await;
-    let deployer = format!("system:serviceaccount:{lock_namespace}:deployer");
-    // Cluster-scoped and shared by the tests: applied once.
-    static POLICY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    POLICY.get_or_init(|| {
-        let policy = repo_root().join("config/admission/workload-gate.yaml");
-        ok(
-            &cluster.kubectl(
-                Identity::Admin,
-                &["apply", "-f", &policy.display().to_string()],
-            ),
-            "apply the workload gate policy",
-        );
-    });
+    let gate = set_up_unbound(test).await;
+    bind_with_chart(cluster(), &gate);
+    gate
+}
+
+/// The chart's binding (workloadGate.environments) of `production` to the
+/// namespace `workloads`.
+fn bind_with_chart(cluster: &TestCluster, gate: &Gate) {
+    let (lock_namespace, workloads) = (&gate.lock_namespace, &gate.workloads);
     let name = format!("workloadGate.environments[0].name={ENVIRONMENT}");
     let lock_namespace_value =
         format!("workloadGate.environments[0].lockNamespace={lock_namespace}");
@@ -107,13 +99,36 @@ async fn set_up(test: &str) -> Gate {
         .collect::<Vec<_>>()
         .join("\n---\n");
     assert!(
-        bindings.contains(&workloads),
+        bindings.contains(workloads.as_str()),
         "the chart bound no namespace: {bindings}"
     );
     ok(
         &cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &bindings),
         "apply the chart's binding",
     );
+}
+
+/// The gate's policy and RBAC so that every writer may change workloads in
+/// `workloads` and `unbound`, with a Deployment and a CronJob in each; no
+/// namespace is bound yet.
+pub(crate) async fn set_up_unbound(test: &str) -> Gate {
+    let cluster = cluster();
+    let lock_namespace = cluster.namespace(&format!("{test}-locks")).await;
+    let workloads = cluster.namespace(&format!("{test}-shop")).await;
+    let unbound = cluster.namespace(&format!("{test}-other")).await;
+    let deployer = format!("system:serviceaccount:{lock_namespace}:deployer");
+    // Cluster-scoped and shared by the tests: applied once.
+    static POLICY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let policy = repo_root().join("config/admission/workload-gate.yaml");
+        ok(
+            &cluster.kubectl(
+                Identity::Admin,
+                &["apply", "-f", &policy.display().to_string()],
+            ),
+            "apply the workload gate policy",
+        );
+    });
     for namespace in [&workloads, &unbound] {
         apply(
             cluster,

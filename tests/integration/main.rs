@@ -9,6 +9,7 @@ mod cli;
 mod completion;
 mod controller;
 mod crd_api;
+mod envbinding;
 mod example_tools;
 mod examples;
 mod examples_on_node;
