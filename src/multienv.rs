@@ -5,9 +5,9 @@
 
 use crate::environment::Environment;
 
-/// The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml):
-/// not an environment, so never one of `--all-environments`.
-pub const STOP_THE_LINE_LOCK: &str = "stop-the-line";
+// The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml)
+// is not an environment: never one of `--all-environments`, never one of a set.
+pub use crate::crd::STOP_THE_LINE as STOP_THE_LINE_LOCK;
 
 /// The environments in the order their locks are taken: sorted by name,
 /// each once (`-e a -e a` is `-e a`).

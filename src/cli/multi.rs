@@ -100,6 +100,18 @@ pub fn check(cli: &Cli) -> Result<(), Error> {
             "{what} acts on one environment, but {flag}: give one -e/--environment (several are taken by acquire, release, extend, wait and exec)"
         )));
     }
+    // Taken in a set it would freeze the set's later locks (or wait on
+    // itself): the line is stopped alone.
+    if global
+        .environments
+        .iter()
+        .any(|environment| environment.as_str() == multienv::STOP_THE_LINE_LOCK)
+    {
+        return Err(Error::InvalidInput(format!(
+            "{} freezes every other environment of the namespace, but {flag}: stop the line on its own (-e {0})",
+            multienv::STOP_THE_LINE_LOCK
+        )));
+    }
     let lock_id = match &cli.action {
         Action::Release(args) => args.holding.lock_id.is_some(),
         Action::Extend(args) => args.holding.lock_id.is_some(),
@@ -583,21 +595,22 @@ async fn release_each(
     Ok(report_each(global, "released", deployment_id, each))
 }
 
-/// `release --group-id`: the holdings of that lock group in the namespace,
-/// each by its lock ID (only one's own are released: the rules refuse the
-/// others').
+/// `release --group-id`: the caller's holdings of that lock group in the
+/// namespace, each by its lock ID (a group ID is chosen by clients: another
+/// user's holding may carry the same one, and is left alone).
 async fn release_group(
     store: &LockStore,
     global: &GlobalArgs,
     group_id: &str,
 ) -> Result<Exit, Error> {
+    let user = store.whoami().await?;
     let listing = store.list(false).await?;
     let mut targets: Vec<(Environment, Option<String>)> = listing
         .locks
         .iter()
         .filter_map(|lock| {
             let holder = lock.spec.holder.as_ref()?;
-            if holder.group_id.as_deref() != Some(group_id) {
+            if holder.group_id.as_deref() != Some(group_id) || holder.user != user {
                 return None;
             }
             let environment = lock.spec.environment.parse().ok()?;

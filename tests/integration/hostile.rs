@@ -270,6 +270,24 @@ struct Attack {
 fn attacks_on_a_held_lock() -> Vec<Attack> {
     vec![
         Attack {
+            what: "label another's lock (labels route its notifications and gates)",
+            actor: Identity::Bob,
+            write: |_, _| {
+                Write::JsonPatch(
+                    json!([{ "op": "add", "path": "/metadata/labels", "value": {"team": "payments"} }]),
+                )
+            },
+        },
+        Attack {
+            what: "the holder relabels her own lock (only an admin sets labels after creation)",
+            actor: Identity::Alice,
+            write: |_, _| {
+                Write::JsonPatch(
+                    json!([{ "op": "add", "path": "/metadata/labels", "value": {"bulk-0": "x", "bulk-1": "x"} }]),
+                )
+            },
+        },
+        Attack {
             what: "insert a history entry (higher sequence) at history[0] (bricks the lock)",
             actor: Identity::Bob,
             write: |object, now| {
@@ -1041,4 +1059,92 @@ async fn await_clock_tick(api: &Api<DeploymentLock>) {
         lease.is_some_and(|lease| lease.metadata.resource_version != current)
     };
     let _ = tokio::time::timeout(WAIT, await_condition(leases, "deploylock-clock", moved)).await;
+}
+
+/// Growing a lock past what etcd stores (field managers, one server-side
+/// apply each) is bounded, and the lock stays writable by its holder; and
+/// nobody but an admin takes a place in stop-the-line's queue.
+#[tokio::test]
+async fn field_managers_are_bounded_and_only_admins_wait_for_stop_the_line() {
+    let cluster = cluster();
+    let namespace = cluster.enforced_namespace("hostile-bloat").await;
+    deploylock_ok(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &["-e", "production", "acquire", "--reason", "Deploying 2.2"],
+    );
+    let apply = json!({
+        "apiVersion": "deploylock.dev/v1", "kind": "DeploymentLock",
+        "metadata": {"name": "production"},
+        "spec": {"environment": "production"}
+    })
+    .to_string();
+    let mut refused = None;
+    for manager in 0..40 {
+        let output = cluster.kubectl_with_input(
+            Identity::Bob,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-n",
+                &namespace,
+                "--field-manager",
+                &format!("bloat-{manager}"),
+                "-f",
+                "-",
+            ],
+            &apply,
+        );
+        if !output.status.success() {
+            refused = Some((manager, stderr_of(&output)));
+            break;
+        }
+    }
+    let Some((at, why)) = refused else {
+        panic!("40 field managers were all admitted");
+    };
+    assert!(
+        why.contains("at most 24 field managers"),
+        "refused at manager {at} for another reason: {why}"
+    );
+    let managers = stored_json(cluster, &namespace, "production")
+        .and_then(|object| object["metadata"]["managedFields"].as_array().map(Vec::len))
+        .unwrap_or_default();
+    assert!(managers <= 24, "{managers} field managers stored");
+    // The holder keeps writing (her field manager is already there).
+    deploylock_ok(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &["-e", "production", "extend", "--duration", "45"],
+    );
+
+    let waiter = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &[
+            "-e",
+            "stop-the-line",
+            "acquire",
+            "--reason",
+            "me too",
+            "--wait-timeout",
+            "5",
+        ],
+    );
+    expect_exit(&waiter, 5, "bob waits for stop-the-line");
+    assert!(
+        stderr_of(&waiter).contains("needs the force permission"),
+        "{}",
+        stderr_of(&waiter)
+    );
+    let line = stored_json(cluster, &namespace, "stop-the-line");
+    assert!(
+        line.as_ref()
+            .and_then(|object| object["spec"]["queue"].as_array())
+            .is_none_or(|queue| queue.is_empty()),
+        "bob has a place in stop-the-line's queue: {line:?}"
+    );
 }
