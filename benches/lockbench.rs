@@ -71,6 +71,19 @@ fn summary(samples: &[f64]) -> (f64, f64, f64, f64) {
     )
 }
 
+/// kubectl as the admin (`input` on stdin when given), which must succeed.
+fn kubectl_ok(args: &[&str], input: Option<&str>) {
+    let output = match input {
+        Some(input) => cluster().kubectl_with_input(Identity::Admin, args, input),
+        None => cluster().kubectl(Identity::Admin, args),
+    };
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn p50(samples: &[f64]) -> f64 {
     summary(samples).0
 }

@@ -169,6 +169,10 @@ impl Error {
             },
             Some(404) => Error::CrdNotInstalled(err),
             Some(422) => Error::Rejected(ApiFailure::caused_by(message, err)),
+            // An object etcd refuses to store: retrying cannot help.
+            Some(500) if message.contains("request is too large") => {
+                Error::Api(ApiFailure::caused_by(message, err))
+            }
             // Overload and a server or etcd that is restarting: the
             // server is there but cannot answer now.
             Some(code @ (429 | 500 | 502 | 503 | 504)) => Error::Unreachable(
@@ -189,10 +193,6 @@ impl Error {
         matches!(self, Error::Unreachable(_))
     }
 
-    /// A 403 from authorization (RBAC: "User ... cannot ..."), as opposed to
-    /// one from the admission policy. Right after an API server starts, RBAC
-    /// refuses everyone until its caches are filled, so a waiting client
-    /// retries this for a short while; the policy's refusal is final.
     /// Whether the API server refused an acquisition because the namespace
     /// is frozen (the stop-the-line policy): a waiter waits that out.
     pub fn is_stop_the_line_refusal(&self) -> bool {
@@ -200,6 +200,10 @@ impl Error {
             if message.contains(STOP_THE_LINE_DENIAL))
     }
 
+    /// A 403 from authorization (RBAC: "User ... cannot ..."), as opposed to
+    /// one from the admission policy. Right after an API server starts, RBAC
+    /// refuses everyone until its caches are filled, so a waiting client
+    /// retries this for a short while; the policy's refusal is final.
     pub fn is_authorization_refusal(&self) -> bool {
         match self {
             Error::Forbidden(ApiFailure { message, .. }) => {
@@ -263,5 +267,19 @@ mod tests {
         );
         assert!(!denied("user \"bob\" cannot update resource").is_stop_the_line_refusal());
         assert!(!Error::Api(ApiFailure::new(STOP_THE_LINE_DENIAL)).is_stop_the_line_refusal());
+    }
+
+    #[test]
+    fn an_object_etcd_refuses_is_not_a_passing_fault() {
+        let status = |message: &str| {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure(message, "InternalError").with_code(500),
+            ))
+        };
+        let too_large = Error::from_kube(status("etcdserver: request is too large"), "team");
+        assert!(matches!(too_large, Error::Api(_)), "{too_large:?}");
+        assert!(!too_large.is_transient());
+        let restarting = Error::from_kube(status("etcdserver: leader changed"), "team");
+        assert!(restarting.is_transient(), "{restarting:?}");
     }
 }

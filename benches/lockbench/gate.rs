@@ -10,21 +10,9 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::support::{Identity, cluster, repo_root};
-use super::{Row, p50};
+use super::{Row, kubectl_ok, p50};
 
 const UPDATES: usize = 100;
-
-fn kubectl_ok(args: &[&str], input: Option<&str>) {
-    let output = match input {
-        Some(input) => cluster().kubectl_with_input(Identity::Admin, args, input),
-        None => cluster().kubectl(Identity::Admin, args),
-    };
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn apply(manifest: &Value) {
     kubectl_ok(

@@ -7,22 +7,10 @@ use std::time::{Duration as StdDuration, Instant};
 
 use crate::receiver::Receiver;
 use crate::support::{Identity, cluster};
-use crate::{Row, p50, timed};
+use crate::{Row, kubectl_ok, p50, timed};
 
 const TRANSITIONS: usize = 200;
 const ACQUIRES: usize = 30;
-
-fn kubectl_ok(args: &[&str], input: Option<&str>) {
-    let output = match input {
-        Some(input) => cluster().kubectl_with_input(Identity::Admin, args, input),
-        None => cluster().kubectl(Identity::Admin, args),
-    };
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn install_crd() {
     let crd = crate::support::repo_root()

@@ -752,6 +752,40 @@ mod tests {
     }
 
     #[test]
+    fn stop_the_line_is_stopped_alone() {
+        use clap::Parser as _;
+        let check_of = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
+            check(&cli)
+        };
+        let refused = check_of(&[
+            "deploylock",
+            "-e",
+            "stop-the-line",
+            "-e",
+            "zz",
+            "acquire",
+            "--reason",
+            "x",
+        ]);
+        assert!(
+            matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("stop the line on its own")),
+            "{refused:?}"
+        );
+        assert!(
+            check_of(&[
+                "deploylock",
+                "-e",
+                "stop-the-line",
+                "acquire",
+                "--reason",
+                "x"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn group_ids_are_checked_like_the_schema() {
         assert!(group_id("5f0c0f6e-1b2a-4c3d-9e8f-0a1b2c3d4e5f").is_ok());
         for bad in ["", "a b", "a/b", &"x".repeat(65), "\u{1b}[31m"] {

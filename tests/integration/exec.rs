@@ -1790,17 +1790,24 @@ fn deploylock_via(proxy: &FaultProxy, ns: &str) -> std::process::Command {
     command
 }
 
-/// exec's command ends while exec cannot reach the API server, and the
-/// network stays down: exec retries the release until the holding could
-/// expire, then warns and exits 8. The lock is then what the README
-/// promises: still held by that holding (nobody released or took it) until
-/// it expires, when the controller marks it Expired and it can be taken over.
-// The proxy runs on the test's runtime while the test blocks on exec's
-// stdout: a second worker thread keeps it forwarding.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_untaken() {
+/// What the tests of a release through a partition share.
+struct ProxiedExec {
+    ns: String,
+    api: Api<DeploymentLock>,
+    /// Holds the fifo and the proxy's kubeconfig: kept until the test ends.
+    dir: tempfile::TempDir,
+    go: PathBuf,
+    proxy: FaultProxy,
+    exec: Exec,
+    holding: LockHolder,
+}
+
+/// alice's exec of `script` (`sh -c`) through a fault proxy, in a fresh
+/// namespace `name`, holding `production` for a minute, once its command
+/// said "ready" (it waits for the fifo `$GO`).
+async fn proxied_exec(name: &str, reason: &str, script: &str) -> ProxiedExec {
     let cluster = cluster();
-    let ns = cluster.namespace("exec-unreleased").await;
+    let ns = cluster.namespace(name).await;
     let api = locks_api(cluster, &ns).await;
     let dir = temp_dir();
     let go = fifo(dir.path(), "go");
@@ -1811,17 +1818,47 @@ async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_unt
             "--duration",
             "1",
             "--reason",
-            "unreleased",
+            reason,
             "--",
             "sh",
             "-c",
-            WAITS_FOR_GO,
+            script,
         ],
         &[("GO", &go)],
         dir.path(),
     );
     exec.read_until("ready");
     let holding = await_holding(&api, "production").await;
+    ProxiedExec {
+        ns,
+        api,
+        dir,
+        go,
+        proxy,
+        exec,
+        holding,
+    }
+}
+
+/// exec's command ends while exec cannot reach the API server, and the
+/// network stays down: exec retries the release until the holding could
+/// expire, then warns and exits 8. The lock is then what the README
+/// promises: still held by that holding (nobody released or took it) until
+/// it expires, when the controller marks it Expired and it can be taken over.
+// The proxy runs on the test's runtime while the test blocks on exec's
+// stdout: a second worker thread keeps it forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_untaken() {
+    let cluster = cluster();
+    let ProxiedExec {
+        ns,
+        api,
+        dir: _dir,
+        go,
+        proxy,
+        mut exec,
+        holding,
+    } = proxied_exec("exec-unreleased", "unreleased", WAITS_FOR_GO).await;
 
     // The partition comes before the command ends (and before the first
     // renewal, at 20 s): the release can only be attempted into it.
@@ -1906,29 +1943,20 @@ async fn a_release_that_cannot_reach_the_server_exits_8_and_the_lock_expires_unt
 // stdout: a second worker thread keeps it forwarding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_retried_through_a_partition_succeeds_once_it_heals() {
-    let cluster = cluster();
-    let ns = cluster.namespace("exec-release-retry").await;
-    let api = locks_api(cluster, &ns).await;
-    let dir = temp_dir();
-    let go = fifo(dir.path(), "go");
-    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
-    let mut exec = Exec::start_command(
-        deploylock_via(&proxy, &ns),
-        &[
-            "--duration",
-            "1",
-            "--reason",
-            "retried release",
-            "--",
-            "sh",
-            "-c",
-            &format!("{WAITS_FOR_GO}; exit 3"),
-        ],
-        &[("GO", &go)],
-        dir.path(),
-    );
-    exec.read_until("ready");
-    let holding = await_holding(&api, "production").await;
+    let ProxiedExec {
+        ns: _,
+        api,
+        dir: _dir,
+        go,
+        proxy,
+        mut exec,
+        holding,
+    } = proxied_exec(
+        "exec-release-retry",
+        "retried release",
+        &format!("{WAITS_FOR_GO}; exit 3"),
+    )
+    .await;
     proxy.set(Fault::BlackHole);
     let_go(&go);
     exec.read_until("done go");
@@ -1965,28 +1993,15 @@ async fn a_release_retried_through_a_partition_succeeds_once_it_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_exec_learns_of_only_at_its_release_is_reported_as_a_loss() {
     let cluster = cluster();
-    let ns = cluster.namespace("exec-unseen-takeover").await;
-    let api = locks_api(cluster, &ns).await;
-    let dir = temp_dir();
-    let go = fifo(dir.path(), "go");
-    let proxy = FaultProxy::start(&cluster.kubeconfig(Identity::Alice), dir.path()).await;
-    let mut exec = Exec::start_command(
-        deploylock_via(&proxy, &ns),
-        &[
-            "--duration",
-            "1",
-            "--reason",
-            "partitioned deploy",
-            "--",
-            "sh",
-            "-c",
-            WAITS_FOR_GO,
-        ],
-        &[("GO", &go)],
-        dir.path(),
-    );
-    exec.read_until("ready");
-    let holding = await_holding(&api, "production").await;
+    let ProxiedExec {
+        ns,
+        api,
+        dir: _dir,
+        go,
+        proxy,
+        mut exec,
+        holding,
+    } = proxied_exec("exec-unseen-takeover", "partitioned deploy", WAITS_FOR_GO).await;
     proxy.set(Fault::BlackHole);
     let taken = cluster.deploylock(
         Identity::Bob,

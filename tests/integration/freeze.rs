@@ -12,6 +12,32 @@ use crate::support::{
 
 const FROZEN: &str = "the namespace is frozen: stop-the-line is held by carol";
 
+/// Acquires of new environments by `identity` until one is refused (the
+/// stop-the-line policy sees a freeze once its parameter cache has the
+/// lock); a probe taken before that is given back. Returns the refusal.
+fn first_frozen_acquire(ns: &str, identity: Identity) -> std::process::Output {
+    let cluster = cluster();
+    let mut probe = 0;
+    until_answer_changes(
+        || {
+            probe += 1;
+            let name = format!("new-environment-{probe}");
+            let output =
+                cluster.deploylock(identity, ns, &["acquire", "-e", &name, "--reason", "probe"]);
+            if output.status.success() {
+                expect_exit(
+                    &cluster.deploylock(identity, ns, &["release", "-e", &name]),
+                    0,
+                    "release the probe",
+                );
+            }
+            output
+        },
+        true,
+        "the freeze takes effect",
+    )
+}
+
 #[tokio::test]
 async fn stop_the_line_freezes_every_environment_but_an_admins_force() {
     let cluster = cluster();
@@ -58,28 +84,7 @@ async fn stop_the_line_freezes_every_environment_but_an_admins_force() {
     );
 
     // Environments that exist and environments created after the freeze.
-    let mut probe = 0;
-    let refused = until_answer_changes(
-        || {
-            probe += 1;
-            let name = format!("new-environment-{probe}");
-            let output = deploylock(
-                Identity::Alice,
-                &["acquire", "-e", &name, "--reason", "probe"],
-            );
-            if output.status.success() {
-                // Taken before the API server saw the freeze: give it back.
-                expect_exit(
-                    &deploylock(Identity::Alice, &["release", "-e", &name]),
-                    0,
-                    "release the probe",
-                );
-            }
-            output
-        },
-        true,
-        "the freeze takes effect",
-    );
+    let refused = first_frozen_acquire(&ns, Identity::Alice);
     expect_exit(&refused, 5, "acquire of a new environment while frozen");
     assert!(
         stderr_of(&refused).contains(FROZEN),
@@ -179,27 +184,7 @@ async fn a_waiter_waits_out_a_freeze_and_takes_the_lock_when_the_line_moves() {
         "carol stops the line",
     );
     // The policy sees the freeze once its parameter cache has the lock.
-    let mut probe = 0;
-    let frozen = until_answer_changes(
-        || {
-            probe += 1;
-            let name = format!("probe-{probe}");
-            let output = deploylock(
-                Identity::Bob,
-                &["acquire", "-e", &name, "--reason", "probe"],
-            );
-            if output.status.success() {
-                expect_exit(
-                    &deploylock(Identity::Bob, &["release", "-e", &name]),
-                    0,
-                    "release the probe",
-                );
-            }
-            output
-        },
-        true,
-        "the freeze takes effect",
-    );
+    let frozen = first_frozen_acquire(&ns, Identity::Bob);
     expect_exit(&frozen, 5, "an acquire without a wait is refused at once");
 
     let timed_out = deploylock(
