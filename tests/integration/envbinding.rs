@@ -16,7 +16,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::gate::{Gate, set_up_unbound};
+use crate::gate::{Gate, set_up_unbound, update_web};
 use crate::support::until_answer_changes;
 use crate::support::{
     Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of, stdout_of,
@@ -161,19 +161,7 @@ fn selected_names(policy_binding: &ValidatingAdmissionPolicyBinding) -> Value {
 
 /// alice's server-side dry-run update of the Deployment `web` in `namespace`.
 fn alice_updates(cluster: &TestCluster, namespace: &str) -> Output {
-    cluster.kubectl(
-        Identity::Alice,
-        &[
-            "label",
-            "deployment",
-            "web",
-            "-n",
-            namespace,
-            "release=2",
-            "--overwrite",
-            "--dry-run=server",
-        ],
-    )
+    cluster.kubectl(Identity::Alice, &update_web(namespace))
 }
 
 /// Waits until alice's update in `namespace` is refused (returned).

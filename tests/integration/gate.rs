@@ -233,6 +233,21 @@ const WRITES: [Write; 7] = [
     Write::CreateStatefulSet,
 ];
 
+/// kubectl arguments of a server-side dry-run update of the Deployment `web`
+/// in `namespace` (a label change: admitted or refused like any update).
+pub(crate) fn update_web(namespace: &str) -> [&str; 8] {
+    [
+        "label",
+        "deployment",
+        "web",
+        "-n",
+        namespace,
+        "release=2",
+        "--overwrite",
+        "--dry-run=server",
+    ]
+}
+
 fn attempt(
     cluster: &TestCluster,
     gate: &Gate,
@@ -253,16 +268,7 @@ fn attempt(
     };
     match write {
         Write::CreateDeployment => create(deployment("new-web", namespace, 1)),
-        Write::UpdateDeployment => run(&[
-            "label",
-            "deployment",
-            "web",
-            "-n",
-            namespace,
-            "release=2",
-            "--overwrite",
-            "--dry-run=server",
-        ]),
+        Write::UpdateDeployment => run(&update_web(namespace)),
         Write::ScaleDeployment => run(&[
             "scale",
             "deployment",

@@ -48,6 +48,37 @@ async fn finish(child: tokio::process::Child, what: &str) -> Output {
     }
 }
 
+/// bob holds `b`; alice then starts `-e FIRST -e SECOND acquire --reason
+/// migration EXTRA` (one of the two being `b`) in a fresh namespace, and is
+/// left running: she takes `a` and waits for `b`.
+async fn alice_waits_for_bobs_b(
+    cluster: &TestCluster,
+    test_name: &str,
+    order: [&str; 2],
+    extra: &[&str],
+) -> (String, Api<DeploymentLock>, tokio::process::Child) {
+    let namespace = cluster.namespace(test_name).await;
+    let api = locks_api(cluster, &namespace).await;
+    let bob = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &["-e", "b", "acquire", "--reason", "hotfix"],
+    );
+    expect_exit(&bob, 0, "bob takes b");
+    let mut args = vec![
+        "-e",
+        order[0],
+        "-e",
+        order[1],
+        "acquire",
+        "--reason",
+        "migration",
+    ];
+    args.extend_from_slice(extra);
+    let alice = spawn(cluster, Identity::Alice, &namespace, &args);
+    (namespace, api, alice)
+}
+
 /// The stored lock, or None if it was never created.
 async fn lock_opt(api: &Api<DeploymentLock>, environment: &str) -> Option<DeploymentLock> {
     match api.get_opt(environment).await {
@@ -497,30 +528,13 @@ async fn a_signal_while_waiting_releases_the_locks_taken() {
     use nix::unistd::Pid;
 
     let cluster = cluster();
-    let namespace = cluster.namespace("multienv-signal").await;
-    let api = locks_api(cluster, &namespace).await;
-    let bob = cluster.deploylock(
-        Identity::Bob,
-        &namespace,
-        &["-e", "b", "acquire", "--reason", "hotfix"],
-    );
-    expect_exit(&bob, 0, "bob takes b");
-    let alice = spawn(
+    let (_namespace, api, alice) = alice_waits_for_bobs_b(
         cluster,
-        Identity::Alice,
-        &namespace,
-        &[
-            "-e",
-            "b",
-            "-e",
-            "a",
-            "acquire",
-            "--reason",
-            "migration",
-            "--wait-timeout",
-            "300",
-        ],
-    );
+        "multienv-signal",
+        ["b", "a"],
+        &["--wait-timeout", "300"],
+    )
+    .await;
     // a is taken first, then alice queues for b: wait for her place there.
     let queued = |lock: Option<&DeploymentLock>| {
         lock.is_some_and(|lock| lock.spec.queue.iter().any(|w| w.user == "alice"))
@@ -633,32 +647,13 @@ async fn locks_taken_are_renewed_while_a_later_one_is_waited_for() {
     use kube::runtime::wait::await_condition;
 
     let cluster = cluster();
-    let namespace = cluster.namespace("multienv-renew").await;
-    let api = locks_api(cluster, &namespace).await;
-    let bob = cluster.deploylock(
-        Identity::Bob,
-        &namespace,
-        &["-e", "b", "acquire", "--reason", "hotfix"],
-    );
-    expect_exit(&bob, 0, "bob takes b");
-    let alice = spawn(
+    let (namespace, api, alice) = alice_waits_for_bobs_b(
         cluster,
-        Identity::Alice,
-        &namespace,
-        &[
-            "-e",
-            "a",
-            "-e",
-            "b",
-            "acquire",
-            "--reason",
-            "migration",
-            "--duration",
-            "1",
-            "--wait-timeout",
-            "120",
-        ],
-    );
+        "multienv-renew",
+        ["a", "b"],
+        &["--duration", "1", "--wait-timeout", "120"],
+    )
+    .await;
     // a's holding extended by alice while she waits for b (about 20 s in).
     let renewed = |lock: Option<&DeploymentLock>| {
         lock.is_some_and(|lock| {
