@@ -25,15 +25,31 @@ impl Observation<'_> {
         if self.status { "True" } else { "False" }
     }
 
-    /// Whether `conditions` say this already (same status, reason and
-    /// message).
-    pub fn is_recorded_in(&self, conditions: &[Condition]) -> bool {
+    /// Whether `conditions` say this already, for `generation` (same
+    /// status, reason and message, observed at that generation).
+    pub fn is_recorded_in(&self, conditions: &[Condition], generation: Option<i64>) -> bool {
         conditions.iter().any(|c| {
             c.type_ == self.type_
                 && c.status == self.status_text()
                 && c.reason == self.reason
                 && c.message == self.message
+                && c.observed_generation == generation
         })
+    }
+
+    /// Records this in `conditions` for `generation` at `now` unless they
+    /// say it already; whether anything changed.
+    pub fn record_if_changed(
+        &self,
+        conditions: &mut Vec<Condition>,
+        generation: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        if self.is_recorded_in(conditions, generation) {
+            return false;
+        }
+        self.record(conditions, generation, now);
+        true
     }
 
     /// The condition saying this for `generation` at `now`; the last
@@ -151,9 +167,20 @@ mod tests {
         other.record(&mut conditions, None, at(0));
         ready(true, "Ok").record(&mut conditions, None, at(0));
         assert_eq!(conditions.len(), 2);
-        assert!(ready(true, "Ok").is_recorded_in(&conditions));
-        assert!(!ready(true, "Other").is_recorded_in(&conditions));
-        assert!(!ready(false, "Ok").is_recorded_in(&conditions));
+        assert!(ready(true, "Ok").is_recorded_in(&conditions, None));
+        assert!(!ready(true, "Other").is_recorded_in(&conditions, None));
+        assert!(!ready(false, "Ok").is_recorded_in(&conditions, None));
         assert!(is_true(&conditions, "Locked"));
+    }
+
+    #[test]
+    fn a_new_generation_is_recorded_even_when_the_words_are_the_same() {
+        let mut conditions = Vec::new();
+        assert!(ready(true, "Ok").record_if_changed(&mut conditions, Some(1), at(0)));
+        assert!(!ready(true, "Ok").record_if_changed(&mut conditions, Some(1), at(5)));
+        assert!(ready(true, "Ok").record_if_changed(&mut conditions, Some(2), at(10)));
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].observed_generation, Some(2));
+        assert_eq!(conditions[0].last_transition_time, condition_time(at(0)));
     }
 }

@@ -49,7 +49,7 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::crd::LockHolder;
+use crate::crd::{DeploymentLockSpec, HistoryAction, LockHolder};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::rules::{Actor, Refusal, Request};
@@ -435,6 +435,14 @@ enum Released {
     AlreadyGone(Option<Box<LockHolder>>),
 }
 
+/// Whether the lock's history records the release of holding `lock_id` by
+/// `user` (its holder).
+fn released_by(spec: &DeploymentLockSpec, user: &str, lock_id: &str) -> bool {
+    spec.history.iter().rev().any(|entry| {
+        entry.action == HistoryAction::Released && entry.lock_id == lock_id && entry.by == user
+    })
+}
+
 /// Releases the holding, retrying transient failures until `until` (the
 /// holding's earliest expiry: after it there is nothing left to release).
 /// A signal ends the retries.
@@ -450,20 +458,36 @@ async fn release(
         lock_id: Some(held.holding.lock_id.clone()),
     };
     let mut backoff = StdDuration::from_millis(250);
+    // Whether an earlier attempt may have been written without its answer
+    // reaching us (a timeout, a dropped connection).
+    let mut unanswered = false;
     loop {
-        let attempt = tokio::time::timeout_at(until, store.apply(&held.environment, &request));
+        let attempt = tokio::time::timeout_at(until, store.try_apply(&held.environment, &request));
         let err = match attempt.await {
-            Ok(Ok(_)) => return Ok(Released::Now),
-            // Not ours any more: nothing to release.
-            Ok(Err(Error::Refused(Refusal::LockLost { current, .. }))) => {
-                return Ok(Released::AlreadyGone(current));
-            }
-            Ok(Err(Error::Refused(Refusal::NotHolder(holder)))) => {
-                return Ok(Released::AlreadyGone(Some(holder)));
+            Ok(Ok(Ok(_))) => return Ok(Released::Now),
+            // Not ours any more: nothing to release, and the command ran
+            // without the lock, unless the holding ended by our own
+            // earlier attempt.
+            Ok(Ok(Err(refused))) => {
+                let ours = refused
+                    .observed
+                    .spec()
+                    .is_some_and(|spec| released_by(spec, &actor.user, &held.holding.lock_id));
+                if unanswered && ours {
+                    return Ok(Released::Now);
+                }
+                match refused.refusal {
+                    Refusal::LockLost { current, .. } => {
+                        return Ok(Released::AlreadyGone(current));
+                    }
+                    Refusal::NotHolder(holder) => return Ok(Released::AlreadyGone(Some(holder))),
+                    refusal => Error::Refused(refusal),
+                }
             }
             Ok(Err(err)) => err,
             Err(_) => return Err("the holding expired before the API server answered".into()),
         };
+        unanswered |= err.is_transient();
         if !(err.is_transient() || err.is_authorization_refusal())
             || Instant::now() + backoff >= until
         {
@@ -1068,5 +1092,46 @@ mod tests {
         );
         assert_eq!(StopDeadlines::earliest([first]), Some(first));
         assert_eq!(StopDeadlines::earliest([]), None);
+    }
+
+    /// A retried release recognises its own earlier, unanswered release,
+    /// and nothing else: another holding's release, a force-release or a
+    /// takeover of this holding, or a release by someone else.
+    #[test]
+    fn only_the_holders_release_of_this_holding_counts_as_done() {
+        let entry = |action, lock_id: &str, by: &str| crate::crd::HistoryEntry {
+            sequence: 0,
+            action,
+            at: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+            lock_id: lock_id.to_string(),
+            by: by.to_string(),
+            owner: by.to_string(),
+            reason: "r".to_string(),
+            expires_at: None,
+        };
+        let spec = |history| DeploymentLockSpec {
+            history,
+            ..Default::default()
+        };
+        let released = spec(vec![
+            entry(HistoryAction::Acquired, "mine", "alice"),
+            entry(HistoryAction::Released, "mine", "alice"),
+            entry(HistoryAction::Acquired, "later", "bob"),
+        ]);
+        assert!(released_by(&released, "alice", "mine"));
+        assert!(!released_by(&released, "alice", "other"));
+        assert!(!released_by(&released, "bob", "mine"));
+        for action in [
+            HistoryAction::ForceReleased,
+            HistoryAction::ForceAcquired,
+            HistoryAction::TookOverExpired,
+        ] {
+            let ended = spec(vec![
+                entry(HistoryAction::Acquired, "mine", "alice"),
+                entry(action, "mine", "carol"),
+            ]);
+            assert!(!released_by(&ended, "alice", "mine"), "{action:?}");
+        }
+        assert!(!released_by(&spec(Vec::new()), "alice", "mine"));
     }
 }

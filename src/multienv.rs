@@ -7,7 +7,7 @@ use crate::environment::Environment;
 
 // The lock of the namespace-wide freeze (config/admission/stop-the-line.yaml)
 // is not an environment: never one of `--all-environments`, never one of a set.
-pub use crate::crd::STOP_THE_LINE as STOP_THE_LINE_LOCK;
+use crate::crd::STOP_THE_LINE;
 
 /// The environments in the order their locks are taken: sorted by name,
 /// each once (`-e a -e a` is `-e a`).
@@ -23,7 +23,7 @@ pub fn lock_order(environments: &[Environment]) -> Vec<Environment> {
 pub fn all_environments<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Environment> {
     let environments: Vec<Environment> = names
         .into_iter()
-        .filter(|name| *name != STOP_THE_LINE_LOCK)
+        .filter(|name| *name != STOP_THE_LINE)
         .filter_map(|name| name.parse().ok())
         .collect();
     lock_order(&environments)

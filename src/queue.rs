@@ -267,6 +267,9 @@ async fn wait_out_freeze(
     // Released, and the API server's policy has not seen it yet: try again
     // after a short wait for another change.
     let Some(holder) = observed.holder().cloned() else {
+        if Instant::now() >= turn.deadline {
+            return Err(Error::WaitTimedOut(None));
+        }
         let soon = (Instant::now() + StdDuration::from_millis(500)).min(turn.deadline);
         return store.wait_for_change(&observed, soon).await;
     };

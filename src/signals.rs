@@ -3,6 +3,7 @@
 
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 /// SIGINT, SIGTERM and SIGHUP received by this process: while waiting they
 /// mean "give up", while a command runs they are passed on to it. Once this
@@ -12,6 +13,9 @@ use tokio::signal::unix::{SignalKind, signal};
 /// the command inherits that.
 pub struct Signals {
     streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+    /// A stop asked for from within the process (the controller's waits):
+    /// read as a SIGTERM once it turns true.
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 /// Whether `signal` is ignored (SIG_IGN) in this process, from the SigIgn
@@ -38,7 +42,10 @@ impl Signals {
             .filter(|(signal_, _)| !(*signal_ == Signal::SIGHUP && hup_ignored))
             .filter_map(|(signal_, kind)| signal(kind).ok().map(|stream| (signal_, stream)))
             .collect();
-        Signals { streams }
+        Signals {
+            streams,
+            cancel: None,
+        }
     }
 
     /// Listens to no signal: for waits that only a deadline or an abort ends
@@ -46,11 +53,30 @@ impl Signals {
     pub fn none() -> Self {
         Signals {
             streams: Vec::new(),
+            cancel: None,
+        }
+    }
+
+    /// Listens to no signal, but reads `cancel` turning true as a SIGTERM:
+    /// a wait of the controller's that is given up as a client's is (leaving
+    /// its queue place at once).
+    pub fn cancelled_by(cancel: watch::Receiver<bool>) -> Self {
+        Signals {
+            streams: Vec::new(),
+            cancel: Some(cancel),
         }
     }
 
     /// The next signal received.
     pub async fn next(&mut self) -> Option<Signal> {
+        if let Some(cancel) = &mut self.cancel {
+            // Read once, as one signal is (a dropped sender cancels nothing).
+            if cancel.wait_for(|cancelled| *cancelled).await.is_ok() {
+                self.cancel = None;
+                return Some(Signal::SIGTERM);
+            }
+            return std::future::pending().await;
+        }
         if self.streams.is_empty() {
             return std::future::pending().await;
         }

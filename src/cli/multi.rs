@@ -14,10 +14,10 @@
 
 use std::time::Duration as StdDuration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tokio::time::Instant;
 
-use crate::crd::LockType;
+use crate::crd::{LockType, STOP_THE_LINE};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::multienv;
@@ -105,11 +105,24 @@ pub fn check(cli: &Cli) -> Result<(), Error> {
     if global
         .environments
         .iter()
-        .any(|environment| environment.as_str() == multienv::STOP_THE_LINE_LOCK)
+        .any(|environment| environment.as_str() == STOP_THE_LINE)
     {
         return Err(Error::InvalidInput(format!(
             "{} freezes every other environment of the namespace, but {flag}: stop the line on its own (-e {0})",
-            multienv::STOP_THE_LINE_LOCK
+            STOP_THE_LINE
+        )));
+    }
+    // An override cannot be undone: with all-or-none, a later lock's failure
+    // would have overridden the earlier ones' holders for nothing.
+    let force = match &cli.action {
+        Action::Acquire(args) => args.force,
+        Action::Exec(args) => args.lock.force,
+        _ => false,
+    };
+    if force {
+        return Err(Error::InvalidInput(format!(
+            "--force overrides one environment at a time, but {flag}: give one -e/--environment per emergency acquire (to stop every deployment of the namespace, hold {})",
+            STOP_THE_LINE
         )));
     }
     let lock_id = match &cli.action {
@@ -229,7 +242,8 @@ pub async fn run(
 #[derive(Debug)]
 pub struct Taken {
     pub environment: Environment,
-    /// Its acquisition, or its last renewal while later locks were waited for.
+    /// Its acquisition (the lock as last renewed while later locks were
+    /// waited for).
     pub applied: Applied,
 }
 
@@ -326,7 +340,14 @@ pub async fn take_all(
                 applied,
             }),
             Err((failed, error)) => {
-                let (released, left_held) = release_taken(store, &taken, signals).await;
+                let mut holdings: Vec<(Environment, Observed)> = taken
+                    .into_iter()
+                    .map(|entry| (entry.environment, entry.applied.observed))
+                    .collect();
+                if let Some(stray) = stray_holding(store, environment, &group_id).await {
+                    holdings.push((environment.clone(), stray));
+                }
+                let (released, left_held) = release_taken(store, &holdings, signals).await;
                 return Err(Box::new(Failed {
                     environment: failed,
                     error,
@@ -377,7 +398,9 @@ async fn keep_taken_alive(
             not_after: None,
         };
         match store.apply(&entry.environment, &request).await {
-            Ok(applied) => entry.applied = applied,
+            // The lock as renewed; the outcome stays the acquisition's (a
+            // takeover of an expired lock is still reported as one).
+            Ok(renewed) => entry.applied.observed = renewed.observed,
             Err(err) if err.is_transient() => {
                 let expiry = entry.applied.observed.earliest_local(holder.expires_at);
                 if Instant::now() + StdDuration::from_secs(1) >= expiry {
@@ -391,34 +414,55 @@ async fn keep_taken_alive(
     }
 }
 
-/// Releases the locks taken before a failure, each retried for a while (a
-/// signal ends the retries). Returns the released ones and those left held.
+/// The holding of lock group `group_id` on `environment`, if the take that
+/// failed there was written after all (a signal, a timeout or a lost
+/// renewal cut it short after the server had accepted it). Only this
+/// process knows the new group ID, so a holding carrying it is ours.
+async fn stray_holding(
+    store: &LockStore,
+    environment: &Environment,
+    group_id: &str,
+) -> Option<Observed> {
+    let observed = match store.read(environment).await {
+        Ok(observed) => observed,
+        Err(err) => {
+            tracing::warn!(%environment, error = %err, "cannot check for a holding written without its answer");
+            return None;
+        }
+    };
+    let ours = observed
+        .holder()
+        .is_some_and(|holder| holder.group_id.as_deref() == Some(group_id));
+    ours.then_some(observed)
+}
+
+/// Releases the locks taken before a failure (as last seen), each retried
+/// for a while (a signal ends the retries). Returns the released ones and
+/// those left held.
 #[allow(clippy::type_complexity)]
 async fn release_taken(
     store: &LockStore,
-    taken: &[Taken],
+    holdings: &[(Environment, Observed)],
     signals: &mut Signals,
 ) -> (Vec<Environment>, Vec<(Environment, String, String)>) {
     let mut released = Vec::new();
     let mut left_held = Vec::new();
-    for entry in taken.iter().rev() {
-        let Some(holder) = entry.applied.observed.holder() else {
+    for (environment, observed) in holdings.iter().rev() {
+        let Some(holder) = observed.holder() else {
             continue;
         };
-        let until = entry
-            .applied
-            .observed
+        let until = observed
             .earliest_local(holder.expires_at)
             .min(Instant::now() + RELEASE_RETRY_LIMIT);
         let request = Request::Release {
             actor: Actor::new(holder.user.clone(), Some(holder.owner.clone())),
             lock_id: Some(holder.lock_id.clone()),
         };
-        match release_retrying(store, &entry.environment, &request, until, signals).await {
-            Ok(true) => released.push(entry.environment.clone()),
+        match release_retrying(store, environment, &request, until, signals).await {
+            Ok(true) => released.push(environment.clone()),
             // Already not ours (taken over, force-released): nothing left.
             Ok(false) => {}
-            Err(why) => left_held.push((entry.environment.clone(), holder.lock_id.clone(), why)),
+            Err(why) => left_held.push((environment.clone(), holder.lock_id.clone(), why)),
         }
     }
     released.reverse();
@@ -503,12 +547,14 @@ enum Each {
 /// exit code: 0 if all succeeded, else the first failed environment's code
 /// (in lock order).
 fn report_each(
+    store: &LockStore,
     global: &GlobalArgs,
     verb: &str,
     deployment_id: Option<&str>,
     each: Vec<Each>,
 ) -> Exit {
-    let now = Utc::now();
+    // Times in the messages are the API server's, like a single lock's.
+    let now = store.server_clock().now().unwrap_or_else(Utc::now);
     let scope = report::scope_flags(
         global.namespace.as_deref(),
         global.context.as_deref(),
@@ -533,15 +579,13 @@ fn report_each(
                 }
             }
             Each::Failed(environment, error) => {
-                let server_now: DateTime<Utc> = now;
-                let (message, code) =
-                    report::describe_for(&error, &environment, &scope, server_now);
+                let (message, code) = report::describe_for(&error, &environment, &scope, now);
                 eprintln!("deploylock: {}", named(&environment, &message));
                 if exit == Exit::Success {
                     exit = code;
                 }
                 if global.output != OutputFormat::Table {
-                    let report = ErrorReport::new(&error, &environment, &scope, server_now);
+                    let report = ErrorReport::new(&error, &environment, &scope, now);
                     documents.push(serde_json::to_value(report));
                 }
             }
@@ -592,7 +636,7 @@ async fn release_each(
             Err(error) => Each::Failed(environment, error),
         });
     }
-    Ok(report_each(global, "released", deployment_id, each))
+    Ok(report_each(store, global, "released", deployment_id, each))
 }
 
 /// `release --group-id`: the caller's holdings of that lock group in the
@@ -657,7 +701,7 @@ async fn extend_each(
             Err(error) => Each::Failed(environment.clone(), error),
         });
     }
-    Ok(report_each(global, "extended", None, each))
+    Ok(report_each(store, global, "extended", None, each))
 }
 
 /// `wait` for several: until all of them are free at once (each waited for
@@ -777,6 +821,80 @@ mod tests {
                 "deploylock",
                 "-e",
                 "stop-the-line",
+                "acquire",
+                "--reason",
+                "x"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn force_takes_one_environment_at_a_time() {
+        use clap::Parser as _;
+        let check_of = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
+            check(&cli)
+        };
+        for args in [
+            &[
+                "deploylock",
+                "-e",
+                "a",
+                "-e",
+                "b",
+                "acquire",
+                "--reason",
+                "x",
+                "--force",
+            ][..],
+            &[
+                "deploylock",
+                "--all-environments",
+                "acquire",
+                "--reason",
+                "x",
+                "--force",
+            ],
+            &[
+                "deploylock",
+                "-e",
+                "a",
+                "-e",
+                "b",
+                "exec",
+                "--reason",
+                "x",
+                "--force",
+                "--",
+                "true",
+            ],
+        ] {
+            let refused = check_of(args);
+            assert!(
+                matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("--force overrides one environment at a time")),
+                "{args:?}: {refused:?}"
+            );
+        }
+        assert!(
+            check_of(&[
+                "deploylock",
+                "-e",
+                "a",
+                "acquire",
+                "--reason",
+                "x",
+                "--force"
+            ])
+            .is_ok()
+        );
+        assert!(
+            check_of(&[
+                "deploylock",
+                "-e",
+                "a",
+                "-e",
+                "b",
                 "acquire",
                 "--reason",
                 "x"

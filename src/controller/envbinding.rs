@@ -25,7 +25,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -103,6 +103,11 @@ impl EnvironmentBindings {
                     .map(|binding| ObjectRef::from_obj(binding.as_ref()))
                     .collect::<Vec<_>>()
             })
+            // One reconcile at a time: two bindings of one environment
+            // created together must not both find its policy binding
+            // missing and apply it (the same field manager: the second
+            // apply would silently take it over). Bindings are few.
+            .with_config(controller::Config::default().concurrency(1))
             .graceful_shutdown_on(async move {
                 let _ = ended.wait_for(|ended| *ended).await;
             })
@@ -208,8 +213,9 @@ async fn apply(
 ) -> Result<Outcome, Error> {
     let name = binding.spec.policy_binding_name();
     // Forced (undoing edits by hand) only over the version just read as
-    // ours; a create is not forced, so a same-named binding written in
-    // between conflicts instead of being taken over.
+    // ours. A create is not forced, so a binding written in between by
+    // another field manager conflicts; two of our own bindings of one
+    // environment never race here (reconciles run one at a time).
     desired.metadata.resource_version = existing.and_then(|existing| existing.resource_version());
     let params = PatchParams::apply(FIELD_MANAGER);
     let params = if existing.is_some() {
@@ -357,13 +363,7 @@ fn status_after(
         reason: outcome.reason,
         message: &outcome.message,
     };
-    let current = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == READY_CONDITION && c.observed_generation == generation);
-    if !current || !observation.is_recorded_in(&status.conditions) {
-        observation.record(&mut status.conditions, generation, now);
-    }
+    observation.record_if_changed(&mut status.conditions, generation, now);
     status
 }
 

@@ -11,11 +11,12 @@
 //! and writes the cursor to the subscription's status with a conditional
 //! replace (resourceVersion), at most once per [`STATUS_WRITE_INTERVAL`] (a
 //! busy lock costs the API server one status write a second per
-//! subscription, not one per transition), and when its term ends. After a
-//! restart, a hand-over or an API server restart a new worker reads the
-//! cursor back and resumes after it: a message is repeated only when a crash
+//! subscription, not one per transition). After a restart, a hand-over or
+//! an API server restart a new worker reads the cursor back and resumes
+//! after it: a message is repeated only when a crash or the end of a term
 //! fell between its delivery and the cursor write (at most the last
-//! interval's messages), and then carries the same key.
+//! interval's messages), and then carries the same key. A replica whose
+//! term ended writes nothing more: the next leader may already be writing.
 //!
 //! Workers are separate tasks with bounded requests: a slow or dead
 //! receiver delays only its own subscription, never a lock operation (which
@@ -519,11 +520,6 @@ impl Worker {
                 _ = self.term.wait_for(|ended| *ended) => break,
             }
         }
-        // The term ended: the cursor as far as it went, for fewer repeats by
-        // the next leader.
-        if self.unwritten {
-            self.write_status().await;
-        }
     }
 
     /// The locks covered, and the receiver, built from the Secrets when
@@ -699,8 +695,11 @@ impl Worker {
                 self.set_cursor(step.cursor);
                 dirty = true;
                 if self.status_write_due().is_none() {
+                    // Still unwritten if the write fails: retried an
+                    // interval later.
+                    self.unwritten = true;
                     self.write_status().await;
-                    dirty = false;
+                    dirty = self.unwritten;
                 }
             } else {
                 self.set_cursor(step.cursor);
@@ -861,7 +860,7 @@ impl Worker {
             message: &message,
         };
         let generation = self.object.metadata.generation;
-        if observation.is_recorded_in(&self.status.conditions)
+        if observation.is_recorded_in(&self.status.conditions, generation)
             && self.status.observed_generation == generation
         {
             return;

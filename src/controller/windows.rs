@@ -16,6 +16,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
@@ -299,9 +300,7 @@ fn set_ready(
         reason,
         message,
     };
-    if !observation.is_recorded_in(&status.conditions) {
-        observation.record(&mut status.conditions, window.metadata.generation, now);
-    }
+    observation.record_if_changed(&mut status.conditions, window.metadata.generation, now);
 }
 
 async fn write_status(
@@ -504,9 +503,15 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
     let request = take_request(window, uid, interval);
     let environment = environment.clone();
     let name = window.name_any();
+    let windows: Api<FreezeWindow> = Api::namespaced(context.client.clone(), namespace);
+    let uid = uid.to_string();
     let mut term = shared.term.clone();
     let wait = tokio::spawn(async move {
-        let mut signals = Signals::none();
+        // A replica that stops leading, or a window deleted meanwhile (the
+        // Controller does not reconcile deletions), gives up its place at
+        // once: the window's place comes first in the queue.
+        let (cancel, cancelled) = watch::channel(false);
+        let mut signals = Signals::cancelled_by(cancelled);
         let mut progress = ();
         let taking = queue::take(
             &store,
@@ -516,14 +521,24 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
             &mut signals,
             &mut progress,
         );
-        // A replica that stops leading stops waiting (its place drops out).
+        let stopping = async {
+            tokio::select! {
+                _ = term.wait_for(|ended| *ended) => {}
+                () = until_deleted(windows, &name, &uid) => {}
+            }
+            let _ = cancel.send(true);
+            std::future::pending::<()>().await
+        };
         let taken = tokio::select! {
             taken = taking => taken,
-            _ = term.wait_for(|ended| *ended) => return,
+            () = stopping => return,
         };
         match taken {
             Ok(_) => {
                 tracing::info!(window = %name, %environment, "freeze window: took the lock from the queue")
+            }
+            Err(LockError::Interrupted) => {
+                tracing::info!(window = %name, %environment, "freeze window: the window was deleted or this replica stopped leading; left the queue")
             }
             Err(err) => {
                 tracing::info!(window = %name, %environment, error = %err, "freeze window: the lock did not come to it before the end")
@@ -531,6 +546,26 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
         }
     });
     waits.insert(key, wait);
+}
+
+/// Returns once the window `name` with `uid` is gone (a watch of it; a
+/// failing watch is started again).
+async fn until_deleted(windows: Api<FreezeWindow>, name: &str, uid: &str) {
+    loop {
+        let gone = kube::runtime::wait::await_condition(
+            windows.clone(),
+            name,
+            kube::runtime::wait::conditions::is_deleted(uid),
+        )
+        .await;
+        match gone {
+            Ok(_) => return,
+            Err(err) => {
+                tracing::debug!(window = %name, error = %err, "freeze window: watching for its deletion again");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 fn cancel_waits(shared: &Arc<Shared>, uid: &str) {
@@ -558,14 +593,27 @@ async fn keep_open(target: &Target<'_>, opening: &Opening, now: DateTime<Utc>) -
     let interval = Interval { start, end };
     let ours = deployment_id(uid, start);
     let store = LockStore::new(shared.windows.holder_client.clone(), namespace);
+    // The leader's lock cache, not a read per environment: only a renewal
+    // (which reads the lock itself) or a take makes requests.
+    let locks = &shared.windows.locks;
+    if tokio::time::timeout(REQUEST_TIMEOUT, locks.listed())
+        .await
+        .is_err()
+    {
+        return updated;
+    }
     for entry in &mut updated.environments {
         let Ok(environment) = entry.name.parse::<Environment>() else {
             continue;
         };
-        let Ok(observed) = store.read(&environment).await else {
+        let Some(lock) = locks
+            .store
+            .get(&ObjectRef::new(environment.as_str()).within(namespace))
+        else {
             continue;
         };
-        match observed.holder() {
+        let taken = taken_since(&lock.spec, start);
+        match &lock.spec.holder {
             Some(holder) if holder.deployment_id.as_deref() == Some(ours.as_str()) => {
                 entry.outcome = "Held".to_string();
                 let short = holder.expires_at < end && holder.expires_at - now < RENEW_BEFORE;
@@ -576,7 +624,14 @@ async fn keep_open(target: &Target<'_>, opening: &Opening, now: DateTime<Utc>) -
                     }
                 }
             }
-            _ if taken_since(&observed, start) => {}
+            // Held in this opening and lost since (an admin's override,
+            // which stands): recorded, so that it still stands once the
+            // lock's 20-entry history no longer shows it.
+            _ if taken && entry.outcome != "Held" => {
+                entry.outcome = "Held".to_string();
+                entry.message = "held in this opening, then overridden".to_string();
+            }
+            _ if taken => {}
             _ if entry.outcome == "Queued" => queue_for(target, &environment, interval),
             _ if entry.outcome == "Failed" => *entry = take(target, &environment, interval).await,
             _ => {}
@@ -587,12 +642,10 @@ async fn keep_open(target: &Target<'_>, opening: &Opening, now: DateTime<Utc>) -
 
 /// Whether the window took the lock since `start` (and lost it since: an
 /// admin's override, which stands until the next opening).
-fn taken_since(observed: &crate::store::Observed, start: DateTime<Utc>) -> bool {
-    observed.spec().is_some_and(|spec| {
-        spec.history
-            .iter()
-            .any(|entry| entry.by == WINDOW_HOLDER && entry.at >= start)
-    })
+fn taken_since(spec: &crate::crd::DeploymentLockSpec, start: DateTime<Utc>) -> bool {
+    spec.history
+        .iter()
+        .any(|entry| entry.by == WINDOW_HOLDER && entry.at >= start)
 }
 
 fn summarize(outcomes: &[EnvironmentOutcome]) -> String {

@@ -33,16 +33,19 @@ pub async fn gated_namespaces(
         {
             text.push_str(&format!(" (now: {names})"));
         }
+        // Only a status written for this spec describes it (just after an
+        // edit, the previous spec is still what the gate enforces).
         let conditions = binding
             .status
             .as_ref()
+            .filter(|status| status.observed_generation == binding.metadata.generation)
             .map_or(&[][..], |status| &status.conditions[..]);
         let state = if conditions::is_true(conditions, READY_CONDITION) {
             "in force".to_string()
         } else if let Some(condition) = conditions::false_condition(conditions, READY_CONDITION) {
             format!("NOT in force: {}", condition.message)
         } else {
-            "not yet in force: no controller has applied it".to_string()
+            "not yet in force: no controller has applied this version".to_string()
         };
         found.push(format!(
             "{text} (EnvironmentBinding {}, {state})",

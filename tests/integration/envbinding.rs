@@ -634,3 +634,72 @@ async fn a_same_named_policy_binding_deploylock_did_not_create_is_left_alone() {
         assert!(deleted.is_ok(), "delete {binding}: {deleted:?}");
     }
 }
+
+/// Two EnvironmentBindings of one environment created together (one
+/// `kubectl create` of both): the first reconciled binds it, the other is
+/// refused (NameTaken), and the policy binding belongs to the bound one.
+/// Reconciled side by side, both found no policy binding and both applied
+/// it, the second taking it over silently.
+#[tokio::test]
+async fn two_bindings_of_one_environment_created_together_bind_it_once() {
+    install();
+    let cluster = cluster();
+    let lock_namespace = cluster.namespace("envbind-together").await;
+    let admin = cluster.client(Identity::Admin).await;
+    let bindings: Api<EnvironmentBinding> = Api::all(admin.clone());
+    let policy_bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin);
+    let _controller = cluster.spawn_controller(
+        &lock_namespace,
+        "envbind-together",
+        &["--environment-bindings"],
+    );
+    let names = [
+        format!("{lock_namespace}-one"),
+        format!("{lock_namespace}-two"),
+    ];
+    let list = json!({
+        "apiVersion": "v1", "kind": "List",
+        "items": [
+            binding_manifest(&names[0], &lock_namespace, json!({"namespaces": ["one"]})),
+            binding_manifest(&names[1], &lock_namespace, json!({"namespaces": ["two"]})),
+        ],
+    });
+    let created =
+        cluster.kubectl_with_input(Identity::Admin, &["create", "-f", "-"], &list.to_string());
+    expect_exit(&created, 0, "create both EnvironmentBindings");
+    let mut outcomes = Vec::new();
+    for name in &names {
+        let decided = await_binding(&bindings, name, "Ready decided", |binding| {
+            ready_of(binding).is_some()
+        })
+        .await;
+        let (status, reason, _) = ready_of(&decided).unwrap_or_default();
+        outcomes.push((name.clone(), status, reason, decided.uid()));
+    }
+    let bound: Vec<_> = outcomes.iter().filter(|o| o.1 == "True").collect();
+    let refused: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.1 == "False" && o.2 == "NameTaken")
+        .collect();
+    assert!(
+        bound.len() == 1 && refused.len() == 1,
+        "not one bound and one refused: {outcomes:?}"
+    );
+    let vap_name = policy_binding_name(&lock_namespace, ENVIRONMENT);
+    let vap = match policy_bindings.get(&vap_name).await {
+        Ok(vap) => vap,
+        Err(err) => panic!("no policy binding {vap_name}: {err}"),
+    };
+    let owners: Vec<_> = vap
+        .owner_references()
+        .iter()
+        .map(|owner| Some(owner.uid.clone()))
+        .collect();
+    assert_eq!(owners, vec![bound[0].3.clone()], "owners of {vap_name}");
+    let expected = if bound[0].0 == names[0] { "one" } else { "two" };
+    assert_eq!(selected_names(&vap), json!([expected]));
+    for name in &names {
+        let deleted = bindings.delete(name, &DeleteParams::default()).await;
+        assert!(deleted.is_ok(), "delete {name}: {deleted:?}");
+    }
+}

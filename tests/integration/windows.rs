@@ -256,6 +256,74 @@ async fn a_window_takes_its_locks_at_its_start_queues_behind_a_holder_and_ends_a
     drop(controller);
 }
 
+/// A window deleted while it waits in a lock's queue leaves its place at
+/// once (the Controller reconciles no deletion: the wait watches for it),
+/// and takes nothing when the holder releases. Its place would otherwise
+/// stand first in the queue, refusing everyone, until the opening's end.
+#[tokio::test]
+async fn a_deleted_window_leaves_its_queue_places() {
+    install_window_crd();
+    let cluster = cluster();
+    let ns = cluster.enforced_namespace("window-deleted").await;
+    let deploylock = |identity: Identity, args: &[&str]| cluster.deploylock(identity, &ns, args);
+    let controller = cluster.spawn_controller(&ns, "window-deleted", &[]);
+    let locks = locks_api(cluster, &ns).await;
+    expect_exit(
+        &deploylock(
+            Identity::Bob,
+            &["acquire", "-e", "staging", "--reason", "Deploying 2.1.0"],
+        ),
+        0,
+        "bob holds staging",
+    );
+    let start = Utc::now() + chrono::Duration::seconds(5);
+    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+    apply_window(
+        cluster,
+        &ns,
+        &one_off("mistake", start, 3600, &["staging"], "Queue"),
+    );
+    let window_queued = |lock: &DeploymentLock| {
+        lock.spec
+            .queue
+            .iter()
+            .any(|waiter| waiter.user == WINDOW_HOLDER)
+    };
+    await_lock(&locks, "staging", "with the window queued", window_queued).await;
+
+    let deleted = cluster.kubectl(
+        Identity::Admin,
+        &[
+            "delete",
+            "freezewindow",
+            "mistake",
+            "-n",
+            &ns,
+            "--wait=true",
+        ],
+    );
+    expect_exit(&deleted, 0, "kubectl delete the window");
+    await_lock(
+        &locks,
+        "staging",
+        "without the deleted window's place",
+        |lock| !window_queued(lock),
+    )
+    .await;
+    expect_exit(
+        &deploylock(Identity::Bob, &["release", "-e", "staging"]),
+        0,
+        "bob releases staging",
+    );
+    let staging = stored(&locks, "staging").await;
+    assert!(
+        staging.spec.holder.is_none() && staging.spec.queue.is_empty(),
+        "staging after the deleted window's release: {:?}",
+        staging.spec
+    );
+    drop(controller);
+}
+
 #[tokio::test]
 async fn a_take_over_window_overrides_the_holder_and_an_admin_overrides_the_window() {
     install_window_crd();
