@@ -781,6 +781,13 @@ fn named(environment: &Environment, message: &str) -> String {
 mod tests {
     use super::*;
 
+    /// `check` of a command line.
+    fn check_of(args: &[&str]) -> Result<(), Error> {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
+        check(&cli)
+    }
+
     #[test]
     fn messages_of_one_of_several_name_it_once() {
         let b: Environment = "b".parse().unwrap_or_else(|err| panic!("{err}"));
@@ -797,11 +804,6 @@ mod tests {
 
     #[test]
     fn stop_the_line_is_stopped_alone() {
-        use clap::Parser as _;
-        let check_of = |args: &[&str]| {
-            let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
-            check(&cli)
-        };
         let refused = check_of(&[
             "deploylock",
             "-e",
@@ -831,11 +833,6 @@ mod tests {
 
     #[test]
     fn force_takes_one_environment_at_a_time() {
-        use clap::Parser as _;
-        let check_of = |args: &[&str]| {
-            let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
-            check(&cli)
-        };
         for args in [
             &[
                 "deploylock",

@@ -48,6 +48,19 @@ async fn finish(child: tokio::process::Child, what: &str) -> Output {
     }
 }
 
+/// A fresh namespace (and its locks) in which bob holds `b`.
+async fn bob_holds_b(cluster: &TestCluster, test_name: &str) -> (String, Api<DeploymentLock>) {
+    let namespace = cluster.namespace(test_name).await;
+    let api = locks_api(cluster, &namespace).await;
+    let bob = cluster.deploylock(
+        Identity::Bob,
+        &namespace,
+        &["-e", "b", "acquire", "--reason", "hotfix"],
+    );
+    expect_exit(&bob, 0, "bob takes b");
+    (namespace, api)
+}
+
 /// bob holds `b`; alice then starts `-e FIRST -e SECOND acquire --reason
 /// migration EXTRA` (one of the two being `b`) in a fresh namespace, and is
 /// left running: she takes `a` and waits for `b`.
@@ -57,14 +70,7 @@ async fn alice_waits_for_bobs_b(
     order: [&str; 2],
     extra: &[&str],
 ) -> (String, Api<DeploymentLock>, tokio::process::Child) {
-    let namespace = cluster.namespace(test_name).await;
-    let api = locks_api(cluster, &namespace).await;
-    let bob = cluster.deploylock(
-        Identity::Bob,
-        &namespace,
-        &["-e", "b", "acquire", "--reason", "hotfix"],
-    );
-    expect_exit(&bob, 0, "bob takes b");
+    let (namespace, api) = bob_holds_b(cluster, test_name).await;
     let mut args = vec![
         "-e",
         order[0],
@@ -190,14 +196,7 @@ async fn opposite_orders_never_deadlock_and_exactly_one_wins_each_round() {
 #[tokio::test]
 async fn a_refusal_on_the_middle_environment_releases_the_first() {
     let cluster = cluster();
-    let namespace = cluster.namespace("multienv-middle").await;
-    let api = locks_api(cluster, &namespace).await;
-    let bob = cluster.deploylock(
-        Identity::Bob,
-        &namespace,
-        &["-e", "b", "acquire", "--reason", "hotfix"],
-    );
-    expect_exit(&bob, 0, "bob takes b");
+    let (namespace, api) = bob_holds_b(cluster, "multienv-middle").await;
 
     for (wait, code) in [(None, 3), (Some("1"), 4)] {
         let mut args = vec![
