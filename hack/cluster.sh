@@ -70,9 +70,21 @@ done
 
 # Certificates are backdated two days when libfaketime is available, so that
 # clients run with a clock set back (the clock-skew tests) still accept them.
+# The library is preloaded directly: the `faketime` wrapper keeps a named
+# semaphore and shared memory per PID in /dev/shm, leaks them when killed,
+# and then fails ("sem_open: File exists") once that PID comes round again.
+libfaketime=""
+for candidate in /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 \
+  /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 \
+  /usr/lib/faketime/libfaketime.so.1 /usr/local/lib/faketime/libfaketime.so.1; do
+  if [[ -f "$candidate" ]]; then
+    libfaketime="$candidate"
+    break
+  fi
+done
 openssl() {
-  if command -v faketime >/dev/null 2>&1; then
-    faketime -f "-2d" openssl "$@"
+  if [[ -n "$libfaketime" ]]; then
+    LD_PRELOAD="$libfaketime" FAKETIME="-2d" command openssl "$@"
   else
     command openssl "$@"
   fi

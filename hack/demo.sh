@@ -64,7 +64,14 @@ kubectl() { "$bin_dir/kubectl" "$@"; }
 deploylock() { target/debug/deploylock --kubeconfig "$cluster_dir/kubeconfigs/$1.kubeconfig" "${@:2}"; }
 
 step "Starting etcd and kube-apiserver on loopback; make install (CRD, roles, admission policy)"
-eval "$(hack/cluster.sh up --dir "$cluster_dir" 2>>"$build_log")"
+# Captured first: a control plane that does not start stops the demo here
+# (an eval of a failed substitution would go on without KUBECONFIG).
+if ! cluster_env="$(hack/cluster.sh up --dir "$cluster_dir" 2>>"$build_log")"; then
+  tail -n 20 "$build_log"
+  echo "demo: the local control plane did not start; the whole log is $build_log" >&2
+  exit 1
+fi
+eval "$cluster_env"
 hack/install.sh "$bin_dir/kubectl" >>"$build_log" 2>&1
 # The local identities: alice and bob are deploylock-users, carol a deploylock-admin.
 kubectl apply -f config/dev/bindings.yaml >>"$build_log"
