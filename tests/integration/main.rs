@@ -14,6 +14,7 @@ mod example_tools;
 mod examples;
 mod examples_on_node;
 mod exec;
+mod flux_gate;
 mod freeze;
 mod gate;
 mod gitops;
