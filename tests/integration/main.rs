@@ -12,6 +12,7 @@ mod crd_api;
 mod envbinding;
 mod example_tools;
 mod examples;
+mod examples_gate;
 mod examples_on_node;
 mod exec;
 mod flux_gate;
