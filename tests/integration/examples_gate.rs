@@ -143,7 +143,7 @@ fn apply_file(cluster: &TestCluster, relative: &str) {
 /// A kubeconfig authenticating as the ServiceAccount with a token the API
 /// server issued (TokenRequest), its context in the account's namespace, as
 /// a Job's pod sees it.
-fn service_account_kubeconfig(
+pub(crate) fn service_account_kubeconfig(
     cluster: &TestCluster,
     namespace: &str,
     name: &str,

@@ -20,13 +20,13 @@ use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 
-use deploylock::gitops::{ENVIRONMENT_LABEL, GitOpsKind, SAVED_ANNOTATION};
+use deploylock::gitops::{DEPLOYER_ANNOTATION, ENVIRONMENT_LABEL, GitOpsKind, SAVED_ANNOTATION};
 
 use crate::example_tools::{
-    FluxArtifact, ServedFiles, gitops_crds_dir, spawn_kustomize_controller,
+    FluxArtifact, HostProcess, ServedFiles, gitops_crds_dir, spawn_kustomize_controller,
 };
 use crate::gitops::{established, install_gitops_crds};
-use crate::support::{self, Identity, TestCluster, cluster, expect_exit};
+use crate::support::{self, Identity, TestCluster, cluster, expect_exit, repo_root};
 
 const ENVIRONMENT: &str = "production";
 /// kustomize-controller downloads, builds and applies: generous on 2 busy cores.
@@ -78,6 +78,7 @@ fn artifact(namespace: &str, version: &str) -> FluxArtifact {
         ("web/configmap.yaml", config_map("web")),
         ("paused/configmap.yaml", config_map("paused")),
         ("unbound/configmap.yaml", config_map("unbound")),
+        ("apps/configmap.yaml", config_map("apps")),
     ])
 }
 
@@ -110,19 +111,22 @@ fn publish(
 }
 
 /// A Kustomization of the artifact's `./name`, bound to production (whose
-/// lock lives in the same namespace) unless `name` is "unbound".
-fn kustomization(name: &str, namespace: &str) -> Value {
+/// lock lives in the same namespace) unless `name` is "unbound"; `extra`
+/// merged into it.
+fn kustomization(name: &str, namespace: &str, extra: &Value) -> Value {
     let labels = if name == "unbound" {
         json!({})
     } else {
         json!({ENVIRONMENT_LABEL: ENVIRONMENT})
     };
-    json!({
+    let mut manifest = json!({
         "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {"interval": "1h", "path": format!("./{name}"), "prune": true, "timeout": "2m",
                  "sourceRef": {"kind": "ExternalArtifact", "name": "apps"}}
-    })
+    });
+    deploylock::gitops::apply_merge_patch(&mut manifest, extra);
+    manifest
 }
 
 fn field<'a>(object: &'a DynamicObject, pointer: &str) -> Option<&'a Value> {
@@ -207,60 +211,129 @@ fn lock_command(cluster: &TestCluster, namespace: &str, args: &[&str], what: &st
     expect_exit(&cluster.deploylock(Identity::Bob, namespace, args), 0, what);
 }
 
+/// A namespace with the source (revisions v1 and v2 served from loopback, v1
+/// published as the ExternalArtifact `apps`), kustomize-controller watching
+/// it, and Kustomizations of the source, Ready at v1.
+struct FluxNamespace {
+    namespace: String,
+    kustomizations: Api<DynamicObject>,
+    config_maps: Api<ConfigMap>,
+    v1: FluxArtifact,
+    v2: FluxArtifact,
+    server: ServedFiles,
+    flux: HostProcess,
+    _logs: tempfile::TempDir,
+}
+
+impl FluxNamespace {
+    /// `kustomizations`: given the namespace, (name, what to merge into its
+    /// manifest) of each.
+    async fn set_up(
+        test: &str,
+        kustomizations: impl Fn(&str) -> Vec<(&'static str, Value)>,
+    ) -> FluxNamespace {
+        let cluster = cluster();
+        install_gitops_crds(cluster);
+        install_flux_sources(cluster);
+        let namespace = cluster.namespace(test).await;
+        let client = cluster.client(Identity::Admin).await;
+        let (v1, v2) = (artifact(&namespace, "v1"), artifact(&namespace, "v2"));
+        let server = ServedFiles::start(HashMap::from([
+            (v1.served_path(&namespace, "apps"), v1.bytes.clone()),
+            (v2.served_path(&namespace, "apps"), v2.bytes.clone()),
+        ]));
+        let external = json!({
+            "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "ExternalArtifact",
+            "metadata": {"name": "apps", "namespace": namespace}, "spec": {}
+        });
+        expect_exit(
+            &cluster.kubectl_with_input(
+                Identity::Admin,
+                &["apply", "-f", "-"],
+                &external.to_string(),
+            ),
+            0,
+            "create the ExternalArtifact",
+        );
+        publish(cluster, &namespace, &v1, "v1", &server);
+        let logs = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+        let flux = spawn_kustomize_controller(
+            &cluster.kubeconfig(Identity::Admin),
+            &namespace,
+            true,
+            &logs.path().join("kustomize-controller.log"),
+        );
+        let set_up = FluxNamespace {
+            kustomizations: crate::gitops::api(&client, GitOpsKind::Kustomization, &namespace),
+            config_maps: Api::namespaced(client, &namespace),
+            namespace,
+            v1,
+            v2,
+            server,
+            flux,
+            _logs: logs,
+        };
+        let kustomizations = kustomizations(&set_up.namespace);
+        for (name, extra) in &kustomizations {
+            let manifest = kustomization(name, &set_up.namespace, extra).to_string();
+            expect_exit(
+                &cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &manifest),
+                0,
+                &format!("create the Kustomization {name}"),
+            );
+        }
+        let revision_1 = set_up.v1.revision("v1");
+        for (name, _) in &kustomizations {
+            await_kustomization(&set_up.kustomizations, name, "Ready at v1", |k| {
+                applied(k, &revision_1)
+            })
+            .await;
+            assert_eq!(set_up.version_of(name).await, "v1");
+        }
+        set_up
+    }
+
+    /// The version of the ConfigMap the Kustomization `name` applies.
+    async fn version_of(&self, name: &str) -> String {
+        config_map_version(&self.config_maps, name).await
+    }
+
+    async fn spec(&self, name: &str) -> Value {
+        let object = self
+            .kustomizations
+            .get(name)
+            .await
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+        spec_of(&object)
+    }
+
+    fn publish_v2(&self) {
+        publish(cluster(), &self.namespace, &self.v2, "v2", &self.server);
+    }
+}
+
 #[tokio::test]
 async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_the_release() {
     let cluster = cluster();
-    install_gitops_crds(cluster);
-    install_flux_sources(cluster);
-    let namespace = cluster.namespace("flux-gate").await;
-    let client = cluster.client(Identity::Admin).await;
-    let kustomizations = crate::gitops::api(&client, GitOpsKind::Kustomization, &namespace);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-
-    // The source: revisions v1 and v2 served from loopback, v1 published.
-    let (v1, v2) = (artifact(&namespace, "v1"), artifact(&namespace, "v2"));
-    let server = ServedFiles::start(HashMap::from([
-        (v1.served_path(&namespace, "apps"), v1.bytes.clone()),
-        (v2.served_path(&namespace, "apps"), v2.bytes.clone()),
-    ]));
-    let external = json!({
-        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "ExternalArtifact",
-        "metadata": {"name": "apps", "namespace": namespace}, "spec": {}
-    });
-    expect_exit(
-        &cluster.kubectl_with_input(
-            Identity::Admin,
-            &["apply", "-f", "-"],
-            &external.to_string(),
-        ),
-        0,
-        "create the ExternalArtifact",
-    );
-    publish(cluster, &namespace, &v1, "v1", &server);
-
-    let log_dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
-    let flux = spawn_kustomize_controller(
-        &cluster.kubeconfig(Identity::Admin),
-        &namespace,
-        true,
-        &log_dir.path().join("kustomize-controller.log"),
-    );
-    for name in ["web", "paused", "unbound"] {
-        let manifest = kustomization(name, &namespace).to_string();
-        expect_exit(
-            &cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &manifest),
-            0,
-            &format!("create the Kustomization {name}"),
-        );
-    }
+    let set_up = FluxNamespace::set_up("flux-gate", |_| {
+        vec![
+            ("web", json!({})),
+            ("paused", json!({})),
+            ("unbound", json!({})),
+        ]
+    })
+    .await;
+    let FluxNamespace {
+        namespace,
+        kustomizations,
+        config_maps,
+        v1,
+        v2,
+        flux,
+        ..
+    } = &set_up;
+    let namespace = namespace.as_str();
     let revision_1 = v1.revision("v1");
-    for name in ["web", "paused", "unbound"] {
-        await_kustomization(&kustomizations, name, "Ready at v1", |k| {
-            applied(k, &revision_1)
-        })
-        .await;
-        assert_eq!(config_map_version(&config_maps, name).await, "v1");
-    }
 
     // A person suspends `paused` (flux suspend) before anyone takes the lock.
     let suspend = json!({"spec": {"suspend": true}});
@@ -272,18 +345,14 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
     }
     let mut before = HashMap::new();
     for name in ["web", "paused"] {
-        let object = kustomizations
-            .get(name)
-            .await
-            .unwrap_or_else(|err| panic!("{name}: {err}"));
-        before.insert(name, spec_of(&object));
+        before.insert(name, set_up.spec(name).await);
     }
     assert_eq!(before["web"].get("suspend"), None);
 
-    let _controller = cluster.spawn_controller(&namespace, "flux-gate", &["--gitops-gating"]);
+    let _controller = cluster.spawn_controller(namespace, "flux-gate", &["--gitops-gating"]);
     lock_command(
         cluster,
-        &namespace,
+        namespace,
         &[
             "acquire",
             "-e",
@@ -294,23 +363,23 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
         "bob acquires",
     );
     for name in ["web", "paused"] {
-        await_kustomization(&kustomizations, name, "gated", is_gated).await;
+        await_kustomization(kustomizations, name, "gated", is_gated).await;
     }
 
     // v2 is published. The control: the unbound Kustomization applies it, so
     // kustomize-controller has v2 in hand from now on.
-    publish(cluster, &namespace, &v2, "v2", &server);
+    set_up.publish_v2();
     let revision_2 = v2.revision("v2");
-    reconcile(&kustomizations, "unbound", "while-held").await;
-    await_kustomization(&kustomizations, "unbound", "Ready at v2", |k| {
+    reconcile(kustomizations, "unbound", "while-held").await;
+    await_kustomization(kustomizations, "unbound", "Ready at v2", |k| {
         applied(k, &revision_2)
     })
     .await;
-    assert_eq!(config_map_version(&config_maps, "unbound").await, "v2");
+    assert_eq!(config_map_version(config_maps, "unbound").await, "v2");
     // A reconcile requested of each gated one: kustomize-controller handles
     // the request (it ran a reconcile since) and applies nothing.
     for name in ["web", "paused"] {
-        let handled = reconcile(&kustomizations, name, "while-held").await;
+        let handled = reconcile(kustomizations, name, "while-held").await;
         assert!(is_gated(&handled), "{name}: no longer gated: {handled:?}");
         assert_eq!(
             text(&handled, "/status/lastAppliedRevision"),
@@ -318,7 +387,7 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
             "{name}: applied while suspended"
         );
         assert_eq!(
-            config_map_version(&config_maps, name).await,
+            config_map_version(config_maps, name).await,
             "v1",
             "{name}: its ConfigMap changed while the lock was held\nkustomize-controller:\n{}",
             flux.log_tail()
@@ -328,11 +397,11 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
     // bob releases: web comes back exactly as it was and rolls out v2.
     lock_command(
         cluster,
-        &namespace,
+        namespace,
         &["release", "-e", ENVIRONMENT],
         "bob releases",
     );
-    let web = await_kustomization(&kustomizations, "web", "resumed", |k| {
+    let web = await_kustomization(kustomizations, "web", "resumed", |k| {
         !k.annotations().contains_key(SAVED_ANNOTATION)
     })
     .await;
@@ -345,15 +414,15 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
             .is_some_and(|version| version == "v2")
     };
     let what = "web's ConfigMap at v2 after the release";
-    support::await_object(&config_maps, "web", what, WAIT, rolled_out).await;
-    await_kustomization(&kustomizations, "web", "Ready at v2", |k| {
+    support::await_object(config_maps, "web", what, WAIT, rolled_out).await;
+    await_kustomization(kustomizations, "web", "Ready at v2", |k| {
         applied(k, &revision_2)
     })
     .await;
 
     // paused: its saved state is gone, it is still suspended as the person
     // left it, and a reconcile after the release still applies nothing.
-    let paused = await_kustomization(&kustomizations, "paused", "released", |k| {
+    let paused = await_kustomization(kustomizations, "paused", "released", |k| {
         !k.annotations().contains_key(SAVED_ANNOTATION)
     })
     .await;
@@ -362,14 +431,171 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
         before["paused"],
         "paused: not left as it was"
     );
-    let handled = reconcile(&kustomizations, "paused", "after-release").await;
+    let handled = reconcile(kustomizations, "paused", "after-release").await;
     assert!(is_suspended(&handled));
     assert_eq!(text(&handled, "/status/lastAppliedRevision"), revision_1);
     assert_eq!(
-        config_map_version(&config_maps, "paused").await,
+        config_map_version(config_maps, "paused").await,
         "v1",
         "the Kustomization a person suspended was applied after the release"
     );
-    drop(flux);
-    drop(server);
+}
+
+/// The Flux example with GitOps gating: `examples/flux/locked-rollout.sh`
+/// (the Job's script, run on the host as the Job's ServiceAccount with a
+/// token the API server issued and `examples/flux/rbac.yaml`'s rights) finds
+/// the Kustomization suspended for bob and waits in the queue; after bob's
+/// release it rolls the new revision out through kustomize-controller and
+/// leaves the Kustomization as the person left it (not suspended): the
+/// gate's suspend is not taken for the person's.
+#[tokio::test]
+async fn the_flux_examples_job_waits_for_the_holder_then_rolls_out_and_leaves_it_as_it_was() {
+    use crate::examples_gate::service_account_kubeconfig;
+
+    let cluster = cluster();
+    let set_up = FluxNamespace::set_up("flux-job", |namespace| {
+        let job = format!("system:serviceaccount:{namespace}:deploylock-flux");
+        vec![(
+            "apps",
+            json!({
+                "metadata": {"annotations": {DEPLOYER_ANNOTATION: job}},
+                "spec": {"suspend": false}
+            }),
+        )]
+    })
+    .await;
+    let FluxNamespace {
+        namespace,
+        kustomizations,
+        config_maps,
+        v2,
+        flux,
+        ..
+    } = &set_up;
+    let namespace = namespace.as_str();
+    let job_account = format!("system:serviceaccount:{namespace}:deploylock-flux");
+    let before = set_up.spec("apps").await;
+
+    // The example's ServiceAccount and rights, in this namespace.
+    let rbac = std::fs::read_to_string(repo_root().join("examples/flux/rbac.yaml"))
+        .unwrap_or_else(|err| panic!("examples/flux/rbac.yaml: {err}"));
+    assert!(rbac.contains("namespace: flux-system"));
+    let rbac = rbac.replace("namespace: flux-system", &format!("namespace: {namespace}"));
+    expect_exit(
+        &cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &rbac),
+        0,
+        "apply examples/flux/rbac.yaml",
+    );
+
+    let _controller = cluster.spawn_controller(namespace, "flux-job", &["--gitops-gating"]);
+    lock_command(
+        cluster,
+        namespace,
+        &[
+            "acquire",
+            "-e",
+            ENVIRONMENT,
+            "--reason",
+            "Database migration",
+        ],
+        "bob acquires",
+    );
+    await_kustomization(kustomizations, "apps", "gated", is_gated).await;
+    set_up.publish_v2();
+
+    // The Job's script, as the Job runs it: it waits in the queue.
+    let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let kubeconfig = service_account_kubeconfig(cluster, namespace, "deploylock-flux", dir.path());
+    let deploylock_dir = std::path::Path::new(cluster.binaries().deploylock)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let path = format!(
+        "{}:{}:{}",
+        deploylock_dir.display(),
+        cluster.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = std::process::Command::new("sh")
+        .arg(repo_root().join("examples/flux/locked-rollout.sh"))
+        .args([ENVIRONMENT, "apps"])
+        .env("PATH", path)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("FLUX_NAMESPACE", namespace)
+        .env("ROLLOUT_TIMEOUT", "2m")
+        .env("DEPLOYMENT_ID", "flux-job-test")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run locked-rollout.sh: {err}"));
+    let locks: Api<deploylock::crd::DeploymentLock> =
+        Api::namespaced(cluster.client(Identity::Admin).await, namespace);
+    let queued = |lock: &deploylock::crd::DeploymentLock| {
+        lock.spec
+            .queue
+            .iter()
+            .any(|waiter| waiter.user == job_account)
+    };
+    support::await_object(&locks, ENVIRONMENT, "the Job queueing", WAIT, queued).await;
+    assert_eq!(
+        set_up.version_of("apps").await,
+        "v1",
+        "rolled out while bob holds the lock"
+    );
+
+    // bob releases: the Job takes the lock, the controller restores the
+    // Kustomization (the Job is its deployer), the Job rolls v2 out and
+    // releases.
+    lock_command(
+        cluster,
+        namespace,
+        &["release", "-e", ENVIRONMENT],
+        "bob releases",
+    );
+    let output = script
+        .wait_with_output()
+        .unwrap_or_else(|err| panic!("locked-rollout.sh: {err}"));
+    assert!(
+        output.status.success(),
+        "locked-rollout.sh failed:\n{}\n{}\nkustomize-controller:\n{}",
+        support::stdout_of(&output),
+        support::stderr_of(&output),
+        flux.log_tail()
+    );
+    assert!(support::stdout_of(&output).contains("is Ready"));
+    assert_eq!(config_map_version(config_maps, "apps").await, "v2");
+    let apps = kustomizations
+        .get("apps")
+        .await
+        .unwrap_or_else(|err| panic!("apps: {err}"));
+    assert!(
+        applied(&apps, &v2.revision("v2")),
+        "apps is not Ready at v2: {apps:?}"
+    );
+    assert!(!apps.annotations().contains_key(SAVED_ANNOTATION));
+    assert_eq!(
+        spec_of(&apps),
+        before,
+        "the Job left the Kustomization otherwise than the person had (suspended?)"
+    );
+    let lock = support::stored(&locks, ENVIRONMENT).await;
+    assert!(lock.spec.holder.is_none(), "the Job released the lock");
+    let last: Vec<(deploylock::crd::HistoryAction, &str)> = lock.spec.history
+        [lock.spec.history.len().saturating_sub(2)..]
+        .iter()
+        .map(|entry| (entry.action, entry.by.as_str()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            (
+                deploylock::crd::HistoryAction::Acquired,
+                job_account.as_str()
+            ),
+            (
+                deploylock::crd::HistoryAction::Released,
+                job_account.as_str()
+            )
+        ]
+    );
 }
