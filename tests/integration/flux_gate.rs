@@ -9,6 +9,10 @@
 //! unbound Kustomization of the same source is the control: it applies the
 //! new revision while the lock is held, so the controller had it in hand.
 //!
+//! The Flux example's script (`examples/flux/locked-rollout.sh`, run as the
+//! Job's ServiceAccount) waits for another holder, then rolls out and leaves
+//! the Kustomization as a person left it.
+//!
 //! The source is an ExternalArtifact the test publishes, as a producer does:
 //! a tarball of manifests served from a loopback HTTP server.
 
