@@ -19,7 +19,7 @@ timeout="${ROLLOUT_TIMEOUT:-25m}"
 deployment_id="${DEPLOYMENT_ID:-flux-$kustomization-$(date +%s)-$$}"
 ks="kustomizations.kustomize.toolkit.fluxcd.io/$kustomization"
 
-was_suspended="$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.spec.suspend}')"
+was_suspended=
 deploylock acquire -e "$environment" --reason "Flux rollout of $kustomization" \
   --duration 30 --wait-timeout 600 --deployment-id "$deployment_id"
 cleanup() {
@@ -35,6 +35,24 @@ trap cleanup EXIT
 # A stopped Job (SIGTERM) or ^C still cleans up.
 trap 'exit 143' TERM
 trap 'exit 130' INT
+
+# With GitOps gating (README "GitOps gating"), a Kustomization suspended for
+# another holder carries the deploylock.dev/gitops-saved annotation until the
+# controller restores it, which it does once this run holds the lock (when the
+# Kustomization's deploylock.dev/deployer annotation names this run's
+# identity). Wait for that, so that what a person left (suspended or not) is
+# what this run finds, and leaves.
+restore_wait="${RESTORE_TIMEOUT:-60}"
+while [ -n "$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.metadata.annotations.deploylock\.dev/gitops-saved}')" ]; do
+  restore_wait=$((restore_wait - 1))
+  if [ "$restore_wait" -le 0 ]; then
+    echo "Kustomization $namespace/$kustomization is still suspended for another holder of $environment:" \
+      "does its deploylock.dev/deployer annotation name this identity, and does the controller run?" >&2
+    exit 1
+  fi
+  sleep 1
+done
+was_suspended="$(kubectl get "$ks" -n "$namespace" -o jsonpath='{.spec.suspend}')"
 
 # flux resume + flux reconcile: unsuspend and request a reconciliation, in one patch.
 requested="$deployment_id"

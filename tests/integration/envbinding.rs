@@ -26,7 +26,7 @@ const ENVIRONMENT: &str = "production";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// The CRD, the controller's extra role and the gate's policy, installed once.
-fn install() {
+pub(crate) fn install() {
     static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let cluster = cluster();
     let installed = INSTALLED.get_or_init(|| {
@@ -128,7 +128,7 @@ fn ready_of(binding: &EnvironmentBinding) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-fn is_ready(binding: &EnvironmentBinding) -> bool {
+pub(crate) fn is_ready(binding: &EnvironmentBinding) -> bool {
     ready_of(binding).is_some_and(|(status, _, _)| status == "True")
 }
 

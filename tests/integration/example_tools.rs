@@ -1,8 +1,9 @@
 //! What the examples run under besides the cluster: the real CRDs of the
 //! tools (hack/gitops-crds.sh), tools built from their pinned Go modules
 //! (hack/example-tools.sh: Flux's kustomize-controller, nektos/act), a
-//! loopback HTTP server serving files (a Flux artifact, a release tarball)
-//! and host processes stopped when dropped.
+//! loopback HTTP server serving files (a Flux artifact, a release tarball),
+//! Flux artifacts as their producer publishes them, and host processes
+//! stopped when dropped.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use crate::support::repo_root;
+use crate::support::{ok, repo_root};
 
 fn last_line_of(script: &str, args: &[&str]) -> PathBuf {
     let output = Command::new(repo_root().join(script))
@@ -159,4 +160,109 @@ impl Drop for HostProcess {
             let _ = std::fs::remove_file(&self.log_path);
         }
     }
+}
+
+/// A Flux source artifact as its producer publishes it: a tar.gz of
+/// manifests (names may have directories: `web/configmap.yaml`) and the
+/// ExternalArtifact status fields that describe it.
+pub struct FluxArtifact {
+    pub bytes: Vec<u8>,
+    pub digest: String,
+}
+
+impl FluxArtifact {
+    pub fn of_manifests(manifests: &[(&str, String)]) -> FluxArtifact {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+        let content = dir.path().join("content");
+        for (name, text) in manifests {
+            let file = content.join(name);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).unwrap_or_else(|err| panic!("{err}"));
+            }
+            std::fs::write(file, text).unwrap_or_else(|err| panic!("{err}"));
+        }
+        let archive = dir.path().join("artifact.tar.gz");
+        let tar = Command::new("tar")
+            .arg("czf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&content)
+            .arg(".")
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run tar: {err}"));
+        ok(&tar, "tar czf");
+        let bytes = std::fs::read(&archive).unwrap_or_else(|err| panic!("{err}"));
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&bytes));
+        FluxArtifact { bytes, digest }
+    }
+
+    pub fn hex(&self) -> &str {
+        self.digest.trim_start_matches("sha256:")
+    }
+
+    pub fn revision(&self, version: &str) -> String {
+        format!("{version}@{}", self.digest)
+    }
+
+    /// The path the file server serves it under for the ExternalArtifact
+    /// `namespace/name` (as source-controller lays out its storage).
+    pub fn served_path(&self, namespace: &str, name: &str) -> String {
+        format!("/externalartifact/{namespace}/{name}/{}.tar.gz", self.hex())
+    }
+
+    /// The ExternalArtifact status that publishes it as revision `version`,
+    /// served by `server`: what a producer writes (`--subresource=status`).
+    pub fn external_artifact_status(
+        &self,
+        version: &str,
+        namespace: &str,
+        name: &str,
+        server: &ServedFiles,
+    ) -> serde_json::Value {
+        let path = self.served_path(namespace, name);
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        serde_json::json!({"status": {
+            "artifact": {
+                "digest": self.digest,
+                "lastUpdateTime": now,
+                "path": path.trim_start_matches('/'),
+                "revision": self.revision(version),
+                "size": self.bytes.len(),
+                "url": server.url(&path),
+            },
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "Succeeded",
+                "message": format!("stored artifact for revision {version}"),
+                "observedGeneration": 1, "lastTransitionTime": now,
+            }]
+        }})
+    }
+}
+
+/// Flux's kustomize-controller (hack/example-tools.sh) as a host process
+/// with `kubeconfig`, ExternalArtifact sources enabled. With `namespace` it
+/// watches only that namespace (its RUNTIME_NAMESPACE): on a control plane
+/// shared with other tests it must not touch their Kustomizations.
+pub fn spawn_kustomize_controller(
+    kubeconfig: &Path,
+    runtime_namespace: &str,
+    only_its_namespace: bool,
+    log_path: &Path,
+) -> HostProcess {
+    let watch_all = format!("--watch-all-namespaces={}", !only_its_namespace);
+    HostProcess::spawn(
+        Command::new(example_tool("kustomize-controller"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUNTIME_NAMESPACE", runtime_namespace)
+            .args([
+                "--feature-gates=ExternalArtifact=true",
+                "--enable-leader-election=false",
+                "--metrics-addr=127.0.0.1:0",
+                "--health-addr=127.0.0.1:0",
+                "--log-level=info",
+                watch_all.as_str(),
+            ]),
+        log_path,
+    )
 }

@@ -12,13 +12,17 @@ use deploylock::crd::{DeploymentLock, HistoryAction};
 
 use crate::support::{Identity, cluster, ok, repo_root};
 
-/// Kinds this control plane serves (no Argo, no Flux, no Prometheus operator).
-const SERVED_KINDS: [&str; 5] = [
+/// Kinds this control plane serves (EnvironmentBinding and Argo CD's
+/// Application once their CRDs are installed; no Argo Workflows, no
+/// Prometheus operator).
+const SERVED_KINDS: [&str; 7] = [
     "Job",
     "ServiceAccount",
     "Role",
     "RoleBinding",
     "ClusterRole",
+    "EnvironmentBinding",
+    "Application",
 ];
 
 fn bin_dir() -> PathBuf {
@@ -88,9 +92,12 @@ fn ensure_namespace(name: &str) {
 
 #[tokio::test]
 async fn example_manifests_pass_a_server_side_dry_run() {
-    let _ = cluster();
-    ensure_namespace("my-app");
-    ensure_namespace("flux-system");
+    let cluster = cluster();
+    crate::envbinding::install();
+    crate::gitops::install_gitops_crds(cluster);
+    for namespace in ["my-app", "flux-system", "argocd"] {
+        ensure_namespace(namespace);
+    }
     let mut checked = 0;
     for directory in ["argocd", "argo-workflows", "flux"] {
         let dir = repo_root().join("examples").join(directory);
@@ -125,7 +132,7 @@ async fn example_manifests_pass_a_server_side_dry_run() {
                     continue;
                 }
                 let manifest = serde_yaml::to_string(&document).unwrap_or_default();
-                let output = cluster().kubectl_with_input(
+                let output = cluster.kubectl_with_input(
                     Identity::Admin,
                     &["apply", "--dry-run=server", "-f", "-"],
                     &manifest,

@@ -652,46 +652,6 @@ fn job_succeeded(node: &NodeCluster, namespace: &str, name: &str) -> bool {
     matches!(first.as_str(), "SuccessCriteriaMet" | "Complete")
 }
 
-/// A Flux source artifact as its producer publishes it: a tar.gz of
-/// manifests and the ExternalArtifact status fields that describe it.
-struct FluxArtifact {
-    bytes: Vec<u8>,
-    digest: String,
-}
-
-impl FluxArtifact {
-    fn of_manifests(manifests: &[(&str, String)]) -> FluxArtifact {
-        use sha2::Digest as _;
-        let dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
-        let content = dir.path().join("content");
-        std::fs::create_dir(&content).unwrap_or_else(|err| panic!("{err}"));
-        for (name, text) in manifests {
-            std::fs::write(content.join(name), text).unwrap_or_else(|err| panic!("{err}"));
-        }
-        let archive = dir.path().join("artifact.tar.gz");
-        let tar = std::process::Command::new("tar")
-            .arg("czf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&content)
-            .arg(".")
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run tar: {err}"));
-        ok(&tar, "tar czf");
-        let bytes = std::fs::read(&archive).unwrap_or_else(|err| panic!("{err}"));
-        let digest = format!("sha256:{:x}", sha2::Sha256::digest(&bytes));
-        FluxArtifact { bytes, digest }
-    }
-
-    fn hex(&self) -> &str {
-        self.digest.trim_start_matches("sha256:")
-    }
-
-    fn revision(&self, version: &str) -> String {
-        format!("{version}@{}", self.digest)
-    }
-}
-
 fn kustomization_field(node: &NodeCluster, jsonpath: &str) -> String {
     node.kubectl_ok(&[
         "get",
@@ -758,7 +718,9 @@ fn run_flux_job(node: &NodeCluster, controller: &HostProcess) -> String {
 /// it suspended (and not after one that did not).
 #[tokio::test]
 async fn flux_job_rolls_out_through_a_real_kustomize_controller() {
-    use crate::example_tools::{ServedFiles, example_tool, gitops_crds_dir};
+    use crate::example_tools::{
+        FluxArtifact, ServedFiles, gitops_crds_dir, spawn_kustomize_controller,
+    };
 
     let node = node_cluster();
     let _installed = CHART_INSTALLED.lock().await;
@@ -801,12 +763,8 @@ async fn flux_job_rolls_out_through_a_real_kustomize_controller() {
         "configmap.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: rolled-out\n  namespace: flux-apps\ndata:\n  version: \"1\"\n".to_string(),
     )]);
-    let path = format!(
-        "/externalartifact/flux-system/apps/{}.tar.gz",
-        artifact.hex()
-    );
     let server = ServedFiles::start(std::collections::HashMap::from([(
-        path.clone(),
+        artifact.served_path("flux-system", "apps"),
         artifact.bytes.clone(),
     )]));
     let external = serde_json::json!({
@@ -816,23 +774,8 @@ async fn flux_job_rolls_out_through_a_real_kustomize_controller() {
         "spec": {}
     });
     node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&external.to_string()));
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let revision = artifact.revision("v1");
-    let status = serde_json::json!({"status": {
-        "artifact": {
-            "digest": artifact.digest,
-            "lastUpdateTime": now,
-            "path": path.trim_start_matches('/'),
-            "revision": revision,
-            "size": artifact.bytes.len(),
-            "url": server.url(&path),
-        },
-        "conditions": [{
-            "type": "Ready", "status": "True", "reason": "Succeeded",
-            "message": "stored artifact for revision v1",
-            "observedGeneration": 1, "lastTransitionTime": now,
-        }]
-    }});
+    let status = artifact.external_artifact_status("v1", "flux-system", "apps", &server);
     node.kubectl_ok(&[
         "patch",
         "externalartifacts.source.toolkit.fluxcd.io/apps",
@@ -856,17 +799,10 @@ async fn flux_job_rolls_out_through_a_real_kustomize_controller() {
     node.kubectl_ok_with_input(&["apply", "-f", "-"], Some(&kustomization.to_string()));
 
     let log_dir = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
-    let controller = HostProcess::spawn(
-        std::process::Command::new(example_tool("kustomize-controller"))
-            .env("KUBECONFIG", node.admin_kubeconfig())
-            .env("RUNTIME_NAMESPACE", "flux-system")
-            .args([
-                "--feature-gates=ExternalArtifact=true",
-                "--enable-leader-election=false",
-                "--metrics-addr=127.0.0.1:0",
-                "--health-addr=127.0.0.1:0",
-                "--log-level=info",
-            ]),
+    let controller = spawn_kustomize_controller(
+        &node.admin_kubeconfig(),
+        "flux-system",
+        false,
         &log_dir.path().join("kustomize-controller.log"),
     );
 

@@ -26,7 +26,7 @@ use crate::support::{
 const ENVIRONMENT: &str = "production";
 
 /// The CRDs and the controller's RBAC for them, once per test run.
-fn install_gitops_crds(cluster: &TestCluster) {
+pub(crate) fn install_gitops_crds(cluster: &TestCluster) {
     static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INSTALLED.get_or_init(|| {
         let fetched = std::process::Command::new(repo_root().join("hack/gitops-crds.sh"))
@@ -63,7 +63,7 @@ fn install_gitops_crds(cluster: &TestCluster) {
 
 /// Waits until a CRD is Established. `kubectl wait` fails at once while the
 /// new CRD has no conditions yet: retried.
-fn established(kubectl: impl Fn(&[&str]) -> std::process::Output, crd: &str) {
+pub(crate) fn established(kubectl: impl Fn(&[&str]) -> std::process::Output, crd: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let waited = kubectl(&["wait", "--for=condition=Established", crd, "--timeout=30s"]);
@@ -84,7 +84,7 @@ fn resource(kind: GitOpsKind) -> ApiResource {
     )
 }
 
-fn api(client: &Client, kind: GitOpsKind, namespace: &str) -> Api<DynamicObject> {
+pub(crate) fn api(client: &Client, kind: GitOpsKind, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &resource(kind))
 }
 
