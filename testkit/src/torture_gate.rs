@@ -202,19 +202,24 @@ impl GateCheck {
     }
 }
 
-fn apply_args(path: &Path) -> Vec<String> {
-    [
+/// `kubectl apply` (server-side: other tests apply the same cluster-wide
+/// objects) of `files`.
+fn apply_args(files: &[PathBuf]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "apply",
         "--server-side",
         "--force-conflicts",
         "--field-manager",
         "torture-gate",
-        "-f",
     ]
     .iter()
     .map(|arg| arg.to_string())
-    .chain(std::iter::once(path.display().to_string()))
-    .collect()
+    .collect();
+    for file in files {
+        args.push("-f".into());
+        args.push(file.display().to_string());
+    }
+    args
 }
 
 fn kubectl_ok(cluster: &TestCluster, args: &[&str], input: Option<&str>, what: &str) {
@@ -251,14 +256,17 @@ impl BoundGate {
         if let Err(err) = crate::apply_crd(&admin, EnvironmentBinding::crd()).await {
             panic!("cannot install the EnvironmentBinding CRD: {err}");
         }
-        for file in [
-            "config/admission/workload-gate.yaml",
-            "config/rbac/environment-bindings.yaml",
-        ] {
-            let args = apply_args(&repo_root().join(file));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            kubectl_ok(cluster, &args, None, &format!("apply {file}"));
-        }
+        let args = apply_args(&[
+            repo_root().join("config/admission/workload-gate.yaml"),
+            repo_root().join("config/rbac/environment-bindings.yaml"),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl_ok(
+            cluster,
+            &args,
+            None,
+            "apply the gate's policy and the controller's role",
+        );
         let controller_role = json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": "deploylock-torture-controller-environment-bindings"},
@@ -276,12 +284,6 @@ impl BoundGate {
             "-f",
             "-",
         ];
-        kubectl_ok(
-            cluster,
-            &ssa,
-            Some(&controller_role.to_string()),
-            "bind the controller's role",
-        );
         let writers: Vec<GateWriter> = [
             (Identity::Alice, false),
             (Identity::Bob, false),
@@ -295,19 +297,20 @@ impl BoundGate {
             exempt,
         })
         .collect();
+        let subjects: Vec<Value> = writers
+            .iter()
+            .map(|writer| {
+                json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": writer.user})
+            })
+            .collect();
         let mut bound = Vec::new();
+        let mut items = vec![controller_role];
         for n in 0..environments {
             let environment = format!("t{n}");
             let namespace = cluster
                 .namespace(&format!("{lock_namespace}-gate-{environment}"))
                 .await;
-            let subjects: Vec<Value> = writers
-                .iter()
-                .map(|writer| {
-                    json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": writer.user})
-                })
-                .collect();
-            let manifests = [
+            items.extend([
                 json!({
                     "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                     "metadata": {"name": "torture-workloads", "namespace": namespace},
@@ -338,17 +341,17 @@ impl BoundGate {
                     "spec": {"environment": environment, "lockNamespace": lock_namespace,
                              "namespaces": [namespace]}
                 }),
-            ];
-            for manifest in manifests {
-                kubectl_ok(
-                    cluster,
-                    &ssa,
-                    Some(&manifest.to_string()),
-                    &format!("create the bound namespace {namespace}'s objects"),
-                );
-            }
+            ]);
             bound.push((environment, namespace));
         }
+        // One kubectl for all of them: each run of it costs a process start.
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        kubectl_ok(
+            cluster,
+            &ssa,
+            Some(&list.to_string()),
+            "create the bound namespaces' objects and EnvironmentBindings",
+        );
         BoundGate {
             lock_namespace: lock_namespace.to_string(),
             bound,
@@ -430,6 +433,13 @@ impl BoundGate {
         check.lock_versions = audit.timeline.values().map(Vec::len).sum();
         // Writes the client saw accepted: each must be in the audit log, else
         // it is judged by the client's own times.
+        let mut by_key: HashMap<(&str, &str, &str, &str), Vec<usize>> = HashMap::new();
+        for (i, event) in audit.writes.iter().enumerate() {
+            by_key
+                .entry((&event.user, &event.namespace, &event.verb, &event.resource))
+                .or_default()
+                .push(i);
+        }
         let mut used = vec![false; audit.writes.len()];
         let mut unaudited = Vec::new();
         for write in writes
@@ -437,12 +447,15 @@ impl BoundGate {
             .filter(|write| write.answer == GateAnswer::Admitted)
         {
             let (verb, resource) = write.kind.audit();
-            let found = audit.writes.iter().enumerate().position(|(i, event)| {
+            let key = (
+                write.user.as_str(),
+                write.namespace.as_str(),
+                verb,
+                resource,
+            );
+            let found = by_key.get(&key).into_iter().flatten().copied().find(|&i| {
+                let event = &audit.writes[i];
                 !used[i]
-                    && event.user == write.user
-                    && event.namespace == write.namespace
-                    && event.verb == verb
-                    && event.resource == resource
                     && (event.name.is_empty() || event.name == write.name)
                     && event.write.received >= write.invoked
                     && event.write.completed <= write.completed
@@ -661,10 +674,15 @@ fn note_event(
     );
     let verb = text(&event["verb"]);
     if namespace == lock_namespace && resource == "deploymentlocks" {
+        let stored = &event["responseObject"];
+        // A create's request names no object: the stored one does.
+        let name = match stored["metadata"]["name"].as_str() {
+            Some(stored_name) if name.is_empty() => stored_name.to_string(),
+            _ => name,
+        };
         if !wanted.contains(name.as_str()) {
             return;
         }
-        let stored = &event["responseObject"];
         let Some(resource_version) = stored["metadata"]["resourceVersion"]
             .as_str()
             .and_then(|text| text.parse::<u64>().ok())
@@ -732,6 +750,9 @@ fn note_event(
     });
 }
 
+/// Longer than any request takes between being stored and answered.
+const MARGIN: Duration = Duration::seconds(30);
+
 /// Whether the gate, reading `version`, lets `user` write at `at`.
 fn allows(version: Option<&LockVersion>, user: &str, at: DateTime<Utc>) -> bool {
     match version.and_then(|version| version.holder.as_ref()) {
@@ -768,9 +789,16 @@ pub fn judge(
         let mut allowed_by: Option<(Option<DateTime<Utc>>, bool)> = None;
         let mut in_gap = false;
         let mut forbidding: Option<&LockVersion> = None;
-        for k in 0..=versions.len() {
+        // Versions are in the order they were stored (resource versions);
+        // their answer times follow that order but for requests answered
+        // late: MARGIN bounds that, and the search.
+        let first = versions.partition_point(|version| version.stored < earliest - MARGIN);
+        for k in first..=versions.len() {
             let version = k.checked_sub(1).and_then(|i| versions.get(i));
             let next = versions.get(k);
+            if version.is_some_and(|version| version.received > write.completed + MARGIN) {
+                break;
+            }
             if version.is_some_and(|version| version.received > write.completed) {
                 continue;
             }

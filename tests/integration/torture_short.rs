@@ -37,12 +37,15 @@ async fn short_torture_run_finds_no_violation() {
     eprintln!("torture seed {seed}");
     let notifications = Notifications::subscribe(cluster, &namespace).await;
     let environments = 3;
+    // The gate's part of the run's time (reported, never asserted).
+    let gate_started = std::time::Instant::now();
     let gate = BoundGate::bind(cluster, &namespace, environments).await;
     // The controller is killed with SIGKILL and restarted midway; it keeps
     // the gate's policy bindings of the EnvironmentBindings.
     let controller_args = ["--environment-bindings"];
     let controller = cluster.spawn_controller(&namespace, "torture", &controller_args);
     gate.await_in_force(StdDuration::from_secs(60)).await;
+    let gate_set_up = gate_started.elapsed();
     let plan = Plan {
         environments,
         in_process: 2,
@@ -76,8 +79,13 @@ async fn short_torture_run_finds_no_violation() {
     let (log, _restarted, writes) = tokio::join!(engine, chaos, gate_writers);
     let ops = &log.ops;
     let (checked, mut violations) = check(&target, &log).await;
+    let check_started = std::time::Instant::now();
     let gated = gate.check(&writes);
-    eprintln!("torture: {}", gated.summary());
+    eprintln!(
+        "torture: {} (set up and bound in {gate_set_up:?}, checked in {:?})",
+        gated.summary(),
+        check_started.elapsed()
+    );
     eprintln!(
         "torture: gate writes: {}",
         testkit::torture_gate::by_kind(&writes)
