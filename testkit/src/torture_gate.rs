@@ -484,6 +484,46 @@ impl BoundGate {
         judge(&audit.timeline, &accepted, &exempt, STALENESS, &mut check);
         check
     }
+
+    /// The checker's control on the same evidence: the accepted writes of
+    /// the identities that may override the gate (carol), judged as if the
+    /// gate restrained them. The gate admits them while others hold the
+    /// lock, so this must find "violations": proof that the check, reading
+    /// this run's audit log, does fail when a write goes through against the
+    /// lock.
+    pub fn control(&self) -> GateCheck {
+        let environments: HashMap<&str, &str> = self
+            .bound
+            .iter()
+            .map(|(environment, namespace)| (namespace.as_str(), environment.as_str()))
+            .collect();
+        let audit = read_audit(&self.audit_dir, &self.lock_namespace, &environments);
+        let overriders: HashSet<&str> = self
+            .writers
+            .iter()
+            .filter(|writer| writer.exempt)
+            .map(|writer| writer.user.as_str())
+            .collect();
+        let accepted: Vec<AcceptedWrite> = audit
+            .writes
+            .into_iter()
+            .filter(|event| overriders.contains(event.user.as_str()))
+            .map(|event| event.write)
+            .collect();
+        let mut check = GateCheck {
+            audited: accepted.len(),
+            lock_versions: audit.timeline.values().map(Vec::len).sum(),
+            ..GateCheck::default()
+        };
+        judge(
+            &audit.timeline,
+            &accepted,
+            &HashSet::new(),
+            STALENESS,
+            &mut check,
+        );
+        check
+    }
 }
 
 /// One gate writer: random writes to the bound namespaces until `deadline`.

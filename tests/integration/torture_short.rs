@@ -91,6 +91,15 @@ async fn short_torture_run_finds_no_violation() {
         testkit::torture_gate::by_kind(&writes)
     );
     violations.extend(gated.violations.iter().cloned());
+    // The control: carol may override the gate; judged as if she could
+    // not, her admitted writes while others held the locks are caught.
+    let control = gate.control();
+    eprintln!(
+        "torture: gate control: {} of carol's {} accepted writes caught as writes against another's holding (first: {:?})",
+        control.violations.len(),
+        control.audited,
+        control.violations.first()
+    );
     let notified = notifications
         .check(&log.recorded.history, StdDuration::from_secs(120))
         .await;
@@ -187,6 +196,11 @@ async fn short_torture_run_finds_no_violation() {
         gated.sent[1] > 0 && gated.judged > 0,
         "the gate refused or judged nothing: {}",
         gated.summary()
+    );
+    assert!(
+        !control.violations.is_empty(),
+        "the checker caught none of carol's overriding writes: {}",
+        control.summary()
     );
     assert_eq!(
         gated.unaudited,
