@@ -126,6 +126,13 @@ async fn main() -> ExitCode {
         notified.entries, notified.requests, notified.reported_lost
     );
     println!("{}", gated.summary());
+    let control = gate.control();
+    println!(
+        "gate control: {} of the {} writes the gate refused would be violations had they been admitted, {} within the informer's lag",
+        control.violations.len(),
+        control.audited,
+        control.stale_former_holder + control.stale_free
+    );
     println!("gate writes: {}", torture_gate::by_kind(&writes));
     for violation in &violations {
         println!("VIOLATION {violation}");

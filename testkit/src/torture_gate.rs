@@ -46,12 +46,14 @@ use crate::torture::Rng;
 use crate::{Identity, TestCluster, repo_root};
 
 /// How long after a lock version was replaced the gate may still admit by
-/// it: the API server's informer delivers a stored lock to the admission
-/// policy within milliseconds on an idle machine; 2 s covers a loaded
-/// two-core machine and the informer's resync after an API server restart
-/// (a write received while the informer had not caught up). The run reports
+/// it: the API server's informer hands a stored lock to the admission
+/// policy within milliseconds (the short runs' admitted writes needed at
+/// most 32 ms); half a second leaves an order of magnitude for a loaded
+/// two-core machine. Holdings in the run change hands every few hundred
+/// milliseconds, so a wider window would let almost any write pass (the
+/// control, [`BoundGate::control`], measures that power). The run reports
 /// the longest lag any admitted write needed.
-pub const STALENESS: StdDuration = StdDuration::from_secs(2);
+pub const STALENESS: StdDuration = StdDuration::from_millis(500);
 
 /// The annotation the gate writers change on the bound Deployment.
 const WRITE_ANNOTATION: &str = "torture.deploylock.dev/write";
@@ -485,12 +487,14 @@ impl BoundGate {
         check
     }
 
-    /// The checker's control on the same evidence: the accepted writes of
-    /// the identities that may override the gate (carol), judged as if the
-    /// gate restrained them. The gate admits them while others hold the
-    /// lock, so this must find "violations": proof that the check, reading
-    /// this run's audit log, does fail when a write goes through against the
-    /// lock.
+    /// The checker's control on the same evidence: the writes the gate
+    /// refused (their audit events), judged as if they had been admitted.
+    /// Most were sent while another identity held the lock, so the checker
+    /// must call them violations: proof, on this run's own audit log, that
+    /// the check fails when a write goes through against the lock (and a
+    /// measure of its power under the run's churn of holdings). Those it
+    /// would let pass were refused within the informer's lag of a version
+    /// that allowed them.
     pub fn control(&self) -> GateCheck {
         let environments: HashMap<&str, &str> = self
             .bound
@@ -498,26 +502,16 @@ impl BoundGate {
             .map(|(environment, namespace)| (namespace.as_str(), environment.as_str()))
             .collect();
         let audit = read_audit(&self.audit_dir, &self.lock_namespace, &environments);
-        let overriders: HashSet<&str> = self
-            .writers
-            .iter()
-            .filter(|writer| writer.exempt)
-            .map(|writer| writer.user.as_str())
-            .collect();
-        let accepted: Vec<AcceptedWrite> = audit
-            .writes
-            .into_iter()
-            .filter(|event| overriders.contains(event.user.as_str()))
-            .map(|event| event.write)
-            .collect();
+        let refused: Vec<AcceptedWrite> =
+            audit.refused.into_iter().map(|event| event.write).collect();
         let mut check = GateCheck {
-            audited: accepted.len(),
+            audited: refused.len(),
             lock_versions: audit.timeline.values().map(Vec::len).sum(),
             ..GateCheck::default()
         };
         judge(
             &audit.timeline,
-            &accepted,
+            &refused,
             &HashSet::new(),
             STALENESS,
             &mut check,
@@ -637,6 +631,8 @@ struct Audit {
     timeline: BTreeMap<String, Vec<LockVersion>>,
     /// Accepted workload writes in the bound namespaces.
     writes: Vec<AuditedWrite>,
+    /// Workload writes in the bound namespaces the gate refused.
+    refused: Vec<AuditedWrite>,
 }
 
 /// Reads the audit log files (`audit*.log`, rotated ones included).
@@ -659,6 +655,7 @@ fn read_audit(dir: &Path, lock_namespace: &str, environments: &HashMap<&str, &st
     let mut audit = Audit {
         timeline: BTreeMap::new(),
         writes: Vec::new(),
+        refused: Vec::new(),
     };
     let wanted: HashSet<&str> = environments.values().copied().collect();
     for file in files {
@@ -692,7 +689,11 @@ fn note_event(
     audit: &mut Audit,
 ) {
     let code = event["responseStatus"]["code"].as_u64().unwrap_or_default();
-    if event["stage"] != "ResponseComplete" || !(200..300).contains(&code) {
+    let gated = code == 403
+        && event["responseStatus"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("ValidatingAdmissionPolicy"));
+    if event["stage"] != "ResponseComplete" || !((200..300).contains(&code) || gated) {
         return;
     }
     let time = |field: &str| {
@@ -713,7 +714,7 @@ fn note_event(
         text(&object["name"]),
     );
     let verb = text(&event["verb"]);
-    if namespace == lock_namespace && resource == "deploymentlocks" {
+    if namespace == lock_namespace && resource == "deploymentlocks" && !gated {
         let stored = &event["responseObject"];
         // A create's request names no object: the stored one does.
         let name = match stored["metadata"]["name"].as_str() {
@@ -771,7 +772,12 @@ fn note_event(
         None => format!("{resource}/{name}"),
     };
     let user = text(&event["user"]["username"]);
-    audit.writes.push(AuditedWrite {
+    let list = if gated {
+        &mut audit.refused
+    } else {
+        &mut audit.writes
+    };
+    list.push(AuditedWrite {
         write: AcceptedWrite {
             user: user.clone(),
             environment: environment.to_string(),
