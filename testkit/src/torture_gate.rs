@@ -47,13 +47,15 @@ use crate::{Identity, TestCluster, repo_root};
 
 /// How long after a lock version was replaced the gate may still admit by
 /// it: the API server's informer hands a stored lock to the admission
-/// policy within milliseconds (the short runs' admitted writes needed at
-/// most 32 ms); half a second leaves an order of magnitude for a loaded
-/// two-core machine. Holdings in the run change hands every few hundred
-/// milliseconds, so a wider window would let almost any write pass (the
-/// control, [`BoundGate::control`], measures that power). The run reports
-/// the longest lag any admitted write needed.
-pub const STALENESS: StdDuration = StdDuration::from_millis(500);
+/// policy within milliseconds on an idle machine, but short runs on a loaded
+/// two-core machine (make test's other tests running) had admitted writes
+/// that needed up to 225 ms. One second leaves four times that. Holdings in
+/// the run change hands every few hundred milliseconds, so a wider window
+/// lets most writes pass (the control, [`BoundGate::control`], measures the
+/// check's power); the long holdings of the `deploylock` processes (minutes)
+/// are judged in full. The run reports the longest lag any admitted write
+/// needed.
+pub const STALENESS: StdDuration = StdDuration::from_secs(1);
 
 /// The annotation the gate writers change on the bound Deployment.
 const WRITE_ANNOTATION: &str = "torture.deploylock.dev/write";
