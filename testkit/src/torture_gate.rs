@@ -18,7 +18,10 @@
 //! (its write answered) before the workload write was answered and not
 //! replaced more than [`STALENESS`] before that write was received. Writes
 //! admitted only thanks to that window are counted and the longest lag they
-//! needed is reported; a write admitted while another identity had held the
+//! needed is reported. The gate's own refusals narrow the window: each
+//! names the holder and expiry it read, so by its answer the informer (one
+//! per API server, moving only forward) had reached that version, and no
+//! write received later can have been admitted by an older one; a write admitted while another identity had held the
 //! lock for longer than that is a violation naming the write and the holding.
 //! Writes the client saw accepted but that the audit log lacks (a request in
 //! flight when the API server was killed) are judged by the client's own
@@ -178,13 +181,17 @@ pub struct GateCheck {
     pub unaudited: usize,
     /// Lock versions in the timeline.
     pub lock_versions: usize,
+    /// Refusals naming the version the gate read (informer witnesses), and
+    /// how often one ruled out an older version as what a write's gate read.
+    pub witnesses: usize,
+    pub below_floor: usize,
     pub violations: Vec<String>,
 }
 
 impl GateCheck {
     pub fn summary(&self) -> String {
         format!(
-            "gate: {} writes sent ({} admitted, {} refused by the gate, {} otherwise refused, {} unknown); {} accepted writes in the audit log against {} lock versions: {} judged, {} by an admin who may override; {} admitted by a lock version replaced at most {:?} before (informer lag: {} by the former holder, {} while free or expired; longest {:?}); {} in an audit gap; {} accepted by answer but not audited; {} violations",
+            "gate: {} writes sent ({} admitted, {} refused by the gate, {} otherwise refused, {} unknown); {} accepted writes in the audit log against {} lock versions: {} judged, {} by an admin who may override; {} admitted by a lock version replaced at most {:?} before (informer lag: {} by the former holder, {} while free or expired; longest {:?}); {} in an audit gap; {} accepted by answer but not audited; {} refusals naming the lock version the gate read (ruling out older versions {} times); {} violations",
             self.sent.iter().sum::<usize>(),
             self.sent[0],
             self.sent[1],
@@ -201,6 +208,8 @@ impl GateCheck {
             self.longest_lag,
             self.in_audit_gap,
             self.unaudited,
+            self.witnesses,
+            self.below_floor,
             self.violations.len()
         )
     }
@@ -479,13 +488,22 @@ impl BoundGate {
             }
         }
         check.unaudited = unaudited.len();
+        let witnesses = audit.witnesses();
+        check.witnesses = witnesses.len();
         let accepted: Vec<AcceptedWrite> = audit
             .writes
             .into_iter()
             .map(|event| event.write)
             .chain(unaudited)
             .collect();
-        judge(&audit.timeline, &accepted, &exempt, STALENESS, &mut check);
+        judge(
+            &audit.timeline,
+            &accepted,
+            &witnesses,
+            &exempt,
+            STALENESS,
+            &mut check,
+        );
         check
     }
 
@@ -504,6 +522,7 @@ impl BoundGate {
             .map(|(environment, namespace)| (namespace.as_str(), environment.as_str()))
             .collect();
         let audit = read_audit(&self.audit_dir, &self.lock_namespace, &environments);
+        let witnesses = audit.witnesses();
         let refused: Vec<AcceptedWrite> =
             audit.refused.into_iter().map(|event| event.write).collect();
         let mut check = GateCheck {
@@ -511,9 +530,11 @@ impl BoundGate {
             lock_versions: audit.timeline.values().map(Vec::len).sum(),
             ..GateCheck::default()
         };
+        check.witnesses = witnesses.len();
         judge(
             &audit.timeline,
             &refused,
+            &witnesses,
             &HashSet::new(),
             STALENESS,
             &mut check,
@@ -619,6 +640,9 @@ async fn gate_writer(
 
 /// An accepted workload write as the audit log has it.
 struct AuditedWrite {
+    /// For a refusal: the holder and expiry its message names (the lock
+    /// version the gate read).
+    seen: Option<(String, DateTime<Utc>)>,
     namespace: String,
     verb: String,
     resource: String,
@@ -635,6 +659,21 @@ struct Audit {
     writes: Vec<AuditedWrite>,
     /// Workload writes in the bound namespaces the gate refused.
     refused: Vec<AuditedWrite>,
+}
+
+impl Audit {
+    fn witnesses(&self) -> Vec<Witness> {
+        self.refused
+            .iter()
+            .filter_map(|event| {
+                Some(Witness {
+                    environment: event.write.environment.clone(),
+                    answered: event.write.completed,
+                    holding: event.seen.clone()?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Reads the audit log files (`audit*.log`, rotated ones included).
@@ -779,7 +818,12 @@ fn note_event(
     } else {
         &mut audit.writes
     };
+    let seen = gated
+        .then(|| event["responseStatus"]["message"].as_str())
+        .flatten()
+        .and_then(holding_named);
     list.push(AuditedWrite {
+        seen,
         write: AcceptedWrite {
             user: user.clone(),
             environment: environment.to_string(),
@@ -798,6 +842,63 @@ fn note_event(
     });
 }
 
+/// (holder, expiresAt) a refusal of the gate names: "... is locked by bob
+/// (bob-3) until 2026-11-28T05:15:25Z, reason: ...".
+fn holding_named(message: &str) -> Option<(String, DateTime<Utc>)> {
+    let (_, rest) = message.split_once(" is locked by ")?;
+    let user = rest.split_whitespace().next()?;
+    let (_, rest) = rest.split_once(" until ")?;
+    let (expiry, _) = rest.split_once(", reason: ")?;
+    Some((user.to_string(), expiry.parse().ok()?))
+}
+
+/// A refusal of the gate, answered at `answered`, named the lock version
+/// it read: the API server's informer had reached that version by then,
+/// and an informer only moves forward, so no later admission read an older
+/// one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Witness {
+    pub environment: String,
+    pub answered: DateTime<Utc>,
+    /// (holder, expiresAt) the refusal named.
+    pub holding: (String, DateTime<Utc>),
+}
+
+/// Per environment, (answered, the least resource version the informer had
+/// reached by then), sorted, the versions a running maximum.
+fn informer_floors(
+    timeline: &BTreeMap<String, Vec<LockVersion>>,
+    witnesses: &[Witness],
+) -> BTreeMap<String, Vec<(DateTime<Utc>, u64)>> {
+    let mut floors: BTreeMap<String, Vec<(DateTime<Utc>, u64)>> = BTreeMap::new();
+    for witness in witnesses {
+        let Some(versions) = timeline.get(&witness.environment) else {
+            continue;
+        };
+        // The earliest version with that holding (an extend makes a new one).
+        let named = versions.iter().find(|version| {
+            version.holder.as_ref().is_some_and(|(user, _, expiry)| {
+                *user == witness.holding.0 && *expiry == witness.holding.1
+            })
+        });
+        if let Some(version) = named {
+            floors
+                .entry(witness.environment.clone())
+                .or_default()
+                .push((witness.answered, version.resource_version));
+        }
+    }
+    for list in floors.values_mut() {
+        list.sort();
+        let mut highest = 0;
+        for entry in list.iter_mut() {
+            highest = highest.max(entry.1);
+            entry.1 = highest;
+        }
+    }
+    floors
+}
+
 /// Longer than any request takes between being stored and answered.
 const MARGIN: Duration = Duration::seconds(30);
 
@@ -814,12 +915,15 @@ fn allows(version: Option<&LockVersion>, user: &str, at: DateTime<Utc>) -> bool 
 pub fn judge(
     timeline: &BTreeMap<String, Vec<LockVersion>>,
     writes: &[AcceptedWrite],
+    witnesses: &[Witness],
     exempt: &HashSet<String>,
     staleness: StdDuration,
     check: &mut GateCheck,
 ) {
     let staleness = Duration::from_std(staleness).unwrap_or_else(|_| Duration::seconds(2));
     let empty = Vec::new();
+    let floors = informer_floors(timeline, witnesses);
+    let no_floors = Vec::new();
     for write in writes {
         if exempt.contains(&write.user) {
             check.exempt += 1;
@@ -827,6 +931,13 @@ pub fn judge(
         }
         check.judged += 1;
         let versions = timeline.get(&write.environment).unwrap_or(&empty);
+        // The version the informer had surely reached when this write came.
+        let env_floors = floors.get(&write.environment).unwrap_or(&no_floors);
+        let floor = env_floors
+            .partition_point(|(answered, _)| *answered < write.received)
+            .checked_sub(1)
+            .and_then(|i| env_floors.get(i))
+            .map(|(_, version)| *version);
         let earliest = write.received - staleness;
         // Candidates: index k stands for versions[k - 1] (0: before the
         // first version, no lock object). A version counts if it was
@@ -852,6 +963,13 @@ pub fn judge(
             }
             let replaced = next.map(|next| next.stored);
             if replaced.is_some_and(|replaced| replaced < earliest) {
+                continue;
+            }
+            if let Some(floor) = floor
+                && version.is_none_or(|version| version.resource_version < floor)
+            {
+                // Older than what a refusal shows the informer had read.
+                check.below_floor += 1;
                 continue;
             }
             if let (Some(version), Some(next)) = (version, next)

@@ -21,7 +21,7 @@ use testkit::torture::{
     lost_refusals, outcomes, run,
 };
 use testkit::torture_gate::{
-    AcceptedWrite, BoundGate, GateAnswer, GateCheck, LockVersion, STALENESS, judge,
+    AcceptedWrite, BoundGate, GateAnswer, GateCheck, LockVersion, STALENESS, Witness, judge,
 };
 use testkit::torture_hostile::{Answer, by_attack, summary};
 use testkit::torture_notify::Notifications;
@@ -252,11 +252,12 @@ fn gate_checker_flags_a_write_admitted_against_the_lock() {
         completed: at(ms + 20),
     };
     let exempt = HashSet::from(["admin".to_string()]);
-    let judged = |writes: &[AcceptedWrite]| {
+    let judged_with = |writes: &[AcceptedWrite], witnesses: &[Witness]| {
         let mut check = GateCheck::default();
-        judge(&timeline, writes, &exempt, STALENESS, &mut check);
+        judge(&timeline, writes, witnesses, &exempt, STALENESS, &mut check);
         check
     };
+    let judged = |writes: &[AcceptedWrite]| judged_with(writes, &[]);
     // Allowed: before any lock, the holder, the former holder within the
     // informer's lag, anyone while free, after the expiry, an exempt admin.
     let fine = judged(&[
@@ -305,6 +306,20 @@ fn gate_checker_flags_a_write_admitted_against_the_lock() {
         "{}",
         bad.violations[2]
     );
+    // A refusal answered at 10.1 s named bob's holding: the gate's informer
+    // had read it, so alice's write at 10.5 s cannot have been admitted by
+    // her older holding.
+    let bob_seen = Witness {
+        environment: "t0".to_string(),
+        answered: at(10_100),
+        holding: ("bob".to_string(), at(60_000)),
+    };
+    let witnessed = judged_with(&[write("alice", 10_500)], &[bob_seen]);
+    assert_eq!(
+        (witnessed.violations.len(), witnessed.below_floor),
+        (1, 1),
+        "{witnessed:?}"
+    );
     // A transition missing from the audit log (sequence 2 to 4) leaves the
     // write undecided, counted, not a violation.
     let gap = BTreeMap::from([(
@@ -318,6 +333,7 @@ fn gate_checker_flags_a_write_admitted_against_the_lock() {
     judge(
         &gap,
         &[write("viewer", 29_000)],
+        &[],
         &exempt,
         STALENESS,
         &mut check,
