@@ -8,14 +8,16 @@
 //! killed with SIGKILL of their process group mid-command, and hostile
 //! clients sending forbidden writes throughout, and every history transition
 //! notified to a flaky loopback receiver (each entry delivered at least once,
-//! none that did not happen). Reports how many operations
+//! none that did not happen), and every environment bound to a workload
+//! namespace where gate writers keep writing workloads (no write admitted
+//! against the lock, by the API server's audit log). Reports how many operations
 //! it checked; exits 1 on any violation. TORTURE_SECONDS sets the length
 //! (default 720).
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use testkit::{TestCluster, repo_root, torture, torture_hostile, torture_notify};
+use testkit::{TestCluster, repo_root, torture, torture_gate, torture_hostile, torture_notify};
 
 /// The shared control plane, with this package's binaries.
 fn cluster() -> &'static TestCluster {
@@ -45,10 +47,16 @@ async fn main() -> ExitCode {
     let namespace = cluster.enforced_namespace("torture-long").await;
     let target = torture::Target::on(cluster, &namespace);
     let notifications = torture_notify::Notifications::subscribe(cluster, &namespace).await;
+    let environments = 4;
+    let gate = torture_gate::BoundGate::bind(cluster, &namespace, environments).await;
+    // Every controller of the run keeps the gate's policy bindings.
+    let controller_args = ["--environment-bindings"];
+    let first_controller = cluster.spawn_controller(&namespace, "torture", &controller_args);
+    gate.await_in_force(Duration::from_secs(60)).await;
     eprintln!("[torture] {seconds} s, seed {seed}, namespace {namespace}");
     let duration = Duration::from_secs(seconds);
     let plan = torture::Plan {
-        environments: 4,
+        environments,
         in_process: 3,
         processes: 1,
         duration,
@@ -68,7 +76,7 @@ async fn main() -> ExitCode {
     };
     let engine = torture::run(&target, &plan);
     let chaos = async {
-        let mut controller = cluster.spawn_controller(&namespace, "torture", &[]);
+        let mut controller = first_controller;
         let started = std::time::Instant::now();
         let mut round = 0;
         while started.elapsed() + Duration::from_secs(20) < duration {
@@ -79,7 +87,7 @@ async fn main() -> ExitCode {
                 _ => {
                     controller.signal("KILL");
                     eprintln!("[torture] fault: controller killed with SIGKILL; restarting it");
-                    controller = cluster.spawn_controller(&namespace, "torture", &[]);
+                    controller = cluster.spawn_controller(&namespace, "torture", &controller_args);
                 }
             }
             round += 1;
@@ -87,7 +95,12 @@ async fn main() -> ExitCode {
         // The controller outlives the run: it still has notifications to send.
         (round, controller)
     };
-    let (log, (faults, _controller)) = tokio::join!(engine, chaos);
+    let gate_writers = gate.write(
+        tokio::time::Instant::now() + duration,
+        Duration::from_millis(200),
+        seed,
+    );
+    let (log, (faults, _controller), writes) = tokio::join!(engine, chaos, gate_writers);
     // Let the restarted servers settle before reading the final objects.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (checked, mut violations) = torture::check(&target, &log).await;
@@ -95,6 +108,8 @@ async fn main() -> ExitCode {
         .check(&log.recorded.history, Duration::from_secs(300))
         .await;
     violations.extend(notified.violations.iter().cloned());
+    let gated = gate.check(&writes);
+    violations.extend(gated.violations.iter().cloned());
     let ops = &log.ops;
     let (unknown, first_unknown) = torture::ambiguous(ops);
     println!(
@@ -110,6 +125,15 @@ async fn main() -> ExitCode {
         "notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them, reported",
         notified.entries, notified.requests, notified.reported_lost
     );
+    println!("{}", gated.summary());
+    let control = gate.control();
+    println!(
+        "gate control: {} of the {} writes the gate refused would be violations had they been admitted, {} within the informer's lag",
+        control.violations.len(),
+        control.audited,
+        control.stale_former_holder + control.stale_free
+    );
+    println!("gate writes: {}", torture_gate::by_kind(&writes));
     for violation in &violations {
         println!("VIOLATION {violation}");
     }

@@ -26,6 +26,10 @@
 # `down` stops every container, shim and node process and unmounts everything
 # under DIR (the containers' root filesystems, volumes and network namespaces).
 #
+# The API server keeps an audit log of accepted and refused writes to
+# DeploymentLocks and workloads (hack/audit-policy.yaml) in DIR/logs/audit.log:
+# the torture run checks the workload gate against it.
+#
 # Identities (client certificates signed by the cluster CA), one kubeconfig each
 # in DIR/kubeconfigs/:
 #   admin       CN=deploylock-admin, O=system:masters   (everything)
@@ -178,6 +182,7 @@ start_apiserver() {
     --authorization-mode "$authorization_mode" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
     "${admission_args[@]}" \
+    --audit-policy-file "$repo_root/hack/audit-policy.yaml" --audit-log-path "$dir/logs/audit.log" \
     --service-account-issuer https://deploylock.local \
     --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
     --event-ttl 1h "${node_apiserver_args[@]}" >>"$dir/logs/kube-apiserver.log" 2>&1 &

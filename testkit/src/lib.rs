@@ -10,6 +10,7 @@ mod cluster;
 mod fault;
 pub mod receiver;
 pub mod torture;
+pub mod torture_gate;
 pub mod torture_hostile;
 pub mod torture_notify;
 
