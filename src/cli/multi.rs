@@ -781,11 +781,20 @@ fn named(environment: &Environment, message: &str) -> String {
 mod tests {
     use super::*;
 
-    /// `check` of a command line.
-    fn check_of(args: &[&str]) -> Result<(), Error> {
+    /// `check` of a command line (words split at spaces).
+    fn check_of(line: &str) -> Result<(), Error> {
         use clap::Parser as _;
+        let args: Vec<&str> = line.split_whitespace().collect();
         let cli = Cli::try_parse_from(args).unwrap_or_else(|err| panic!("{err}"));
         check(&cli)
+    }
+
+    fn assert_refused(line: &str, words: &str) {
+        let refused = check_of(line);
+        assert!(
+            matches!(&refused, Err(Error::InvalidInput(message)) if message.contains(words)),
+            "{line}: {refused:?}"
+        );
     }
 
     #[test]
@@ -804,100 +813,24 @@ mod tests {
 
     #[test]
     fn stop_the_line_is_stopped_alone() {
-        let refused = check_of(&[
-            "deploylock",
-            "-e",
-            "stop-the-line",
-            "-e",
-            "zz",
-            "acquire",
-            "--reason",
-            "x",
-        ]);
-        assert!(
-            matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("stop the line on its own")),
-            "{refused:?}"
+        assert_refused(
+            "deploylock -e stop-the-line -e zz acquire --reason x",
+            "stop the line on its own",
         );
-        assert!(
-            check_of(&[
-                "deploylock",
-                "-e",
-                "stop-the-line",
-                "acquire",
-                "--reason",
-                "x"
-            ])
-            .is_ok()
-        );
+        assert!(check_of("deploylock -e stop-the-line acquire --reason x").is_ok());
     }
 
     #[test]
     fn force_takes_one_environment_at_a_time() {
-        for args in [
-            &[
-                "deploylock",
-                "-e",
-                "a",
-                "-e",
-                "b",
-                "acquire",
-                "--reason",
-                "x",
-                "--force",
-            ][..],
-            &[
-                "deploylock",
-                "--all-environments",
-                "acquire",
-                "--reason",
-                "x",
-                "--force",
-            ],
-            &[
-                "deploylock",
-                "-e",
-                "a",
-                "-e",
-                "b",
-                "exec",
-                "--reason",
-                "x",
-                "--force",
-                "--",
-                "true",
-            ],
+        for line in [
+            "deploylock -e a -e b acquire --reason x --force",
+            "deploylock --all-environments acquire --reason x --force",
+            "deploylock -e a -e b exec --reason x --force -- true",
         ] {
-            let refused = check_of(args);
-            assert!(
-                matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("--force overrides one environment at a time")),
-                "{args:?}: {refused:?}"
-            );
+            assert_refused(line, "--force overrides one environment at a time");
         }
-        assert!(
-            check_of(&[
-                "deploylock",
-                "-e",
-                "a",
-                "acquire",
-                "--reason",
-                "x",
-                "--force"
-            ])
-            .is_ok()
-        );
-        assert!(
-            check_of(&[
-                "deploylock",
-                "-e",
-                "a",
-                "-e",
-                "b",
-                "acquire",
-                "--reason",
-                "x"
-            ])
-            .is_ok()
-        );
+        assert!(check_of("deploylock -e a acquire --reason x --force").is_ok());
+        assert!(check_of("deploylock -e a -e b acquire --reason x").is_ok());
     }
 
     #[test]
