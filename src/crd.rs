@@ -53,6 +53,32 @@ pub const FENCING_TOKENS_PER_SECOND: i64 = 1 << 20;
 /// read, so that the create still lies ahead of the policy's clock when it
 /// arrives a moment later.
 pub const FENCING_BASE_LEAD_SECONDS: i64 = 5;
+/// Free text shown to people (owner labels, reasons, deployment IDs): no
+/// control character (C0 with ESC and newlines, DEL, C1), no bidirectional
+/// formatting character and no Unicode line or paragraph separator. Readers
+/// that print a value as is (`kubectl get deploymentlocks` columns, chat
+/// notifications) must not receive a terminal escape sequence or a forged
+/// line from another user; the CLI's own rendering escapes the same set.
+pub const DISPLAY_TEXT_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F\x{061C}\x{200E}\x{200F}\x{202A}-\x{202E}\x{2066}-\x{2069}\x{2028}\x{2029}]*$";
+
+/// Whether `text` is what [`DISPLAY_TEXT_PATTERN`] admits (the CLI checks
+/// its input with it, the admission policy with the pattern).
+pub fn is_display_text(text: &str) -> bool {
+    !text.chars().any(|c| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061C}'
+                    | '\u{200E}'
+                    | '\u{200F}'
+                    | '\u{202A}'..='\u{202E}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{2028}'
+                    | '\u{2029}'
+            )
+    })
+}
+
 /// The only date-time form stored: RFC 3339 in UTC with a `Z`, optional
 /// fractional seconds, years 0001-9999 (the range of CEL's timestamps: a
 /// year 0000 would make the admission policy fail on every later write).

@@ -390,10 +390,19 @@ pub fn decide(kind: GitOpsKind, object: &Value, lock: Option<&Value>) -> Option<
         return None;
     }
     let binding = binding_of(object);
-    let gating = binding.as_ref().and_then(|binding| {
-        let holding = holding_of(lock?)?;
-        (!binding.deployers.contains(&holding.user)).then_some((binding, holding))
-    });
+    let holding = binding.as_ref().and(lock).and_then(holding_of);
+    // A holding by one of the object's deployers does not gate it; a
+    // restore then says so rather than that the lock is free.
+    let deployer_holding = match (&binding, &holding) {
+        (Some(binding), Some(holding)) if binding.deployers.contains(&holding.user) => {
+            Some(holding.user.clone())
+        }
+        _ => None,
+    };
+    let gating = match (binding.as_ref(), holding) {
+        (Some(binding), Some(holding)) if deployer_holding.is_none() => Some((binding, holding)),
+        _ => None,
+    };
     let current = field_value(object, kind.field());
     let target = Target {
         kind,
@@ -405,7 +414,12 @@ pub fn decide(kind: GitOpsKind, object: &Value, lock: Option<&Value>) -> Option<
     match (gating, saved_of(object)) {
         (None, SavedState::Absent) => None,
         (Some((binding, holding)), saved) => gate(&target, binding, &holding, &saved),
-        (None, SavedState::Readable(saved)) => Some(release(&target, binding.as_ref(), saved)),
+        (None, SavedState::Readable(saved)) => Some(release(
+            &target,
+            binding.as_ref(),
+            saved,
+            deployer_holding.as_deref(),
+        )),
         (None, SavedState::Unreadable(err)) => Some(Change {
             action: Action::Abandoned,
             patch: with_annotation(json!({}), object, Value::Null),
@@ -528,7 +542,12 @@ fn gate_note(
 
 /// The lock no longer gates the object and a readable saved state is on it:
 /// restore the saved value, or keep an edit made meanwhile.
-fn release(target: &Target<'_>, binding: Option<&Binding>, saved: Saved) -> Change {
+fn release(
+    target: &Target<'_>,
+    binding: Option<&Binding>,
+    saved: Saved,
+    deployer_holding: Option<&str>,
+) -> Change {
     let field = &target.field;
     let (action, patch) = if target.gated_now {
         (
@@ -543,7 +562,7 @@ fn release(target: &Target<'_>, binding: Option<&Binding>, saved: Saved) -> Chan
     };
     let changes_field =
         action == Action::Restored && target.current.as_ref() != saved.value.as_ref();
-    let why = release_reason(binding, &saved);
+    let why = release_reason(binding, &saved, deployer_holding);
     let note = match action {
         Action::Restored => format!(
             "{why} (was held by {}): {field} restored to {}",
@@ -566,9 +585,19 @@ fn release(target: &Target<'_>, binding: Option<&Binding>, saved: Saved) -> Chan
 }
 
 /// Why the saved lock no longer gates the object, for people.
-fn release_reason(binding: Option<&Binding>, saved: &Saved) -> String {
-    match binding {
-        Some(binding)
+fn release_reason(
+    binding: Option<&Binding>,
+    saved: &Saved,
+    deployer_holding: Option<&str>,
+) -> String {
+    match (binding, deployer_holding) {
+        // Whoever may edit the object may name deployers: the restore must
+        // not pass for the end of the holding.
+        (Some(binding), Some(user)) => format!(
+            "{}/{} is held by {user}, whom this object's annotation {DEPLOYER_ANNOTATION} names as a deployer, so the holding does not gate it",
+            binding.lock_namespace, binding.environment
+        ),
+        (Some(binding), None)
             if binding.lock_namespace == saved.lock_namespace
                 && binding.environment == saved.environment =>
         {
@@ -577,11 +606,11 @@ fn release_reason(binding: Option<&Binding>, saved: &Saved) -> String {
                 saved.lock_namespace, saved.environment
             )
         }
-        Some(binding) => format!(
+        (Some(binding), None) => format!(
             "the object is now bound to {}/{}, which is not locked",
             binding.lock_namespace, binding.environment
         ),
-        None => format!(
+        (None, _) => format!(
             "the object is no longer bound to {}/{} (label {ENVIRONMENT_LABEL} removed)",
             saved.lock_namespace, saved.environment
         ),

@@ -123,3 +123,45 @@ fn schema_bounds_are_the_rust_constants() {
     // An environment is the object's name: a DNS-1123 label.
     assert_eq!(MAX_ENVIRONMENT_LEN, MAX_DNS_LABEL_LEN);
 }
+
+/// Free text shown to others: the admission policy's pattern is
+/// DISPLAY_TEXT_PATTERN, the CLI's check (`is_display_text`) admits exactly
+/// what the pattern admits, and the FreezeWindow schema (whose reason
+/// becomes a holding's) uses it too.
+#[test]
+fn display_text_rule_is_one_rule_everywhere() {
+    use deploylock::crd::{DISPLAY_TEXT_PATTERN, is_display_text};
+    use kube::CustomResourceExt;
+
+    let policy = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/admission/policy.yaml"),
+    )
+    .unwrap_or_else(|err| panic!("cannot read the policy: {err}"));
+    assert!(
+        policy.contains(&format!("r'{DISPLAY_TEXT_PATTERN}'")),
+        "config/admission/policy.yaml does not use DISPLAY_TEXT_PATTERN as its displayText"
+    );
+    let window = serde_json::to_value(deploylock::windows::FreezeWindow::crd())
+        .unwrap_or_else(|err| panic!("cannot serialize the FreezeWindow CRD: {err}"));
+    assert_eq!(
+        window.pointer(
+            "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/reason/pattern"
+        ),
+        Some(&serde_json::json!(DISPLAY_TEXT_PATTERN)),
+        "FreezeWindow spec.reason pattern"
+    );
+    let pattern = regex::Regex::new(DISPLAY_TEXT_PATTERN)
+        .unwrap_or_else(|err| panic!("DISPLAY_TEXT_PATTERN: {err}"));
+    let samples = (0u32..0x3000).chain([0xFEFF, 0xFFFD, 0x1F680, 0x10FFFF]);
+    for code in samples.filter_map(char::from_u32) {
+        let text = format!("a{code}b");
+        assert_eq!(
+            is_display_text(&text),
+            pattern.is_match(&text),
+            "U+{:04X}: is_display_text and the pattern disagree",
+            u32::from(code)
+        );
+    }
+    assert!(!is_display_text("\u{1b}[2J"));
+    assert!(is_display_text("Déploiement 2.1 🚀"));
+}

@@ -71,7 +71,20 @@ pub fn reason(text: &str) -> Result<String, String> {
             "--reason is too long: at most {MAX_REASON_LEN} characters"
         ));
     }
+    displayable("--reason", trimmed)?;
     Ok(trimmed.to_string())
+}
+
+/// Free text others see as written (`kubectl get` columns, chat
+/// notifications): the admission policy refuses control characters, so
+/// the CLI says so before sending anything.
+fn displayable(flag: &str, text: &str) -> Result<(), String> {
+    if crate::crd::is_display_text(text) {
+        return Ok(());
+    }
+    Err(format!(
+        "{flag} may not contain control characters (newlines, tabs, ESC), bidirectional formatting characters or line separators: others see it as written"
+    ))
 }
 
 /// A short label (`--owner`, `--deployment-id`).
@@ -80,6 +93,7 @@ pub fn label(flag: &str, text: &str) -> Result<String, String> {
     if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_LEN {
         return Err(format!("{flag} must be 1 to {MAX_NAME_LEN} characters"));
     }
+    displayable(flag, trimmed)?;
     Ok(trimmed.to_string())
 }
 
@@ -253,5 +267,9 @@ mod tests {
         assert_eq!(reason("  Deploying 2.1.0 "), Ok("Deploying 2.1.0".into()));
         assert!(reason("   ").is_err());
         assert!(reason(&"x".repeat(1025)).is_err());
+        assert!(reason("Deploying\n2.1.0").is_err());
+        assert!(reason("Deploying \u{1b}[2J2.1.0").is_err());
+        assert!(reason("D\u{e9}ploiement \u{1f680}").is_ok());
+        assert!(label("--owner", "team\u{202e}x").is_err());
     }
 }

@@ -159,6 +159,26 @@ fn removing_the_label_while_gated_restores_and_a_handover_keeps_the_original() {
     assert_eq!(saved_of(&object), SavedState::Absent);
 }
 
+/// Someone who may edit the object names the current holder a deployer:
+/// the object is restored (the annotation is the object's own word), and
+/// the note says why instead of claiming the lock is free.
+#[test]
+fn a_deployer_named_while_gated_is_not_reported_as_a_free_lock() {
+    let bob = lock(Some(("a", "bob")), 2, None);
+    let mut object = kustomization(None);
+    let change = decide(GitOpsKind::Kustomization, &object, Some(&bob)).expect("gated");
+    apply_merge_patch(&mut object, &change.patch);
+    object["metadata"]["annotations"][DEPLOYER_ANNOTATION] = json!("bob");
+    let change = decide(GitOpsKind::Kustomization, &object, Some(&bob)).expect("restored");
+    assert_eq!(change.action, Action::Restored);
+    assert!(
+        change.note.contains("is held by bob") && change.note.contains(DEPLOYER_ANNOTATION),
+        "{}",
+        change.note
+    );
+    assert!(!change.note.contains("no longer locked"), "{}", change.note);
+}
+
 #[test]
 fn an_unreadable_saved_state_is_never_taken_for_a_release() {
     let mut object = kustomization(Some(true));

@@ -428,8 +428,24 @@ fn plain_lines(message: &Message, bold: (&str, &str)) -> String {
     text
 }
 
+/// Google Chat and Mattermost have no switch to turn mentions off (Discord
+/// has `allowed_mentions`, Slack's `<!channel>` is escaped): a reason or
+/// owner label saying `@channel`, `@all` or `<users/all>` would page the
+/// whole channel. A word joiner after `@` and `<` keeps the text as it reads
+/// and makes it no mention.
+fn without_mentions(text: &str) -> String {
+    let mut defanged = String::with_capacity(text.len());
+    for c in text.chars() {
+        defanged.push(c);
+        if matches!(c, '@' | '<') {
+            defanged.push('\u{2060}');
+        }
+    }
+    defanged
+}
+
 fn googlechat(message: &Message) -> Value {
-    json!({"text": plain_lines(message, ("*", "*"))})
+    json!({"text": without_mentions(&plain_lines(message, ("*", "*")))})
 }
 
 /// Slack and Mattermost: the optional `channel` and `username` overrides.
@@ -447,7 +463,7 @@ fn with_channel_and_username(mut body: Value, style: &Style) -> Value {
 
 fn mattermost(message: &Message, style: &Style) -> Value {
     let body = json!({
-        "text": plain_lines(message, ("**", "**")),
+        "text": without_mentions(&plain_lines(message, ("**", "**"))),
         "props": {"idempotency_key": message.key},
     });
     with_channel_and_username(body, style)
@@ -565,6 +581,24 @@ mod tests {
         assert_eq!(body["allowed_mentions"]["parse"], json!([]));
         for field in body["embeds"][0]["fields"].as_array().unwrap() {
             assert!(field["value"].as_str().unwrap().chars().count() <= 1024);
+        }
+    }
+
+    #[test]
+    fn chats_without_a_mention_switch_get_no_mention_from_free_text() {
+        let mut message = sample();
+        message.reason = Some("@channel @all @here <users/all> urgent".into());
+        message.owner = Some("@everyone".into());
+        for provider in [ProviderType::Googlechat, ProviderType::Mattermost] {
+            let body = parse(&render(provider, &message, &Style::default()));
+            let text = body["text"].as_str().unwrap_or_default();
+            for mention in ["@channel", "@all", "@here", "<users/all>", "@everyone"] {
+                assert!(
+                    !text.contains(mention),
+                    "{provider:?} pages {mention}: {text}"
+                );
+            }
+            assert!(text.contains("urgent"), "{provider:?}: {text}");
         }
     }
 

@@ -142,8 +142,10 @@ pub struct FreezeWindowSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all_environments: bool,
 
-    /// Why: recorded as the reason of every holding the window takes.
-    #[schemars(length(min = 1, max = MAX_REASON_LEN))]
+    /// Why: recorded as the reason of every holding the window takes (free
+    /// text without control characters, as the lock's admission policy
+    /// requires of a holding's reason).
+    #[schemars(length(min = 1, max = MAX_REASON_LEN), regex(pattern = crate::crd::DISPLAY_TEXT_PATTERN))]
     pub reason: String,
 
     /// What happens to an environment held when the window opens: Queue

@@ -52,7 +52,7 @@ fn kubectl_as(
     }
 }
 
-fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
+pub(crate) fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
     let text = manifest.to_string();
     ok(
         &cluster.kubectl_with_input(
@@ -67,7 +67,7 @@ fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
 /// The gate's policy, and the chart's binding of `production` (lock in
 /// `lock_namespace`) to the namespace `workloads`; RBAC so that every writer
 /// may change workloads there and in `unbound`.
-async fn set_up(test: &str) -> Gate {
+pub(crate) async fn set_up(test: &str) -> Gate {
     let gate = set_up_unbound(test).await;
     bind_with_chart(cluster(), &gate);
     gate
@@ -316,7 +316,7 @@ fn attempt(
 /// The lock's state, written directly by the cluster admin (the lock's
 /// namespace is not under the lock policy): what the gate reads.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum LockState {
+pub(crate) enum LockState {
     NoLock,
     Available,
     LockedByAlice,
@@ -335,7 +335,7 @@ fn holder(user: &str, lock_id: &str, lock_type: &str) -> Value {
     })
 }
 
-fn set_state(cluster: &TestCluster, gate: &Gate, state: LockState) {
+pub(crate) fn set_state(cluster: &TestCluster, gate: &Gate, state: LockState) {
     let ns = gate.lock_namespace.as_str();
     let _ = cluster.kubectl(
         Identity::Admin,

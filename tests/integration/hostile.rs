@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use deploylock::crd::{DeploymentLock, HistoryAction, LockState};
 
 use crate::support::{
-    Identity, TestCluster, await_object, cluster, expect_exit, status_is_current, stderr_of,
+    Identity, TestCluster, await_object, cluster, expect_exit, ok, status_is_current, stderr_of,
 };
 use testkit::torture_hostile::{entry_for, first_token, holding, new_lock, stamp};
 
@@ -531,6 +531,52 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             },
         },
         Attack {
+            what: "a queue place whose reason carries a terminal escape (kubectl get, chats print it)",
+            actor: Identity::Bob,
+            write: |_, now| {
+                Write::JsonPatch(json!([{ "op": "add", "path": "/spec/queue", "value": [{
+                "id": "bob-escape", "user": "bob", "owner": "bob",
+                "reason": "waiting\u{1b}]0;owned\u{7}\u{1b}[2J",
+                "since": stamp(now), "heartbeatAt": stamp(now)
+            }] }]))
+            },
+        },
+        Attack {
+            what: "a queue place whose owner label forges a second line",
+            actor: Identity::Bob,
+            write: |_, now| {
+                Write::JsonPatch(json!([{ "op": "add", "path": "/spec/queue", "value": [{
+                "id": "bob-newline", "user": "bob", "owner": "bob\nproduction released by carol",
+                "reason": "waiting", "since": stamp(now), "heartbeatAt": stamp(now)
+            }] }]))
+            },
+        },
+        Attack {
+            what: "the holder releases with a bidi override in the Released entry's reason",
+            actor: Identity::Alice,
+            write: |object, now| {
+                let mut entry = next_entry(object, "Released", "alice", now);
+                entry.as_object_mut().map(|e| e.remove("expiresAt"));
+                entry["reason"] = json!("done \u{202e}desaeler yllufsseccus");
+                Write::JsonPatch(json!([
+                    { "op": "remove", "path": "/spec/holder" },
+                    { "op": "add", "path": "/spec/history/-", "value": entry }
+                ]))
+            },
+        },
+        Attack {
+            what: "the holder releases with an entry claiming another expiry (history forgery)",
+            actor: Identity::Alice,
+            write: |object, now| {
+                let mut entry = next_entry(object, "Released", "alice", now);
+                entry["expiresAt"] = json!("2020-01-01T00:00:00Z");
+                Write::JsonPatch(json!([
+                    { "op": "remove", "path": "/spec/holder" },
+                    { "op": "add", "path": "/spec/history/-", "value": entry }
+                ]))
+            },
+        },
+        Attack {
             what: "a queue place with a comma-fraction date (poison for readers)",
             actor: Identity::Bob,
             write: |_, _| {
@@ -631,6 +677,34 @@ fn bad_creates() -> Vec<BadCreate> {
                 let mut lock = new_lock(name, "alice", now);
                 lock["spec"]["holder"]["type"] = json!("emergency");
                 lock["spec"]["history"][0]["action"] = json!("ForceAcquired");
+                lock
+            },
+        },
+        BadCreate {
+            what: "a reason with a terminal escape (kubectl get prints the column as is)",
+            object: |name, now| {
+                let mut lock = new_lock(name, "alice", now);
+                let reason = json!("deploy \u{1b}]0;owned\u{7}\u{1b}[2J\u{1b}[31m");
+                lock["spec"]["holder"]["reason"] = reason.clone();
+                lock["spec"]["history"][0]["reason"] = reason;
+                lock
+            },
+        },
+        BadCreate {
+            what: "an owner label with a newline and a C1 CSI",
+            object: |name, now| {
+                let mut lock = new_lock(name, "alice", now);
+                let owner = json!("alice\r\nReleased by carol\u{9b}2J");
+                lock["spec"]["holder"]["owner"] = owner.clone();
+                lock["spec"]["history"][0]["owner"] = owner;
+                lock
+            },
+        },
+        BadCreate {
+            what: "a deployment ID with a bidi isolate",
+            object: |name, now| {
+                let mut lock = new_lock(name, "alice", now);
+                lock["spec"]["holder"]["deploymentId"] = json!("run-1\u{2066}\u{2028}");
                 lock
             },
         },
@@ -1146,5 +1220,97 @@ async fn field_managers_are_bounded_and_only_admins_wait_for_stop_the_line() {
             .and_then(|object| object["spec"]["queue"].as_array())
             .is_none_or(|queue| queue.is_empty()),
         "bob has a place in stop-the-line's queue: {line:?}"
+    );
+}
+
+/// The workload gate covers every road to running or scaling workloads in a
+/// bound namespace: a ReplicationController (it runs Pods like a ReplicaSet)
+/// and a HorizontalPodAutoscaler (Kubernetes' own autoscaler, which the gate
+/// exempts, scales the Deployment to the bounds a non-holder writes). Both
+/// were admitted for bob while alice held the lock.
+#[tokio::test]
+async fn the_workload_gate_covers_replication_controllers_and_autoscalers() {
+    use crate::gate::{LockState as GateState, apply, set_state, set_up};
+    let cluster = cluster();
+    let gate = set_up("hostile-gate-roads").await;
+    let namespace = gate.workloads.as_str();
+    apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "other-roads", "namespace": namespace},
+            "rules": [
+                {"apiGroups": [""], "verbs": ["*"],
+                 "resources": ["replicationcontrollers", "replicationcontrollers/scale"]},
+                {"apiGroups": ["autoscaling"], "verbs": ["*"], "resources": ["horizontalpodautoscalers"]}
+            ]
+        }),
+        "Role for ReplicationControllers and autoscalers",
+    );
+    apply(
+        cluster,
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "other-roads", "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "other-roads"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"}]
+        }),
+        "RoleBinding for ReplicationControllers and autoscalers",
+    );
+    let replication_controller = json!({
+        "apiVersion": "v1", "kind": "ReplicationController",
+        "metadata": {"name": "side-door", "namespace": namespace},
+        "spec": {"replicas": 3, "selector": {"app": "side-door"},
+                 "template": {"metadata": {"labels": {"app": "side-door"}},
+                              "spec": {"containers": [{"name": "app", "image": "example.invalid/app:2"}]}}}
+    })
+    .to_string();
+    let autoscaler = json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                 "minReplicas": 50, "maxReplicas": 50}
+    })
+    .to_string();
+    let create = |identity: Identity, manifest: &str| {
+        cluster.kubectl_with_input(
+            identity,
+            &["create", "--dry-run=server", "-f", "-"],
+            manifest,
+        )
+    };
+
+    set_state(cluster, &gate, GateState::LockedByAlice);
+    for (what, manifest) in [
+        ("a ReplicationController", &replication_controller),
+        (
+            "a HorizontalPodAutoscaler of the locked Deployment",
+            &autoscaler,
+        ),
+    ] {
+        let refused = create(Identity::Bob, manifest);
+        assert!(
+            !refused.status.success(),
+            "bob created {what} while alice held the lock"
+        );
+        assert!(
+            stderr_of(&refused).contains("production is locked by alice"),
+            "{what}: refused for another reason: {}",
+            stderr_of(&refused)
+        );
+        ok(
+            &create(Identity::Alice, manifest),
+            &format!("the holder creates {what}"),
+        );
+    }
+
+    set_state(cluster, &gate, GateState::Available);
+    ok(
+        &create(Identity::Bob, &replication_controller),
+        "bob creates a ReplicationController once the lock is free",
+    );
+    ok(
+        &create(Identity::Bob, &autoscaler),
+        "bob creates an autoscaler once the lock is free",
     );
 }
