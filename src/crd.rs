@@ -42,6 +42,10 @@ pub const MAX_HISTORY_ENTRIES: usize = 20;
 pub const STOP_THE_LINE: &str = "stop-the-line";
 /// Waiters the queue may hold.
 pub const MAX_QUEUE_ENTRIES: usize = 64;
+/// Places one user may hold in one lock's queue: one identity cannot fill
+/// the queue and lock everyone else out of it (the admission policy has the
+/// same number).
+pub const MAX_QUEUE_PLACES_PER_USER: usize = 8;
 /// Largest fencing token or history sequence: JSON's safe integer range, so
 /// that every reader (JavaScript and jq included) sees the exact value.
 pub const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;

@@ -12,7 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use crate::crd::{
     DeploymentLockSpec, FENCING_BASE_LEAD_SECONDS, FENCING_TOKENS_PER_SECOND, HistoryAction,
     HistoryEntry, LockHolder, LockState, LockType, MAX_DURATION_SECONDS, MAX_HISTORY_ENTRIES,
-    MAX_QUEUE_ENTRIES, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS, OverriddenHolding, Waiter,
+    MAX_QUEUE_ENTRIES, MAX_QUEUE_PLACES_PER_USER, MAX_SAFE_INTEGER, MIN_DURATION_SECONDS,
+    OverriddenHolding, Waiter,
 };
 
 /// A waiter whose heartbeat is older than this has dropped out of the queue:
@@ -149,6 +150,10 @@ pub enum Refusal {
     QueuedBehind { next: Box<Waiter>, waiting: usize },
     #[error("the wait queue is full")]
     QueueFull,
+    #[error(
+        "you already wait in {MAX_QUEUE_PLACES_PER_USER} places of this lock's queue, the most one user may hold"
+    )]
+    TooManyPlaces,
     #[error("the lock's fencing token or history sequence reached its maximum")]
     CounterExhausted,
 }
@@ -359,9 +364,15 @@ fn decide_join(
     next.queue
         .retain(|waiter| waiter.id == waiter_id || !is_prunable(waiter, now));
     let waiting = next.queue.len();
+    let mine = next
+        .queue
+        .iter()
+        .filter(|waiter| waiter.user == actor.user)
+        .count();
     match next.queue.iter_mut().find(|waiter| waiter.id == waiter_id) {
         Some(waiter) => waiter.heartbeat_at = waiter.heartbeat_at.max(now),
         None if waiting >= MAX_QUEUE_ENTRIES => return Err(Refusal::QueueFull),
+        None if mine >= MAX_QUEUE_PLACES_PER_USER => return Err(Refusal::TooManyPlaces),
         None => next.queue.push(Waiter {
             id: waiter_id.to_string(),
             user: actor.user.clone(),

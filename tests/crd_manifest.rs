@@ -165,3 +165,21 @@ fn display_text_rule_is_one_rule_everywhere() {
     assert!(!is_display_text("\u{1b}[2J"));
     assert!(is_display_text("Déploiement 2.1 🚀"));
 }
+
+/// The policy's cap on one user's places in a queue is the rules' constant.
+#[test]
+fn queue_places_per_user_are_one_number_everywhere() {
+    use deploylock::crd::MAX_QUEUE_PLACES_PER_USER;
+    let policy = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/admission/policy.yaml"),
+    )
+    .unwrap_or_else(|err| panic!("cannot read the policy: {err}"));
+    assert!(
+        policy.contains(&format!(
+            "size(variables.newQueue.filter(w, w.user == variables.user)) <= {MAX_QUEUE_PLACES_PER_USER})"
+        )) && policy.contains(&format!(
+            "one user holds at most {MAX_QUEUE_PLACES_PER_USER} places"
+        )),
+        "config/admission/policy.yaml does not cap a user's places at MAX_QUEUE_PLACES_PER_USER"
+    );
+}

@@ -278,6 +278,7 @@ fn error_reason(err: &Error) -> &'static str {
             Refusal::DurationOutOfRange => "DurationOutOfRange",
             Refusal::QueuedBehind { .. } => "QueuedBehind",
             Refusal::QueueFull => "QueueFull",
+            Refusal::TooManyPlaces => "TooManyPlaces",
             Refusal::CounterExhausted => "CounterExhausted",
         },
         Error::InvalidInput(_) => "InvalidInput",
@@ -348,7 +349,8 @@ pub fn exit_for(err: &Error) -> Exit {
             | Refusal::AlreadyHeldByYou(_)
             | Refusal::EmergencyLockInForce(_)
             | Refusal::QueuedBehind { .. }
-            | Refusal::QueueFull => Exit::Held,
+            | Refusal::QueueFull
+            | Refusal::TooManyPlaces => Exit::Held,
             Refusal::NotHolder(_) | Refusal::NotHeld => Exit::Forbidden,
             Refusal::LockLost { .. } | Refusal::ExpiredCannotExtend(_) => Exit::LockLost,
             Refusal::ReasonRequired | Refusal::DurationOutOfRange => Exit::InvalidInput,
@@ -478,6 +480,9 @@ fn refusal_lines(
             ),
         ],
         Refusal::QueueFull => vec![format!("{headline}: try again later")],
+        Refusal::TooManyPlaces => vec![format!(
+            "{headline}: try again once one of your waiting clients is served or gives up"
+        )],
         Refusal::CounterExhausted => vec![format!(
             "{headline} (2^53-1): an admin must delete the lock (it is created again with a token from the clock)"
         )],
@@ -756,6 +761,7 @@ mod tests {
                 Exit::Held,
             ),
             (Error::Refused(Refusal::QueueFull), Exit::Held),
+            (Error::Refused(Refusal::TooManyPlaces), Exit::Held),
             (
                 Error::Refused(Refusal::NotHolder(holder())),
                 Exit::Forbidden,

@@ -577,6 +577,20 @@ fn attacks_on_a_held_lock() -> Vec<Attack> {
             },
         },
         Attack {
+            what: "two queue places joined in one write (filling the queue locks everyone out)",
+            actor: Identity::Bob,
+            write: |_, now| {
+                let place = |id: &str| {
+                    json!({
+                        "id": id, "user": "bob", "owner": "bob", "reason": "x",
+                        "since": stamp(now), "heartbeatAt": stamp(now)
+                    })
+                };
+                Write::JsonPatch(json!([{ "op": "add", "path": "/spec/queue",
+                    "value": [place("bob-1"), place("bob-2")] }]))
+            },
+        },
+        Attack {
             what: "a queue place with a comma-fraction date (poison for readers)",
             actor: Identity::Bob,
             write: |_, _| {
@@ -1312,5 +1326,95 @@ async fn the_workload_gate_covers_replication_controllers_and_autoscalers() {
     ok(
         &create(Identity::Bob, &autoscaler),
         "bob creates an autoscaler once the lock is free",
+    );
+}
+
+/// One user cannot fill a lock's queue (64 places) and lock everyone else
+/// out of it: a write joins one place, and a user holds at most 8 places of
+/// a queue. bob's ninth place is refused, carol still joins, and bob's own
+/// heartbeats still pass.
+#[tokio::test]
+async fn one_user_cannot_fill_the_queue() {
+    use deploylock::crd::MAX_QUEUE_PLACES_PER_USER;
+
+    let cluster = cluster();
+    let namespace = cluster.enforced_namespace("hostile-queue-fill").await;
+    deploylock_ok(
+        cluster,
+        Identity::Alice,
+        &namespace,
+        &["-e", "production", "acquire", "--reason", "Deploying 2.2"],
+    );
+    let place = |user: &str, id: String| {
+        let now = Utc::now();
+        json!({
+            "id": id, "user": user, "owner": user, "reason": "next deploy",
+            "since": stamp(now), "heartbeatAt": stamp(now)
+        })
+    };
+    let join = |user: &str, id: String, first: bool| {
+        if first {
+            Write::JsonPatch(
+                json!([{ "op": "add", "path": "/spec/queue", "value": [place(user, id)] }]),
+            )
+        } else {
+            Write::JsonPatch(
+                json!([{ "op": "add", "path": "/spec/queue/-", "value": place(user, id) }]),
+            )
+        }
+    };
+    let bob = cluster.client(Identity::Bob).await;
+    for i in 0..MAX_QUEUE_PLACES_PER_USER {
+        assert_eq!(
+            send_raw(
+                &bob,
+                &namespace,
+                "production",
+                &join("bob", format!("bob-{i}"), i == 0)
+            )
+            .await,
+            Answer::Accepted,
+            "bob's place {i}"
+        );
+    }
+    let ninth = join("bob", "bob-more".to_string(), false);
+    match send_raw(&bob, &namespace, "production", &ninth).await {
+        Answer::Refused(message) => assert!(
+            message.contains("at most 8 places"),
+            "bob's ninth place refused for another reason: {message}"
+        ),
+        Answer::Accepted => panic!("bob's ninth place was accepted"),
+    }
+    let refused = send_kubectl(cluster, Identity::Bob, &namespace, "production", &ninth);
+    assert_refused(&refused, "bob's ninth place", "kubectl");
+    let carol = cluster.client(Identity::Carol).await;
+    assert_eq!(
+        send_raw(
+            &carol,
+            &namespace,
+            "production",
+            &join("carol", "carol-1".to_string(), false)
+        )
+        .await,
+        Answer::Accepted,
+        "carol joins after bob's eight places"
+    );
+    let Some(stored) = stored_json(cluster, &namespace, "production") else {
+        panic!("production vanished");
+    };
+    let queue = stored["spec"]["queue"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(queue.len(), MAX_QUEUE_PLACES_PER_USER + 1, "{queue:?}");
+    // bob still renews his own first place.
+    let renew = Write::JsonPatch(
+        json!([{ "op": "replace", "path": "/spec/queue/0/heartbeatAt",
+        "value": stamp(Utc::now() + Duration::seconds(1)) }]),
+    );
+    assert_eq!(
+        send_raw(&bob, &namespace, "production", &renew).await,
+        Answer::Accepted,
+        "bob renews his place"
     );
 }

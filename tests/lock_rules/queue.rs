@@ -235,3 +235,30 @@ fn a_freeze_windows_place_is_served_before_every_other() {
     );
     assert_eq!(taken.holder.map(|h| h.user), Some(window.user));
 }
+
+/// One user holds at most MAX_QUEUE_PLACES_PER_USER places of a queue (one
+/// identity cannot fill it and lock everyone else out); others still join,
+/// and a lapsed place of that user no longer counts.
+#[test]
+fn one_user_cannot_fill_the_queue() {
+    use deploylock::crd::MAX_QUEUE_PLACES_PER_USER;
+    let (mut spec, _) = change(
+        None,
+        t0(),
+        &acquire(&person("alice"), "lock-a", Duration::minutes(30)),
+    );
+    let bob = person("bob");
+    for i in 0..MAX_QUEUE_PLACES_PER_USER {
+        spec = queue_change(&spec, t0(), &join(&bob, &format!("bob-{i}"), false));
+    }
+    assert_eq!(
+        refusal(Some(&spec), t0(), &join(&bob, "bob-more", false)),
+        Refusal::TooManyPlaces
+    );
+    let with_carol = queue_change(&spec, t0(), &join(&person("carol"), "carol", false));
+    assert_eq!(with_carol.queue.len(), MAX_QUEUE_PLACES_PER_USER + 1);
+    // A minute later bob's places have lapsed: his new one is taken.
+    let later = t0() + Duration::minutes(1);
+    let rejoined = queue_change(&spec, later, &join(&bob, "bob-again", false));
+    assert_eq!(rejoined.queue.len(), 1);
+}
