@@ -37,7 +37,6 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBindin
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
 use kube::{Client, CustomResourceExt};
 use serde_json::{Value, json};
@@ -46,6 +45,7 @@ use tokio::time::Instant;
 use deploylock::envbinding::{EnvironmentBinding, policy_binding_name};
 
 use crate::torture::Rng;
+use crate::torture_hostile::client_for;
 use crate::{Identity, TestCluster, repo_root};
 
 /// How long after a lock version was replaced the gate may still admit by
@@ -245,16 +245,6 @@ fn kubectl_ok(cluster: &TestCluster, args: &[&str], input: Option<&str>, what: &
         "torture gate: cannot {what}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-async fn client_for(kubeconfig: &Path) -> Client {
-    let file = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|err| panic!("{err}"));
-    let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|err| panic!("{err}"));
-    config.connect_timeout = Some(StdDuration::from_secs(2));
-    config.read_timeout = Some(StdDuration::from_secs(10));
-    Client::try_from(config).unwrap_or_else(|err| panic!("{err}"))
 }
 
 impl BoundGate {

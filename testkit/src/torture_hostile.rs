@@ -17,7 +17,7 @@
 //! `torture-hostile`, so that the torture's recorder can also tell from the
 //! stored objects' managedFields whether one ever landed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -778,7 +778,9 @@ pub struct HostilePlan {
     pub at_least: usize,
 }
 
-async fn client_for(kubeconfig: &PathBuf) -> Client {
+/// A client of `kubeconfig` with short timeouts (a torture client must
+/// notice a dead connection within seconds).
+pub(crate) async fn client_for(kubeconfig: &Path) -> Client {
     let file = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|err| panic!("{err}"));
     let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
         .await

@@ -30,19 +30,7 @@ use crate::support::{
 const OTHER_PIPELINE: (&str, &str) = ("ci", "deployer");
 
 fn documents(relative: &str) -> Vec<Value> {
-    let path = repo_root().join("examples").join(relative);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-    text.split("\n---")
-        .filter(|doc| {
-            doc.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .map(|doc| {
-            serde_yaml::from_str(doc)
-                .unwrap_or_else(|err| panic!("{} is not YAML: {err}", path.display()))
-        })
-        .collect()
+    crate::support::example_documents(relative)
 }
 
 fn of_kind<'a>(docs: &'a [Value], kind: &str, file: &str) -> &'a Value {

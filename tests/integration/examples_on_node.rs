@@ -22,19 +22,7 @@ const WAIT: Duration = Duration::from_secs(180);
 const HOOKS_ACCOUNT: &str = "system:serviceaccount:my-app:deploylock-hooks";
 
 fn yaml_documents(relative: &str) -> Vec<serde_yaml::Value> {
-    let path = repo_root().join("examples").join(relative);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-    text.split("\n---")
-        .filter(|doc| {
-            doc.lines()
-                .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        })
-        .map(|doc| {
-            serde_yaml::from_str(doc)
-                .unwrap_or_else(|err| panic!("{} is not YAML: {err}", path.display()))
-        })
-        .collect()
+    crate::support::example_documents(relative)
 }
 
 fn hook_of(doc: &serde_yaml::Value) -> &str {

@@ -211,6 +211,18 @@ async fn config_map_version(api: &Api<ConfigMap>, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// bob takes the environment's lock for a database migration.
+fn bob_acquires(cluster: &TestCluster, namespace: &str) {
+    let args = [
+        "acquire",
+        "-e",
+        ENVIRONMENT,
+        "--reason",
+        "Database migration",
+    ];
+    lock_command(cluster, namespace, &args, "bob acquires");
+}
+
 fn lock_command(cluster: &TestCluster, namespace: &str, args: &[&str], what: &str) {
     expect_exit(&cluster.deploylock(Identity::Bob, namespace, args), 0, what);
 }
@@ -354,18 +366,7 @@ async fn a_suspended_kustomization_is_not_applied_by_kustomize_controller_until_
     assert_eq!(before["web"].get("suspend"), None);
 
     let _controller = cluster.spawn_controller(namespace, "flux-gate", &["--gitops-gating"]);
-    lock_command(
-        cluster,
-        namespace,
-        &[
-            "acquire",
-            "-e",
-            ENVIRONMENT,
-            "--reason",
-            "Database migration",
-        ],
-        "bob acquires",
-    );
+    bob_acquires(cluster, namespace);
     for name in ["web", "paused"] {
         await_kustomization(kustomizations, name, "gated", is_gated).await;
     }
@@ -492,18 +493,7 @@ async fn the_flux_examples_job_waits_for_the_holder_then_rolls_out_and_leaves_it
     );
 
     let _controller = cluster.spawn_controller(namespace, "flux-job", &["--gitops-gating"]);
-    lock_command(
-        cluster,
-        namespace,
-        &[
-            "acquire",
-            "-e",
-            ENVIRONMENT,
-            "--reason",
-            "Database migration",
-        ],
-        "bob acquires",
-    );
+    bob_acquires(cluster, namespace);
     await_kustomization(kustomizations, "apps", "gated", is_gated).await;
     set_up.publish_v2();
 

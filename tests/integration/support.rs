@@ -227,3 +227,21 @@ pub fn helm_template(extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     ok(&helm(None, &args), "helm template")
 }
+
+/// The YAML documents of `examples/RELATIVE` (comment-only documents left
+/// out), each read as `T`.
+pub fn example_documents<T: serde::de::DeserializeOwned>(relative: &str) -> Vec<T> {
+    let path = repo_root().join("examples").join(relative);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    text.split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .map(|doc| {
+            serde_yaml::from_str(doc)
+                .unwrap_or_else(|err| panic!("{} is not YAML: {err}", path.display()))
+        })
+        .collect()
+}
