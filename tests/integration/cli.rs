@@ -1521,7 +1521,9 @@ async fn hostile_strings_are_shown_escaped_and_kept_exact_in_json() {
     let reason = format!("Deploying{EVIL}\nnow");
     let metadata = json!({ "version": format!("2.1.0{EVIL}") }).to_string();
     let deployment = format!("pipeline{EVIL}");
-    let held = cluster.deploylock(
+    // The CLI refuses such text (as the admission policy does) and writes
+    // nothing...
+    let refused = cluster.deploylock(
         Identity::Alice,
         &ns,
         &[
@@ -1536,8 +1538,33 @@ async fn hostile_strings_are_shown_escaped_and_kept_exact_in_json() {
             &deployment,
         ],
     );
-    expect_exit(&held, 0, "alice acquires with hostile strings");
-    expect_no_raw_controls(&stdout_of(&held), "acquire's own report");
+    expect_exit(&refused, 2, "alice acquires with hostile strings");
+    expect_no_raw_controls(&stderr_of(&refused), "the CLI's refusal");
+    assert!(
+        api.get_opt("production").await.ok().flatten().is_none(),
+        "a refused acquire wrote a lock"
+    );
+    // ...but a lock stored before that rule, or in a namespace the policy
+    // does not enforce, may carry it: written here through the API.
+    let now = chrono::Utc::now();
+    let mut object = testkit::torture_hostile::new_lock("production", "alice", now);
+    object["spec"]["holder"]["owner"] = json!(owner);
+    object["spec"]["holder"]["reason"] = json!(reason);
+    object["spec"]["holder"]["metadata"] =
+        serde_json::from_str(&metadata).unwrap_or_else(|err| panic!("metadata: {err}"));
+    object["spec"]["holder"]["deploymentId"] = json!(deployment);
+    object["spec"]["history"][0]["owner"] = json!(owner);
+    object["spec"]["history"][0]["reason"] = json!(reason);
+    let created = cluster.kubectl_with_input(
+        Identity::Admin,
+        &["create", "-n", &ns, "-f", "-"],
+        &object.to_string(),
+    );
+    expect_exit(
+        &created,
+        0,
+        "the lock with hostile strings, through the API",
+    );
     let lock = stored(&api, "production").await;
     assert_eq!(holder_of(&lock).owner, owner, "stored exactly");
     assert_eq!(holder_of(&lock).reason, reason, "stored exactly");
