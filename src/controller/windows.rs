@@ -624,12 +624,15 @@ async fn keep_open(target: &Target<'_>, opening: &Opening, now: DateTime<Utc>) -
                     }
                 }
             }
-            // Held in this opening and lost since (an admin's override,
-            // which stands): recorded, so that it still stands once the
-            // lock's 20-entry history no longer shows it.
+            // Taken by a window in this opening and not this window's now
+            // (an admin's override, which stands, or another window's
+            // holding): recorded, so that it still stands once the lock's
+            // 20-entry history no longer shows it.
             _ if taken && entry.outcome != "Held" => {
                 entry.outcome = "Held".to_string();
-                entry.message = "held in this opening, then overridden".to_string();
+                entry.message =
+                    "taken by a freeze window in this opening; not this window's holding now"
+                        .to_string();
             }
             _ if taken => {}
             _ if entry.outcome == "Queued" => queue_for(target, &environment, interval),
