@@ -408,14 +408,19 @@ impl BoundGate {
         writes
     }
 
-    /// Checks the writes against the API server's audit log.
-    pub fn check(&self, writes: &[GateWrite]) -> GateCheck {
+    /// The API server's audit log of the run, by bound namespace.
+    fn audit(&self) -> Audit {
         let environments: HashMap<&str, &str> = self
             .bound
             .iter()
             .map(|(environment, namespace)| (namespace.as_str(), environment.as_str()))
             .collect();
-        let audit = read_audit(&self.audit_dir, &self.lock_namespace, &environments);
+        read_audit(&self.audit_dir, &self.lock_namespace, &environments)
+    }
+
+    /// Checks the writes against the API server's audit log.
+    pub fn check(&self, writes: &[GateWrite]) -> GateCheck {
+        let audit = self.audit();
         let exempt: HashSet<String> = self
             .writers
             .iter()
@@ -506,12 +511,7 @@ impl BoundGate {
     /// would let pass were refused within the informer's lag of a version
     /// that allowed them.
     pub fn control(&self) -> GateCheck {
-        let environments: HashMap<&str, &str> = self
-            .bound
-            .iter()
-            .map(|(environment, namespace)| (namespace.as_str(), environment.as_str()))
-            .collect();
-        let audit = read_audit(&self.audit_dir, &self.lock_namespace, &environments);
+        let audit = self.audit();
         let witnesses = audit.witnesses();
         let refused: Vec<AcceptedWrite> =
             audit.refused.into_iter().map(|event| event.write).collect();

@@ -176,16 +176,10 @@ fn deploylock_with(cluster: &TestCluster, kubeconfig: &Path, args: &[&str]) -> O
 
 /// A Deployment of the application, as a sync or a pipeline applies it.
 fn deployment(namespace: &str, version: &str) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "web", "namespace": namespace},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}},
-                         "spec": {"containers": [{"name": "web", "image": format!("example.invalid/web:{version}")}]}}
-        }
-    })
+    let mut deployment = crate::gate::deployment("web", namespace, 1);
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] =
+        json!(format!("example.invalid/web:{version}"));
+    deployment
 }
 
 /// `writer` (impersonated by the admin) writes `manifest` (server-side dry run).

@@ -187,7 +187,7 @@ pub(crate) async fn set_up_unbound(test: &str) -> Gate {
     }
 }
 
-fn deployment(name: &str, namespace: &str, replicas: i64) -> Value {
+pub(crate) fn deployment(name: &str, namespace: &str, replicas: i64) -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace},
