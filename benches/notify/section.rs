@@ -10,7 +10,7 @@ use crate::support::{Identity, cluster};
 use crate::{Row, kubectl_ok, p50, timed};
 
 const TRANSITIONS: usize = 200;
-const ACQUIRES: usize = 30;
+const ACQUIRES: usize = 60;
 
 fn install_crd() {
     let crd = crate::support::repo_root()
@@ -126,18 +126,13 @@ pub async fn notifications(rows: &mut Vec<Row>) {
         note: "from the CLI's exit to a loopback receiver reading the request; the leader's one lock watch, the cursor written at most once a second".into(),
     });
 
-    // Acquire latency with 0 and then 10 subscriptions on the namespace.
-    let quiet = cluster.namespace("bench-notify-acquire").await;
-    let _quiet_controller = cluster.spawn_controller(&quiet, "bench-notify-acquire", &[]);
-    cli(&quiet, &["-e", "warm-up", "acquire", "--reason", "bench"]);
-    let without: Vec<f64> = (0..ACQUIRES)
-        .map(|i| {
-            cli(
-                &quiet,
-                &["-e", &format!("zero-{i}"), "acquire", "--reason", "bench"],
-            )
-        })
-        .collect();
+    // Acquire latency with 0 and with 10 subscriptions, interleaved (one of
+    // each in turn) so that both see the same machine: two namespaces, each
+    // with its controller, the subscriptions in one.
+    let quiet = cluster.namespace("bench-notify-quiet").await;
+    let busy = cluster.namespace("bench-notify-busy").await;
+    let _quiet_controller = cluster.spawn_controller(&quiet, "bench-notify-quiet", &[]);
+    let _busy_controller = cluster.spawn_controller(&busy, "bench-notify-busy", &[]);
     let receivers: Vec<Receiver> = {
         let mut list = Vec::new();
         for _ in 0..10 {
@@ -146,14 +141,14 @@ pub async fn notifications(rows: &mut Vec<Row>) {
         list
     };
     for (n, receiver) in receivers.iter().enumerate() {
-        subscribe(&quiet, &format!("sub-{n}"), &receiver.url("/hook"));
+        subscribe(&busy, &format!("sub-{n}"), &receiver.url("/hook"));
     }
     // Measured once every subscription is served (Ready), not while the
     // controller takes them up.
     kubectl_ok(
         &[
             "-n",
-            &quiet,
+            &busy,
             "wait",
             "--for=condition=Ready",
             "--timeout=120s",
@@ -162,21 +157,32 @@ pub async fn notifications(rows: &mut Vec<Row>) {
         ],
         None,
     );
-    let with: Vec<f64> = (0..ACQUIRES)
-        .map(|i| {
-            cli(
-                &quiet,
-                &["-e", &format!("ten-{i}"), "acquire", "--reason", "bench"],
-            )
-        })
-        .collect();
+    for namespace in [&quiet, &busy] {
+        cli(
+            namespace,
+            &["-e", "warm-up", "acquire", "--reason", "bench"],
+        );
+    }
+    let mut without = Vec::with_capacity(ACQUIRES);
+    let mut with = Vec::with_capacity(ACQUIRES);
+    for i in 0..ACQUIRES {
+        let environment = format!("env-{i}");
+        without.push(cli(
+            &quiet,
+            &["-e", &environment, "acquire", "--reason", "bench"],
+        ));
+        with.push(cli(
+            &busy,
+            &["-e", &environment, "acquire", "--reason", "bench"],
+        ));
+    }
     // The messages did go out meanwhile.
     for receiver in &receivers {
         receiver
             .wait_for(
                 "the acquires' notifications",
                 StdDuration::from_secs(120),
-                |r| r.iter().filter(|r| r.delivered()).count() >= ACQUIRES,
+                |r| r.iter().filter(|r| r.delivered()).count() > ACQUIRES,
             )
             .await;
     }
@@ -187,7 +193,9 @@ pub async fn notifications(rows: &mut Vec<Row>) {
         unit: "ms",
         baseline: Some(("0 subscriptions".into(), ratio)),
         target: "≈ 1× (no wait on delivery)".into(),
-        note: format!("{ACQUIRES} acquires; 10 loopback receivers"),
+        note: format!(
+            "{ACQUIRES} acquires, interleaved with those of a namespace without subscriptions; 10 loopback receivers"
+        ),
     });
     rows.push(Row {
         name: "baseline: acquire with 0 subscriptions (ms)".into(),

@@ -9,6 +9,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::watcher;
 use tokio::sync::{broadcast, watch};
 
+use super::journal::Journal;
 use crate::crd::DeploymentLock;
 
 /// Changes buffered for a reader; one that falls further behind is told
@@ -49,6 +50,8 @@ pub struct LockWatch {
 pub struct Feed {
     changes: broadcast::Sender<LockChange>,
     listed: watch::Sender<bool>,
+    /// The replica's journal, which takes in each version first.
+    journal: Journal,
 }
 
 /// The reading end: the cache and the changes.
@@ -58,12 +61,17 @@ pub struct LockView {
     feed: Feed,
 }
 
-/// A cache and its change feed, for one leadership term.
-pub fn lock_watch() -> (LockWatch, LockView) {
+/// A cache and its change feed, for one leadership term; every version
+/// seen also goes to the replica's `journal`.
+pub fn lock_watch(journal: Journal) -> (LockWatch, LockView) {
     let (store, writer) = reflector::store();
     let (changes, _) = broadcast::channel(CHANGE_BUFFER);
     let (listed, _) = watch::channel(false);
-    let feed = Feed { changes, listed };
+    let feed = Feed {
+        changes,
+        listed,
+        journal,
+    };
     (
         LockWatch {
             writer,
@@ -74,8 +82,12 @@ pub fn lock_watch() -> (LockWatch, LockView) {
 }
 
 impl Feed {
-    /// Tells the readers of `event`, once the cache has applied it.
+    /// Tells the readers of `event`, once the cache (and the journal) took
+    /// it in.
     pub fn publish(&self, event: &watcher::Event<DeploymentLock>) {
+        if let watcher::Event::Apply(lock) | watcher::Event::InitApply(lock) = event {
+            self.journal.record(lock);
+        }
         let change = match event {
             watcher::Event::InitDone => {
                 self.listed.send_replace(true);
@@ -106,6 +118,11 @@ impl LockView {
     /// nothing falls between the read and the first change.
     pub fn subscribe(&self) -> broadcast::Receiver<LockChange> {
         self.feed.changes.subscribe()
+    }
+
+    /// The replica's journal of the history entries seen.
+    pub fn journal(&self) -> &Journal {
+        &self.feed.journal
     }
 
     /// Waits until the cache holds a complete list. (Not the store's own

@@ -25,6 +25,7 @@
 pub mod clock;
 pub mod envbinding;
 pub mod gitops;
+pub mod journal;
 pub mod leader;
 pub mod lockwatch;
 pub mod metrics;
@@ -134,6 +135,9 @@ pub struct Context {
     pub clock_lease: ClockHandle,
     /// The username this controller authenticates as (recorded when it clears).
     pub user: String,
+    /// The replica's journal: history entries a lock dropped before they
+    /// were announced, when this replica saw them.
+    journal: journal::Journal,
     /// Consecutive failed reconciles per lock, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Per lock UID, the holding whose Expired Event was published.
@@ -153,6 +157,7 @@ impl Context {
         clock: ServerClock,
         clock_lease: ClockHandle,
         user: String,
+        journal: journal::Journal,
     ) -> Self {
         Context {
             client,
@@ -161,6 +166,7 @@ impl Context {
             clock,
             clock_lease,
             user,
+            journal,
             failures: Mutex::default(),
             expiries: Mutex::default(),
             malformed: Mutex::default(),
@@ -545,10 +551,15 @@ async fn reconcile_inner(lock: &DeploymentLock, context: &Context) -> Result<Act
         Step::Clear { spec } => clear(lock, &name, *spec, context, &labels).await,
         Step::Keep {
             status,
-            events,
+            mut events,
             announced,
             wake_at,
         } => {
+            // Entries the lock dropped before they were announced (no
+            // replica led meanwhile), when this replica saw them: first,
+            // they are older than any the lock holds.
+            let missed = context.journal.missed(lock, announced);
+            events.splice(0..0, missed.iter().map(Announcement::Entry));
             context
                 .metrics
                 .set_state(&labels, plan.state, plan.held_seconds);

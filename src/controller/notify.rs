@@ -682,6 +682,10 @@ impl Worker {
                 cursor
             }
         };
+        // Entries after the cursor that the lock dropped but this replica
+        // saw (see [`super::journal`]).
+        let filled = self.shared.locks.journal().fill_in(lock, cursor.sequence);
+        let lock = filled.as_ref().unwrap_or(lock);
         let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
         if let Some((first, last)) = plan.gap {
             self.report_gap(lock, &uid, first, last).await;
@@ -717,7 +721,7 @@ impl Worker {
     async fn report_gap(&mut self, lock: &DeploymentLock, uid: &str, first: i64, last: i64) {
         self.shared.notifier.metrics.count(self.provider(), "gap");
         let note = format!(
-            "history entries {first} to {last} of {} were dropped from the lock (it keeps {}) before they could be delivered",
+            "history entries {first} to {last} of {} were dropped from the lock (it keeps {}) before they could be delivered, and no running controller replica saw them (every replica was down, or its watch had to list again)",
             lock.spec.environment,
             crate::crd::MAX_HISTORY_ENTRIES
         );

@@ -12,6 +12,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::clock::ClockWriter;
+use super::journal::Journal;
 use super::leader::{self, Elector, Leadership, Timing};
 use super::metrics::Metrics;
 use super::{Context, Settings};
@@ -86,6 +87,14 @@ impl Replica {
             return;
         };
         let calibration = tokio::spawn(clock.clone().keep_calibrated(RECALIBRATE_EVERY));
+        // Leader or not, the replica keeps the history it sees, for the
+        // notifications of a term it may lead later.
+        let journal = Journal::default();
+        let journal_watch = tokio::spawn(journal.clone().watch(
+            self.client.clone(),
+            self.namespace.clone(),
+            stop.clone(),
+        ));
         self.ready.store(true, Ordering::Relaxed);
 
         let (leadership_sender, mut leadership) = watch::channel(Leadership::Follower);
@@ -102,7 +111,7 @@ impl Replica {
                 gained = leader::gained(&mut leadership) => if !gained { break },
                 _ = stop.wait_for(|stopped| *stopped) => break,
             }
-            self.lead(&user, &clock, &leadership, &stop).await;
+            self.lead(&user, &clock, &journal, &leadership, &stop).await;
             if *stop.borrow() {
                 break;
             }
@@ -118,6 +127,7 @@ impl Replica {
             }
         }
         calibration.abort();
+        journal_watch.abort();
     }
 
     /// Who this replica is and the API server's clock, retried until they
@@ -138,6 +148,7 @@ impl Replica {
         &self,
         user: &str,
         clock: &ServerClock,
+        journal: &Journal,
         leadership: &watch::Receiver<Leadership>,
         stop: &watch::Receiver<bool>,
     ) {
@@ -153,7 +164,7 @@ impl Replica {
         .spawn(term.clone());
         // One watch of the locks this term, shared by the reconciles and
         // the notification workers.
-        let (lock_watch, lock_view) = super::lockwatch::lock_watch();
+        let (lock_watch, lock_view) = super::lockwatch::lock_watch(journal.clone());
         let side_tasks = self.spawn_side_tasks(clock, &term, lock_view);
         let context = Arc::new(Context::new(
             self.client.clone(),
@@ -165,6 +176,7 @@ impl Replica {
             clock.clone(),
             clock_lease,
             user.to_string(),
+            journal.clone(),
         ));
         let drained = {
             let mut term = term.clone();

@@ -18,7 +18,8 @@ use deploylock::notify::{DeliveryResult, NotificationSubscription};
 
 use crate::receiver::{Mode, Receiver, Request, TestCa};
 use crate::support::{
-    Identity, apply_lock_spec, await_object, cluster, expect_acquired, expect_exit, start_waiter,
+    Identity, apply_lock_spec, await_leader, await_object, cluster, expect_acquired, expect_exit,
+    start_waiter,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -1306,4 +1307,201 @@ async fn lock_selector_and_environments_choose_the_locks_covered() {
     expect_exit(&output, 0, "status -v");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("Notifications: prod (generic)"), "{stdout}");
+}
+
+impl Setup {
+    /// The notes of the `NotificationsLost` Events of the namespace.
+    async fn lost_notices(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        match events.list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("NotificationsLost"))
+                .map(|e| e.note.unwrap_or_default())
+                .collect(),
+            Err(err) => panic!("cannot list Events: {err}"),
+        }
+    }
+
+    /// `rounds` acquire + release pairs by alice on production.
+    fn acquire_release(&self, rounds: usize) {
+        for round in 0..rounds {
+            let reason = format!("round {round}");
+            self.cli(Identity::Alice, &["acquire", "--reason", &reason]);
+            self.cli(Identity::Alice, &["release"]);
+        }
+    }
+
+    /// Waits until every entry `1..=last` of production's history reached
+    /// `receiver`, then checks each arrived once and in order, and that
+    /// nothing was reported lost.
+    async fn expect_every_entry_once_in_order(&self, receiver: &Receiver, last: i64) {
+        let lock = self.lock("production").await;
+        let uid = lock.uid().expect("a UID");
+        assert_eq!(
+            lock.spec.history.last().map(|e| e.sequence),
+            Some(last),
+            "the lock's last entry"
+        );
+        assert!(
+            lock.spec.history.first().map(|e| e.sequence) > Some(1),
+            "the lock itself no longer holds its first entries"
+        );
+        let expected: Vec<String> = (1..=last)
+            .map(|sequence| format!("{uid}-{sequence}"))
+            .collect();
+        let wanted: BTreeSet<String> = expected.iter().cloned().collect();
+        let requests = receiver
+            .wait_for("every history entry", WAIT, |r| {
+                r.iter()
+                    .filter(|r| r.delivered())
+                    .map(key_of)
+                    .collect::<BTreeSet<_>>()
+                    .is_superset(&wanted)
+            })
+            .await;
+        let got: Vec<String> = requests
+            .iter()
+            .filter(|r| r.delivered())
+            .map(key_of)
+            .collect();
+        assert_eq!(got, expected, "each entry once, in history order");
+        assert_eq!(self.lost_notices().await, Vec::<String>::new());
+    }
+}
+
+/// Polls a controller's `/readyz` until it answers 200.
+async fn await_controller_ready(controller: &crate::support::ControllerProcess) {
+    let url = format!("http://127.0.0.1:{}/readyz", controller.port);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready = std::process::Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", &url])
+            .status()
+            .is_ok_and(|status| status.success());
+        if ready {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the controller on port {} never became ready",
+            controller.port
+        );
+        // An HTTP probe has no watch: polled.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Who the Lease `name` names as its holder.
+async fn lease_holder(setup: &Setup, name: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(setup.client.clone(), &setup.namespace);
+    match leases.get_opt(name).await {
+        Ok(lease) => lease
+            .and_then(|lease| lease.spec)
+            .and_then(|spec| spec.holder_identity),
+        Err(err) => panic!("cannot read Lease {name}: {err}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_delivers_what_a_busy_lock_dropped_while_nobody_led() {
+    let setup = setup("notify-standby").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    // A long Lease: the whole burst falls between the leader's death and
+    // the standby's takeover.
+    let lease = ["--lease-duration", "45"];
+    let leader = cluster().spawn_controller(&setup.namespace, "notify-standby", &lease);
+    setup.await_ready("team", "True", None).await;
+    await_leader(&setup.namespace, "notify-standby", &[&leader], WAIT).await;
+    let standby = cluster().spawn_controller(&setup.namespace, "notify-standby", &lease);
+    await_controller_ready(&standby).await;
+    setup.cli(Identity::Alice, &["acquire", "--reason", "before"]);
+    let first = setup.history_keys("production").await;
+    receiver
+        .wait_for("the first entry", WAIT, |r| {
+            r.iter()
+                .filter(|r| r.delivered())
+                .map(key_of)
+                .eq(first.clone())
+        })
+        .await;
+    // Killed once its cursor is stored: the standby repeats nothing.
+    setup
+        .await_subscription("team", "the first entry's cursor stored", |sub| {
+            sub.status
+                .as_ref()
+                .is_some_and(|s| s.cursors.iter().any(|c| c.sequence >= 1))
+        })
+        .await;
+    leader.signal("KILL");
+    // 30 more entries: the lock keeps only the last 20 of the 31.
+    setup.cli(Identity::Alice, &["release"]);
+    setup.acquire_release(14);
+    setup.cli(Identity::Alice, &["acquire", "--reason", "last"]);
+    assert_eq!(
+        lease_holder(&setup, "notify-standby").await,
+        Some(leader.identity()),
+        "the burst was over before the standby took over (nobody led meanwhile)"
+    );
+    setup.expect_every_entry_once_in_order(&receiver, 31).await;
+    assert_eq!(
+        lease_holder(&setup, "notify-standby").await,
+        Some(standby.identity()),
+        "delivered by the standby"
+    );
+    // The standby recorded an Event for each entry too, the dropped ones
+    // included.
+    await_object(
+        &setup.locks(),
+        "production",
+        "every entry announced",
+        WAIT,
+        |lock| lock.status.as_ref().and_then(|s| s.last_event_sequence) == Some(31),
+    )
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(setup.client.clone(), &setup.namespace);
+    let transitions = match events.list(&Default::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("production"))
+            .filter(|e| matches!(e.reason.as_deref(), Some("Acquired" | "Released")))
+            .count(),
+        Err(err) => panic!("cannot list Events: {err}"),
+    };
+    assert_eq!(transitions, 31, "one Event per history entry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_while_a_busy_lock_moves_past_its_history_misses_nothing() {
+    let setup = setup("notify-down-busy").await;
+    let receiver = Receiver::start().await;
+    setup
+        .secret("hook", &[("address", &receiver.url("/hook"))])
+        .await;
+    setup.subscription("team", generic_spec("hook")).await;
+    let _controller = cluster().spawn_controller(&setup.namespace, "notify-down-busy", &[]);
+    setup.await_ready("team", "True", None).await;
+    receiver.down();
+    // 30 entries: the lock keeps only the last 20.
+    setup.acquire_release(15);
+    setup
+        .await_subscription("team", "a Retrying delivery", |sub| {
+            sub.status
+                .as_ref()
+                .and_then(|s| s.last_delivery.as_ref())
+                .is_some_and(|d| d.result == DeliveryResult::Retrying)
+        })
+        .await;
+    assert!(receiver.requests().is_empty());
+    receiver.up().await;
+    setup.expect_every_entry_once_in_order(&receiver, 30).await;
 }
