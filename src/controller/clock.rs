@@ -12,13 +12,17 @@
 //! controllers may write the same clock Lease; each writes a valid lower
 //! bound, so the greatest stays valid.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -235,6 +239,58 @@ impl ClockWriter {
     }
 }
 
+/// How far behind the API server's clock the clock Lease may lag while a
+/// replica says it is ready. A lock can only be created while the clock is
+/// recent (the policy dates a new lock's fencing token from it, five
+/// minutes' slack at most), so `helm install --wait` returns once the
+/// leader keeps the clock, not merely once the pods run; a leader hand-over
+/// (the Lease's 15 s by default) stays well within this.
+pub const READY_WITHIN: chrono::Duration = chrono::Duration::seconds(30);
+/// How often readiness is judged again (the clock moves every [`PERIOD`]).
+const READINESS_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether a clock Lease holding `stored` is current at `now`.
+pub fn is_current(stored: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    stored.is_some_and(|stored| stored >= now - READY_WITHIN)
+}
+
+/// Keeps `ready` true exactly while the clock Lease `name` is current (see
+/// [`READY_WITHIN`]), by whichever replica writes it, until `stop`.
+pub async fn keep_readiness(
+    api: Api<Lease>,
+    name: String,
+    clock: ServerClock,
+    ready: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut leases = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    let mut latest: Option<DateTime<Utc>> = None;
+    let mut check = tokio::time::interval(READINESS_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            lease = leases.next() => match lease {
+                Some(Ok(lease)) => latest = latest.max(stored(Some(&lease))),
+                // Retried by the watcher's backoff; a clock that stays
+                // unseen turns the replica unready by itself.
+                Some(Err(err)) => tracing::debug!(error = %err, "watching the clock Lease failed; retrying"),
+                None => return,
+            },
+            _ = check.tick() => {}
+        }
+        let current = is_current(latest, clock.lower_bound(Instant::now()));
+        if ready.swap(current, Ordering::Relaxed) != current {
+            if current {
+                tracing::info!(lease = %name, "the clock Lease is current: ready");
+            } else {
+                tracing::warn!(lease = %name, "the clock Lease is not current (no leader keeps it?): not ready");
+            }
+        }
+    }
+}
+
 /// The renewTime stored in a clock Lease.
 fn stored(lease: Option<&Lease>) -> Option<DateTime<Utc>> {
     lease
@@ -246,6 +302,18 @@ fn stored(lease: Option<&Lease>) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_lease_is_current_within_half_a_minute() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        assert!(is_current(Some(now), now));
+        assert!(is_current(Some(now - READY_WITHIN), now));
+        assert!(!is_current(
+            Some(now - READY_WITHIN - chrono::Duration::milliseconds(1)),
+            now
+        ));
+        assert!(!is_current(None, now), "no clock Lease yet");
+    }
 
     #[test]
     fn micro_time_rounds_down_and_round_trips() {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use kube::{Api, Client};
@@ -30,7 +30,9 @@ pub const RECALIBRATE_EVERY: Duration = Duration::from_secs(30);
 pub struct Replica {
     pub client: Client,
     pub metrics: Arc<Metrics>,
-    /// Set once the replica can serve (it knows who it is and the clock).
+    /// True while the replica can serve: it knows who it is and the API
+    /// server's clock, and the clock Lease is current (see
+    /// [`super::clock::READY_WITHIN`]).
     pub ready: Arc<AtomicBool>,
     /// This replica's identity in the Leases and in Events.
     pub identity: String,
@@ -87,6 +89,14 @@ impl Replica {
             return;
         };
         let calibration = tokio::spawn(clock.clone().keep_calibrated(RECALIBRATE_EVERY));
+        // Ready while the clock Lease is kept (by this replica or another).
+        let readiness = tokio::spawn(super::clock::keep_readiness(
+            Api::namespaced(self.client.clone(), &self.clock_lease_namespace),
+            self.clock_lease_name.clone(),
+            clock.clone(),
+            self.ready.clone(),
+            stop.clone(),
+        ));
         // Leader or not, the replica keeps the history it sees, for the
         // notifications of a term it may lead later.
         let journal = Journal::default();
@@ -95,7 +105,6 @@ impl Replica {
             self.namespace.clone(),
             stop.clone(),
         ));
-        self.ready.store(true, Ordering::Relaxed);
 
         let (leadership_sender, mut leadership) = watch::channel(Leadership::Follower);
         let elector = Elector {
@@ -128,6 +137,7 @@ impl Replica {
         }
         calibration.abort();
         journal_watch.abort();
+        readiness.abort();
     }
 
     /// Who this replica is and the API server's clock, retried until they
