@@ -1756,3 +1756,95 @@ async fn text_log_has_no_colour_codes_off_a_terminal() {
         assert!(line.contains("INFO") || line.contains("WARN"), "{line}");
     }
 }
+
+/// The controller's `/readyz` status code (0 when it does not answer).
+fn readyz(controller: &crate::support::ControllerProcess) -> u16 {
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{}/readyz", controller.port),
+        ])
+        .output();
+    output
+        .ok()
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `/readyz` until it answers `code` (an HTTP probe has no watch).
+async fn await_readyz(
+    controller: &crate::support::ControllerProcess,
+    code: u16,
+    limit: StdDuration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while readyz(controller) != code {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not answer {code} within {limit:?}"
+        );
+        tokio::time::sleep(StdDuration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_is_ready_only_while_the_clock_lease_is_current() {
+    let cluster = cluster();
+    let namespace = cluster.namespace("readiness").await;
+    let leases: Api<Lease> = Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
+    let now = Utc::now();
+    let micro = |at: DateTime<Utc>| deploylock::controller::clock::micro_time(at);
+    // A leader that went silent just now, with a long Lease: the replica
+    // started below stays a standby, and nobody keeps the clock, which
+    // was last written two minutes ago.
+    let leader: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "readiness"},
+        "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 600,
+                 "acquireTime": micro(now), "renewTime": micro(now)}
+    }))
+    .expect("a Lease");
+    let stale_clock: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "readiness-clock"},
+        "spec": {"holderIdentity": "gone", "renewTime": micro(now - Duration::seconds(120))}
+    }))
+    .expect("a Lease");
+    for lease in [&leader, &stale_clock] {
+        leases
+            .create(&PostParams::default(), lease)
+            .await
+            .expect("create a Lease");
+    }
+    let controller = cluster.spawn_controller(
+        &namespace,
+        "readiness",
+        &["--clock-lease-name", "readiness-clock"],
+    );
+    // Serving (healthy), but not ready: the clock is two minutes old.
+    await_readyz(&controller, 503, StdDuration::from_secs(60)).await;
+    assert_eq!(
+        lease_holder(&namespace, "readiness").await.as_deref(),
+        Some("gone")
+    );
+    // Someone keeps the clock: ready.
+    let patch = json!({"spec": {"renewTime": micro(Utc::now())}});
+    leases
+        .patch(
+            "readiness-clock",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("advance the clock Lease");
+    await_readyz(&controller, 200, StdDuration::from_secs(30)).await;
+    // Nobody does any more: not ready once it is 30 s old.
+    await_readyz(&controller, 503, StdDuration::from_secs(60)).await;
+    assert_eq!(
+        lease_holder(&namespace, "readiness").await.as_deref(),
+        Some("gone"),
+        "still a standby"
+    );
+}
