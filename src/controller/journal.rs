@@ -10,9 +10,9 @@
 //! them too, before its readers are told of a change). A new leader's
 //! notification workers plan each lock with the entries after their cursor
 //! that the lock no longer holds but this journal does, and its reconciles
-//! record their Events. Only what no
-//! running replica saw (every replica down, or a watch that had to list
-//! again) can still be lost, and that is reported as before.
+//! record their Events. Only what no running replica saw (every replica
+//! down, or a watch that had to list again) can still be lost, and that is
+//! reported as before.
 //!
 //! [`MAX_HISTORY_ENTRIES`]: crate::crd::MAX_HISTORY_ENTRIES
 
