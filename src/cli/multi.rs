@@ -264,11 +264,7 @@ impl Failed {
     /// and returns the failed lock's exit code.
     pub fn report(&self, store: &LockStore, global: &GlobalArgs) -> Exit {
         let now = store.server_clock().now().unwrap_or_else(Utc::now);
-        let scope = report::scope_flags(
-            global.namespace.as_deref(),
-            global.context.as_deref(),
-            global.kubeconfig.as_deref(),
-        );
+        let scope = report::global_scope_flags(global);
         let (message, exit) = report::describe_for(&self.error, &self.environment, &scope, now);
         eprintln!(
             "deploylock: could not acquire {}",
@@ -555,11 +551,7 @@ fn report_each(
 ) -> Exit {
     // Times in the messages are the API server's, like a single lock's.
     let now = store.server_clock().now().unwrap_or_else(Utc::now);
-    let scope = report::scope_flags(
-        global.namespace.as_deref(),
-        global.context.as_deref(),
-        global.kubeconfig.as_deref(),
-    );
+    let scope = report::global_scope_flags(global);
     let mut exit = Exit::Success;
     let mut documents = Vec::new();
     for outcome in each {
@@ -753,11 +745,7 @@ fn fail_on(
     error: &Error,
 ) -> Exit {
     let now = store.server_clock().now().unwrap_or_else(Utc::now);
-    let scope = report::scope_flags(
-        global.namespace.as_deref(),
-        global.context.as_deref(),
-        global.kubeconfig.as_deref(),
-    );
+    let scope = report::global_scope_flags(global);
     let (message, exit) = report::describe_for(error, environment, &scope, now);
     eprintln!("deploylock: {}", named(environment, &message));
     if global.output != OutputFormat::Table && report::is_refusal(error) {

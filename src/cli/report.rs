@@ -170,11 +170,7 @@ pub fn describe_for(
 /// report. `now` is the API server's, if it was reached: refusals name
 /// times relative to it.
 pub fn print_failure(err: &Error, global: &GlobalArgs, now: DateTime<Utc>) -> Exit {
-    let scope = scope_flags(
-        global.namespace.as_deref(),
-        global.context.as_deref(),
-        global.kubeconfig.as_deref(),
-    );
+    let scope = global_scope_flags(global);
     let env = &global.environment;
     let (message, exit) = describe_for(err, env, &scope, now);
     eprintln!("deploylock: {message}");
@@ -183,6 +179,15 @@ pub fn print_failure(err: &Error, global: &GlobalArgs, now: DateTime<Utc>) -> Ex
         out!("{}", render::structured(&report, global.output));
     }
     exit
+}
+
+/// [`scope_flags`] of the global arguments.
+pub fn global_scope_flags(global: &GlobalArgs) -> String {
+    scope_flags(
+        global.namespace.as_deref(),
+        global.context.as_deref(),
+        global.kubeconfig.as_deref(),
+    )
 }
 
 /// The flags that chose the lock's cluster and namespace, as the user gave
