@@ -37,10 +37,9 @@ use crate::envbinding::{
     EnvironmentBinding, EnvironmentBindingStatus, GATE_POLICY, LOCK_NAMESPACE_LABEL, MANAGED_BY,
     MANAGED_BY_LABEL, Ownership, READY_CONDITION, ownership, render_policy_binding, selector_text,
 };
-use crate::servertime::ServerClock;
 
 use super::plan::{EventText, short_id};
-use super::{Error, WATCH_TIMEOUT_SECONDS, post_event, timed};
+use super::{Error, LeaderContext, WATCH_TIMEOUT_SECONDS, post_event, timed};
 
 /// The field manager of the policy bindings and the status.
 const FIELD_MANAGER: &str = "deploylock-controller";
@@ -54,17 +53,15 @@ const EVENT_NAMESPACE: &str = "default";
 
 /// What the environment bindings' task needs.
 pub struct EnvironmentBindings {
-    pub client: Client,
-    /// Only the bindings of locks in this namespace (all when `None`).
-    pub namespace: Option<String>,
-    pub clock: ServerClock,
-    pub instance: String,
+    /// Only the bindings of locks in the leader's namespace (all when
+    /// `None`).
+    pub leader: LeaderContext,
 }
 
 impl EnvironmentBindings {
     /// Runs until `term` turns true.
     pub async fn run(self, term: watch::Receiver<bool>) {
-        let bindings: Api<EnvironmentBinding> = Api::all(self.client.clone());
+        let bindings: Api<EnvironmentBinding> = Api::all(self.leader.client.clone());
         // Without the CRD (or the right to read it), look again now and then.
         let mut stop = term.clone();
         loop {
@@ -84,7 +81,7 @@ impl EnvironmentBindings {
         let shared = Arc::new(self);
         let sweeper = tokio::spawn(sweep(shared.clone(), term.clone()));
         let policy_bindings: Api<ValidatingAdmissionPolicyBinding> =
-            Api::all(shared.client.clone());
+            Api::all(shared.leader.client.clone());
         let config = watcher::Config::default()
             .any_semantic()
             .timeout(WATCH_TIMEOUT_SECONDS);
@@ -122,7 +119,8 @@ impl EnvironmentBindings {
     }
 
     fn in_scope(&self, binding: &EnvironmentBinding) -> bool {
-        self.namespace
+        self.leader
+            .namespace
             .as_ref()
             .is_none_or(|namespace| *namespace == binding.spec.lock_namespace)
     }
@@ -157,7 +155,8 @@ async fn reconcile(
     let desired = render_policy_binding(&binding).map_err(|_| Error::MissingObjectKey)?;
     let uid = binding.uid().unwrap_or_default();
     let name = binding.spec.policy_binding_name();
-    let policy_bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(context.client.clone());
+    let policy_bindings: Api<ValidatingAdmissionPolicyBinding> =
+        Api::all(context.leader.client.clone());
     let existing = timed(policy_bindings.get_opt(&name)).await?;
     let taken = match existing.as_ref().map(|existing| ownership(existing, &uid)) {
         None | Some(Ownership::Ours) => None,
@@ -171,7 +170,7 @@ async fn reconcile(
         Some(Ownership::OtherBinding {
             name: other,
             uid: other_uid,
-        }) => owner_alive(&context.client, &other, &other_uid)
+        }) => owner_alive(&context.leader.client, &other, &other_uid)
             .await?
             .then(|| {
                 format!(
@@ -188,7 +187,7 @@ async fn reconcile(
             announce: true,
             then: Action::requeue(RETRY_REFUSED),
         },
-        None if !policy_installed(&context.client).await? => Outcome {
+        None if !policy_installed(&context.leader.client).await? => Outcome {
             ready: false,
             reason: "PolicyMissing",
             message: format!(
@@ -303,11 +302,11 @@ async fn record(
     binding: &EnvironmentBinding,
     outcome: &Outcome,
 ) -> Result<(), Error> {
-    let now = context.clock.lower_bound(Instant::now());
+    let now = context.leader.clock.lower_bound(Instant::now());
     let old = binding.status.clone().unwrap_or_default();
     let new = status_after(&old, binding, outcome, now);
     if new != old {
-        let bindings: Api<EnvironmentBinding> = Api::all(context.client.clone());
+        let bindings: Api<EnvironmentBinding> = Api::all(context.leader.client.clone());
         let patch = serde_json::json!({ "status": new });
         timed(bindings.patch_status(
             &binding.name_any(),
@@ -335,7 +334,7 @@ async fn record(
             outcome.reason.to_ascii_lowercase()
         );
         let name: String = name.chars().take(253).collect();
-        let reporter = (&context.client, &context.clock, context.instance.as_str());
+        let reporter = context.leader.reporter();
         let reference = binding.object_ref(&());
         if let Err(err) = post_event(reporter, EVENT_NAMESPACE, name, reference, &text).await {
             tracing::warn!(error = %err, "cannot record the environment binding's Event");
@@ -373,14 +372,15 @@ fn status_after(
 /// the delete, which is conditional on the policy binding's version.
 async fn sweep(context: Arc<EnvironmentBindings>, term: watch::Receiver<bool>) {
     let mut selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    if let Some(namespace) = &context.namespace {
+    if let Some(namespace) = &context.leader.namespace {
         selector.push_str(&format!(",{LOCK_NAMESPACE_LABEL}={namespace}"));
     }
     let config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS);
     let (policy_store, policy_writer) = reflector::store();
     let (binding_store, binding_writer) = reflector::store();
-    let policy_bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(context.client.clone());
-    let bindings: Api<EnvironmentBinding> = Api::all(context.client.clone());
+    let policy_bindings: Api<ValidatingAdmissionPolicyBinding> =
+        Api::all(context.leader.client.clone());
+    let bindings: Api<EnvironmentBinding> = Api::all(context.leader.client.clone());
     let policy_events = watcher(policy_bindings.clone(), config.clone().labels(&selector))
         .default_backoff()
         .reflect(policy_writer)
@@ -418,7 +418,7 @@ async fn sweep(context: Arc<EnvironmentBindings>, term: watch::Receiver<bool>) {
             if known.contains(&owner.uid) {
                 continue;
             }
-            match owner_alive(&context.client, &owner.name, &owner.uid).await {
+            match owner_alive(&context.leader.client, &owner.name, &owner.uid).await {
                 Ok(false) => delete_orphan(&policy_bindings, &policy_binding, &owner.name).await,
                 Ok(true) => {}
                 Err(err) => tracing::debug!(error = %err, "cannot read an EnvironmentBinding"),

@@ -24,15 +24,14 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::crd::DeploymentLock;
 use crate::gitops::{self, Change, GitOpsKind, SavedState};
-use crate::servertime::ServerClock;
 
 use super::plan::EventText;
-use super::{Reporter, post_event};
+use super::{LeaderContext, Reporter, post_event};
 
 /// How often a kind whose CRD is not installed is looked for again.
 pub const DISCOVERY_PERIOD: Duration = Duration::from_secs(30);
@@ -71,21 +70,16 @@ fn is_conflict(err: &Error) -> bool {
 /// The GitOps gating task.
 #[derive(Clone)]
 pub struct GitOpsGating {
-    pub client: Client,
-    /// Only objects bound to locks of this namespace (all when `None`): the
-    /// controller's `--namespace`.
-    pub namespace: Option<String>,
-    /// This replica's identity, in Events.
-    pub instance: String,
-    /// The API server's clock, for Event times.
-    pub clock: ServerClock,
+    /// Only objects bound to locks of the leader's namespace (all when
+    /// `None`).
+    pub leader: LeaderContext,
 }
 
 impl GitOpsGating {
     /// Gates every kind until `stop` turns true (the end of a leadership
     /// term); in-flight reconciles finish first.
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        tracing::info!(scope = ?self.namespace, "GitOps gating on");
+        tracing::info!(scope = ?self.leader.namespace, "GitOps gating on");
         let tasks = GitOpsKind::ALL
             .into_iter()
             .map(|kind| self.clone().run_kind(kind, stop.clone()));
@@ -102,7 +96,7 @@ impl GitOpsGating {
     /// Whether the API server serves the kind (its CRD is installed).
     async fn installed(&self, kind: GitOpsKind) -> Result<bool, Error> {
         let group_version = format!("{}/{}", kind.group(), kind.version());
-        match timed(self.client.list_api_group_resources(&group_version)).await {
+        match timed(self.leader.client.list_api_group_resources(&group_version)).await {
             Ok(list) => Ok(list
                 .resources
                 .iter()
@@ -133,11 +127,13 @@ impl GitOpsGating {
         }
         tracing::info!(%kind, "gating {}s bound to environments", kind.kind());
         let resource = Self::resource(kind);
-        let objects: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        let objects: Api<DynamicObject> = Api::all_with(self.leader.client.clone(), &resource);
         let lock_resource = ApiResource::erase::<DeploymentLock>(&());
-        let locks: Api<DynamicObject> = match &self.namespace {
-            Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &lock_resource),
-            None => Api::all_with(self.client.clone(), &lock_resource),
+        let locks: Api<DynamicObject> = match &self.leader.namespace {
+            Some(namespace) => {
+                Api::namespaced_with(self.leader.client.clone(), namespace, &lock_resource)
+            }
+            None => Api::all_with(self.leader.client.clone(), &lock_resource),
         };
         let config = watcher::Config::default()
             .any_semantic()
@@ -196,27 +192,24 @@ struct KindContext {
 
 impl KindContext {
     fn reporter(&self) -> Reporter<'_> {
-        (
-            &self.gating.client,
-            &self.gating.clock,
-            self.gating.instance.as_str(),
-        )
+        self.gating.leader.reporter()
     }
 
     fn in_scope(&self, lock_namespace: &str) -> bool {
         self.gating
+            .leader
             .namespace
             .as_deref()
             .is_none_or(|scope| scope == lock_namespace)
     }
 
     fn objects(&self, namespace: &str) -> Api<DynamicObject> {
-        Api::namespaced_with(self.gating.client.clone(), namespace, &self.resource)
+        Api::namespaced_with(self.gating.leader.client.clone(), namespace, &self.resource)
     }
 
     fn locks(&self, namespace: &str) -> Api<DynamicObject> {
         Api::namespaced_with(
-            self.gating.client.clone(),
+            self.gating.leader.client.clone(),
             namespace,
             &ApiResource::erase::<DeploymentLock>(&()),
         )
@@ -254,7 +247,7 @@ async fn reconcile(object: Arc<DynamicObject>, context: Arc<KindContext>) -> Res
             // Nothing bound and nothing saved: not ours.
             (None, SavedState::Absent) => false,
             // No telling which lock it was: only an unscoped controller.
-            (None, SavedState::Unreadable(_)) => context.gating.namespace.is_none(),
+            (None, SavedState::Unreadable(_)) => context.gating.leader.namespace.is_none(),
         };
         if !relevant {
             return Ok(Action::await_change());

@@ -124,6 +124,27 @@ pub struct Settings {
     pub instance: String,
 }
 
+/// What the leader's tasks beside the reconciles (GitOps gating, freeze
+/// windows, environment bindings) share.
+#[derive(Clone)]
+pub struct LeaderContext {
+    /// The controller's own identity.
+    pub client: Client,
+    /// Only this namespace (all when `None`): the controller's `--namespace`.
+    pub namespace: Option<String>,
+    /// The API server's clock: decisions and Event times are taken on it.
+    pub clock: ServerClock,
+    /// This replica's identity, in Events.
+    pub instance: String,
+}
+
+impl LeaderContext {
+    /// Who records the tasks' Events.
+    fn reporter(&self) -> Reporter<'_> {
+        (&self.client, &self.clock, self.instance.as_str())
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,

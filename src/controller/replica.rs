@@ -15,7 +15,7 @@ use super::clock::ClockWriter;
 use super::journal::Journal;
 use super::leader::{self, Elector, Leadership, Timing};
 use super::metrics::Metrics;
-use super::{Context, Settings};
+use super::{Context, LeaderContext, Settings};
 use crate::servertime::ServerClock;
 use crate::store::LockStore;
 
@@ -215,41 +215,44 @@ impl Replica {
         term: &watch::Receiver<bool>,
         lock_view: super::lockwatch::LockView,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let instance = self.identity.clone();
+        let leader = LeaderContext {
+            client: self.client.clone(),
+            namespace: self.namespace.clone(),
+            clock: clock.clone(),
+            instance: self.identity.clone(),
+        };
         let mut tasks = Vec::new();
         if self.gitops_gating {
             let gating = super::gitops::GitOpsGating {
-                client: self.client.clone(),
-                namespace: self.namespace.clone(),
-                instance: instance.clone(),
-                clock: clock.clone(),
+                leader: leader.clone(),
             };
             tasks.push(tokio::spawn(gating.run(term.clone())));
         }
         if let Some(holder_client) = self.window_client.clone() {
             let windows = super::windows::FreezeWindows {
-                client: self.client.clone(),
+                leader: leader.clone(),
                 holder_client,
-                namespace: self.namespace.clone(),
-                clock: clock.clone(),
-                instance: instance.clone(),
                 locks: lock_view.clone(),
             };
             tasks.push(tokio::spawn(windows.run(term.clone())));
         }
         if self.environment_bindings {
             let bindings = super::envbinding::EnvironmentBindings {
-                client: self.client.clone(),
-                namespace: self.namespace.clone(),
-                clock: clock.clone(),
-                instance: instance.clone(),
+                leader: leader.clone(),
             };
             tasks.push(tokio::spawn(bindings.run(term.clone())));
         }
+        // The Notifier keeps its own fields (controller/notify.rs).
+        let LeaderContext {
+            client,
+            namespace,
+            clock,
+            instance,
+        } = leader;
         let notifier = super::notify::Notifier {
-            client: self.client.clone(),
-            namespace: self.namespace.clone(),
-            clock: clock.clone(),
+            client,
+            namespace,
+            clock,
             metrics: self.metrics.notify.clone(),
             instance,
         };

@@ -29,7 +29,6 @@ use crate::environment::Environment;
 use crate::error::Error as LockError;
 use crate::queue::{self, QueueOrder, TakeRequest};
 use crate::rules::{Actor, Refusal, Request};
-use crate::servertime::ServerClock;
 use crate::signals::Signals;
 use crate::store::LockStore;
 use crate::windows::plan::{self, Step};
@@ -41,7 +40,7 @@ use crate::windows::{
 
 use super::lockwatch::LockView;
 use super::plan::EventText;
-use super::{Error, REQUEST_TIMEOUT, post_event, timed};
+use super::{Error, LeaderContext, REQUEST_TIMEOUT, post_event, timed};
 
 /// The field manager of the status writes.
 const FIELD_MANAGER: &str = "deploylock-controller";
@@ -56,14 +55,11 @@ const RESYNC: Duration = Duration::from_secs(300);
 
 /// What the windows' task needs.
 pub struct FreezeWindows {
-    /// The controller's own identity: windows, their status, Events.
-    pub client: Client,
+    /// Its client (the controller's own identity) reads and writes the
+    /// windows, their status and Events, in its namespace (all when `None`).
+    pub leader: LeaderContext,
     /// The window identity ([`WINDOW_HOLDER`], impersonated): the locks.
     pub holder_client: Client,
-    /// Only this namespace (all when `None`).
-    pub namespace: Option<String>,
-    pub clock: ServerClock,
-    pub instance: String,
     /// The leader's shared watch of the locks (an all-environments window
     /// takes the locks it holds).
     pub locks: LockView,
@@ -94,9 +90,9 @@ struct Shared {
 impl FreezeWindows {
     /// Runs until `term` turns true.
     pub async fn run(self, term: watch::Receiver<bool>) {
-        let api: Api<FreezeWindow> = match &self.namespace {
-            Some(namespace) => Api::namespaced(self.client.clone(), namespace),
-            None => Api::all(self.client.clone()),
+        let api: Api<FreezeWindow> = match &self.leader.namespace {
+            Some(namespace) => Api::namespaced(self.leader.client.clone(), namespace),
+            None => Api::all(self.leader.client.clone()),
         };
         // Without the FreezeWindow CRD (or the right to read it), look again
         // now and then: windows are optional.
@@ -153,7 +149,7 @@ async fn reconcile(window: Arc<FreezeWindow>, shared: Arc<Shared>) -> Result<Act
         return Err(Error::MissingObjectKey);
     };
     let name = window.name_any();
-    let now = context.clock.lower_bound(Instant::now());
+    let now = context.leader.clock.lower_bound(Instant::now());
     let old_status = window.status.clone().unwrap_or_default();
     let mut status = old_status.clone();
     status.observed_generation = window.metadata.generation;
@@ -279,7 +275,7 @@ fn requeue(
     }
     match wake {
         Some(at) => {
-            let local = context.clock.reached_at(at);
+            let local = context.leader.clock.reached_at(at);
             Action::requeue(local.saturating_duration_since(Instant::now()).min(RESYNC))
         }
         None => Action::requeue(RESYNC),
@@ -313,7 +309,7 @@ async fn write_status(
     if old == new {
         return Ok(());
     }
-    let api: Api<FreezeWindow> = Api::namespaced(context.client.clone(), namespace);
+    let api: Api<FreezeWindow> = Api::namespaced(context.leader.client.clone(), namespace);
     // A merge patch keeps what it does not name: fields now absent are
     // written as null, which removes them.
     let mut written = serde_json::to_value(new).unwrap_or_default();
@@ -428,7 +424,7 @@ async fn take(
     let (shared, window, namespace, uid) = target.parts();
     let context = &shared.windows;
     let store = LockStore::new(context.holder_client.clone(), namespace);
-    let now = context.clock.lower_bound(Instant::now());
+    let now = context.leader.clock.lower_bound(Instant::now());
     if plan::holding_duration(interval.end, now).is_none() {
         let left = "less than a minute of the opening was left".to_string();
         return outcome(environment, "Skipped", left);
@@ -499,11 +495,11 @@ fn queue_for(target: &Target<'_>, environment: &Environment, interval: Interval)
     };
     let context = &shared.windows;
     let store = LockStore::new(context.holder_client.clone(), namespace);
-    let deadline = context.clock.reached_at(last_chance);
+    let deadline = context.leader.clock.reached_at(last_chance);
     let request = take_request(window, uid, interval);
     let environment = environment.clone();
     let name = window.name_any();
-    let windows: Api<FreezeWindow> = Api::namespaced(context.client.clone(), namespace);
+    let windows: Api<FreezeWindow> = Api::namespaced(context.leader.client.clone(), namespace);
     let uid = uid.to_string();
     let mut term = shared.term.clone();
     let wait = tokio::spawn(async move {
@@ -691,7 +687,7 @@ async fn event(
         event_type: "Normal",
         note,
     };
-    let reporter = (&context.client, &context.clock, context.instance.as_str());
+    let reporter = context.leader.reporter();
     let name: String = name.chars().take(253).collect();
     let posted = post_event(reporter, &namespace, name, window.object_ref(&()), &text).await;
     if let Err(err) = posted {
