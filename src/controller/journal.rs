@@ -46,11 +46,7 @@ pub struct Journal {
 
 impl Journal {
     fn with<T>(&self, read: impl FnOnce(&mut Entries) -> T) -> T {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        read(&mut entries)
+        read(&mut super::locked(&self.entries))
     }
 
     /// Takes in the entries `lock` holds now (an entry is never changed
