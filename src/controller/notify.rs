@@ -155,11 +155,7 @@ impl Shared {
     }
 
     fn with<T>(&self, read: impl FnOnce(&mut Known) -> T) -> T {
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        read(&mut known)
+        read(&mut super::locked(&self.known))
     }
 }
 
