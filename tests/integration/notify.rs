@@ -442,11 +442,7 @@ async fn tls_receiver_with_a_custom_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
     let setup = setup("notify-down").await;
-    let receiver = Receiver::start().await;
-    setup
-        .secret("hook", &[("address", &receiver.url("/hook"))])
-        .await;
-    setup.subscription("team", generic_spec("hook")).await;
+    let receiver = setup.team_receiver().await;
     let _controller = cluster().spawn_controller(&setup.namespace, "notify-down", &[]);
     setup.await_ready("team", "True", None).await;
     receiver.down();
@@ -466,14 +462,7 @@ async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
     setup.cli(Identity::Alice, &["release", "-e", "production"]);
     setup.cli(Identity::Bob, &["release", "-e", "staging"]);
     // Attempts were made and failed while it was down.
-    setup
-        .await_subscription("team", "a Retrying delivery", |sub| {
-            sub.status
-                .as_ref()
-                .and_then(|s| s.last_delivery.as_ref())
-                .is_some_and(|d| d.result == DeliveryResult::Retrying)
-        })
-        .await;
+    setup.await_retrying("team").await;
     assert!(receiver.requests().is_empty());
     // The scenario itself: the receiver stays down for 30 s.
     tokio::time::sleep_until(down_at + Duration::from_secs(30)).await;
@@ -994,11 +983,7 @@ async fn put_expiring_lock(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_is_announced_once_with_a_stable_key() {
     let setup = setup("notify-expiry").await;
-    let receiver = Receiver::start().await;
-    setup
-        .secret("hook", &[("address", &receiver.url("/hook"))])
-        .await;
-    setup.subscription("team", generic_spec("hook")).await;
+    let receiver = setup.team_receiver().await;
     let _controller =
         cluster().spawn_controller(&setup.namespace, "notify-expiry", &["--retention", "2s"]);
     setup.await_ready("team", "True", None).await;
@@ -1310,6 +1295,27 @@ async fn lock_selector_and_environments_choose_the_locks_covered() {
 }
 
 impl Setup {
+    /// A loopback receiver at `/hook` and the subscription `team`
+    /// ([`generic_spec`]) delivering to it through the Secret `hook`.
+    async fn team_receiver(&self) -> Receiver {
+        let receiver = Receiver::start().await;
+        self.secret("hook", &[("address", &receiver.url("/hook"))])
+            .await;
+        self.subscription("team", generic_spec("hook")).await;
+        receiver
+    }
+
+    /// Waits until a delivery of subscription `name` failed and is retried.
+    async fn await_retrying(&self, name: &str) {
+        self.await_subscription(name, "a Retrying delivery", |sub| {
+            sub.status
+                .as_ref()
+                .and_then(|s| s.last_delivery.as_ref())
+                .is_some_and(|d| d.result == DeliveryResult::Retrying)
+        })
+        .await;
+    }
+
     /// The notes of the `NotificationsLost` Events of the namespace.
     async fn lost_notices(&self) -> Vec<String> {
         let events: Api<k8s_openapi::api::events::v1::Event> =
@@ -1409,11 +1415,7 @@ async fn lease_holder(setup: &Setup, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_delivers_what_a_busy_lock_dropped_while_nobody_led() {
     let setup = setup("notify-standby").await;
-    let receiver = Receiver::start().await;
-    setup
-        .secret("hook", &[("address", &receiver.url("/hook"))])
-        .await;
-    setup.subscription("team", generic_spec("hook")).await;
+    let receiver = setup.team_receiver().await;
     // A long Lease: the whole burst falls between the leader's death and
     // the standby's takeover.
     let lease = ["--lease-duration", "45"];
@@ -1483,24 +1485,13 @@ async fn a_standby_delivers_what_a_busy_lock_dropped_while_nobody_led() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_down_while_a_busy_lock_moves_past_its_history_misses_nothing() {
     let setup = setup("notify-down-busy").await;
-    let receiver = Receiver::start().await;
-    setup
-        .secret("hook", &[("address", &receiver.url("/hook"))])
-        .await;
-    setup.subscription("team", generic_spec("hook")).await;
+    let receiver = setup.team_receiver().await;
     let _controller = cluster().spawn_controller(&setup.namespace, "notify-down-busy", &[]);
     setup.await_ready("team", "True", None).await;
     receiver.down();
     // 30 entries: the lock keeps only the last 20.
     setup.acquire_release(15);
-    setup
-        .await_subscription("team", "a Retrying delivery", |sub| {
-            sub.status
-                .as_ref()
-                .and_then(|s| s.last_delivery.as_ref())
-                .is_some_and(|d| d.result == DeliveryResult::Retrying)
-        })
-        .await;
+    setup.await_retrying("team").await;
     assert!(receiver.requests().is_empty());
     receiver.up().await;
     setup.expect_every_entry_once_in_order(&receiver, 30).await;
