@@ -145,6 +145,15 @@ fn key_of(request: &Request) -> String {
         .to_string()
 }
 
+/// The idempotency keys of the requests answered 2xx.
+fn delivered_keys(requests: &[Request]) -> BTreeSet<String> {
+    requests
+        .iter()
+        .filter(|r| r.delivered())
+        .map(key_of)
+        .collect()
+}
+
 fn delivered_on<'a>(requests: &'a [Request], path: &str) -> Vec<&'a Request> {
     requests
         .iter()
@@ -474,11 +483,7 @@ async fn receiver_down_for_30s_then_back_gets_everything_once_in_order() {
     assert_eq!(expected.len(), 5);
     let requests = receiver
         .wait_for("all five transitions", WAIT, |r| {
-            r.iter()
-                .filter(|r| r.delivered())
-                .map(key_of)
-                .collect::<BTreeSet<_>>()
-                == expected
+            delivered_keys(r) == expected
         })
         .await;
     let got: Vec<String> = requests
@@ -525,13 +530,7 @@ async fn controller_killed_mid_burst_loses_nothing() {
     let _second = cluster().spawn_controller(&setup.namespace, "notify-kill-2", &[]);
     let wanted: BTreeSet<String> = expected.iter().cloned().collect();
     let requests = receiver
-        .wait_for("every transition", WAIT, |r| {
-            r.iter()
-                .filter(|r| r.delivered())
-                .map(key_of)
-                .collect::<BTreeSet<_>>()
-                == wanted
-        })
+        .wait_for("every transition", WAIT, |r| delivered_keys(r) == wanted)
         .await;
     // Duplicates carry the same key and describe the same transition (the
     // holding's details, such as acquiredAt, are added only while that
@@ -1361,11 +1360,7 @@ impl Setup {
         let wanted: BTreeSet<String> = expected.iter().cloned().collect();
         let requests = receiver
             .wait_for("every history entry", WAIT, |r| {
-                r.iter()
-                    .filter(|r| r.delivered())
-                    .map(key_of)
-                    .collect::<BTreeSet<_>>()
-                    .is_superset(&wanted)
+                delivered_keys(r).is_superset(&wanted)
             })
             .await;
         let got: Vec<String> = requests
