@@ -80,7 +80,8 @@ impl Journal {
     }
 
     /// The journal's entries after sequence `after` that `lock` no longer
-    /// holds, in sequence order.
+    /// holds, in sequence order (with holes where no version showed an
+    /// entry: the notification plan reports those).
     pub fn missed(&self, lock: &DeploymentLock, after: i64) -> Vec<HistoryEntry> {
         let Some(uid) = lock.uid() else {
             return Vec::new();

@@ -683,7 +683,7 @@ impl Worker {
         let filled = self.shared.locks.journal().fill_in(lock, cursor.sequence);
         let lock = filled.as_ref().unwrap_or(lock);
         let plan = plan::plan(&self.object.spec, lock, &uid, &cursor, self.now());
-        if let Some((first, last)) = plan.gap {
+        for &(first, last) in &plan.gaps {
             self.report_gap(lock, &uid, first, last).await;
         }
         for step in plan.steps {

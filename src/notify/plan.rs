@@ -23,9 +23,10 @@ pub struct Step {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    /// History entries that were dropped from the lock (it keeps 20) before
-    /// they could be delivered: `(first missing, last missing)`.
-    pub gap: Option<(i64, i64)>,
+    /// Runs of history entries that were dropped from the lock (it keeps
+    /// 20) before they could be delivered and that no journal filled in:
+    /// `(first missing, last missing)`, in order.
+    pub gaps: Vec<(i64, i64)>,
     /// The next instant (API server clock) something becomes due by itself
     /// (a reminder).
     pub next_due: Option<DateTime<Utc>>,
@@ -221,8 +222,9 @@ impl Planning<'_> {
         });
     }
 
-    /// The history entries after the cursor, in sequence order; a gap when
-    /// the first of them is not the next one.
+    /// The history entries after the cursor, in sequence order; a gap
+    /// wherever an entry is not the next one (before the first, or inside a
+    /// history that a journal filled in).
     fn history(&mut self, after: i64) {
         let (lock, uid) = (self.lock, self.uid);
         let mut entries: Vec<&HistoryEntry> = lock
@@ -232,12 +234,12 @@ impl Planning<'_> {
             .filter(|entry| entry.sequence > after)
             .collect();
         entries.sort_by_key(|entry| entry.sequence);
-        if let Some(first) = entries.first()
-            && first.sequence > after.saturating_add(1)
-        {
-            self.plan.gap = Some((after.saturating_add(1), first.sequence - 1));
-        }
+        let mut next = after.saturating_add(1);
         for entry in entries {
+            if entry.sequence > next {
+                self.plan.gaps.push((next, entry.sequence - 1));
+            }
+            next = entry.sequence.saturating_add(1);
             self.current.sequence = entry.sequence;
             let message = self
                 .wanted
@@ -489,7 +491,29 @@ mod tests {
             sequence: 2,
             ..Default::default()
         };
-        assert_eq!(plan(&spec(), &lock, "u", &cursor, t(100)).gap, Some((3, 4)));
+        assert_eq!(
+            plan(&spec(), &lock, "u", &cursor, t(100)).gaps,
+            vec![(3, 4)]
+        );
+    }
+
+    #[test]
+    fn a_hole_inside_a_filled_in_history_is_reported_and_the_rest_delivered() {
+        // A journal saw 3..=4 and the lock holds 8..=9: 5..=7 no one saw.
+        let lock = lock(
+            [3, 4, 8, 9]
+                .map(|sequence| entry(sequence, HistoryAction::Extended))
+                .to_vec(),
+            None,
+        );
+        let cursor = DeliveryCursor {
+            sequence: 2,
+            ..Default::default()
+        };
+        let plan = plan(&spec(), &lock, "u", &cursor, t(100));
+        assert_eq!(plan.gaps, vec![(5, 7)]);
+        let sequences: Vec<i64> = plan.steps.iter().map(|step| step.cursor.sequence).collect();
+        assert_eq!(sequences, vec![3, 4, 8, 9]);
     }
 
     #[test]
@@ -614,7 +638,7 @@ mod tests {
                 }
                 let lock = lock(history.clone(), None);
                 let plan = plan(&spec(), &lock, "u", &cursor, t(0));
-                prop_assert!(plan.gap.is_none());
+                prop_assert!(plan.gaps.is_empty());
                 for step in plan.steps {
                     if let Some(message) = step.message {
                         delivered.push(message.sequence.unwrap());
