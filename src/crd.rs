@@ -65,22 +65,29 @@ pub const FENCING_BASE_LEAD_SECONDS: i64 = 5;
 /// line from another user; the CLI's own rendering escapes the same set.
 pub const DISPLAY_TEXT_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F\x{061C}\x{200E}\x{200F}\x{202A}-\x{202E}\x{2066}-\x{2069}\x{2028}\x{2029}]*$";
 
+/// Whether `c` is one of the characters [`DISPLAY_TEXT_PATTERN`] refuses:
+/// control characters (C0 including ESC, DEL, C1), the bidirectional
+/// formatting characters that reorder what follows them (embeddings,
+/// overrides, isolates, marks) and the Unicode line and paragraph
+/// separators. The CLI escapes the same characters when it prints.
+pub fn is_unsafe_display_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+}
+
 /// Whether `text` is what [`DISPLAY_TEXT_PATTERN`] admits (the CLI checks
 /// its input with it, the admission policy with the pattern).
 pub fn is_display_text(text: &str) -> bool {
-    !text.chars().any(|c| {
-        c.is_control()
-            || matches!(
-                c,
-                '\u{061C}'
-                    | '\u{200E}'
-                    | '\u{200F}'
-                    | '\u{202A}'..='\u{202E}'
-                    | '\u{2066}'..='\u{2069}'
-                    | '\u{2028}'
-                    | '\u{2029}'
-            )
-    })
+    !text.chars().any(is_unsafe_display_char)
 }
 
 /// The only date-time form stored: RFC 3339 in UTC with a `Z`, optional

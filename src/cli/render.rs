@@ -25,18 +25,9 @@ pub enum OutputFormat {
     Yaml,
 }
 
-/// Whether `c` must not reach a terminal as is: control characters (C0
-/// including ESC, DEL, C1), the bidirectional formatting characters that
-/// reorder what follows them (embeddings, overrides, isolates, marks) and the
-/// Unicode line and paragraph separators.
-fn is_unsafe(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-                | '\u{2028}' | '\u{2029}'
-        )
-}
+// What must not reach a terminal as is is what the policy refuses in new
+// free text: one definition.
+use crate::crd::is_unsafe_display_char as is_unsafe;
 
 /// `text` with every unsafe character spelled out as Go's `strconv.Quote`
 /// does: `\n`, `\r`, `\t`, `\x1b` for the other C0 controls and DEL,
