@@ -97,6 +97,7 @@ pub fn is_display_text(text: &str) -> bool {
 pub const DATE_TIME_PATTERN: &str = r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
 
 /// Desired lock for one environment.
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "deploylock.dev",
@@ -133,7 +134,6 @@ pub struct DeploymentLockSpec {
     pub environment: String,
 
     /// The current holding. Absent when the environment is available.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<LockHolder>,
 
     /// Incremented every time a new holding starts (acquire, takeover after
@@ -172,6 +172,7 @@ pub enum LockType {
 }
 
 /// One holding of the lock: the Lock Information.
+#[serde_with::skip_serializing_none]
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.expiresAt > self.acquiredAt").message("spec.holder.expiresAt must be after spec.holder.acquiredAt"))]
@@ -212,7 +213,6 @@ pub struct LockHolder {
     pub duration_seconds: i64,
 
     /// ID of the deployment this lock protects (a pipeline run, a release).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_NAME_LEN))]
     pub deployment_id: Option<String>,
 
@@ -224,13 +224,11 @@ pub struct LockHolder {
     pub metadata: BTreeMap<String, String>,
 
     /// The holding this one overrode, when it was taken with --force.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrode: Option<OverriddenHolding>,
 
     /// Lock group ID: shared by the holdings one multi-environment acquire
     /// (`-e a -e b`, `--all-environments`) took together. Fixed when the
     /// holding starts, like its other fields.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = MAX_ID_LEN), regex(pattern = r"^[A-Za-z0-9-]+$"))]
     pub group_id: Option<String>,
 }
@@ -317,6 +315,7 @@ impl HistoryAction {
 }
 
 /// One past transition of the lock.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.action != 'ForceReleased' || self.reason.trim().size() > 0").message("a ForceReleased history entry needs a reason"))]
@@ -344,11 +343,7 @@ pub struct HistoryEntry {
     #[schemars(length(max = MAX_REASON_LEN))]
     pub reason: String,
     /// Expiry of the holding after the change, when there is one.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "StrictOptionalTime"
-    )]
+    #[serde(default, with = "StrictOptionalTime")]
     #[schemars(with = "StrictTime")]
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -390,24 +385,21 @@ impl std::fmt::Display for LockType {
 }
 
 /// What the controller observed.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentLockStatus {
     /// Available, Locked, Expired or ForceLocked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<LockState>,
     /// ID of the holding the state refers to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_id: Option<String>,
     /// Standard conditions; `Locked` is True while a holding is in force.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// metadata.generation the status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Sequence of the last history entry announced as a Kubernetes Event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_sequence: Option<i64>,
 }
 

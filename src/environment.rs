@@ -10,6 +10,21 @@ pub const MAX_DNS_LABEL_LEN: usize = 63;
 /// A DNS-1123 label, as the CRD's schema states it.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
+/// The schema of a list of at most `max_items` environment names (bounded,
+/// so the API server's CEL cost estimate of any later rule stays small).
+pub fn names_schema(max_items: usize) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": max_items,
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_DNS_LABEL_LEN,
+            "pattern": DNS_LABEL_PATTERN,
+        },
+    })
+}
+
 /// Whether `name` is a DNS-1123 label: 1 to [`MAX_DNS_LABEL_LEN`] lowercase
 /// letters, digits and '-', starting and ending with a letter or digit
 /// ([`DNS_LABEL_PATTERN`]).

@@ -182,13 +182,13 @@ pub fn binding_of(object: &Value) -> Option<Binding> {
 }
 
 /// What [`SAVED_ANNOTATION`] holds.
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Saved {
     /// The gated field (`spec.suspend`), for people reading the object.
     pub field: String,
     /// Its value before gating; absent when the field was absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
     /// The lock that gates the object.
     pub lock_namespace: String,

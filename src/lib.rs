@@ -20,6 +20,7 @@ pub mod environment;
 pub mod error;
 pub mod exec;
 pub mod gitops;
+pub mod label_selector;
 pub mod multienv;
 pub mod notify;
 pub mod queue;

@@ -68,6 +68,7 @@ impl fmt::Display for Safe<'_> {
 }
 
 /// A lock as scripts see it with `-o json|yaml`.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct LockView {
@@ -75,7 +76,6 @@ pub struct LockView {
     pub environment: String,
     pub state: LockState,
     pub fencing_token: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<LockHolder>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub queue: Vec<Waiter>,

@@ -47,6 +47,7 @@ pub use crate::conditions::READY_CONDITION;
 // rustfmt splits the printcolumns over lines, where clippy takes their
 // repeated keys for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "deploylock.dev",
@@ -118,7 +119,7 @@ pub struct EnvironmentBindingSpec {
     /// The namespaces the environment is made of, by label (standard
     /// matchLabels / matchExpressions; not empty: an empty selector would
     /// gate every namespace).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     #[schemars(schema_with = "namespace_selector_schema")]
     pub namespace_selector: Option<LabelSelector>,
 }
@@ -150,71 +151,20 @@ fn namespaces_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-/// A label key: an optional DNS-subdomain prefix and '/', then a name of at
-/// most 63 characters.
-const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
-/// A label value: empty, or at most 63 characters.
-const LABEL_VALUE_PATTERN: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
-
 fn namespace_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "object",
-        "properties": {
-            "matchLabels": {
-                "description": "Labels a namespace must carry, each with exactly this value.",
-                "type": "object",
-                "maxProperties": 32,
-                "additionalProperties": {
-                    "type": "string",
-                    "maxLength": 63,
-                    "pattern": LABEL_VALUE_PATTERN,
-                },
-                "x-kubernetes-validations": [{
-                    "rule": format!("self.all(key, key.matches('{}'))", LABEL_KEY_PATTERN.replace('\\', "\\\\")),
-                    "message": "matchLabels: every key must be a label key (an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.')",
-                }],
-            },
-            "matchExpressions": {
-                "description": "Requirements a namespace's labels must all meet.",
-                "type": "array",
-                "maxItems": 16,
-                "items": {
-                    "type": "object",
-                    "required": ["key", "operator"],
-                    "properties": {
-                        "key": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 317,
-                            "pattern": LABEL_KEY_PATTERN,
-                        },
-                        "operator": {
-                            "description": "In, NotIn, Exists or DoesNotExist.",
-                            "type": "string",
-                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
-                        },
-                        "values": {
-                            "type": "array",
-                            "maxItems": 64,
-                            "items": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN},
-                        },
-                    },
-                    "x-kubernetes-validations": [{
-                        "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
-                        "message": "namespaceSelector: In and NotIn need values, Exists and DoesNotExist take none",
-                    }],
-                },
-            },
-        },
-        "x-kubernetes-map-type": "atomic",
-        "x-kubernetes-validations": [{
+    let mut schema = crate::label_selector::schema("namespaceSelector", "a namespace");
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
             "rule": "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)",
             "message": "an empty namespaceSelector would gate every namespace: give matchLabels or matchExpressions, or leave it out (the namespaces labelled deploylock.dev/environment=<environment>)",
-        }],
-    })
+        }]),
+    );
+    schema
 }
 
 /// What the controller observed and did.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentBindingStatus {
@@ -223,15 +173,12 @@ pub struct EnvironmentBindingStatus {
     pub conditions: Vec<Condition>,
 
     /// The ValidatingAdmissionPolicyBinding the controller keeps.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_binding: Option<String>,
 
     /// The namespace selector in force, as `kubectl get -l` reads it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
 
     /// The generation the status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 

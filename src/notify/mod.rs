@@ -35,6 +35,8 @@ pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// Header carrying the HMAC-SHA256 signature of the body (`generic-hmac`),
 /// as Flux's notification-controller sends it: `sha256=<hex>`.
 pub const SIGNATURE_HEADER: &str = "X-Signature";
+/// Most environments one subscription names.
+pub const MAX_SUBSCRIPTION_ENVIRONMENTS: usize = 64;
 /// Default time a failing delivery is retried before it is given up.
 pub const DEFAULT_RETRY_FOR_SECONDS: i64 = 3600;
 /// Default longest wait between two attempts.
@@ -44,6 +46,7 @@ pub const DEFAULT_MAX_BACKOFF_SECONDS: i64 = 60;
 // rustfmt splits the printcolumns over lines, where clippy takes their
 // repeated keys for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "deploylock.dev",
@@ -104,7 +107,7 @@ pub struct NotificationSubscriptionSpec {
     /// Label selector on the DeploymentLocks covered (standard
     /// `matchLabels` / `matchExpressions`); combined with `environments`: a
     /// lock is covered when both say so. Absent: no label condition.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     #[schemars(schema_with = "lock_selector_schema")]
     pub lock_selector: Option<LabelSelector>,
 
@@ -117,14 +120,12 @@ pub struct NotificationSubscriptionSpec {
 
     /// A reminder for a lock held longer than `afterSeconds`, repeated every
     /// `repeatSeconds` while it is still held.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder: Option<Reminder>,
 
     /// Where messages go.
     pub provider: Provider,
 
     /// How failing deliveries are retried.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
 }
 
@@ -225,6 +226,7 @@ impl JsonSchema for NotifyEvent {
 }
 
 /// A repeated reminder for a long-held lock.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Reminder {
@@ -232,7 +234,6 @@ pub struct Reminder {
     #[schemars(range(min = 1, max = 604800))]
     pub after_seconds: i64,
     /// Further reminders every this many seconds; absent: only one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604800))]
     pub repeat_seconds: Option<i64>,
 }
@@ -280,6 +281,7 @@ impl ProviderType {
 
 /// A receiver. The address (a webhook URL is a secret), any token or HMAC
 /// key and any proxy come only from Secrets.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.channel) || self.type in ['slack', 'mattermost']").message("provider.channel applies to slack and mattermost only (other webhooks post to a fixed channel)"))]
@@ -295,15 +297,12 @@ pub struct Provider {
     pub secret_ref: SecretReference,
     /// Secret in this namespace with `ca.crt`: PEM CA certificates trusted
     /// for the receiver (besides the system's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretReference>,
     /// Channel to post to, where the provider lets a webhook choose
     /// (Slack legacy webhooks, Mattermost).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub channel: Option<String>,
     /// Name the message is posted as, where the provider allows it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 80))]
     pub username: Option<String>,
 }
@@ -317,22 +316,22 @@ pub struct SecretReference {
 }
 
 /// How failing deliveries are retried.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
     /// Give a message up (Warning Event, metric) after retrying it this
     /// long; default 3600.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604800))]
     pub for_seconds: Option<i64>,
     /// Longest wait between attempts (the wait doubles from 1 s up to
     /// this); default 60.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub max_backoff_seconds: Option<i64>,
 }
 
 /// What the controller observed and delivered.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NotificationSubscriptionStatus {
@@ -341,10 +340,8 @@ pub struct NotificationSubscriptionStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// metadata.generation the status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The last delivery attempt's outcome.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_delivery: Option<LastDelivery>,
     /// Per lock, what was already delivered: delivery resumes after it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -353,6 +350,7 @@ pub struct NotificationSubscriptionStatus {
 }
 
 /// Outcome of the last delivery attempt.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LastDelivery {
@@ -363,7 +361,6 @@ pub struct LastDelivery {
     /// Delivered, Retrying or Failed.
     pub result: DeliveryResult,
     /// The receiver's answer or the transport error, when not delivered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -377,6 +374,7 @@ pub enum DeliveryResult {
 }
 
 /// What a subscription has delivered for one lock.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryCursor {
@@ -390,12 +388,9 @@ pub struct DeliveryCursor {
     #[serde(default)]
     pub sequence: i64,
     /// Holding whose expiry was last handled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_lock_id: Option<String>,
     /// Holding the last reminder was for, and its number (1, 2, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder_lock_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reminder_count: Option<i64>,
     /// IDs of the queue places already handled that are still in the queue
     /// (kept only while the subscription asks for WaiterQueued).
@@ -404,63 +399,13 @@ pub struct DeliveryCursor {
     pub queued_ids: Vec<String>,
 }
 
-/// DeploymentLock names: DNS-1123 labels (bounded, so the API server's CEL
-/// cost estimate of any later rule stays small).
 fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "array",
-        "maxItems": 64,
-        "items": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": crate::crd::MAX_ENVIRONMENT_LEN,
-            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        },
-    })
+    crate::environment::names_schema(MAX_SUBSCRIPTION_ENVIRONMENTS)
 }
 
-/// `spec.lockSelector`: a metav1 LabelSelector, bounded (so the CEL rules
-/// stay cheap) and checked as the API server checks selectors (In and NotIn
-/// need values, Exists and DoesNotExist take none).
+/// `spec.lockSelector`: a label selector on the DeploymentLocks covered.
 fn lock_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "object",
-        "properties": {
-            "matchLabels": {
-                "description": "Labels a lock must carry, each with exactly this value.",
-                "type": "object",
-                "maxProperties": 32,
-                "additionalProperties": {"type": "string", "maxLength": 63},
-            },
-            "matchExpressions": {
-                "description": "Requirements a lock's labels must all meet.",
-                "type": "array",
-                "maxItems": 16,
-                "items": {
-                    "type": "object",
-                    "required": ["key", "operator"],
-                    "properties": {
-                        "key": {"type": "string", "minLength": 1, "maxLength": 317},
-                        "operator": {
-                            "description": "In, NotIn, Exists or DoesNotExist.",
-                            "type": "string",
-                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
-                        },
-                        "values": {
-                            "type": "array",
-                            "maxItems": 64,
-                            "items": {"type": "string", "maxLength": 63},
-                        },
-                    },
-                    "x-kubernetes-validations": [{
-                        "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
-                        "message": "lockSelector: In and NotIn need values, Exists and DoesNotExist take none",
-                    }],
-                },
-            },
-        },
-        "x-kubernetes-map-type": "atomic",
-    })
+    crate::label_selector::schema("lockSelector", "a lock")
 }
 
 /// A `spec.lockSelector` that is not a valid label selector.

@@ -17,9 +17,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{
-    DATE_TIME_PATTERN, MAX_ENVIRONMENT_LEN, MAX_REASON_LEN, StrictOptionalTime, StrictTime,
-};
+use crate::crd::{DATE_TIME_PATTERN, MAX_REASON_LEN, StrictOptionalTime, StrictTime};
 use schedule::{Interval, Recurrence, ScheduleError};
 
 /// The identity the controller takes windows' locks as (it impersonates
@@ -36,6 +34,7 @@ pub const MAX_WINDOW_ENVIRONMENTS: usize = 64;
 // rustfmt splits the printcolumns over lines, where clippy takes their
 // repeated keys for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "deploylock.dev",
@@ -105,17 +104,14 @@ pub struct FreezeWindowSpec {
     /// month day-of-week) read in `timeZone`, or @yearly, @monthly, @weekly,
     /// @daily, @hourly. A time a clock change skips opens the window when the
     /// clock jumps; a time it repeats opens it once, the first time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[0-9A-Za-z*/,@ -]+$"))]
     pub schedule: Option<String>,
 
     /// IANA time zone of the schedule (default UTC), for example Europe/Berlin.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_+/-]+$"))]
     pub time_zone: Option<String>,
 
     /// How long each opening lasts, in elapsed time (8h, 90m, 1h30m).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 2, max = 32),
         regex(pattern = r"^([0-9]{1,7}h)?([0-9]{1,7}m)?([0-9]{1,7}s)?$")
@@ -124,12 +120,10 @@ pub struct FreezeWindowSpec {
 
     /// A one-off window's start (RFC 3339 in UTC, for example
     /// 2026-12-24T00:00:00Z).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 40), regex(pattern = DATE_TIME_PATTERN))]
     pub start: Option<String>,
 
     /// A one-off window's end (RFC 3339 in UTC), after its start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 40), regex(pattern = DATE_TIME_PATTERN))]
     pub end: Option<String>,
 
@@ -162,16 +156,7 @@ pub struct FreezeWindowSpec {
 }
 
 fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "array",
-        "maxItems": MAX_WINDOW_ENVIRONMENTS,
-        "items": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_ENVIRONMENT_LEN,
-            "pattern": crate::environment::DNS_LABEL_PATTERN,
-        },
-    })
+    crate::environment::names_schema(MAX_WINDOW_ENVIRONMENTS)
 }
 
 /// What a window does to a held environment when it opens.
@@ -185,6 +170,7 @@ pub enum WhenHeld {
 }
 
 /// What the controller observed and did.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct FreezeWindowStatus {
@@ -193,39 +179,25 @@ pub struct FreezeWindowStatus {
     pub conditions: Vec<Condition>,
 
     /// Start of the current or next opening.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "StrictOptionalTime"
-    )]
+    #[serde(default, with = "StrictOptionalTime")]
     #[schemars(with = "Option<StrictTime>")]
     pub next_start: Option<DateTime<Utc>>,
 
     /// End of the current or next opening.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "StrictOptionalTime"
-    )]
+    #[serde(default, with = "StrictOptionalTime")]
     #[schemars(with = "Option<StrictTime>")]
     pub next_end: Option<DateTime<Utc>>,
 
     /// The opening under way, once the controller has taken its locks.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open: Option<Opening>,
 
     /// Start of the last opening the controller handled: each opening's
     /// locks are taken once, so an admin's override stands until the next.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "StrictOptionalTime"
-    )]
+    #[serde(default, with = "StrictOptionalTime")]
     #[schemars(with = "Option<StrictTime>")]
     pub last_opened: Option<DateTime<Utc>>,
 
     /// The generation the status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 

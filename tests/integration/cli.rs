@@ -411,7 +411,11 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
         );
         let winner = winners[0];
         let label = format!("runner-{winner}");
-        let winner_user = if winner % 2 == 0 { "alice" } else { "bob" };
+        let winner_user = if winner.is_multiple_of(2) {
+            "alice"
+        } else {
+            "bob"
+        };
         assert!(
             stdout_of(&outputs[winner])
                 .contains(&format!("acquired by {winner_user} (owner label: {label})")),
@@ -426,7 +430,7 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
             expect_exit(output, 3, &format!("round {round}, loser runner-{i}"));
             expect_clean_error(output, 2, &format!("round {round}, loser runner-{i}"));
             let stderr = stderr_of(output);
-            let same_user = (i % 2 == 0) == (winner % 2 == 0);
+            let same_user = (i % 2 == 0) == winner.is_multiple_of(2);
             if same_user {
                 assert!(
                     stderr.contains("you already hold"),

@@ -1314,7 +1314,7 @@ async fn fencing_tokens_increase_by_one_across_fifty_holders() {
     let ns = cluster.namespace("exec-fencing").await;
     let api = locks_api(cluster, &ns).await;
     let identity = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             Identity::Alice
         } else {
             Identity::Bob

@@ -1176,29 +1176,49 @@ async fn lock_selector_and_environments_choose_the_locks_covered() {
         )
         .await;
     // A selector the API server cannot use is refused with the reason.
-    let refused = setup
-        .subscriptions()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "deploylock.dev/v1",
-                "kind": "NotificationSubscription",
-                "metadata": {"name": "bad-selector"},
-                "spec": {
-                    "lockSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]},
-                    "provider": {"type": "generic", "secretRef": {"name": "hook"}}
-                }
-            }))
-            .expect("a subscription"),
-        )
-        .await;
-    match refused {
-        Err(kube::Error::Api(status)) => assert!(
-            status.message.contains("In and NotIn need values"),
-            "{}",
-            status.message
+    let bad_selectors = [
+        (
+            json!({"matchExpressions": [{"key": "team", "operator": "In"}]}),
+            "In and NotIn need values",
         ),
-        other => panic!("a selector without values was not refused: {other:?}"),
+        (
+            json!({"matchLabels": {"bad key!": "payments"}}),
+            "lockSelector.matchLabels: every key must be a label key",
+        ),
+        (
+            json!({"matchLabels": {"team": "not a value"}}),
+            "in body should match",
+        ),
+        (
+            json!({"matchExpressions": [{"key": "team", "operator": "In", "values": ["a b"]}]}),
+            "in body should match",
+        ),
+    ];
+    for (selector, expected) in bad_selectors {
+        let refused = setup
+            .subscriptions()
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "deploylock.dev/v1",
+                    "kind": "NotificationSubscription",
+                    "metadata": {"name": "bad-selector"},
+                    "spec": {
+                        "lockSelector": selector,
+                        "provider": {"type": "generic", "secretRef": {"name": "hook"}}
+                    }
+                }))
+                .expect("a subscription"),
+            )
+            .await;
+        match refused {
+            Err(kube::Error::Api(status)) => assert!(
+                status.message.contains(expected),
+                "{selector}: {}",
+                status.message
+            ),
+            other => panic!("the selector {selector} was not refused: {other:?}"),
+        }
     }
     let _controller = cluster().spawn_controller(&setup.namespace, "notify-select", &[]);
     setup.await_ready("prod", "True", None).await;

@@ -15,7 +15,7 @@ use crate::support::{
 const WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 fn identity_of(i: usize) -> Identity {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Identity::Bob
     } else {
         Identity::Alice
