@@ -129,12 +129,8 @@ impl GitOpsGating {
         let resource = Self::resource(kind);
         let objects: Api<DynamicObject> = Api::all_with(self.leader.client.clone(), &resource);
         let lock_resource = ApiResource::erase::<DeploymentLock>(&());
-        let locks: Api<DynamicObject> = match &self.leader.namespace {
-            Some(namespace) => {
-                Api::namespaced_with(self.leader.client.clone(), namespace, &lock_resource)
-            }
-            None => Api::all_with(self.leader.client.clone(), &lock_resource),
-        };
+        let locks =
+            super::lock_objects_api(self.leader.client.clone(), self.leader.namespace.as_deref());
         let config = watcher::Config::default()
             .any_semantic()
             .timeout(WATCH_TIMEOUT_SECONDS);

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::DynamicObject;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
@@ -123,11 +123,7 @@ impl Journal {
         namespace: Option<String>,
         stop: watch::Receiver<bool>,
     ) {
-        let resource = ApiResource::erase::<DeploymentLock>(&());
-        let api: Api<DynamicObject> = match &namespace {
-            Some(namespace) => Api::namespaced_with(client, namespace, &resource),
-            None => Api::all_with(client, &resource),
-        };
+        let api = super::lock_objects_api(client, namespace.as_deref());
         let config = watcher::Config::default()
             .any_semantic()
             .timeout(WATCH_TIMEOUT_SECONDS);

@@ -231,6 +231,28 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
+/// The API of `K` in the namespace watched (every namespace when `None`).
+pub(crate) fn scoped_api<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    }
+}
+
+/// The DeploymentLocks in the namespace watched, as untyped objects: a
+/// watch of them skips a malformed lock instead of failing on it.
+pub(crate) fn lock_objects_api(client: Client, namespace: Option<&str>) -> Api<DynamicObject> {
+    let resource = ApiResource::erase::<DeploymentLock>(&());
+    match namespace {
+        Some(namespace) => Api::namespaced_with(client, namespace, &resource),
+        None => Api::all_with(client, &resource),
+    }
+}
+
 /// Runs the controller over the locks of `namespace` (all when `None`)
 /// until `stop` turns true; in-flight reconciles may finish (the caller
 /// bounds how long it waits). If the first list has not completed by then,
@@ -242,11 +264,7 @@ pub async fn run(
     stop: tokio::sync::watch::Receiver<bool>,
     locks: lockwatch::LockWatch,
 ) {
-    let resource = ApiResource::erase::<DeploymentLock>(&());
-    let api: Api<DynamicObject> = match &namespace {
-        Some(namespace) => Api::namespaced_with(context.client.clone(), namespace, &resource),
-        None => Api::all_with(context.client.clone(), &resource),
-    };
+    let api = lock_objects_api(context.client.clone(), namespace.as_deref());
     // The cache holds every lock; managedFields are most of an object's
     // size and nothing here reads them. A replace without them keeps the
     // stored ones (the API server treats an empty list as unset).

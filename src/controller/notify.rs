@@ -230,10 +230,8 @@ fn watch_config() -> watcher::Config {
 
 async fn watch_subscriptions(shared: Arc<Shared>) {
     let client = shared.notifier.client.clone();
-    let api: Api<NotificationSubscription> = match &shared.notifier.namespace {
-        Some(namespace) => Api::namespaced(client, namespace),
-        None => Api::all(client),
-    };
+    let api: Api<NotificationSubscription> =
+        super::scoped_api(client, shared.notifier.namespace.as_deref());
     let mut events = watcher(api, watch_config()).boxed();
     let mut fresh = HashMap::new();
     while let Some(event) = events.next().await {

@@ -90,10 +90,8 @@ struct Shared {
 impl FreezeWindows {
     /// Runs until `term` turns true.
     pub async fn run(self, term: watch::Receiver<bool>) {
-        let api: Api<FreezeWindow> = match &self.leader.namespace {
-            Some(namespace) => Api::namespaced(self.leader.client.clone(), namespace),
-            None => Api::all(self.leader.client.clone()),
-        };
+        let api: Api<FreezeWindow> =
+            super::scoped_api(self.leader.client.clone(), self.leader.namespace.as_deref());
         // Without the FreezeWindow CRD (or the right to read it), look again
         // now and then: windows are optional.
         let mut stop = term.clone();
