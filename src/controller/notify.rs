@@ -49,7 +49,6 @@ use crate::notify::{
     Coverage, DeliveryCursor, DeliveryResult, LastDelivery, NotificationSubscription,
     NotificationSubscriptionStatus, READY_CONDITION, plan,
 };
-use crate::servertime::ServerClock;
 
 use super::lockwatch::{LockChange, LockKey, LockView};
 use super::{CONTROLLER_NAME, REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, clock, leader};
@@ -131,13 +130,9 @@ struct Known {
 /// What a delivery task needs.
 #[derive(Clone)]
 pub struct Notifier {
-    pub client: Client,
-    /// Only this namespace (None: all).
-    pub namespace: Option<String>,
-    pub clock: ServerClock,
+    /// The leader's client, scope, clock and identity.
+    pub leader: super::LeaderContext,
     pub metrics: NotifyMetrics,
-    /// Reported in Events.
-    pub instance: String,
 }
 
 struct Shared {
@@ -229,9 +224,9 @@ fn watch_config() -> watcher::Config {
 }
 
 async fn watch_subscriptions(shared: Arc<Shared>) {
-    let client = shared.notifier.client.clone();
+    let client = shared.notifier.leader.client.clone();
     let api: Api<NotificationSubscription> =
-        super::scoped_api(client, shared.notifier.namespace.as_deref());
+        super::scoped_api(client, shared.notifier.leader.namespace.as_deref());
     let mut events = watcher(api, watch_config()).boxed();
     let mut fresh = HashMap::new();
     while let Some(event) = events.next().await {
@@ -410,7 +405,7 @@ async fn worker(
     term: watch::Receiver<bool>,
 ) {
     let api: Api<NotificationSubscription> =
-        Api::namespaced(shared.notifier.client.clone(), &namespace);
+        Api::namespaced(shared.notifier.leader.client.clone(), &namespace);
     // The cursors from the API server, not from a cache that may lag.
     let object = loop {
         match timed(api.get_opt(&name)).await {
@@ -451,7 +446,11 @@ impl Worker {
     }
 
     fn now(&self) -> DateTime<Utc> {
-        self.shared.notifier.clock.lower_bound(Instant::now())
+        self.shared
+            .notifier
+            .leader
+            .clock
+            .lower_bound(Instant::now())
     }
 
     async fn run(&mut self) {
@@ -531,7 +530,7 @@ impl Worker {
             return Ok((cached.receiver.clone(), coverage));
         }
         self.receiver = None;
-        let receiver = load_receiver(&self.shared.notifier.client, sub).await?;
+        let receiver = load_receiver(&self.shared.notifier.leader.client, sub).await?;
         self.receiver = Some(CachedReceiver {
             receiver: receiver.clone(),
             generation: sub.metadata.generation,
@@ -727,10 +726,11 @@ impl Worker {
     /// The earliest reminder timer, as a wake-up instant.
     fn next_wake(&self) -> Option<Instant> {
         let timer = self.timers.values().min().map(|due| {
-            self.shared
-                .notifier
-                .clock
-                .wake_for(*due, Instant::now(), StdDuration::from_millis(250))
+            self.shared.notifier.leader.clock.wake_for(
+                *due,
+                Instant::now(),
+                StdDuration::from_millis(250),
+            )
         });
         let write = self.status_write_due().filter(|_| self.unwritten);
         timer.into_iter().chain(write).min()
@@ -820,7 +820,7 @@ impl Worker {
             if let Some(sub) = self
                 .shared
                 .with(|known| known.subscriptions.get(&self.uid).cloned())
-                && let Ok(fresh) = load_receiver(&self.shared.notifier.client, &sub).await
+                && let Ok(fresh) = load_receiver(&self.shared.notifier.leader.client, &sub).await
             {
                 receiver = fresh;
             }
@@ -962,11 +962,19 @@ impl Worker {
             note: Some(note.chars().take(1024).collect()),
             regarding: Some(regarding),
             reporting_controller: Some(CONTROLLER_NAME.to_string()),
-            reporting_instance: Some(self.shared.notifier.instance.chars().take(128).collect()),
+            reporting_instance: Some(
+                self.shared
+                    .notifier
+                    .leader
+                    .instance
+                    .chars()
+                    .take(128)
+                    .collect(),
+            ),
             ..Default::default()
         };
         let events: Api<Event> =
-            Api::namespaced(self.shared.notifier.client.clone(), &self.namespace);
+            Api::namespaced(self.shared.notifier.leader.client.clone(), &self.namespace);
         match timed(events.create(&PostParams::default(), &event)).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {}

@@ -242,19 +242,9 @@ impl Replica {
             };
             tasks.push(tokio::spawn(bindings.run(term.clone())));
         }
-        // The Notifier keeps its own fields (controller/notify.rs).
-        let LeaderContext {
-            client,
-            namespace,
-            clock,
-            instance,
-        } = leader;
         let notifier = super::notify::Notifier {
-            client,
-            namespace,
-            clock,
+            leader,
             metrics: self.metrics.notify.clone(),
-            instance,
         };
         tasks.push(tokio::spawn(super::notify::run(
             notifier,
