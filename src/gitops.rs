@@ -393,15 +393,12 @@ pub fn decide(kind: GitOpsKind, object: &Value, lock: Option<&Value>) -> Option<
     let holding = binding.as_ref().and(lock).and_then(holding_of);
     // A holding by one of the object's deployers does not gate it; a
     // restore then says so rather than that the lock is free.
-    let deployer_holding = match (&binding, &holding) {
+    let (deployer_holding, gating) = match (binding.as_ref(), holding) {
         (Some(binding), Some(holding)) if binding.deployers.contains(&holding.user) => {
-            Some(holding.user.clone())
+            (Some(holding.user), None)
         }
-        _ => None,
-    };
-    let gating = match (binding.as_ref(), holding) {
-        (Some(binding), Some(holding)) if deployer_holding.is_none() => Some((binding, holding)),
-        _ => None,
+        (Some(binding), Some(holding)) => (None, Some((binding, holding))),
+        _ => (None, None),
     };
     let current = field_value(object, kind.field());
     let target = Target {
