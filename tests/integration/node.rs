@@ -102,6 +102,40 @@ impl NodeCluster {
         }
     }
 
+    /// Restarts kube-apiserver (the supervisor starts it again) and returns
+    /// once the new one is ready. After a `helm uninstall` this is the
+    /// remedy README gives for Kubernetes' frozen admission-policy params
+    /// (kubernetes/kubernetes#130887): once no binding names the Lease
+    /// paramKind, an API server keeps the clock Lease as it was, and a
+    /// re-installed policy would date new locks from that stale clock.
+    pub fn restart_apiserver(&self) -> Result<(), String> {
+        let pid_file = self.dir.join("apiserver.pid");
+        let before = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        run(
+            Command::new(repo_root().join("hack/cluster.sh"))
+                .arg("restart-apiserver")
+                .arg("--dir")
+                .arg(&self.dir),
+            "hack/cluster.sh restart-apiserver",
+        )?;
+        // Nothing to watch while the server is down: poll its /readyz.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let now = std::fs::read_to_string(&pid_file).unwrap_or_default();
+            let ready = self.kubectl(&["get", "--raw=/readyz"]);
+            if now != before && ready.status.success() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "kube-apiserver not ready 120 s after its restart: {}",
+                    String::from_utf8_lossy(&ready.stderr)
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfigs/admin.kubeconfig")
     }
@@ -297,29 +331,33 @@ impl<'a> ChartRelease<'a> {
         }
     }
 
-    /// `helm uninstall --wait`, now; its output.
+    /// `helm uninstall --wait`, now, then the API server restarted (see
+    /// [`NodeCluster::restart_apiserver`]); helm's output.
     pub fn uninstall(mut self) -> Output {
         self.uninstalled = true;
-        self.node.helm(&[
+        let (output, restarted) = self.uninstall_and_restart();
+        if let Err(reason) = restarted {
+            panic!("{reason}");
+        }
+        output
+    }
+
+    fn uninstall_and_restart(&self) -> (Output, Result<(), String>) {
+        let output = self.node.helm(&[
             "uninstall",
             self.name,
             "--namespace",
             self.namespace,
             "--wait",
-        ])
+        ]);
+        (output, self.node.restart_apiserver())
     }
 }
 
 impl Drop for ChartRelease<'_> {
     fn drop(&mut self) {
         if !self.uninstalled {
-            let _ = self.node.helm(&[
-                "uninstall",
-                self.name,
-                "--namespace",
-                self.namespace,
-                "--wait",
-            ]);
+            let _ = self.uninstall_and_restart();
         }
     }
 }
