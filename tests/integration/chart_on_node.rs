@@ -163,6 +163,7 @@ fn leaders_in_logs(node: &NodeCluster, pods: &[Value]) -> Vec<String> {
 async fn chart_runs_the_controller_on_the_node() {
     let node = node_cluster();
     let _installed = CHART_INSTALLED.lock().await;
+    let installing = Utc::now();
     let install = node.helm(&[
         "install",
         RELEASE,
@@ -180,6 +181,7 @@ async fn chart_runs_the_controller_on_the_node() {
     ]);
     let notes = ok(&install, "helm install");
     let release = ChartRelease::installed(node, RELEASE, NAMESPACE);
+    node.admission_reads_a_clock_from(installing);
     assert!(
         notes.contains("kubectl get pods -n deploylock-system"),
         "NOTES.txt says what to run next: {notes}"

@@ -430,7 +430,7 @@ async fn twenty_concurrent_acquires_have_exactly_one_winner() {
             expect_exit(output, 3, &format!("round {round}, loser runner-{i}"));
             expect_clean_error(output, 2, &format!("round {round}, loser runner-{i}"));
             let stderr = stderr_of(output);
-            let same_user = (i % 2 == 0) == winner.is_multiple_of(2);
+            let same_user = i.is_multiple_of(2) == winner.is_multiple_of(2);
             if same_user {
                 assert!(
                     stderr.contains("you already hold"),

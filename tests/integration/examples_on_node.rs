@@ -62,53 +62,8 @@ fn install_chart(node: &NodeCluster) -> ChartRelease<'_> {
         "helm install",
     );
     let release = ChartRelease::installed(node, "deploylock", "deploylock-system");
-    admission_reads_a_clock_from(node, installing);
+    node.admission_reads_a_clock_from(installing);
     release
-}
-
-/// Returns once the admission policy dates new locks from a clock written
-/// after `since`, and fails if it does not within a minute: after an earlier
-/// uninstall an API server can keep the clock Lease as it was then
-/// (kubernetes/kubernetes#130887, see README), so Jobs would be refused five
-/// minutes later. The clock admission reads is the floor it states when it
-/// refuses a new lock's fencing token (a server-side dry run).
-fn admission_reads_a_clock_from(node: &NodeCluster, since: chrono::DateTime<chrono::Utc>) {
-    const TOKEN_UNITS_PER_SECOND: i64 = 1 << 20;
-    let probe = serde_json::json!({
-        "apiVersion": "deploylock.dev/v1",
-        "kind": "DeploymentLock",
-        "metadata": {"name": "clock-probe", "namespace": "deploylock-system"},
-        "spec": {"environment": "clock-probe", "fencingToken": 0}
-    })
-    .to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let refused =
-            node.kubectl_with_input(&["create", "--dry-run=server", "-f", "-"], Some(&probe));
-        let message = String::from_utf8_lossy(&refused.stderr).into_owned();
-        assert!(
-            !refused.status.success(),
-            "a fencing token of 0 was admitted"
-        );
-        let floor = message
-            .split("between ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|floor| floor.parse::<i64>().ok())
-            .unwrap_or_else(|| panic!("no fencing-token floor in the refusal: {message}"));
-        let clock = chrono::DateTime::from_timestamp(floor / TOKEN_UNITS_PER_SECOND, 0)
-            .unwrap_or_else(|| panic!("floor {floor} is no time"));
-        if clock >= since - chrono::Duration::seconds(1) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a minute after the install, admission still dates new locks from a clock of {clock}, before the install ({since}): its params are stale"
-        );
-        // The controller writes the clock every second; nothing to watch
-        // inside the admission plugin.
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Runs one hook as Argo CD does: BeforeHookCreation deletes the previous

@@ -136,6 +136,53 @@ impl NodeCluster {
         }
     }
 
+    /// Returns once the admission policy dates new locks from a clock written
+    /// after `since`, and fails if it does not within a minute: after an
+    /// earlier uninstall an API server can keep the clock Lease as it was
+    /// then (kubernetes/kubernetes#130887, see README), and Jobs would be
+    /// refused. The clock admission reads is the floor it states when it
+    /// refuses a new lock's fencing token of 0 (a server-side dry run).
+    pub fn admission_reads_a_clock_from(&self, since: chrono::DateTime<chrono::Utc>) {
+        const TOKEN_UNITS_PER_SECOND: i64 = 1 << 20;
+        let probe = serde_json::json!({
+            "apiVersion": "deploylock.dev/v1",
+            "kind": "DeploymentLock",
+            "metadata": {"name": "clock-probe", "namespace": "deploylock-system"},
+            "spec": {"environment": "clock-probe", "fencingToken": 0}
+        })
+        .to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let refused =
+                self.kubectl_with_input(&["create", "--dry-run=server", "-f", "-"], Some(&probe));
+            assert!(
+                !refused.status.success(),
+                "a fencing token of 0 was admitted"
+            );
+            let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+            // Another answer (no params yet, a connection refused) is retried.
+            let clock = message
+                .split("between ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|floor| floor.parse::<i64>().ok())
+                .and_then(|floor| {
+                    chrono::DateTime::from_timestamp(floor / TOKEN_UNITS_PER_SECOND, 0)
+                });
+            // The floor is in whole seconds.
+            if clock.is_some_and(|clock| clock >= since - chrono::Duration::seconds(1)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a minute after the install, admission does not date new locks from a clock written after it ({since}); its params are stale? Last answer: {message}"
+            );
+            // The controller writes the clock every second; nothing inside
+            // the admission plugin can be watched.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfigs/admin.kubeconfig")
     }
@@ -337,7 +384,11 @@ impl<'a> ChartRelease<'a> {
         self.uninstalled = true;
         let (output, restarted) = self.uninstall_and_restart();
         if let Err(reason) = restarted {
-            panic!("{reason}");
+            panic!(
+                "{reason} (after helm uninstall: {}, {})",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         output
     }
