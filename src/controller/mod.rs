@@ -839,7 +839,7 @@ async fn create_event(
 type Reporter<'a> = (&'a Client, &'a ServerClock, &'a str);
 
 /// Creates one Event as the controller; false if it already existed. The
-/// one place an Event object is built (locks and freeze windows).
+/// one place an Event object is built (locks, freeze windows, notifications).
 async fn post_event(
     (client, clock, instance): Reporter<'_>,
     namespace: &str,

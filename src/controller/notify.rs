@@ -29,7 +29,6 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -51,7 +50,8 @@ use crate::notify::{
 };
 
 use super::lockwatch::{LockChange, LockKey, LockView};
-use super::{CONTROLLER_NAME, REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, clock, leader};
+use super::plan::EventText;
+use super::{REQUEST_TIMEOUT, WATCH_TIMEOUT_SECONDS, leader};
 
 /// How often a subscription whose Secret is missing looks again (besides
 /// on every change of the subscription); also how long a receiver built
@@ -925,7 +925,7 @@ impl Worker {
         }
     }
 
-    async fn event(&self, reason: &str, key: &str, note: String) {
+    async fn event(&self, reason: &'static str, key: &str, note: String) {
         let regarding = ObjectReference {
             api_version: Some(NotificationSubscription::api_version(&()).into_owned()),
             kind: Some(NotificationSubscription::kind(&()).into_owned()),
@@ -949,36 +949,16 @@ impl Worker {
         while name.ends_with(['-', '.']) {
             name.pop();
         }
-        let event = Event {
-            metadata: kube::core::ObjectMeta {
-                name: Some(name),
-                namespace: Some(self.namespace.clone()),
-                ..Default::default()
-            },
-            event_time: Some(clock::micro_time(self.now())),
-            action: Some("Notify".to_string()),
-            reason: Some(reason.to_string()),
-            type_: Some("Warning".to_string()),
-            note: Some(note.chars().take(1024).collect()),
-            regarding: Some(regarding),
-            reporting_controller: Some(CONTROLLER_NAME.to_string()),
-            reporting_instance: Some(
-                self.shared
-                    .notifier
-                    .leader
-                    .instance
-                    .chars()
-                    .take(128)
-                    .collect(),
-            ),
-            ..Default::default()
+        let text = EventText {
+            suffix: String::new(),
+            reason,
+            event_type: "Warning",
+            note,
         };
-        let events: Api<Event> =
-            Api::namespaced(self.shared.notifier.leader.client.clone(), &self.namespace);
-        match timed(events.create(&PostParams::default(), &event)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(err) => tracing::warn!(error = %err, "cannot record a notification Event"),
+        let reporter = self.shared.notifier.leader.reporter();
+        if let Err(err) = super::post_event(reporter, &self.namespace, name, regarding, &text).await
+        {
+            tracing::warn!(error = %err, "cannot record a notification Event");
         }
     }
 }

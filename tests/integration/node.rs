@@ -143,7 +143,6 @@ impl NodeCluster {
     /// refused. The clock admission reads is the floor it states when it
     /// refuses a new lock's fencing token of 0 (a server-side dry run).
     pub fn admission_reads_a_clock_from(&self, since: chrono::DateTime<chrono::Utc>) {
-        const TOKEN_UNITS_PER_SECOND: i64 = 1 << 20;
         let probe = serde_json::json!({
             "apiVersion": "deploylock.dev/v1",
             "kind": "DeploymentLock",
@@ -167,7 +166,10 @@ impl NodeCluster {
                 .and_then(|rest| rest.split(' ').next())
                 .and_then(|floor| floor.parse::<i64>().ok())
                 .and_then(|floor| {
-                    chrono::DateTime::from_timestamp(floor / TOKEN_UNITS_PER_SECOND, 0)
+                    chrono::DateTime::from_timestamp(
+                        floor / deploylock::crd::FENCING_TOKENS_PER_SECOND,
+                        0,
+                    )
                 });
             // The floor is in whole seconds.
             if clock.is_some_and(|clock| clock >= since - chrono::Duration::seconds(1)) {
