@@ -10,12 +10,42 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
+use macro_rules_attribute::apply;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// API group of the DeploymentLock resource.
 pub const GROUP: &str = "deploylock.dev";
+
+/// Declares a custom resource kind of deploylock from its spec struct
+/// (`#[apply(deploylock_kind!)]`, before the struct's other attributes): what
+/// every kind shares is written here once — group (the string of [`GROUP`]),
+/// version, category, the derives, absent optional fields left out when
+/// written, camelCase field names; kube-derive names the plural and singular
+/// after the kind. The struct's own `#[kube(...)]` attributes name the kind,
+/// its scope, status and columns.
+macro_rules! deploylock_kind {
+    ($(#[$attribute:meta])* $visibility:vis struct $spec:ident $fields:tt) => {
+        #[serde_with::skip_serializing_none]
+        #[derive(
+            ::kube::CustomResource,
+            ::kube::KubeSchema,
+            ::serde::Serialize,
+            ::serde::Deserialize,
+            Clone,
+            Debug,
+            PartialEq,
+            Default
+        )]
+        #[kube(group = "deploylock.dev", version = "v1", category = "deploylock", derive = "PartialEq")]
+        $(#[$attribute])*
+        #[serde(rename_all = "camelCase")]
+        $visibility struct $spec $fields
+    };
+}
+pub(crate) use deploylock_kind;
+
 /// Longest environment name: a DNS-1123 label, since it is the object's name.
 pub const MAX_ENVIRONMENT_LEN: usize = crate::environment::MAX_DNS_LABEL_LEN;
 /// Longest reason accepted.
@@ -97,19 +127,12 @@ pub fn is_display_text(text: &str) -> bool {
 pub const DATE_TIME_PATTERN: &str = r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
 
 /// Desired lock for one environment.
-#[serde_with::skip_serializing_none]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[apply(deploylock_kind!)]
 #[kube(
-    group = "deploylock.dev",
-    version = "v1",
     kind = "DeploymentLock",
-    plural = "deploymentlocks",
-    singular = "deploymentlock",
     shortname = "dlock",
-    category = "deploylock",
     namespaced,
     status = "DeploymentLockStatus",
-    derive = "PartialEq",
     doc = "A DeploymentLock guards one environment: at most one holder deploys to it at a time, until the lock is released or expires.",
     printcolumn(name = "State", type_ = "string", json_path = ".status.state", description = "Available, Locked, Expired or ForceLocked"),
     printcolumn(name = "Holder", type_ = "string", json_path = ".spec.holder.user", description = "Who holds the lock: the identity the API server authenticated"),
@@ -122,7 +145,6 @@ pub const DATE_TIME_PATTERN: &str = r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9
     selectable = ".spec.environment",
     validation = Rule::new("self.metadata.name == self.spec.environment").message("spec.environment must equal metadata.name: a DeploymentLock is named after the environment it guards"),
 )]
-#[serde(rename_all = "camelCase")]
 pub struct DeploymentLockSpec {
     /// Environment this lock guards (for example `production`). Equal to the
     /// object's name: a DNS-1123 label of at most 63 characters.
@@ -505,4 +527,42 @@ fn metadata_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             "maxLength": MAX_METADATA_VALUE_LEN,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    /// The group the macro writes is [`super::GROUP`], and every kind
+    /// declared with it shares the version and category.
+    #[test]
+    fn every_kind_is_declared_in_the_deploylock_group() {
+        let definitions = [
+            super::DeploymentLock::crd(),
+            crate::envbinding::EnvironmentBinding::crd(),
+            crate::notify::NotificationSubscription::crd(),
+            crate::windows::FreezeWindow::crd(),
+        ];
+        for definition in definitions {
+            let kind = &definition.spec.names.kind;
+            assert_eq!(definition.spec.group, super::GROUP, "{kind}");
+            let versions: Vec<&str> = definition
+                .spec
+                .versions
+                .iter()
+                .map(|version| version.name.as_str())
+                .collect();
+            assert_eq!(versions, ["v1"], "{kind}");
+            assert_eq!(
+                definition.spec.names.categories,
+                Some(vec!["deploylock".to_string()]),
+                "{kind}"
+            );
+            assert_eq!(
+                definition.spec.names.plural,
+                format!("{}s", kind.to_lowercase()),
+                "{kind}"
+            );
+        }
+    }
 }

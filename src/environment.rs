@@ -10,12 +10,16 @@ pub const MAX_DNS_LABEL_LEN: usize = 63;
 /// A DNS-1123 label, as the CRD's schema states it.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
-/// The schema of a list of at most `max_items` environment names (bounded,
-/// so the API server's CEL cost estimate of any later rule stays small).
-pub fn names_schema(max_items: usize) -> schemars::Schema {
+/// Most environments one notification subscription or freeze window names.
+pub const MAX_NAMED_ENVIRONMENTS: usize = 64;
+
+/// The schema of a list of environment names, at most
+/// [`MAX_NAMED_ENVIRONMENTS`] (bounded, so the API server's CEL cost estimate
+/// of any later rule stays small).
+pub fn names_schema() -> schemars::Schema {
     schemars::json_schema!({
         "type": "array",
-        "maxItems": max_items,
+        "maxItems": MAX_NAMED_ENVIRONMENTS,
         "items": {
             "type": "string",
             "minLength": 1,

@@ -23,7 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use deploylock::controller::leader::Timing;
-use deploylock::controller::replica::Replica;
+use deploylock::controller::replica::{LeaseRef, Replica};
 use deploylock::controller::{self, metrics::Metrics, server};
 use deploylock::error::ConfigError;
 use deploylock::store::{client_from, load_config};
@@ -262,14 +262,18 @@ async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<(), ControllerEr
         ready,
         identity: args.identity.clone().unwrap_or_else(default_identity),
         namespace: args.namespace.clone(),
-        lease_name: args.lease_name.clone(),
+        election_lease: LeaseRef {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+        },
         timing: args.timing(),
-        clock_lease_name: args.clock_lease_name.clone(),
-        clock_lease_namespace: args
-            .clock_lease_namespace
-            .clone()
-            .unwrap_or_else(|| args.lease_namespace.clone()),
-        lease_namespace: args.lease_namespace,
+        clock_lease: LeaseRef {
+            namespace: args
+                .clock_lease_namespace
+                .clone()
+                .unwrap_or_else(|| args.lease_namespace.clone()),
+            name: args.clock_lease_name.clone(),
+        },
         retention: args.retention,
         gitops_gating: args.gitops_gating,
         window_client,

@@ -11,6 +11,7 @@ use std::fmt::{self, Write as _};
 
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
+use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::crd::{DeploymentLock, HistoryEntry, LockHolder, LockState, Waiter};
@@ -128,12 +129,31 @@ fn plain_table(header: &[&str]) -> Table {
     table
 }
 
-/// A listing's table: `header`, after a NAMESPACE column with `-A`.
-fn listing_table(mut header: Vec<&str>, all_namespaces: bool) -> Table {
-    if all_namespaces {
-        header.insert(0, "NAMESPACE");
+/// A column of a listing: its title and how an object fills it.
+type Column<'a, K> = (&'static str, &'a dyn Fn(&K) -> String);
+
+/// A listing as kubectl prints `get`: a row per object, with a NAMESPACE
+/// column first across all namespaces.
+fn listing<K: ResourceExt>(
+    objects: &[K],
+    columns: &[Column<'_, K>],
+    all_namespaces: bool,
+) -> String {
+    let namespace = all_namespaces.then_some("NAMESPACE");
+    let titles: Vec<&str> = namespace
+        .into_iter()
+        .chain(columns.iter().map(|(title, _)| *title))
+        .collect();
+    let mut table = plain_table(&titles);
+    for object in objects {
+        let cells = namespace
+            .map(|_| object.namespace().unwrap_or_default())
+            .into_iter()
+            .chain(columns.iter().map(|(_, cell)| cell(object)))
+            .collect();
+        add_row(&mut table, cells);
     }
-    plain_table(&header)
+    rendered(table)
 }
 
 /// Adds a row with every cell escaped: no cell of a table legitimately holds
@@ -263,46 +283,33 @@ pub fn caller_holding(view: &LockView, caller: &str) -> String {
 
 /// `list` as kubectl prints `get`.
 pub fn list_table(locks: &[DeploymentLock], now: DateTime<Utc>, all_namespaces: bool) -> String {
-    let header = vec![
-        "ENVIRONMENT",
-        "STATE",
-        "HOLDER",
-        "OWNER",
-        "REASON",
-        "EXPIRES",
-        "AGE",
+    // A field of the holding, "-" while nobody holds the lock.
+    let held = |lock: &DeploymentLock, field: fn(&LockHolder) -> String| {
+        lock.spec.holder.as_ref().map_or_else(|| "-".into(), field)
+    };
+    let columns: [Column<'_, DeploymentLock>; 7] = [
+        ("ENVIRONMENT", &|lock| lock.spec.environment.clone()),
+        ("STATE", &|lock| {
+            rules::state_at(&lock.spec, now).to_string()
+        }),
+        ("HOLDER", &|lock| held(lock, |h| h.user.clone())),
+        ("OWNER", &|lock| held(lock, |h| h.owner.clone())),
+        ("REASON", &|lock| held(lock, |h| h.reason.clone())),
+        ("EXPIRES", &|lock| {
+            held(lock, |h| {
+                h.expires_at.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+            })
+        }),
+        ("AGE", &|lock| {
+            lock.metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|time| DateTime::<Utc>::from_timestamp(time.0.as_second(), 0))
+                .map(|created| short_span(now - created))
+                .unwrap_or_default()
+        }),
     ];
-    let mut table = listing_table(header, all_namespaces);
-    for lock in locks {
-        let holder = lock.spec.holder.as_ref();
-        let age = lock
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(|time| DateTime::<Utc>::from_timestamp(time.0.as_second(), 0))
-            .map(|created| short_span(now - created))
-            .unwrap_or_default();
-        let mut row = vec![
-            lock.spec.environment.clone(),
-            rules::state_at(&lock.spec, now).to_string(),
-            holder.map(|h| h.user.clone()).unwrap_or_else(|| "-".into()),
-            holder
-                .map(|h| h.owner.clone())
-                .unwrap_or_else(|| "-".into()),
-            holder
-                .map(|h| h.reason.clone())
-                .unwrap_or_else(|| "-".into()),
-            holder
-                .map(|h| h.expires_at.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                .unwrap_or_else(|| "-".into()),
-            age,
-        ];
-        if all_namespaces {
-            row.insert(0, lock.metadata.namespace.clone().unwrap_or_default());
-        }
-        add_row(&mut table, row);
-    }
-    rendered(table)
+    listing(locks, &columns, all_namespaces)
 }
 
 /// `history`, oldest first, with the expiries in their place: the expiry
@@ -430,47 +437,35 @@ pub fn windows_table(
     now: DateTime<Utc>,
     all_namespaces: bool,
 ) -> String {
-    use kube::ResourceExt;
-    let header = vec![
-        "NAME",
-        "SCHEDULE",
-        "TIME ZONE",
-        "OPEN UNTIL",
-        "NEXT START",
-        "NEXT END",
-        "ENVIRONMENTS",
-        "REASON",
-    ];
-    let mut table = listing_table(header, all_namespaces);
-    for window in windows {
-        let spec = &window.spec;
-        let status = window.status.clone().unwrap_or_default();
-        let at = |time: &Option<DateTime<Utc>>| {
-            time.map_or_else(|| "-".to_string(), |time| super::report::when(time, now))
-        };
-        let not_ready =
-            crate::conditions::false_condition(&status.conditions, crate::windows::READY_CONDITION)
-                .map(|c| format!("not ready: {}", c.message));
-        let mut cells = vec![
-            window.name_any(),
-            spec.schedule.clone().unwrap_or_else(|| "once".to_string()),
-            spec.time_zone.clone().unwrap_or_else(|| "UTC".to_string()),
-            at(&status.open.map(|open| open.end)),
-            not_ready.unwrap_or_else(|| at(&status.next_start)),
-            at(&status.next_end),
-            if spec.all_environments {
+    use crate::windows::{FreezeWindow, FreezeWindowStatus};
+    let status = |window: &FreezeWindow| window.status.clone().unwrap_or_default();
+    let at =
+        |time: Option<DateTime<Utc>>| time.map_or_else(|| "-".to_string(), |time| when(time, now));
+    let next_start = |status: FreezeWindowStatus| {
+        crate::conditions::false_condition(&status.conditions, crate::windows::READY_CONDITION)
+            .map(|c| format!("not ready: {}", c.message))
+            .unwrap_or_else(|| at(status.next_start))
+    };
+    let or = |value: &Option<String>, absent: &str| value.clone().unwrap_or_else(|| absent.into());
+    let columns: [Column<'_, FreezeWindow>; 8] = [
+        ("NAME", &|window| window.name_any()),
+        ("SCHEDULE", &|window| or(&window.spec.schedule, "once")),
+        ("TIME ZONE", &|window| or(&window.spec.time_zone, "UTC")),
+        ("OPEN UNTIL", &|window| {
+            at(status(window).open.map(|open| open.end))
+        }),
+        ("NEXT START", &|window| next_start(status(window))),
+        ("NEXT END", &|window| at(status(window).next_end)),
+        ("ENVIRONMENTS", &|window| {
+            if window.spec.all_environments {
                 "all".to_string()
             } else {
-                spec.environments.join(",")
-            },
-            spec.reason.clone(),
-        ];
-        if all_namespaces {
-            cells.insert(0, window.namespace().unwrap_or_default());
-        }
-        add_row(&mut table, cells);
-    }
-    rendered(table)
+                window.spec.environments.join(",")
+            }
+        }),
+        ("REASON", &|window| window.spec.reason.clone()),
+    ];
+    listing(windows, &columns, all_namespaces)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
@@ -38,11 +39,11 @@ pub struct Replica {
     pub identity: String,
     /// Watch only this namespace (all when `None`).
     pub namespace: Option<String>,
-    pub lease_name: String,
-    pub lease_namespace: String,
+    /// The Lease of the leader election.
+    pub election_lease: LeaseRef,
     pub timing: Timing,
-    pub clock_lease_name: String,
-    pub clock_lease_namespace: String,
+    /// The Lease the leader keeps the deploylock clock in.
+    pub clock_lease: LeaseRef,
     /// How long an expired holding is shown before it is cleared.
     pub retention: chrono::Duration,
     /// GitOps gating (`--gitops-gating`, see [`super::gitops`]), by the leader.
@@ -53,6 +54,19 @@ pub struct Replica {
     /// EnvironmentBindings to policy bindings (`--environment-bindings`,
     /// see [`super::envbinding`]), by the leader.
     pub environment_bindings: bool,
+}
+
+/// A Lease the replica reads and writes, by namespace and name.
+#[derive(Clone, Debug)]
+pub struct LeaseRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl LeaseRef {
+    fn api(&self, client: &Client) -> Api<Lease> {
+        Api::namespaced(client.clone(), &self.namespace)
+    }
 }
 
 /// Retries `attempt` (with a short backoff) until it succeeds or a stop is
@@ -91,8 +105,8 @@ impl Replica {
         let calibration = tokio::spawn(clock.clone().keep_calibrated(RECALIBRATE_EVERY));
         // Ready while the clock Lease is kept (by this replica or another).
         let readiness = tokio::spawn(super::clock::keep_readiness(
-            Api::namespaced(self.client.clone(), &self.clock_lease_namespace),
-            self.clock_lease_name.clone(),
+            self.clock_lease.api(&self.client),
+            self.clock_lease.name.clone(),
             clock.clone(),
             self.ready.clone(),
             stop.clone(),
@@ -108,8 +122,8 @@ impl Replica {
 
         let (leadership_sender, mut leadership) = watch::channel(Leadership::Follower);
         let elector = Elector {
-            api: Api::namespaced(self.client.clone(), &self.lease_namespace),
-            name: self.lease_name.clone(),
+            api: self.election_lease.api(&self.client),
+            name: self.election_lease.name.clone(),
             identity: self.identity.clone(),
             timing: self.timing,
             clock: clock.clone(),
@@ -166,8 +180,8 @@ impl Replica {
         tracing::info!(identity, "leading; reconciling");
         let (term_sender, term) = term_until_stopped_or_lost(stop, leadership);
         let clock_lease = ClockWriter {
-            api: Api::namespaced(self.client.clone(), &self.clock_lease_namespace),
-            name: self.clock_lease_name.clone(),
+            api: self.clock_lease.api(&self.client),
+            name: self.clock_lease.name.clone(),
             identity: identity.to_string(),
             clock: clock.clone(),
         }

@@ -361,9 +361,9 @@ async fn environments_of(
     // window may name (anyone may create locks: the status stays bounded).
     names.sort();
     names.dedup();
-    if names.len() > crate::windows::MAX_WINDOW_ENVIRONMENTS {
-        tracing::warn!(window = %window.name_any(), locks = names.len(), "freeze window: more locks than a window takes; the first {} by name", crate::windows::MAX_WINDOW_ENVIRONMENTS);
-        names.truncate(crate::windows::MAX_WINDOW_ENVIRONMENTS);
+    if names.len() > crate::environment::MAX_NAMED_ENVIRONMENTS {
+        tracing::warn!(window = %window.name_any(), locks = names.len(), "freeze window: more locks than a window takes; the first {} by name", crate::environment::MAX_NAMED_ENVIRONMENTS);
+        names.truncate(crate::environment::MAX_NAMED_ENVIRONMENTS);
     }
     Ok(names.iter().filter_map(|name| name.parse().ok()).collect())
 }

@@ -19,10 +19,12 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     Condition, LabelSelector, LabelSelectorRequirement, OwnerReference,
 };
-use kube::{CustomResource, KubeSchema, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
+use macro_rules_attribute::apply;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::crd::deploylock_kind;
 use crate::environment::{DNS_LABEL_PATTERN, MAX_DNS_LABEL_LEN};
 use crate::gitops::ENVIRONMENT_LABEL;
 
@@ -44,21 +46,11 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 pub use crate::conditions::READY_CONDITION;
 
 /// An environment's namespaces.
-// rustfmt splits the printcolumns over lines, where clippy takes their
-// repeated keys for duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
-#[serde_with::skip_serializing_none]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[apply(deploylock_kind!)]
 #[kube(
-    group = "deploylock.dev",
-    version = "v1",
     kind = "EnvironmentBinding",
-    plural = "environmentbindings",
-    singular = "environmentbinding",
     shortname = "dlbinding",
-    category = "deploylock",
     status = "EnvironmentBindingStatus",
-    derive = "PartialEq",
     doc = "An EnvironmentBinding says which namespaces make up an environment: while the environment's DeploymentLock is held, workloads in those namespaces change only by the holder, deployers and admins (the workload gate, a ValidatingAdmissionPolicy). The controller (--environment-bindings) keeps one ValidatingAdmissionPolicyBinding per EnvironmentBinding. Cluster-scoped: only cluster admins bind namespaces.",
     printcolumn(
         name = "Environment",
@@ -98,7 +90,6 @@ pub use crate::conditions::READY_CONDITION;
     )
 )]
 #[x_kube(validation = Rule::new("!(has(self.namespaces) && size(self.namespaces) > 0 && has(self.namespaceSelector))").message("name the namespaces or select them by label (namespaceSelector), not both"))]
-#[serde(rename_all = "camelCase")]
 pub struct EnvironmentBindingSpec {
     /// The environment: the name of its DeploymentLock (a DNS label).
     /// Immutable.

@@ -22,11 +22,12 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::core::{Selector, SelectorExt};
-use kube::{CustomResource, KubeSchema, ResourceExt};
+use kube::{KubeSchema, ResourceExt};
+use macro_rules_attribute::apply;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{DeploymentLock, HistoryAction};
+use crate::crd::{DeploymentLock, HistoryAction, deploylock_kind};
 
 /// Condition type saying whether the spec is usable (the shared one).
 pub use crate::conditions::READY_CONDITION;
@@ -35,30 +36,18 @@ pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// Header carrying the HMAC-SHA256 signature of the body (`generic-hmac`),
 /// as Flux's notification-controller sends it: `sha256=<hex>`.
 pub const SIGNATURE_HEADER: &str = "X-Signature";
-/// Most environments one subscription names.
-pub const MAX_SUBSCRIPTION_ENVIRONMENTS: usize = 64;
 /// Default time a failing delivery is retried before it is given up.
 pub const DEFAULT_RETRY_FOR_SECONDS: i64 = 3600;
 /// Default longest wait between two attempts.
 pub const DEFAULT_MAX_BACKOFF_SECONDS: i64 = 60;
 
 /// Where and which lock transitions to announce.
-// rustfmt splits the printcolumns over lines, where clippy takes their
-// repeated keys for duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
-#[serde_with::skip_serializing_none]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[apply(deploylock_kind!)]
 #[kube(
-    group = "deploylock.dev",
-    version = "v1",
     kind = "NotificationSubscription",
-    plural = "notificationsubscriptions",
-    singular = "notificationsubscription",
     shortname = "dlnotify",
-    category = "deploylock",
     namespaced,
     status = "NotificationSubscriptionStatus",
-    derive = "PartialEq",
     doc = "A NotificationSubscription sends the transitions of the DeploymentLocks in its namespace (all, or the environments it names) to a team chat or a webhook, and reminds the team of locks held too long. The controller's leader delivers them, in order per lock, none lost across restarts.",
     printcolumn(
         name = "Provider",
@@ -96,7 +85,6 @@ pub const DEFAULT_MAX_BACKOFF_SECONDS: i64 = 60;
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[serde(rename_all = "camelCase")]
 pub struct NotificationSubscriptionSpec {
     /// Environments (DeploymentLock names) whose transitions are sent; empty
     /// means every lock in the namespace.
@@ -400,7 +388,7 @@ pub struct DeliveryCursor {
 }
 
 fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    crate::environment::names_schema(MAX_SUBSCRIPTION_ENVIRONMENTS)
+    crate::environment::names_schema()
 }
 
 /// `spec.lockSelector`: a label selector on the DeploymentLocks covered.

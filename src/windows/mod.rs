@@ -13,11 +13,13 @@ pub mod schedule;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use macro_rules_attribute::apply;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{DATE_TIME_PATTERN, MAX_REASON_LEN, StrictOptionalTime, StrictTime};
+use crate::crd::{
+    DATE_TIME_PATTERN, MAX_REASON_LEN, StrictOptionalTime, StrictTime, deploylock_kind,
+};
 use schedule::{Interval, Recurrence, ScheduleError};
 
 /// The identity the controller takes windows' locks as (it impersonates
@@ -27,26 +29,14 @@ pub const WINDOW_HOLDER: &str = "deploylock:freeze-windows";
 pub use crate::conditions::READY_CONDITION;
 /// Longest opening: 90 days.
 pub const MAX_WINDOW_HOURS: i64 = 90 * 24;
-/// Most environments one window names.
-pub const MAX_WINDOW_ENVIRONMENTS: usize = 64;
 
 /// A calendar of freezes.
-// rustfmt splits the printcolumns over lines, where clippy takes their
-// repeated keys for duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
-#[serde_with::skip_serializing_none]
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[apply(deploylock_kind!)]
 #[kube(
-    group = "deploylock.dev",
-    version = "v1",
     kind = "FreezeWindow",
-    plural = "freezewindows",
-    singular = "freezewindow",
     shortname = "dlwindow",
-    category = "deploylock",
     namespaced,
     status = "FreezeWindowStatus",
-    derive = "PartialEq",
     doc = "A FreezeWindow freezes environments on a calendar: at each opening (a cron schedule in a time zone, or once between two instants) the controller takes their DeploymentLocks in the window's name (type scheduled) until the opening ends.",
     printcolumn(
         name = "Schedule",
@@ -98,7 +88,6 @@ pub const MAX_WINDOW_ENVIRONMENTS: usize = 64;
 #[x_kube(validation = Rule::new("!has(self.start) || (timestamp(self.end) > timestamp(self.start) && timestamp(self.end) - timestamp(self.start) <= duration('2160h'))").message("end must be after start, at most 90 days (2160h) later"))]
 #[x_kube(validation = Rule::new("!has(self.duration) || (duration(self.duration) >= duration('1m') && duration(self.duration) <= duration('2160h'))").message("duration must be between 1m and 2160h (90 days)"))]
 #[x_kube(validation = Rule::new("(has(self.environments) && size(self.environments) > 0) != (has(self.allEnvironments) && self.allEnvironments)").message("name the environments, or set allEnvironments (every DeploymentLock in the namespace), not both"))]
-#[serde(rename_all = "camelCase")]
 pub struct FreezeWindowSpec {
     /// When the window opens: five cron fields (minute hour day-of-month
     /// month day-of-week) read in `timeZone`, or @yearly, @monthly, @weekly,
@@ -156,7 +145,7 @@ pub struct FreezeWindowSpec {
 }
 
 fn environments_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    crate::environment::names_schema(MAX_WINDOW_ENVIRONMENTS)
+    crate::environment::names_schema()
 }
 
 /// What a window does to a held environment when it opens.
@@ -214,7 +203,7 @@ pub struct Opening {
     #[schemars(with = "StrictTime")]
     pub end: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_WINDOW_ENVIRONMENTS))]
+    #[schemars(length(max = crate::environment::MAX_NAMED_ENVIRONMENTS))]
     pub environments: Vec<EnvironmentOutcome>,
 }
 
