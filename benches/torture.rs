@@ -108,7 +108,7 @@ async fn main() -> ExitCode {
         .check(&log.recorded.history, Duration::from_secs(300))
         .await;
     violations.extend(notified.violations.iter().cloned());
-    let gated = gate.check(&writes);
+    let (gated, control) = gate.check(&writes);
     violations.extend(gated.violations.iter().cloned());
     let ops = &log.ops;
     let (unknown, first_unknown) = torture::ambiguous(ops);
@@ -126,7 +126,6 @@ async fn main() -> ExitCode {
         notified.entries, notified.requests, notified.reported_lost
     );
     println!("{}", gated.summary());
-    let control = gate.control();
     println!(
         "gate control: {} of the {} writes the gate refused would be violations had they been admitted, {} within the informer's lag",
         control.violations.len(),

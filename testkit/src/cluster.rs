@@ -390,6 +390,56 @@ impl TestCluster {
         .map_err(|_| "the CRD installer panicked".to_string())?
     }
 
+    /// What EnvironmentBindings need, installed once per process: their CRD,
+    /// the workload gate's policy (the API server refuses a binding to a
+    /// policy it does not know) and the controller's role for them.
+    pub fn install_environment_bindings(&self) {
+        static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+        let installed = INSTALLED.get_or_init(|| {
+            self.apply_crd_blocking(deploylock::envbinding::EnvironmentBinding::crd())?;
+            let files = [
+                "config/rbac/environment-bindings.yaml",
+                "config/admission/workload-gate.yaml",
+            ]
+            .map(|file| repo_root().join(file).display().to_string());
+            let applied = self.kubectl(
+                Identity::Admin,
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "-f",
+                    &files[0],
+                    "-f",
+                    &files[1],
+                ],
+            );
+            if !applied.status.success() {
+                return Err(stderr_of(&applied));
+            }
+            let role_binding = serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "deploylock-test-controller-environment-bindings"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": "deploylock-controller-environment-bindings"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                              "name": Identity::Controller.username()}]
+            });
+            let bound = self.kubectl_with_input(
+                Identity::Admin,
+                &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                &role_binding.to_string(),
+            );
+            if !bound.status.success() {
+                return Err(stderr_of(&bound));
+            }
+            Ok(())
+        });
+        if let Err(reason) = installed {
+            panic!("cannot install EnvironmentBindings: {reason}");
+        }
+    }
+
     /// The cluster's directory (kubeconfigs, logs, server PIDs).
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -529,6 +579,46 @@ impl TestCluster {
             Ok(output) => output,
             Err(err) => panic!("cannot run kubectl: {err}"),
         }
+    }
+
+    /// Applies `manifest` as the admin, server-side and forcing conflicts
+    /// (tests apply the same cluster-wide objects); panics naming `what` if
+    /// kubectl fails.
+    pub fn apply(&self, manifest: &serde_json::Value, what: &str) {
+        let output = self.kubectl_with_input(
+            Identity::Admin,
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &manifest.to_string(),
+        );
+        expect_exit(&output, 0, what);
+    }
+
+    /// Grants `subjects` (RBAC subject objects) the `rules` in `namespace`:
+    /// a Role and a RoleBinding, both named `name`.
+    pub fn grant(
+        &self,
+        namespace: &str,
+        name: &str,
+        rules: serde_json::Value,
+        subjects: serde_json::Value,
+    ) {
+        let metadata = serde_json::json!({"name": name, "namespace": namespace});
+        self.apply(
+            &serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": metadata, "rules": rules
+            }),
+            &format!("Role {namespace}/{name}"),
+        );
+        self.apply(
+            &serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": metadata,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": subjects
+            }),
+            &format!("RoleBinding {namespace}/{name}"),
+        );
     }
 
     /// kubectl as `identity`, with `input` on its stdin (`-f -`).

@@ -36,17 +36,17 @@ use chrono::{DateTime, Duration, Utc};
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
-use kube::{Client, CustomResourceExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use deploylock::envbinding::{EnvironmentBinding, policy_binding_name};
+use deploylock::envbinding::policy_binding_name;
 
 use crate::torture::Rng;
 use crate::torture_hostile::client_for;
-use crate::{Identity, TestCluster, repo_root};
+use crate::{Identity, TestCluster};
 
 /// How long after a lock version was replaced the gate may still admit by
 /// it: the API server's informer hands a stored lock to the admission
@@ -215,26 +215,6 @@ impl GateCheck {
     }
 }
 
-/// `kubectl apply` (server-side: other tests apply the same cluster-wide
-/// objects) of `files`.
-fn apply_args(files: &[PathBuf]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager",
-        "torture-gate",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    for file in files {
-        args.push("-f".into());
-        args.push(file.display().to_string());
-    }
-    args
-}
-
 fn kubectl_ok(cluster: &TestCluster, args: &[&str], input: Option<&str>, what: &str) {
     let output = match input {
         Some(input) => cluster.kubectl_with_input(Identity::Admin, args, input),
@@ -255,29 +235,7 @@ impl BoundGate {
     /// controller must run with `--environment-bindings`; then
     /// [`BoundGate::await_in_force`].
     pub async fn bind(cluster: &TestCluster, lock_namespace: &str, environments: usize) -> Self {
-        let admin = cluster.client(Identity::Admin).await;
-        if let Err(err) = crate::apply_crd(&admin, EnvironmentBinding::crd()).await {
-            panic!("cannot install the EnvironmentBinding CRD: {err}");
-        }
-        let args = apply_args(&[
-            repo_root().join("config/admission/workload-gate.yaml"),
-            repo_root().join("config/rbac/environment-bindings.yaml"),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        kubectl_ok(
-            cluster,
-            &args,
-            None,
-            "apply the gate's policy and the controller's role",
-        );
-        let controller_role = json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": "deploylock-torture-controller-environment-bindings"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "deploylock-controller-environment-bindings"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                          "name": Identity::Controller.username()}]
-        });
+        cluster.install_environment_bindings();
         let ssa = [
             "apply",
             "--server-side",
@@ -307,7 +265,7 @@ impl BoundGate {
             })
             .collect();
         let mut bound = Vec::new();
-        let mut items = vec![controller_role];
+        let mut items = Vec::new();
         for n in 0..environments {
             let environment = format!("t{n}");
             let namespace = cluster
@@ -360,7 +318,7 @@ impl BoundGate {
             bound,
             writers,
             audit_dir: cluster.dir().join("logs"),
-            admin,
+            admin: cluster.client(Identity::Admin).await,
         }
     }
 
@@ -418,9 +376,16 @@ impl BoundGate {
         read_audit(&self.audit_dir, &self.lock_namespace, &environments)
     }
 
-    /// Checks the writes against the API server's audit log.
-    pub fn check(&self, writes: &[GateWrite]) -> GateCheck {
-        let audit = self.audit();
+    /// Checks the writes against the API server's audit log, and runs the
+    /// control (below) on the same reading of it.
+    pub fn check(&self, writes: &[GateWrite]) -> (GateCheck, GateCheck) {
+        let mut audit = self.audit();
+        let check = self.check_writes(&mut audit, writes);
+        (check, self.control(audit))
+    }
+
+    /// Judges the writes by `audit`.
+    fn check_writes(&self, audit: &mut Audit, writes: &[GateWrite]) -> GateCheck {
         let exempt: HashSet<String> = self
             .writers
             .iter()
@@ -485,8 +450,7 @@ impl BoundGate {
         check.unaudited = unaudited.len();
         let witnesses = audit.witnesses();
         check.witnesses = witnesses.len();
-        let accepted: Vec<AcceptedWrite> = audit
-            .writes
+        let accepted: Vec<AcceptedWrite> = std::mem::take(&mut audit.writes)
             .into_iter()
             .map(|event| event.write)
             .chain(unaudited)
@@ -510,8 +474,7 @@ impl BoundGate {
     /// measure of its power under the run's churn of holdings). Those it
     /// would let pass were refused within the informer's lag of a version
     /// that allowed them.
-    pub fn control(&self) -> GateCheck {
-        let audit = self.audit();
+    fn control(&self, audit: Audit) -> GateCheck {
         let witnesses = audit.witnesses();
         let refused: Vec<AcceptedWrite> =
             audit.refused.into_iter().map(|event| event.write).collect();

@@ -986,28 +986,12 @@ async fn sigterm_stops_a_leader_whose_list_and_watch_keep_failing() {
     // A user that may hold Leases here but not read DeploymentLocks: every
     // list of the watch is refused.
     let user = format!("nolist-{namespace}");
-    let rbac = format!(
-        r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{ name: leases-only, namespace: {namespace} }}
-rules:
-  - apiGroups: ["coordination.k8s.io"]
-    resources: ["leases"]
-    verbs: ["get", "list", "watch", "create", "update", "patch"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{ name: leases-only, namespace: {namespace} }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: Role, name: leases-only }}
-subjects:
-  - {{ apiGroup: rbac.authorization.k8s.io, kind: User, name: {user} }}
-"#
-    );
-    let applied = cluster.kubectl_with_input(Identity::Admin, &["apply", "-f", "-"], &rbac);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
+    cluster.grant(
+        &namespace,
+        "leases-only",
+        json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                "verbs": ["get", "list", "watch", "create", "update", "patch"]}]),
+        json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]),
     );
     let kubeconfig = kubeconfig_variant(
         Identity::Admin,

@@ -11,64 +11,21 @@ use std::time::Duration;
 use deploylock::envbinding::{EnvironmentBinding, policy_binding_name};
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
 use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{CustomResourceExt, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::gate::{Gate, set_up_unbound, update_web};
 use crate::support::until_answer_changes;
-use crate::support::{
-    Identity, TestCluster, cluster, expect_exit, repo_root, stderr_of, stdout_of,
-};
+use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of, stdout_of};
 
 const ENVIRONMENT: &str = "production";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// The CRD, the controller's extra role and the gate's policy, installed once.
 pub(crate) fn install() {
-    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let cluster = cluster();
-    let installed = INSTALLED.get_or_init(|| {
-        cluster.apply_crd_blocking(EnvironmentBinding::crd())?;
-        let role = repo_root().join("config/rbac/environment-bindings.yaml");
-        // The gate's policy too (gate.rs applies it as well): the API server
-        // refuses a binding to a policy it does not know.
-        let policy = repo_root().join("config/admission/workload-gate.yaml");
-        let applied = cluster.kubectl(
-            Identity::Admin,
-            &[
-                "apply",
-                "-f",
-                &role.display().to_string(),
-                "-f",
-                &policy.display().to_string(),
-            ],
-        );
-        if !applied.status.success() {
-            return Err(stderr_of(&applied));
-        }
-        let binding = json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": "deploylock-test-controller-environment-bindings"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "deploylock-controller-environment-bindings"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                          "name": Identity::Controller.username()}]
-        });
-        let bound = cluster.kubectl_with_input(
-            Identity::Admin,
-            &["apply", "-f", "-"],
-            &binding.to_string(),
-        );
-        if !bound.status.success() {
-            return Err(stderr_of(&bound));
-        }
-        Ok(())
-    });
-    if let Err(reason) = installed {
-        panic!("cannot install EnvironmentBindings: {reason}");
-    }
+    cluster().install_environment_bindings();
 }
 
 fn binding_manifest(name: &str, lock_namespace: &str, spec_extra: Value) -> Value {

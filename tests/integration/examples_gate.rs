@@ -103,18 +103,7 @@ fn example_gate(example: &str) -> ExampleGate {
 
 fn ensure_namespace(cluster: &TestCluster, name: &str) {
     let manifest = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-    apply(cluster, &manifest, &format!("namespace {name}"));
-}
-
-fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
-    ok(
-        &cluster.kubectl_with_input(
-            Identity::Admin,
-            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-            &manifest.to_string(),
-        ),
-        what,
-    );
+    cluster.apply(&manifest, &format!("namespace {name}"));
 }
 
 fn apply_file(cluster: &TestCluster, relative: &str) {
@@ -235,27 +224,14 @@ async fn gate_story(
         .collect();
     for namespace in &gate.namespaces {
         // (No aggregated `edit` here: no controller-manager fills it in.)
-        apply(
-            cluster,
-            &json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                "metadata": {"name": "examples-gate-writers", "namespace": namespace},
-                "rules": [
-                    {"apiGroups": ["apps"], "verbs": ["*"], "resources": ["deployments"]},
-                    {"apiGroups": ["batch"], "verbs": ["*"], "resources": ["jobs"]}
-                ]
-            }),
-            "the writers' Role",
-        );
-        apply(
-            cluster,
-            &json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": "examples-gate-writers", "namespace": namespace},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "examples-gate-writers"},
-                "subjects": writers
-            }),
-            "the writers' RoleBinding",
+        cluster.grant(
+            namespace,
+            "examples-gate-writers",
+            json!([
+                {"apiGroups": ["apps"], "verbs": ["*"], "resources": ["deployments"]},
+                {"apiGroups": ["batch"], "verbs": ["*"], "resources": ["jobs"]}
+            ]),
+            json!(writers),
         );
     }
 

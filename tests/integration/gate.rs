@@ -52,18 +52,6 @@ fn kubectl_as(
     }
 }
 
-pub(crate) fn apply(cluster: &TestCluster, manifest: &Value, what: &str) {
-    let text = manifest.to_string();
-    ok(
-        &cluster.kubectl_with_input(
-            Identity::Admin,
-            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-            &text,
-        ),
-        what,
-    );
-}
-
 /// The gate's policy, and the chart's binding of `production` (lock in
 /// `lock_namespace`) to the namespace `workloads`; RBAC so that every writer
 /// may change workloads there and in `unbound`.
@@ -130,39 +118,24 @@ pub(crate) async fn set_up_unbound(test: &str) -> Gate {
         );
     });
     for namespace in [&workloads, &unbound] {
-        apply(
-            cluster,
-            &json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                "metadata": {"name": "workloads", "namespace": namespace},
-                "rules": [
-                    {"apiGroups": ["apps"], "verbs": ["*"],
-                     "resources": ["deployments", "deployments/scale", "statefulsets", "daemonsets"]},
-                    {"apiGroups": ["batch"], "verbs": ["*"], "resources": ["jobs", "cronjobs"]}
-                ]
-            }),
-            "workload Role",
-        );
-        apply(
-            cluster,
-            &json!({
-                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": "workloads", "namespace": namespace},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "workloads"},
-                "subjects": [
-                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"},
-                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:admins"},
-                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": deployer},
-                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBE_SYSTEM_CONTROLLER}
-                ]
-            }),
-            "workload RoleBinding",
+        cluster.grant(
+            namespace,
+            "workloads",
+            json!([
+                {"apiGroups": ["apps"], "verbs": ["*"],
+                 "resources": ["deployments", "deployments/scale", "statefulsets", "daemonsets"]},
+                {"apiGroups": ["batch"], "verbs": ["*"], "resources": ["jobs", "cronjobs"]}
+            ]),
+            json!([
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"},
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:admins"},
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": deployer},
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBE_SYSTEM_CONTROLLER}
+            ]),
         );
     }
     // The deployer may deploy while someone else holds the lock.
-    apply(
-        cluster,
-        &json!({
+    cluster.apply(&json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": "deployer", "namespace": lock_namespace},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "deploylock-deployer"},
@@ -176,7 +149,7 @@ pub(crate) async fn set_up_unbound(test: &str) -> Gate {
             deployment("web", namespace, 1),
             cron_job("nightly", namespace),
         ] {
-            apply(cluster, &manifest, "workload");
+            cluster.apply(&manifest, "workload");
         }
     }
     Gate {
@@ -373,8 +346,7 @@ pub(crate) fn set_state(cluster: &TestCluster, gate: &Gate, state: LockState) {
     if !spec_holder.is_null() {
         spec["holder"] = spec_holder;
     }
-    apply(
-        cluster,
+    cluster.apply(
         &json!({"apiVersion": "deploylock.dev/v1", "kind": "DeploymentLock",
                 "metadata": {"name": ENVIRONMENT, "namespace": ns}, "spec": spec}),
         "the lock",

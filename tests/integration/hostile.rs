@@ -1113,11 +1113,16 @@ async fn a_recreated_lock_never_repeats_a_fencing_token() {
             lock["spec"]["fencingToken"] = json!(first);
         },
     ));
-    assert_refused(
-        &send_kubectl(cluster, Identity::Bob, &namespace, "production", &stale),
-        "re-create with the old token",
-        "kubectl",
-    );
+    // The refusal names the clock and what to check when it is stale.
+    match send_kubectl(cluster, Identity::Bob, &namespace, "production", &stale) {
+        Answer::Refused(message) => assert!(
+            message.contains("starts its fencing token from the deploylock clock")
+                && message.contains("is the deploylock controller running?")
+                && message.contains("restart kube-apiserver: kubernetes/kubernetes#130887"),
+            "re-create with the old token refused for another reason: {message}"
+        ),
+        Answer::Accepted => panic!("re-create with the old token was accepted"),
+    }
     deploylock_ok(
         cluster,
         Identity::Bob,
@@ -1244,32 +1249,19 @@ async fn field_managers_are_bounded_and_only_admins_wait_for_stop_the_line() {
 /// were admitted for bob while alice held the lock.
 #[tokio::test]
 async fn the_workload_gate_covers_replication_controllers_and_autoscalers() {
-    use crate::gate::{LockState as GateState, apply, set_state, set_up};
+    use crate::gate::{LockState as GateState, set_state, set_up};
     let cluster = cluster();
     let gate = set_up("hostile-gate-roads").await;
     let namespace = gate.workloads.as_str();
-    apply(
-        cluster,
-        &json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": "other-roads", "namespace": namespace},
-            "rules": [
-                {"apiGroups": [""], "verbs": ["*"],
-                 "resources": ["replicationcontrollers", "replicationcontrollers/scale"]},
-                {"apiGroups": ["autoscaling"], "verbs": ["*"], "resources": ["horizontalpodautoscalers"]}
-            ]
-        }),
-        "Role for ReplicationControllers and autoscalers",
-    );
-    apply(
-        cluster,
-        &json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "other-roads", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "other-roads"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"}]
-        }),
-        "RoleBinding for ReplicationControllers and autoscalers",
+    cluster.grant(
+        namespace,
+        "other-roads",
+        json!([
+            {"apiGroups": [""], "verbs": ["*"],
+             "resources": ["replicationcontrollers", "replicationcontrollers/scale"]},
+            {"apiGroups": ["autoscaling"], "verbs": ["*"], "resources": ["horizontalpodautoscalers"]}
+        ]),
+        json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "deploylock:users"}]),
     );
     let replication_controller = json!({
         "apiVersion": "v1", "kind": "ReplicationController",

@@ -80,7 +80,7 @@ async fn short_torture_run_finds_no_violation() {
     let ops = &log.ops;
     let (checked, mut violations) = check(&target, &log).await;
     let check_started = std::time::Instant::now();
-    let gated = gate.check(&writes);
+    let (gated, control) = gate.check(&writes);
     eprintln!(
         "torture: {} (set up and bound in {gate_set_up:?}, checked in {:?})",
         gated.summary(),
@@ -93,7 +93,6 @@ async fn short_torture_run_finds_no_violation() {
     violations.extend(gated.violations.iter().cloned());
     // The control: the writes the gate refused, judged as if admitted, are
     // caught (the check fails when a write goes through against the lock).
-    let control = gate.control();
     eprintln!(
         "torture: gate control: {} of the {} writes the gate refused would be violations had they been admitted, {} within the informer's lag (first: {:?})",
         control.violations.len(),
