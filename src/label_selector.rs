@@ -2,7 +2,7 @@
 //! the kinds that select by label: bounded, so the CEL rules stay cheap, and
 //! checked as the API server checks selectors.
 //!
-//! A field using it via `schema_with` carries `#[serde(default)]`:
+//! A field using it says `#[schemars(default, schema_with = ...)]`:
 //! `schema_with` hides the `Option` from schemars, which would otherwise make
 //! the field required.
 

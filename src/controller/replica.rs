@@ -30,15 +30,15 @@ pub const RECALIBRATE_EVERY: Duration = Duration::from_secs(30);
 /// A replica's settings.
 pub struct Replica {
     pub client: Client,
+    /// This replica's identity in the Leases and in Events.
+    pub identity: String,
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
     pub metrics: Arc<Metrics>,
     /// True while the replica can serve: it knows who it is and the API
     /// server's clock, and the clock Lease is current (see
     /// [`super::clock::READY_WITHIN`]).
     pub ready: Arc<AtomicBool>,
-    /// This replica's identity in the Leases and in Events.
-    pub identity: String,
-    /// Watch only this namespace (all when `None`).
-    pub namespace: Option<String>,
     /// The Lease of the leader election.
     pub election_lease: LeaseRef,
     pub timing: Timing,

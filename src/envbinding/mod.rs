@@ -110,8 +110,7 @@ pub struct EnvironmentBindingSpec {
     /// The namespaces the environment is made of, by label (standard
     /// matchLabels / matchExpressions; not empty: an empty selector would
     /// gate every namespace).
-    #[serde(default)]
-    #[schemars(schema_with = "namespace_selector_schema")]
+    #[schemars(default, schema_with = "namespace_selector_schema")]
     pub namespace_selector: Option<LabelSelector>,
 }
 

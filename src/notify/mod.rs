@@ -95,8 +95,7 @@ pub struct NotificationSubscriptionSpec {
     /// Label selector on the DeploymentLocks covered (standard
     /// `matchLabels` / `matchExpressions`); combined with `environments`: a
     /// lock is covered when both say so. Absent: no label condition.
-    #[serde(default)]
-    #[schemars(schema_with = "lock_selector_schema")]
+    #[schemars(default, schema_with = "lock_selector_schema")]
     pub lock_selector: Option<LabelSelector>,
 
     /// Transitions sent; empty means all of them (Acquired, TookOverExpired,
