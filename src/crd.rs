@@ -27,7 +27,7 @@ pub const GROUP: &str = "deploylock.dev";
 /// its scope, status and columns.
 macro_rules! deploylock_kind {
     ($(#[$attribute:meta])* $visibility:vis struct $spec:ident $fields:tt) => {
-        #[serde_with::skip_serializing_none]
+        #[::serde_with::skip_serializing_none]
         #[derive(
             ::kube::CustomResource,
             ::kube::KubeSchema,

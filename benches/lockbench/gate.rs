@@ -7,30 +7,22 @@ use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::support::{Identity, cluster, repo_root};
-use super::{Row, kubectl_ok, p50};
+use super::support::{Identity, cluster};
+use super::{Row, p50};
 
 const UPDATES: usize = 100;
-
-fn apply(manifest: &Value) {
-    kubectl_ok(
-        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-        Some(&manifest.to_string()),
-    );
-}
 
 pub async fn gate_cost(rows: &mut Vec<Row>) {
     let cluster = cluster();
     let lock_namespace = cluster.namespace("bench-gate-locks").await;
     let bound = cluster.namespace("bench-gate-shop").await;
     let unbound = cluster.namespace("bench-gate-other").await;
-    let policy = repo_root().join("config/admission/workload-gate.yaml");
-    kubectl_ok(&["apply", "-f", &policy.display().to_string()], None);
+    cluster.install_workload_gate_policy();
     // The binding the chart renders for `production` (see
     // config/admission/workload-gate-binding.example.yaml).
-    apply(&json!({
+    cluster.apply(&json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
         "metadata": {"name": format!("deploylock.dev-workload-gate.{lock_namespace}.production")},
@@ -43,21 +35,16 @@ pub async fn gate_cost(rows: &mut Vec<Row>) {
                 {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [bound]}
             ]}}
         }
-    }));
+    }), "the chart's binding of production");
     for namespace in [&bound, &unbound] {
         // Not the aggregated `edit`: no controller-manager fills it here.
-        apply(&json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": "bench-workloads", "namespace": namespace},
-            "rules": [{"apiGroups": ["apps"], "verbs": ["*"], "resources": ["deployments"]}]
-        }));
-        apply(&json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "bench-workloads", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bench-workloads"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
-        }));
-        apply(&json!({
+        cluster.grant(
+            namespace,
+            "bench-workloads",
+            json!([{"apiGroups": ["apps"], "verbs": ["*"], "resources": ["deployments"]}]),
+            json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]),
+        );
+        cluster.apply(&json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "web", "namespace": namespace},
             "spec": {
@@ -66,7 +53,7 @@ pub async fn gate_cost(rows: &mut Vec<Row>) {
                 "template": {"metadata": {"labels": {"app": "web"}},
                              "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}}
             }
-        }));
+        }), "the Deployment web");
     }
     // alice holds production: her updates in the bound namespace go through
     // the whole policy, and are admitted.

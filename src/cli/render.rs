@@ -446,11 +446,14 @@ pub fn windows_table(
             .map(|c| format!("not ready: {}", c.message))
             .unwrap_or_else(|| at(status.next_start))
     };
-    let or = |value: &Option<String>, absent: &str| value.clone().unwrap_or_else(|| absent.into());
+    let text_or =
+        |value: &Option<String>, absent: &str| value.clone().unwrap_or_else(|| absent.into());
     let columns: [Column<'_, FreezeWindow>; 8] = [
         ("NAME", &|window| window.name_any()),
-        ("SCHEDULE", &|window| or(&window.spec.schedule, "once")),
-        ("TIME ZONE", &|window| or(&window.spec.time_zone, "UTC")),
+        ("SCHEDULE", &|window| text_or(&window.spec.schedule, "once")),
+        ("TIME ZONE", &|window| {
+            text_or(&window.spec.time_zone, "UTC")
+        }),
         ("OPEN UNTIL", &|window| {
             at(status(window).open.map(|open| open.end))
         }),
@@ -667,6 +670,102 @@ mod tests {
             assert_rendered_safely(&text, &["owner", "reason"]);
             assert_eq!(text.lines().count(), 2, "{text}");
         }
+    }
+
+    fn decoded<K: serde::de::DeserializeOwned>(object: serde_json::Value) -> K {
+        match serde_json::from_value(object) {
+            Ok(decoded) => decoded,
+            Err(err) => panic!("the test object does not decode: {err}"),
+        }
+    }
+
+    /// The cells of each line, split on kubectl's column gaps.
+    fn cells(text: &str) -> Vec<Vec<String>> {
+        text.lines()
+            .map(|line| {
+                line.split("  ")
+                    .map(str::trim)
+                    .filter(|cell| !cell.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `list`: kubectl's column order, NAMESPACE first across namespaces,
+    /// "-" for a free lock's holding.
+    #[test]
+    fn list_has_kubectl_columns_and_a_dash_for_a_free_lock() {
+        let free: DeploymentLock = decoded(serde_json::json!({
+            "apiVersion": "deploylock.dev/v1", "kind": "DeploymentLock",
+            "metadata": {"name": "staging", "namespace": "team-b",
+                         "creationTimestamp": "2030-01-01T00:00:00Z"},
+            "spec": {"environment": "staging", "fencingToken": 1}
+        }));
+        let text = list_table(std::slice::from_ref(&free), now(), false);
+        assert_eq!(
+            cells(&text),
+            [
+                vec![
+                    "ENVIRONMENT",
+                    "STATE",
+                    "HOLDER",
+                    "OWNER",
+                    "REASON",
+                    "EXPIRES",
+                    "AGE"
+                ],
+                vec!["staging", "Available", "-", "-", "-", "-", "10m"],
+            ],
+            "{text}"
+        );
+        let text = list_table(std::slice::from_ref(&free), now(), true);
+        let rows = cells(&text);
+        assert_eq!(rows[0][0], "NAMESPACE", "{text}");
+        assert_eq!(rows[1][..2], ["team-b", "staging"], "{text}");
+    }
+
+    /// `windows`: its columns, "once" and "UTC" for a one-off window, "-"
+    /// for instants not known, NAMESPACE first across namespaces.
+    #[test]
+    fn windows_lists_its_columns_with_defaults() {
+        let window: crate::windows::FreezeWindow = decoded(serde_json::json!({
+            "apiVersion": "deploylock.dev/v1", "kind": "FreezeWindow",
+            "metadata": {"name": "release-freeze", "namespace": "team-a"},
+            "spec": {"start": "2030-01-02T00:00:00Z", "end": "2030-01-03T00:00:00Z",
+                     "environments": ["production", "staging"], "reason": "audit"}
+        }));
+        let text = windows_table(std::slice::from_ref(&window), now(), false);
+        assert_eq!(
+            cells(&text),
+            [
+                vec![
+                    "NAME",
+                    "SCHEDULE",
+                    "TIME ZONE",
+                    "OPEN UNTIL",
+                    "NEXT START",
+                    "NEXT END",
+                    "ENVIRONMENTS",
+                    "REASON",
+                ],
+                vec![
+                    "release-freeze",
+                    "once",
+                    "UTC",
+                    "-",
+                    "-",
+                    "-",
+                    "production,staging",
+                    "audit"
+                ],
+            ],
+            "{text}"
+        );
+        let text = windows_table(std::slice::from_ref(&window), now(), true);
+        let rows = cells(&text);
+        assert_eq!(rows[0][0], "NAMESPACE", "{text}");
+        assert_eq!(rows[1][..2], ["team-a", "release-freeze"], "{text}");
     }
 
     fn entry(

@@ -390,18 +390,12 @@ impl TestCluster {
         .map_err(|_| "the CRD installer panicked".to_string())?
     }
 
-    /// What EnvironmentBindings need, installed once per process: their CRD,
-    /// the workload gate's policy (the API server refuses a binding to a
-    /// policy it does not know) and the controller's role for them.
-    pub fn install_environment_bindings(&self) {
-        static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-        let installed = INSTALLED.get_or_init(|| {
-            self.apply_crd_blocking(deploylock::envbinding::EnvironmentBinding::crd())?;
-            let files = [
-                "config/rbac/environment-bindings.yaml",
-                "config/admission/workload-gate.yaml",
-            ]
-            .map(|file| repo_root().join(file).display().to_string());
+    /// The workload gate's policy (cluster-scoped, shared by the tests),
+    /// applied once per process (the cluster is one per process).
+    pub fn install_workload_gate_policy(&self) {
+        static INSTALLED: OnceLock<()> = OnceLock::new();
+        INSTALLED.get_or_init(|| {
+            let policy = repo_root().join("config/admission/workload-gate.yaml");
             let applied = self.kubectl(
                 Identity::Admin,
                 &[
@@ -409,14 +403,23 @@ impl TestCluster {
                     "--server-side",
                     "--force-conflicts",
                     "-f",
-                    &files[0],
-                    "-f",
-                    &files[1],
+                    &policy.display().to_string(),
                 ],
             );
-            if !applied.status.success() {
-                return Err(stderr_of(&applied));
-            }
+            expect_exit(&applied, 0, "apply the workload gate's policy");
+        });
+    }
+
+    /// What EnvironmentBindings need, installed once per process (the
+    /// cluster is one per process): their CRD, the workload gate's policy
+    /// (the API server refuses a binding to a policy it does not know) and
+    /// the controller's role for them.
+    pub fn install_environment_bindings(&self) {
+        static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+        self.install_workload_gate_policy();
+        let installed = INSTALLED.get_or_init(|| {
+            self.apply_crd_blocking(deploylock::envbinding::EnvironmentBinding::crd())?;
+            let role = repo_root().join("config/rbac/environment-bindings.yaml");
             let role_binding = serde_json::json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                 "metadata": {"name": "deploylock-test-controller-environment-bindings"},
@@ -425,13 +428,21 @@ impl TestCluster {
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
                               "name": Identity::Controller.username()}]
             });
-            let bound = self.kubectl_with_input(
+            let applied = self.kubectl_with_input(
                 Identity::Admin,
-                &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "-f",
+                    &role.display().to_string(),
+                    "-f",
+                    "-",
+                ],
                 &role_binding.to_string(),
             );
-            if !bound.status.success() {
-                return Err(stderr_of(&bound));
+            if !applied.status.success() {
+                return Err(stderr_of(&applied));
             }
             Ok(())
         });

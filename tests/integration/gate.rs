@@ -9,7 +9,7 @@ use std::process::Output;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Identity, TestCluster, cluster, helm_template, ok, repo_root, stderr_of, until_answer_changes,
+    Identity, TestCluster, cluster, helm_template, ok, stderr_of, until_answer_changes,
 };
 
 const ENVIRONMENT: &str = "production";
@@ -105,18 +105,7 @@ pub(crate) async fn set_up_unbound(test: &str) -> Gate {
     let workloads = cluster.namespace(&format!("{test}-shop")).await;
     let unbound = cluster.namespace(&format!("{test}-other")).await;
     let deployer = format!("system:serviceaccount:{lock_namespace}:deployer");
-    // Cluster-scoped and shared by the tests: applied once.
-    static POLICY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    POLICY.get_or_init(|| {
-        let policy = repo_root().join("config/admission/workload-gate.yaml");
-        ok(
-            &cluster.kubectl(
-                Identity::Admin,
-                &["apply", "-f", &policy.display().to_string()],
-            ),
-            "apply the workload gate policy",
-        );
-    });
+    cluster.install_workload_gate_policy();
     for namespace in [&workloads, &unbound] {
         cluster.grant(
             namespace,
