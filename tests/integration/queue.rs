@@ -9,7 +9,7 @@ use kube::api::Api;
 use deploylock::crd::DeploymentLock;
 
 use crate::support::{
-    self, Identity, await_leader, await_object, await_queued, cluster, expect_acquired,
+    self, Identity, await_leader, await_object, await_queued, cluster, expect_acquired, expect_exit,
 };
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(90);
@@ -46,10 +46,11 @@ fn release(namespace: &str, identity: Identity) {
     );
 }
 
-#[tokio::test]
-async fn five_waiters_are_served_in_arrival_order() {
+/// A namespace for `test` whose `production` lock alice holds, and the
+/// admin's view of its locks.
+async fn held_by_alice(test: &str) -> (String, Api<DeploymentLock>) {
     let cluster = cluster();
-    let namespace = cluster.namespace("queue-fifo").await;
+    let namespace = cluster.namespace(test).await;
     let api: Api<DeploymentLock> =
         Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
     let first = cluster.deploylock(
@@ -57,7 +58,22 @@ async fn five_waiters_are_served_in_arrival_order() {
         &namespace,
         &["acquire", "--reason", "holder"],
     );
-    assert!(first.status.success());
+    expect_exit(&first, 0, "alice acquires");
+    (namespace, api)
+}
+
+/// Fails, saying `what`, unless `production`'s queue is empty.
+async fn assert_queue_empty(api: &Api<DeploymentLock>, what: &str) {
+    let lock = api
+        .get("production")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(lock.spec.queue.is_empty(), "{what}: {:?}", lock.spec.queue);
+}
+
+#[tokio::test]
+async fn five_waiters_are_served_in_arrival_order() {
+    let (namespace, api) = held_by_alice("queue-fifo").await;
 
     let mut waiters = Vec::new();
     for i in 0..5 {
@@ -72,7 +88,7 @@ async fn five_waiters_are_served_in_arrival_order() {
         queue,
         ["waiter-0", "waiter-1", "waiter-2", "waiter-3", "waiter-4"]
     );
-    let status = cluster.deploylock(Identity::Viewer, &namespace, &["status", "-v"]);
+    let status = cluster().deploylock(Identity::Viewer, &namespace, &["status", "-v"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.contains("waiter-0") && text.contains("deploy 0"),
@@ -90,29 +106,12 @@ async fn five_waiters_are_served_in_arrival_order() {
         );
         release(&namespace, identity_of(i));
     }
-    let lock = api
-        .get("production")
-        .await
-        .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        lock.spec.queue.is_empty(),
-        "queue not empty: {:?}",
-        lock.spec.queue
-    );
+    assert_queue_empty(&api, "queue not empty").await;
 }
 
 #[tokio::test]
 async fn newest_first_serves_the_newest_waiter() {
-    let cluster = cluster();
-    let namespace = cluster.namespace("queue-newest").await;
-    let api: Api<DeploymentLock> =
-        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    let first = cluster.deploylock(
-        Identity::Alice,
-        &namespace,
-        &["acquire", "--reason", "holder"],
-    );
-    assert!(first.status.success());
+    let (namespace, api) = held_by_alice("queue-newest").await;
     let mut waiters = Vec::new();
     for i in 0..3 {
         waiters.push(start_waiter(&api, i, &["--queue", "newest-first"]).await);
@@ -132,16 +131,7 @@ async fn newest_first_serves_the_newest_waiter() {
 
 #[tokio::test]
 async fn a_killed_waiter_drops_out_and_does_not_block_the_queue() {
-    let cluster = cluster();
-    let namespace = cluster.namespace("queue-killed").await;
-    let api: Api<DeploymentLock> =
-        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    let first = cluster.deploylock(
-        Identity::Alice,
-        &namespace,
-        &["acquire", "--reason", "holder"],
-    );
-    assert!(first.status.success());
+    let (namespace, api) = held_by_alice("queue-killed").await;
     let mut doomed = start_waiter(&api, 0, &[]).await;
     let survivor = start_waiter(&api, 1, &[]).await;
     if let Err(err) = doomed.kill() {
@@ -178,17 +168,8 @@ async fn a_killed_waiter_drops_out_and_does_not_block_the_queue() {
 
 #[tokio::test]
 async fn a_waiter_that_times_out_leaves_the_queue() {
-    let cluster = cluster();
-    let namespace = cluster.namespace("queue-timeout").await;
-    let api: Api<DeploymentLock> =
-        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    let first = cluster.deploylock(
-        Identity::Alice,
-        &namespace,
-        &["acquire", "--reason", "holder"],
-    );
-    assert!(first.status.success());
-    let output = cluster.deploylock(
+    let (namespace, api) = held_by_alice("queue-timeout").await;
+    let output = cluster().deploylock(
         Identity::Bob,
         &namespace,
         &["acquire", "--wait-timeout", "2", "--reason", "impatient"],
@@ -201,31 +182,14 @@ async fn a_waiter_that_times_out_leaves_the_queue() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("alice"), "names the holder: {stderr}");
-    let lock = api
-        .get("production")
-        .await
-        .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        lock.spec.queue.is_empty(),
-        "left the queue: {:?}",
-        lock.spec.queue
-    );
+    assert_queue_empty(&api, "left the queue").await;
 }
 
 /// Ctrl-C while waiting: exit 130, and the place in the queue is given up
 /// at once (not left to lapse with the heartbeat).
 #[tokio::test]
 async fn sigint_while_waiting_exits_130_and_leaves_the_queue() {
-    let cluster = cluster();
-    let namespace = cluster.namespace("queue-sigint").await;
-    let api: Api<DeploymentLock> =
-        Api::namespaced(cluster.client(Identity::Admin).await, &namespace);
-    let first = cluster.deploylock(
-        Identity::Alice,
-        &namespace,
-        &["acquire", "--reason", "holder"],
-    );
-    assert!(first.status.success());
+    let (_namespace, api) = held_by_alice("queue-sigint").await;
     let waiter = start_waiter(&api, 0, &[]).await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(waiter.id()).unwrap_or(0));
     if let Err(err) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT) {
@@ -242,15 +206,7 @@ async fn sigint_while_waiting_exits_130_and_leaves_the_queue() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let lock = api
-        .get("production")
-        .await
-        .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        lock.spec.queue.is_empty(),
-        "the interrupted waiter is still queued: {:?}",
-        lock.spec.queue
-    );
+    assert_queue_empty(&api, "the interrupted waiter is still queued").await;
 }
 
 /// Waiters ride out an API server restart and an etcd restart (each killed,
