@@ -90,7 +90,7 @@ test: ## Format check, clippy -D warnings, unit and integration tests (real cont
 	@hack/build-tools.sh --node >/dev/null
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) test --lib --bins --tests
+	$(CARGO) test --workspace --lib --bins --tests
 
 .PHONY: cluster-up
 cluster-up: ## Start the local control plane (etcd + kube-apiserver; NODE=N: and N nodes) and print the KUBECONFIG line

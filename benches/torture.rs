@@ -122,8 +122,8 @@ async fn main() -> ExitCode {
     println!("{}", torture_hostile::by_attack(&log.attempts));
     println!("exec: {}", torture::command_report(&log));
     println!(
-        "notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them, reported",
-        notified.entries, notified.requests, notified.reported_lost
+        "notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them, reported; {} delivered from a gap of the recorder's watch (not judged)",
+        notified.entries, notified.requests, notified.reported_lost, notified.unrecorded
     );
     println!("{}", gated.summary());
     println!(

@@ -554,7 +554,7 @@ async fn record(
     };
     let resource = ApiResource::erase::<DeploymentLock>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &resource);
-    let mut events = watcher(api, watcher::Config::default())
+    let mut events = watcher(api.clone(), watcher::Config::default())
         .default_backoff()
         .boxed();
     loop {
@@ -568,6 +568,25 @@ async fn record(
             }
             Some(_) => {}
             None => break,
+        }
+    }
+    // The watch can lag at the end (reconnecting after a fault late in the
+    // run): a last list records what the locks hold when the run ends, so
+    // their newest history entries are not taken for unfounded deliveries.
+    let deadline = Instant::now() + StdDuration::from_secs(60);
+    loop {
+        match api.list(&Default::default()).await {
+            Ok(locks) => {
+                for object in &locks {
+                    note_version(&mut recorded, object);
+                }
+                break;
+            }
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("[torture] recorder: final list failed, retrying: {err}");
+                tokio::time::sleep(StdDuration::from_millis(500)).await;
+            }
+            Err(err) => panic!("recorder: cannot list the locks at the end: {err}"),
         }
     }
     recorded

@@ -104,10 +104,11 @@ async fn short_torture_run_finds_no_violation() {
         .check(&log.recorded.history, StdDuration::from_secs(120))
         .await;
     eprintln!(
-        "torture: notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them (while the killed controller's lease ran out), reported; {} violations",
+        "torture: notifications: {} history entries checked against {} requests to a receiver failing every 4th; {} dropped from a history before a leader could deliver them (while the killed controller's lease ran out), reported; {} delivered from a gap of the recorder's watch (not judged); {} violations",
         notified.entries,
         notified.requests,
         notified.reported_lost,
+        notified.unrecorded,
         notified.violations.len()
     );
     let entries = notified.entries;
