@@ -395,17 +395,7 @@ impl TestCluster {
     pub fn install_workload_gate_policy(&self) {
         static INSTALLED: OnceLock<()> = OnceLock::new();
         INSTALLED.get_or_init(|| {
-            let policy = repo_root().join("config/admission/workload-gate.yaml");
-            let applied = self.kubectl(
-                Identity::Admin,
-                &[
-                    "apply",
-                    "--server-side",
-                    "--force-conflicts",
-                    "-f",
-                    &policy.display().to_string(),
-                ],
-            );
+            let applied = self.apply_server_side(&["config/admission/workload-gate.yaml"], None);
             expect_exit(&applied, 0, "apply the workload gate's policy");
         });
     }
@@ -419,7 +409,6 @@ impl TestCluster {
         self.install_workload_gate_policy();
         let installed = INSTALLED.get_or_init(|| {
             self.apply_crd_blocking(deploylock::envbinding::EnvironmentBinding::crd())?;
-            let role = repo_root().join("config/rbac/environment-bindings.yaml");
             let role_binding = serde_json::json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                 "metadata": {"name": "deploylock-test-controller-environment-bindings"},
@@ -428,18 +417,9 @@ impl TestCluster {
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
                               "name": Identity::Controller.username()}]
             });
-            let applied = self.kubectl_with_input(
-                Identity::Admin,
-                &[
-                    "apply",
-                    "--server-side",
-                    "--force-conflicts",
-                    "-f",
-                    &role.display().to_string(),
-                    "-f",
-                    "-",
-                ],
-                &role_binding.to_string(),
+            let applied = self.apply_server_side(
+                &["config/rbac/environment-bindings.yaml"],
+                Some(&role_binding),
             );
             if !applied.status.success() {
                 return Err(stderr_of(&applied));
@@ -596,12 +576,27 @@ impl TestCluster {
     /// (tests apply the same cluster-wide objects); panics naming `what` if
     /// kubectl fails.
     pub fn apply(&self, manifest: &serde_json::Value, what: &str) {
-        let output = self.kubectl_with_input(
-            Identity::Admin,
-            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-            &manifest.to_string(),
-        );
-        expect_exit(&output, 0, what);
+        expect_exit(&self.apply_server_side(&[], Some(manifest)), 0, what);
+    }
+
+    /// `kubectl apply --server-side --force-conflicts` as the admin of the
+    /// repository's `files` and of `manifest` (on stdin), in one run.
+    fn apply_server_side(&self, files: &[&str], manifest: Option<&serde_json::Value>) -> Output {
+        let paths: Vec<String> = files
+            .iter()
+            .map(|file| repo_root().join(file).display().to_string())
+            .collect();
+        let mut args = vec!["apply", "--server-side", "--force-conflicts"];
+        for path in &paths {
+            args.extend(["-f", path.as_str()]);
+        }
+        match manifest {
+            Some(manifest) => {
+                args.extend(["-f", "-"]);
+                self.kubectl_with_input(Identity::Admin, &args, &manifest.to_string())
+            }
+            None => self.kubectl(Identity::Admin, &args),
+        }
     }
 
     /// Grants `subjects` (RBAC subject objects) the `rules` in `namespace`:

@@ -7,7 +7,7 @@
 //! Warning Event `NotificationsLost` naming the entries), and nothing was
 //! delivered for a transition that did not happen.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -153,8 +153,9 @@ impl Notifications {
                 "notifications: {environment}'s {action:?} ({key}) was neither delivered within {within:?} nor reported lost"
             ));
         }
+        let spans = recorded_spans(&history);
         for request in requests.iter().filter(|request| request.delivered()) {
-            match unfounded(request, &history) {
+            match unfounded(request, &history, &spans) {
                 Some(Unfounded::InRecorderGap) => result.unrecorded += 1,
                 Some(Unfounded::Wrong(wrong)) => {
                     result.violations.push(format!("notifications: {wrong}"));
@@ -219,24 +220,32 @@ enum Unfounded {
     Wrong(String),
 }
 
-/// Whether `key` (`<lock UID>-<sequence>`) is numbered between two entries
-/// of the same lock that the recorder saw.
-fn in_recorder_gap(key: &str, history: &BTreeMap<String, (String, HistoryAction)>) -> bool {
-    let Some((uid, sequence)) = key
-        .rsplit_once('-')
-        .and_then(|(uid, sequence)| Some((uid, sequence.parse::<i64>().ok()?)))
-    else {
-        return false;
-    };
-    let recorded: Vec<i64> = history
-        .keys()
-        .filter_map(|recorded| {
-            let (recorded_uid, number) = recorded.rsplit_once('-')?;
-            (recorded_uid == uid).then(|| number.parse::<i64>().ok())?
-        })
-        .collect();
-    recorded.iter().any(|&number| number < sequence)
-        && recorded.iter().any(|&number| number > sequence)
+/// `<lock UID>-<sequence>` (see `history_key`) as its parts.
+fn key_parts(key: &str) -> Option<(&str, i64)> {
+    let (uid, sequence) = key.rsplit_once('-')?;
+    Some((uid, sequence.parse().ok()?))
+}
+
+/// Per lock UID, the lowest and highest sequence the recorder saw.
+fn recorded_spans(
+    history: &BTreeMap<String, (String, HistoryAction)>,
+) -> HashMap<&str, (i64, i64)> {
+    let mut spans: HashMap<&str, (i64, i64)> = HashMap::new();
+    for (uid, sequence) in history.keys().filter_map(|key| key_parts(key)) {
+        let span = spans.entry(uid).or_insert((sequence, sequence));
+        *span = (span.0.min(sequence), span.1.max(sequence));
+    }
+    spans
+}
+
+/// Whether `key` is numbered between two entries of the same lock that the
+/// recorder saw (`spans`, from [`recorded_spans`]).
+fn in_recorder_gap(key: &str, spans: &HashMap<&str, (i64, i64)>) -> bool {
+    key_parts(key).is_some_and(|(uid, sequence)| {
+        spans
+            .get(uid)
+            .is_some_and(|&(lowest, highest)| lowest < sequence && sequence < highest)
+    })
 }
 
 /// (first, last, environment) of a `NotificationsLost` note.
@@ -262,6 +271,7 @@ fn delivered_keys(requests: &[Request]) -> HashSet<&str> {
 fn unfounded(
     request: &Request,
     history: &BTreeMap<String, (String, HistoryAction)>,
+    spans: &HashMap<&str, (i64, i64)>,
 ) -> Option<Unfounded> {
     let wrong = |why: String| Some(Unfounded::Wrong(why));
     let body: Value = match serde_json::from_slice(&request.body) {
@@ -276,7 +286,7 @@ fn unfounded(
         ));
     }
     let Some((environment, action)) = history.get(key) else {
-        if in_recorder_gap(key, history) {
+        if in_recorder_gap(key, spans) {
             return Some(Unfounded::InRecorderGap);
         }
         return wrong(format!(
@@ -306,11 +316,12 @@ mod tests {
             .into_iter()
             .map(|key| (key.to_string(), ("t0".to_string(), HistoryAction::Acquired)))
             .collect();
-        assert!(in_recorder_gap("a-b-3", &history));
-        assert!(in_recorder_gap("a-b-4", &history));
-        assert!(!in_recorder_gap("a-b-6", &history));
-        assert!(!in_recorder_gap("a-b-0", &history));
-        assert!(!in_recorder_gap("a-c-3", &history));
-        assert!(!in_recorder_gap("a-b-x", &history));
+        let spans = recorded_spans(&history);
+        assert!(in_recorder_gap("a-b-3", &spans));
+        assert!(in_recorder_gap("a-b-4", &spans));
+        assert!(!in_recorder_gap("a-b-6", &spans));
+        assert!(!in_recorder_gap("a-b-0", &spans));
+        assert!(!in_recorder_gap("a-c-3", &spans));
+        assert!(!in_recorder_gap("a-b-x", &spans));
     }
 }

@@ -23,11 +23,6 @@ use crate::support::{Identity, TestCluster, cluster, expect_exit, stderr_of, std
 const ENVIRONMENT: &str = "production";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The CRD, the controller's extra role and the gate's policy, installed once.
-pub(crate) fn install() {
-    cluster().install_environment_bindings();
-}
-
 fn binding_manifest(name: &str, lock_namespace: &str, spec_extra: Value) -> Value {
     let mut spec = json!({"environment": ENVIRONMENT, "lockNamespace": lock_namespace});
     if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
@@ -133,7 +128,7 @@ fn until_admitted(cluster: &TestCluster, namespace: &str, what: &str) {
 
 #[tokio::test]
 async fn an_environment_binding_gates_its_namespaces_and_follows_edits_until_deleted() {
-    install();
+    cluster().install_environment_bindings();
     let cluster = cluster();
     let Gate {
         lock_namespace,
@@ -306,7 +301,7 @@ async fn an_environment_binding_gates_its_namespaces_and_follows_edits_until_del
 
 #[tokio::test]
 async fn only_cluster_admins_bind_and_bad_specs_are_refused_by_the_schema() {
-    install();
+    cluster().install_environment_bindings();
     let cluster = cluster();
     let lock_namespace = cluster.namespace("envbind-schema").await;
     let good = binding_manifest(
@@ -461,7 +456,7 @@ async fn only_cluster_admins_bind_and_bad_specs_are_refused_by_the_schema() {
 
 #[tokio::test]
 async fn a_same_named_policy_binding_deploylock_did_not_create_is_left_alone() {
-    install();
+    cluster().install_environment_bindings();
     let cluster = cluster();
     let lock_namespace = cluster.namespace("envbind-foreign").await;
     let admin = cluster.client(Identity::Admin).await;
@@ -599,7 +594,7 @@ async fn a_same_named_policy_binding_deploylock_did_not_create_is_left_alone() {
 /// it, the second taking it over silently.
 #[tokio::test]
 async fn two_bindings_of_one_environment_created_together_bind_it_once() {
-    install();
+    cluster().install_environment_bindings();
     let cluster = cluster();
     let lock_namespace = cluster.namespace("envbind-together").await;
     let admin = cluster.client(Identity::Admin).await;

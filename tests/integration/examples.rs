@@ -93,7 +93,7 @@ fn ensure_namespace(name: &str) {
 #[tokio::test]
 async fn example_manifests_pass_a_server_side_dry_run() {
     let cluster = cluster();
-    crate::envbinding::install();
+    cluster.install_environment_bindings();
     crate::gitops::install_gitops_crds(cluster);
     for namespace in ["my-app", "flux-system", "argocd"] {
         ensure_namespace(namespace);

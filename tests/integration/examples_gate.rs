@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use deploylock::crd::DeploymentLock;
 use deploylock::envbinding::EnvironmentBinding;
 
-use crate::envbinding::{install, is_ready};
+use crate::envbinding::is_ready;
 use crate::support::{
     self, Identity, TestCluster, cluster, expect_exit, ok, repo_root, stderr_of, stdout_of,
     until_answer_changes,
@@ -201,7 +201,7 @@ async fn gate_story(
     reason: &str,
     deploy_writes: &[Value],
 ) {
-    install();
+    cluster().install_environment_bindings();
     let cluster = cluster();
     let gate = example_gate(example);
     let holder_user = account(holder.0, holder.1);
